@@ -1,0 +1,1 @@
+//! Criterion benchmarks of the mesh crates; run with `cargo bench -p mesh-benches`.

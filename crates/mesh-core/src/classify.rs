@@ -1,0 +1,353 @@
+//! Response classification shared by every layer: classify once, act many times.
+//!
+//! An [`Outcome`] says what became of one request: a response (with its status and, for gRPC,
+//! its `grpc-status`), or a failure to get one (connect failure, connection terminated, stream
+//! reset, refused stream, timeout). Retries, outlier detection, metrics and access logs all
+//! read the same value.
+//!
+//! A gRPC status can arrive in the response head (a "trailers-only" response) or in the
+//! trailers at the end of the body. [`Outcome::from_response`] sees the head; a body wrapper
+//! that reads to the end calls [`Outcome::with_trailers`] to complete it, so a request is
+//! finished at end-of-stream, not at the response head.
+//!
+//! Errors are classified by walking their [`source`](std::error::Error::source) chain:
+//! [`ConnectError`] and [`TimeoutError`] (which this project's connectors and timeouts
+//! produce), `h2` stream errors, `hyper` errors and `std::io` error kinds are recognised.
+//!
+//! # Example
+//!
+//! ```
+//! use http::{HeaderMap, StatusCode};
+//! use mesh_core::classify::{GrpcCode, Outcome};
+//!
+//! let mut headers = HeaderMap::new();
+//! headers.insert("content-type", "application/grpc".parse().unwrap());
+//! let head = Outcome::from_response(StatusCode::OK, &headers);
+//! assert!(head.is_success());
+//!
+//! let mut trailers = HeaderMap::new();
+//! trailers.insert("grpc-status", "14".parse().unwrap());
+//! let done = head.with_trailers(&trailers);
+//! assert_eq!(done.grpc_status(), Some(GrpcCode::UNAVAILABLE));
+//! assert!(!done.is_success());
+//! ```
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::io;
+
+use http::{HeaderMap, HeaderValue, StatusCode};
+
+use crate::flags::ResponseFlags;
+
+/// What became of one request. See the module docs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// A response arrived.
+    Response {
+        /// Its HTTP status.
+        status: StatusCode,
+        /// Its gRPC status, from the head or the trailers, when it has one.
+        grpc: Option<GrpcCode>,
+    },
+    /// No (complete) response arrived.
+    Failure(Failure),
+}
+
+/// Why no response arrived.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Failure {
+    /// The upstream connection could not be established (refused, unreachable, connect
+    /// timeout). Envoy flag `UF`.
+    ConnectFailure,
+    /// The upstream connection closed before the response was complete. Envoy flag `UC`.
+    ConnectionTerminated,
+    /// The upstream reset the stream (HTTP/2 `RST_STREAM`, `GOAWAY`). Envoy flag `UR`.
+    StreamReset,
+    /// The upstream refused the stream before processing it (HTTP/2 `REFUSED_STREAM`): always
+    /// safe to retry. Envoy flag `UR`.
+    RefusedStream,
+    /// A timeout expired before the response arrived. Envoy flag `UT`.
+    Timeout,
+    /// Anything else (a protocol error, a local failure).
+    Other,
+}
+
+impl Outcome {
+    /// Classifies a response head. A `grpc-status` header (a trailers-only gRPC response)
+    /// sets the gRPC status.
+    pub fn from_response(status: StatusCode, headers: &HeaderMap) -> Self {
+        Outcome::Response { status, grpc: headers.get(GRPC_STATUS).and_then(GrpcCode::from_header) }
+    }
+
+    /// Completes a response outcome with the trailers read at end-of-stream. A status
+    /// already taken from the head is kept (a head `grpc-status` ends the stream).
+    #[must_use]
+    pub fn with_trailers(self, trailers: &HeaderMap) -> Self {
+        match self {
+            Outcome::Response { status, grpc: None } => {
+                Outcome::Response { status, grpc: trailers.get(GRPC_STATUS).and_then(GrpcCode::from_header) }
+            }
+            other => other,
+        }
+    }
+
+    /// Classifies an error by walking its source chain; the outermost recognised error wins.
+    pub fn from_error(error: &(dyn StdError + 'static)) -> Self {
+        let mut next = Some(error);
+        while let Some(e) = next {
+            if let Some(failure) = classify_one(e) {
+                return Outcome::Failure(failure);
+            }
+            next = e.source();
+        }
+        Outcome::Failure(Failure::Other)
+    }
+
+    /// The HTTP status, when a response arrived.
+    pub fn status(&self) -> Option<StatusCode> {
+        match self {
+            Outcome::Response { status, .. } => Some(*status),
+            Outcome::Failure(_) => None,
+        }
+    }
+
+    /// The gRPC status, when a gRPC response arrived with one.
+    pub fn grpc_status(&self) -> Option<GrpcCode> {
+        match self {
+            Outcome::Response { grpc, .. } => *grpc,
+            Outcome::Failure(_) => None,
+        }
+    }
+
+    /// The failure, when no response arrived.
+    pub fn failure(&self) -> Option<Failure> {
+        match self {
+            Outcome::Failure(f) => Some(*f),
+            Outcome::Response { .. } => None,
+        }
+    }
+
+    /// A response below 500 whose gRPC status, if any, is `OK`.
+    pub fn is_success(&self) -> bool {
+        match self {
+            Outcome::Response { status, grpc } => {
+                !status.is_server_error() && grpc.is_none_or(|g| g == GrpcCode::OK)
+            }
+            Outcome::Failure(_) => false,
+        }
+    }
+
+    /// A response with a 5xx status.
+    pub fn is_server_error(&self) -> bool {
+        self.status().is_some_and(|s| s.is_server_error())
+    }
+
+    /// A response with status 502, 503 or 504.
+    pub fn is_gateway_error(&self) -> bool {
+        self.status().is_some_and(|s| matches!(s.as_u16(), 502..=504))
+    }
+
+    /// The connection to the upstream could not be established.
+    pub fn is_connect_failure(&self) -> bool {
+        self.failure() == Some(Failure::ConnectFailure)
+    }
+
+    /// The upstream closed the connection or reset the stream before the response was
+    /// complete (including a refused stream).
+    pub fn is_reset(&self) -> bool {
+        matches!(
+            self.failure(),
+            Some(Failure::ConnectionTerminated | Failure::StreamReset | Failure::RefusedStream)
+        )
+    }
+
+    /// The upstream refused the stream (HTTP/2 `REFUSED_STREAM`).
+    pub fn is_refused_stream(&self) -> bool {
+        self.failure() == Some(Failure::RefusedStream)
+    }
+
+    /// A timeout expired before the response arrived.
+    pub fn is_timeout(&self) -> bool {
+        self.failure() == Some(Failure::Timeout)
+    }
+
+    /// The Envoy response flag this outcome implies on its own (empty for responses).
+    pub fn response_flags(&self) -> ResponseFlags {
+        match self.failure() {
+            Some(Failure::ConnectFailure) => ResponseFlags::UPSTREAM_CONNECTION_FAILURE,
+            Some(Failure::ConnectionTerminated) => ResponseFlags::UPSTREAM_CONNECTION_TERMINATION,
+            Some(Failure::StreamReset | Failure::RefusedStream) => ResponseFlags::UPSTREAM_REMOTE_RESET,
+            Some(Failure::Timeout) => ResponseFlags::UPSTREAM_REQUEST_TIMEOUT,
+            Some(Failure::Other) | None => ResponseFlags::empty(),
+        }
+    }
+}
+
+fn classify_one(e: &(dyn StdError + 'static)) -> Option<Failure> {
+    if e.is::<ConnectError>() {
+        return Some(Failure::ConnectFailure);
+    }
+    if e.is::<TimeoutError>() {
+        return Some(Failure::Timeout);
+    }
+    if let Some(e) = e.downcast_ref::<h2::Error>() {
+        if e.is_io() {
+            return None; // the io::Error below says more
+        }
+        return match e.reason() {
+            Some(h2::Reason::REFUSED_STREAM) => Some(Failure::RefusedStream),
+            Some(_) if e.is_go_away() => Some(Failure::ConnectionTerminated),
+            Some(_) => Some(Failure::StreamReset),
+            None => None,
+        };
+    }
+    if let Some(e) = e.downcast_ref::<hyper::Error>() {
+        if e.is_timeout() {
+            return Some(Failure::Timeout);
+        }
+        if e.is_incomplete_message() || e.is_canceled() || e.is_closed() {
+            return Some(Failure::ConnectionTerminated);
+        }
+        return None;
+    }
+    if let Some(e) = e.downcast_ref::<io::Error>() {
+        return match e.kind() {
+            io::ErrorKind::ConnectionRefused | io::ErrorKind::HostUnreachable | io::ErrorKind::NetworkUnreachable => {
+                Some(Failure::ConnectFailure)
+            }
+            io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::UnexpectedEof => Some(Failure::ConnectionTerminated),
+            io::ErrorKind::TimedOut => Some(Failure::Timeout),
+            _ => None,
+        };
+    }
+    None
+}
+
+// === ConnectError, TimeoutError ===
+
+/// Wraps the error of a failed connection attempt, so that it classifies as
+/// [`Failure::ConnectFailure`] whatever the underlying cause (refused, unreachable, timed out).
+#[derive(Debug)]
+pub struct ConnectError {
+    source: Box<dyn StdError + Send + Sync>,
+}
+
+impl ConnectError {
+    /// Wraps `source`.
+    pub fn new(source: impl Into<Box<dyn StdError + Send + Sync>>) -> Self {
+        Self { source: source.into() }
+    }
+}
+
+impl fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "upstream connect error: {}", self.source)
+    }
+}
+
+impl StdError for ConnectError {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        Some(&*self.source)
+    }
+}
+
+/// A timeout expired; classifies as [`Failure::Timeout`].
+#[derive(Debug, Clone, Copy, Default, thiserror::Error)]
+#[error("request timed out")]
+pub struct TimeoutError(());
+
+impl TimeoutError {
+    /// A new timeout error.
+    pub fn new() -> Self {
+        Self(())
+    }
+}
+
+// === GrpcCode ===
+
+const GRPC_STATUS: &str = "grpc-status";
+
+/// A gRPC status code (the numeric value of `grpc-status`). Codes outside the standard range
+/// are kept as they are.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GrpcCode(u32);
+
+macro_rules! grpc_codes {
+    ($($name:ident = $n:literal, $text:literal;)*) => {
+        impl GrpcCode {
+            $(
+                #[doc = concat!("`", $text, "` (", stringify!($n), ").")]
+                pub const $name: GrpcCode = GrpcCode($n);
+            )*
+
+            /// The standard name (`UNAVAILABLE`), or `None` for a non-standard code.
+            pub fn name(self) -> Option<&'static str> {
+                match self.0 {
+                    $($n => Some($text),)*
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
+grpc_codes! {
+    OK = 0, "OK";
+    CANCELLED = 1, "CANCELLED";
+    UNKNOWN = 2, "UNKNOWN";
+    INVALID_ARGUMENT = 3, "INVALID_ARGUMENT";
+    DEADLINE_EXCEEDED = 4, "DEADLINE_EXCEEDED";
+    NOT_FOUND = 5, "NOT_FOUND";
+    ALREADY_EXISTS = 6, "ALREADY_EXISTS";
+    PERMISSION_DENIED = 7, "PERMISSION_DENIED";
+    RESOURCE_EXHAUSTED = 8, "RESOURCE_EXHAUSTED";
+    FAILED_PRECONDITION = 9, "FAILED_PRECONDITION";
+    ABORTED = 10, "ABORTED";
+    OUT_OF_RANGE = 11, "OUT_OF_RANGE";
+    UNIMPLEMENTED = 12, "UNIMPLEMENTED";
+    INTERNAL = 13, "INTERNAL";
+    UNAVAILABLE = 14, "UNAVAILABLE";
+    DATA_LOSS = 15, "DATA_LOSS";
+    UNAUTHENTICATED = 16, "UNAUTHENTICATED";
+}
+
+impl GrpcCode {
+    /// A code from its number.
+    pub const fn new(code: u32) -> Self {
+        GrpcCode(code)
+    }
+
+    /// The numeric value.
+    pub const fn as_u32(self) -> u32 {
+        self.0
+    }
+
+    /// Parses a `grpc-status` header value (decimal digits only).
+    pub fn from_header(value: &HeaderValue) -> Option<Self> {
+        let bytes = value.as_bytes();
+        if bytes.is_empty() || bytes.len() > 9 || !bytes.iter().all(u8::is_ascii_digit) {
+            return None;
+        }
+        Some(GrpcCode(bytes.iter().fold(0, |n, d| n * 10 + u32::from(d - b'0'))))
+    }
+}
+
+impl fmt::Debug for GrpcCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.name() {
+            Some(name) => write!(f, "{name}({})", self.0),
+            None => write!(f, "GrpcCode({})", self.0),
+        }
+    }
+}
+
+impl fmt::Display for GrpcCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}

@@ -1,0 +1,230 @@
+//! Envoy's response flags (`%RESPONSE_FLAGS%`), carried as a response extension.
+//!
+//! A layer that answers on its own, or that sees an upstream fail, records why with
+//! [`ResponseFlags::record`]; telemetry reads the union with [`ResponseFlags::of`] and
+//! prints it as Envoy does: short names joined by `,`, or `-` when none is set.
+//!
+//! | flag | set when | typical status |
+//! |---|---|---|
+//! | `UH` | no healthy upstream | 503 |
+//! | `UF` | upstream connection failure | 503 |
+//! | `UO` | upstream overflow (circuit breaker) | 503 |
+//! | `NR` | no route | 404 |
+//! | `URX` | retry limit exceeded | upstream's |
+//! | `NC` | no cluster | 503 |
+//! | `DT` | max duration exceeded | |
+//! | `DC` | downstream connection terminated | |
+//! | `LH` | local health check failed | 503 |
+//! | `UT` | upstream request timeout | 504 |
+//! | `LR` | local reset | 503 |
+//! | `UR` | upstream remote reset | 503 |
+//! | `UC` | upstream connection termination | 503 |
+//! | `DI` | fault delay injected | |
+//! | `FI` | fault abort injected | configured |
+//! | `RL` | rate limited | 429 |
+//! | `UAEX` | external authorization denied | 403 |
+//! | `RLSE` | rate-limit service error | |
+//! | `IH` | invalid `x-envoy-*` request header | 400 |
+//! | `SI` | stream idle timeout | 408/504 |
+//! | `DPE` | downstream protocol error | 400 |
+//! | `UPE` | upstream protocol error | 502 |
+//! | `UMSDR` | upstream max stream duration reached | |
+//! | `RFCF` | response from cache filter | |
+//! | `NFCF` | no filter config found | |
+//! | `OM` | overload manager terminated | |
+//! | `DF` | DNS resolution failed | |
+//! | `DO` | drop overload | |
+//! | `DR` | downstream remote reset | |
+//! | `RBAC` | denied by authorization policy | 403 |
+//!
+//! `RBAC` is this project's addition: Envoy records an RBAC denial only in its response
+//! details, which leaves metrics unable to count denials by flag.
+//!
+//! # Example
+//!
+//! ```
+//! use mesh_core::ResponseFlags;
+//!
+//! let mut response = http::Response::new(());
+//! ResponseFlags::record(response.extensions_mut(), ResponseFlags::UPSTREAM_CONNECTION_FAILURE);
+//! ResponseFlags::record(response.extensions_mut(), ResponseFlags::UPSTREAM_RETRY_LIMIT_EXCEEDED);
+//! assert_eq!(ResponseFlags::of(response.extensions()).to_string(), "UF,URX");
+//! assert_eq!(ResponseFlags::empty().to_string(), "-");
+//! ```
+
+use std::fmt;
+use std::str::FromStr;
+
+/// A set of response flags. See the module docs.
+#[derive(Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct ResponseFlags(u32);
+
+macro_rules! flags {
+    ($($(#[$doc:meta])* $name:ident = $bit:literal, $short:literal;)*) => {
+        impl ResponseFlags {
+            $(
+                $(#[$doc])*
+                #[doc = concat!("Short name `", $short, "`.")]
+                pub const $name: ResponseFlags = ResponseFlags(1 << $bit);
+            )*
+
+            /// Every flag with its short name, in display order.
+            pub const ALL: &'static [(ResponseFlags, &'static str)] = &[$((ResponseFlags::$name, $short),)*];
+        }
+    };
+}
+
+flags! {
+    /// No healthy upstream host.
+    NO_HEALTHY_UPSTREAM = 0, "UH";
+    /// The upstream connection could not be established.
+    UPSTREAM_CONNECTION_FAILURE = 1, "UF";
+    /// A circuit breaker overflowed.
+    UPSTREAM_OVERFLOW = 2, "UO";
+    /// No route matched.
+    NO_ROUTE_FOUND = 3, "NR";
+    /// The retry limit was reached.
+    UPSTREAM_RETRY_LIMIT_EXCEEDED = 4, "URX";
+    /// The route's destination is unknown.
+    NO_CLUSTER_FOUND = 5, "NC";
+    /// A maximum stream or connection duration was exceeded.
+    DURATION_TIMEOUT = 6, "DT";
+    /// The downstream connection terminated.
+    DOWNSTREAM_CONNECTION_TERMINATION = 7, "DC";
+    /// The local service failed its health check.
+    FAILED_LOCAL_HEALTH_CHECK = 8, "LH";
+    /// The upstream request timed out.
+    UPSTREAM_REQUEST_TIMEOUT = 9, "UT";
+    /// The connection was reset locally.
+    LOCAL_RESET = 10, "LR";
+    /// The upstream reset the stream.
+    UPSTREAM_REMOTE_RESET = 11, "UR";
+    /// The upstream connection closed before the response was complete.
+    UPSTREAM_CONNECTION_TERMINATION = 12, "UC";
+    /// A fault-injection delay was applied.
+    DELAY_INJECTED = 13, "DI";
+    /// A fault-injection abort was applied.
+    FAULT_INJECTED = 14, "FI";
+    /// The request was rate limited.
+    RATE_LIMITED = 15, "RL";
+    /// External authorization denied the request.
+    UNAUTHORIZED_EXTERNAL_SERVICE = 16, "UAEX";
+    /// The rate-limit service failed.
+    RATE_LIMIT_SERVICE_ERROR = 17, "RLSE";
+    /// An `x-envoy-*` request header was invalid.
+    INVALID_ENVOY_REQUEST_HEADERS = 18, "IH";
+    /// The stream idle timeout expired.
+    STREAM_IDLE_TIMEOUT = 19, "SI";
+    /// The downstream request was malformed.
+    DOWNSTREAM_PROTOCOL_ERROR = 20, "DPE";
+    /// The upstream response was malformed.
+    UPSTREAM_PROTOCOL_ERROR = 21, "UPE";
+    /// The upstream maximum stream duration was reached.
+    UPSTREAM_MAX_STREAM_DURATION_REACHED = 22, "UMSDR";
+    /// The response came from a cache.
+    RESPONSE_FROM_CACHE_FILTER = 23, "RFCF";
+    /// A filter's configuration was missing.
+    NO_FILTER_CONFIG_FOUND = 24, "NFCF";
+    /// The overload manager terminated the request.
+    OVERLOAD_MANAGER = 25, "OM";
+    /// DNS resolution failed.
+    DNS_RESOLUTION_FAILED = 26, "DF";
+    /// The request was dropped by overload policy.
+    DROP_OVERLOAD = 27, "DO";
+    /// The downstream reset the stream.
+    DOWNSTREAM_REMOTE_RESET = 28, "DR";
+    /// An authorization policy denied the request (this project's addition).
+    RBAC_ACCESS_DENIED = 29, "RBAC";
+}
+
+impl ResponseFlags {
+    /// No flag.
+    pub const fn empty() -> Self {
+        ResponseFlags(0)
+    }
+
+    /// Whether no flag is set.
+    pub const fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    /// Whether every flag of `other` is set in `self`.
+    pub const fn contains(self, other: ResponseFlags) -> bool {
+        self.0 & other.0 == other.0
+    }
+
+    /// Sets every flag of `other`.
+    pub fn insert(&mut self, other: ResponseFlags) {
+        self.0 |= other.0;
+    }
+
+    /// The flags recorded in a response's (or request's) extensions; empty when none were.
+    pub fn of(extensions: &http::Extensions) -> Self {
+        extensions.get::<ResponseFlags>().copied().unwrap_or_default()
+    }
+
+    /// Adds `flags` to those recorded in `extensions`.
+    pub fn record(extensions: &mut http::Extensions, flags: ResponseFlags) {
+        extensions.get_or_insert_default::<ResponseFlags>().insert(flags);
+    }
+
+    /// Iterates over the short names of the flags set, in display order.
+    pub fn names(self) -> impl Iterator<Item = &'static str> {
+        Self::ALL.iter().filter(move |(f, _)| self.contains(*f)).map(|(_, name)| *name)
+    }
+}
+
+impl std::ops::BitOr for ResponseFlags {
+    type Output = ResponseFlags;
+
+    fn bitor(self, rhs: Self) -> Self {
+        ResponseFlags(self.0 | rhs.0)
+    }
+}
+
+impl std::ops::BitOrAssign for ResponseFlags {
+    fn bitor_assign(&mut self, rhs: Self) {
+        self.0 |= rhs.0;
+    }
+}
+
+impl fmt::Display for ResponseFlags {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.is_empty() {
+            return f.write_str("-");
+        }
+        for (i, name) in self.names().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            f.write_str(name)?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for ResponseFlags {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ResponseFlags({self})")
+    }
+}
+
+/// A flag name that is not one of [`ResponseFlags::ALL`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown response flag `{0}`")]
+pub struct UnknownFlag(String);
+
+impl FromStr for ResponseFlags {
+    type Err = UnknownFlag;
+
+    /// Parses the display form: `-`, or short names joined by `,`.
+    fn from_str(s: &str) -> Result<Self, UnknownFlag> {
+        if s == "-" {
+            return Ok(ResponseFlags::empty());
+        }
+        s.split(',').try_fold(ResponseFlags::empty(), |acc, name| {
+            let (flag, _) = Self::ALL.iter().find(|(_, n)| *n == name).ok_or_else(|| UnknownFlag(name.into()))?;
+            Ok(acc | *flag)
+        })
+    }
+}

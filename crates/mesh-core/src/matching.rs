@@ -1,0 +1,611 @@
+//! Request matchers: Istio `StringMatch` and what is built from it.
+//!
+//! Matchers are compiled once, when configuration is loaded, and evaluated per request without
+//! allocating (except to join a header that arrives on several lines). The semantics are
+//! Envoy's, as Istio configures it:
+//!
+//! * `regex` is a **full match** against the whole value (RE2 syntax, as the `regex` crate
+//!   implements it): `\d+` matches `123` but not `a123`. Use `(?i)` for case-insensitivity.
+//! * A header that arrives on several lines is seen as its values joined with `,`.
+//! * An absent header never matches `headers`, not even a regex that accepts the empty string;
+//!   under `withoutHeaders` an absent header is compared as the empty string, so
+//!   `withoutHeaders: {x: {exact: foo}}` matches a request without `x`.
+//! * `uri.prefix` is compared against the path **including** the query string; `uri.exact` and
+//!   `uri.regex` against the path without it. `ignoreUriCase` affects `exact` and `prefix`
+//!   only.
+//! * Query parameters are compared without URL-decoding; only the first value of a repeated
+//!   key counts; `?key` has the empty value.
+//!
+//! Beyond Istio, [`CookieMatch`] matches one cookie by name, parsed from every `cookie` header
+//! line (so browsers' `"; "` separators and HTTP/2 cookie crumbs need no regex tricks). Istio's
+//! own idiom, a regex on the `cookie` header, is an ordinary [`HeaderMatch`].
+//!
+//! # Example
+//!
+//! ```
+//! use http::HeaderMap;
+//! use mesh_core::matching::{CookieMatch, HeaderMatch, StringMatch};
+//!
+//! // Istio's idiom: a full-match regex on the whole `cookie` header.
+//! let istio = HeaderMatch::new("cookie", &StringMatch::Regex("^(.*?;)?(user=jason)(;.*)?$".into()))?;
+//! // The structured form: one cookie, by name.
+//! let by_name = CookieMatch::new("user", &StringMatch::Exact("jason".into()))?;
+//!
+//! let mut headers = HeaderMap::new();
+//! headers.insert("cookie", "a=b; user=jason".parse().unwrap());
+//! assert!(!istio.matches(&headers)); // the space after `;` defeats the idiom
+//! assert!(by_name.matches(&headers));
+//! # Ok::<(), mesh_core::matching::InvalidMatch>(())
+//! ```
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use http::header::{COOKIE, HOST};
+use http::{HeaderMap, HeaderName, Method, Request, Uri};
+use regex::bytes::{Regex, RegexBuilder};
+
+/// The longest regex Istio accepts, in characters.
+pub const MAX_REGEX_LEN: usize = 1024;
+
+/// Compiled-program size limit for one regex (bytes of the compiled form). Envoy, as Istio
+/// configures it, refuses RE2 programs above 32768 instructions; the `regex` crate measures in
+/// bytes, so this is a generous equivalent that still refuses pathological patterns.
+const REGEX_SIZE_LIMIT: usize = 1 << 20;
+
+// === StringMatch ===
+
+/// How one string is matched: Istio's `StringMatch`, plus Envoy's `suffix` and an explicit
+/// presence check.
+///
+/// In YAML it is written as Istio writes it: `{exact: v}`, `{prefix: v}`, `{regex: v}`,
+/// `{suffix: v}`, or `{}` for "present with any value".
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Deserialize, serde::Serialize),
+    serde(try_from = "RawStringMatch", into = "RawStringMatch")
+)]
+pub enum StringMatch {
+    /// The whole value equals this string.
+    Exact(String),
+    /// The value starts with this string.
+    Prefix(String),
+    /// The value ends with this string.
+    Suffix(String),
+    /// The whole value matches this RE2-syntax regex (full match, not a search).
+    Regex(String),
+    /// The value is present, whatever it is (`{}` in YAML).
+    Present,
+}
+
+/// The YAML shape of a [`StringMatch`]: at most one field set.
+#[cfg(feature = "serde")]
+#[derive(serde::Deserialize, serde::Serialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawStringMatch {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    exact: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    prefix: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    suffix: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    regex: Option<String>,
+}
+
+#[cfg(feature = "serde")]
+impl TryFrom<RawStringMatch> for StringMatch {
+    type Error = String;
+
+    fn try_from(raw: RawStringMatch) -> Result<Self, String> {
+        let set = [&raw.exact, &raw.prefix, &raw.suffix, &raw.regex]
+            .iter()
+            .filter(|f| f.is_some())
+            .count();
+        if set > 1 {
+            return Err("a string match takes only one of `exact`, `prefix`, `suffix`, `regex`".into());
+        }
+        Ok(match raw {
+            RawStringMatch { exact: Some(v), .. } => StringMatch::Exact(v),
+            RawStringMatch { prefix: Some(v), .. } => StringMatch::Prefix(v),
+            RawStringMatch { suffix: Some(v), .. } => StringMatch::Suffix(v),
+            RawStringMatch { regex: Some(v), .. } => StringMatch::Regex(v),
+            _ => StringMatch::Present,
+        })
+    }
+}
+
+#[cfg(feature = "serde")]
+impl From<StringMatch> for RawStringMatch {
+    fn from(m: StringMatch) -> Self {
+        let mut raw = RawStringMatch::default();
+        match m {
+            StringMatch::Exact(v) => raw.exact = Some(v),
+            StringMatch::Prefix(v) => raw.prefix = Some(v),
+            StringMatch::Suffix(v) => raw.suffix = Some(v),
+            StringMatch::Regex(v) => raw.regex = Some(v),
+            StringMatch::Present => {}
+        }
+        raw
+    }
+}
+
+/// A match configuration that cannot be compiled. The `field` names where it sits in the
+/// config (`headers.x-user`, `uri`, …) so the loader can point at it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum InvalidMatch {
+    /// `regex: ""`.
+    #[error("{field}: the regex is empty")]
+    EmptyRegex {
+        /// Where the match sits.
+        field: String,
+    },
+    /// A regex longer than [`MAX_REGEX_LEN`].
+    #[error("{field}: the regex is {len} characters long; at most {MAX_REGEX_LEN} are allowed")]
+    RegexTooLong {
+        /// Where the match sits.
+        field: String,
+        /// Its length in characters.
+        len: usize,
+    },
+    /// A regex that does not compile.
+    #[error("{field}: invalid regex: {source}")]
+    Regex {
+        /// Where the match sits.
+        field: String,
+        /// What the regex compiler said.
+        #[source]
+        source: regex::Error,
+    },
+    /// `prefix: ""` anywhere but `uri`.
+    #[error("{field}: an empty prefix is only allowed for `uri`")]
+    EmptyPrefix {
+        /// Where the match sits.
+        field: String,
+    },
+    /// A header or cookie name that is not a valid lowercase token.
+    #[error("{field}: `{name}` is not a valid lowercase header name")]
+    InvalidName {
+        /// Where the match sits.
+        field: String,
+        /// The offending name.
+        name: String,
+    },
+}
+
+/// A compiled [`StringMatch`]. See the module docs for its semantics.
+#[derive(Clone)]
+pub struct StringMatcher {
+    kind: Kind,
+    ignore_case: bool,
+}
+
+#[derive(Clone)]
+enum Kind {
+    Exact(Box<[u8]>),
+    Prefix(Box<[u8]>),
+    Suffix(Box<[u8]>),
+    Regex(Regex),
+    Present,
+}
+
+impl StringMatcher {
+    /// Compiles `m`. `field` names the match in errors. Empty prefixes are accepted here; the
+    /// header, query and cookie matchers refuse them as Istio does.
+    pub fn new(field: &str, m: &StringMatch) -> Result<Self, InvalidMatch> {
+        let kind = match m {
+            StringMatch::Exact(v) => Kind::Exact(v.as_bytes().into()),
+            StringMatch::Prefix(v) => Kind::Prefix(v.as_bytes().into()),
+            StringMatch::Suffix(v) => Kind::Suffix(v.as_bytes().into()),
+            StringMatch::Regex(pattern) => Kind::Regex(compile_full_match(field, pattern)?),
+            StringMatch::Present => Kind::Present,
+        };
+        Ok(Self { kind, ignore_case: false })
+    }
+
+    /// Makes `exact`, `prefix` and `suffix` compare ASCII case-insensitively (Envoy's
+    /// `case_sensitive: false`). Regexes are unaffected: use `(?i)` in the pattern.
+    pub fn ignoring_case(mut self) -> Self {
+        self.ignore_case = true;
+        self
+    }
+
+    /// Whether this is a presence check.
+    pub fn is_presence(&self) -> bool {
+        matches!(self.kind, Kind::Present)
+    }
+
+    /// Matches one value.
+    pub fn matches(&self, value: &[u8]) -> bool {
+        let eq = |a: &[u8], b: &[u8]| {
+            if self.ignore_case {
+                a.eq_ignore_ascii_case(b)
+            } else {
+                a == b
+            }
+        };
+        match &self.kind {
+            Kind::Exact(v) => eq(value, v),
+            Kind::Prefix(p) => value.len() >= p.len() && eq(&value[..p.len()], p),
+            Kind::Suffix(s) => value.len() >= s.len() && eq(&value[value.len() - s.len()..], s),
+            Kind::Regex(re) => re.is_match(value),
+            Kind::Present => true,
+        }
+    }
+
+    fn refuse_empty_prefix(&self, field: &str) -> Result<(), InvalidMatch> {
+        match &self.kind {
+            Kind::Prefix(p) if p.is_empty() => Err(InvalidMatch::EmptyPrefix { field: field.into() }),
+            _ => Ok(()),
+        }
+    }
+}
+
+impl fmt::Debug for StringMatcher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let lossy = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        let mut d = f.debug_struct("StringMatcher");
+        match &self.kind {
+            Kind::Exact(v) => d.field("exact", &lossy(v)),
+            Kind::Prefix(v) => d.field("prefix", &lossy(v)),
+            Kind::Suffix(v) => d.field("suffix", &lossy(v)),
+            Kind::Regex(re) => d.field("regex", &re.as_str()),
+            Kind::Present => d.field("present", &true),
+        };
+        d.field("ignore_case", &self.ignore_case).finish()
+    }
+}
+
+fn compile_full_match(field: &str, pattern: &str) -> Result<Regex, InvalidMatch> {
+    if pattern.is_empty() {
+        return Err(InvalidMatch::EmptyRegex { field: field.into() });
+    }
+    let len = pattern.chars().count();
+    if len > MAX_REGEX_LEN {
+        return Err(InvalidMatch::RegexTooLong { field: field.into(), len });
+    }
+    // Compile the user's pattern alone first so that an error points at their text, then
+    // anchor it: RE2 full-match semantics.
+    let build = |p: &str| RegexBuilder::new(p).size_limit(REGEX_SIZE_LIMIT).build();
+    build(pattern).map_err(|source| InvalidMatch::Regex { field: field.into(), source })?;
+    build(&format!("^(?:{pattern})$")).map_err(|source| InvalidMatch::Regex { field: field.into(), source })
+}
+
+// === HeaderMatch ===
+
+/// Matches one request header, with Envoy's absent-header and multi-value rules. See the
+/// module docs.
+#[derive(Clone, Debug)]
+pub struct HeaderMatch {
+    name: HeaderName,
+    matcher: StringMatcher,
+    invert: bool,
+    missing_as_empty: bool,
+}
+
+impl HeaderMatch {
+    /// A `headers:` entry: the header must be present and match.
+    pub fn new(name: &str, m: &StringMatch) -> Result<Self, InvalidMatch> {
+        let field = format!("headers.{name}");
+        let matcher = StringMatcher::new(&field, m)?;
+        matcher.refuse_empty_prefix(&field)?;
+        Ok(Self { name: header_name(&field, name)?, matcher, invert: false, missing_as_empty: false })
+    }
+
+    /// A `withoutHeaders:` entry: the block fails if the header matches. An absent header is
+    /// compared as `""` (so it passes unless the match accepts the empty string), except for a
+    /// presence check, which an absent header always passes. Istio's `regex: "*"` is accepted
+    /// here as a presence check, as Istio translates it.
+    pub fn without(name: &str, m: &StringMatch) -> Result<Self, InvalidMatch> {
+        let field = format!("withoutHeaders.{name}");
+        let m = match m {
+            StringMatch::Regex(r) if r == "*" => &StringMatch::Present,
+            other => other,
+        };
+        let matcher = StringMatcher::new(&field, m)?;
+        matcher.refuse_empty_prefix(&field)?;
+        let missing_as_empty = !matcher.is_presence();
+        Ok(Self { name: header_name(&field, name)?, matcher, invert: true, missing_as_empty })
+    }
+
+    /// The header this matches.
+    pub fn name(&self) -> &HeaderName {
+        &self.name
+    }
+
+    /// Evaluates the match against `headers`.
+    pub fn matches(&self, headers: &HeaderMap) -> bool {
+        let mut values = headers.get_all(&self.name).iter();
+        let Some(first) = values.next() else {
+            if self.missing_as_empty {
+                return self.matcher.matches(b"") != self.invert;
+            }
+            // Envoy: an absent header satisfies only an inverted presence check.
+            return self.matcher.is_presence() && self.invert;
+        };
+        let hit = match values.next() {
+            None => self.matcher.matches(first.as_bytes()),
+            Some(second) => {
+                let mut joined = Vec::with_capacity(first.len() + second.len() + 16);
+                joined.extend_from_slice(first.as_bytes());
+                for v in std::iter::once(second).chain(values) {
+                    joined.push(b',');
+                    joined.extend_from_slice(v.as_bytes());
+                }
+                self.matcher.matches(&joined)
+            }
+        };
+        hit != self.invert
+    }
+}
+
+fn header_name(field: &str, name: &str) -> Result<HeaderName, InvalidMatch> {
+    let invalid = || InvalidMatch::InvalidName { field: field.into(), name: name.into() };
+    if name.bytes().any(|b| b.is_ascii_uppercase()) {
+        return Err(invalid());
+    }
+    HeaderName::from_bytes(name.as_bytes()).map_err(|_| invalid())
+}
+
+// === QueryParamMatch ===
+
+/// Matches one query parameter: the first occurrence of the key, compared without
+/// URL-decoding; `?key` has the empty value; an absent key never matches.
+#[derive(Clone, Debug)]
+pub struct QueryParamMatch {
+    name: Box<str>,
+    matcher: StringMatcher,
+}
+
+impl QueryParamMatch {
+    /// A `queryParams:` entry.
+    pub fn new(name: &str, m: &StringMatch) -> Result<Self, InvalidMatch> {
+        let field = format!("queryParams.{name}");
+        let matcher = StringMatcher::new(&field, m)?;
+        matcher.refuse_empty_prefix(&field)?;
+        Ok(Self { name: name.into(), matcher })
+    }
+
+    /// Evaluates the match against a query string (without the `?`), if there is one.
+    pub fn matches(&self, query: Option<&str>) -> bool {
+        query
+            .and_then(|q| first_value(q.split('&'), '=', &self.name))
+            .is_some_and(|v| self.matcher.matches(v.as_bytes()))
+    }
+}
+
+/// The value of the first `key<sep>value` pair named `name`; a bare `key` has the empty value.
+fn first_value<'a>(pairs: impl Iterator<Item = &'a str>, sep: char, name: &str) -> Option<&'a str> {
+    pairs.map(|pair| pair.split_once(sep).unwrap_or((pair, ""))).find(|(k, _)| *k == name).map(|(_, v)| v)
+}
+
+// === CookieMatch ===
+
+/// Matches one cookie by name, parsed from all `cookie` header lines (`name=value` pairs
+/// separated by `;` and optional whitespace). The first cookie with that name counts; an
+/// absent cookie matches only an inverted match. Istio has no such field; this is the
+/// structured alternative to a regex on the whole `cookie` header.
+#[derive(Clone, Debug)]
+pub struct CookieMatch {
+    name: Box<str>,
+    matcher: StringMatcher,
+    invert: bool,
+}
+
+impl CookieMatch {
+    /// The named cookie must be present and match.
+    pub fn new(name: &str, m: &StringMatch) -> Result<Self, InvalidMatch> {
+        let field = format!("cookies.{name}");
+        if name.is_empty() || name.bytes().any(|b| b <= b' ' || b == b'=' || b == b';' || b >= 0x7f) {
+            return Err(InvalidMatch::InvalidName { field, name: name.into() });
+        }
+        let matcher = StringMatcher::new(&field, m)?;
+        matcher.refuse_empty_prefix(&field)?;
+        Ok(Self { name: name.into(), matcher, invert: false })
+    }
+
+    /// Inverts the match: it passes when the cookie is absent or does not match.
+    pub fn inverted(mut self) -> Self {
+        self.invert = true;
+        self
+    }
+
+    /// The cookie's value in `headers`, if any.
+    pub fn find<'h>(&self, headers: &'h HeaderMap) -> Option<&'h [u8]> {
+        headers.get_all(COOKIE).iter().find_map(|line| {
+            line.as_bytes().split(|&b| b == b';').find_map(|pair| {
+                let pair = pair.trim_ascii();
+                let eq = pair.iter().position(|&b| b == b'=')?;
+                (pair[..eq].trim_ascii() == self.name.as_bytes()).then(|| pair[eq + 1..].trim_ascii())
+            })
+        })
+    }
+
+    /// Evaluates the match against `headers`.
+    pub fn matches(&self, headers: &HeaderMap) -> bool {
+        self.find(headers).is_some_and(|v| self.matcher.matches(v)) != self.invert
+    }
+}
+
+// === UriMatch ===
+
+/// Matches the request path as Envoy's route match does. See the module docs.
+#[derive(Clone, Debug)]
+pub struct UriMatch {
+    matcher: StringMatcher,
+    with_query: bool,
+}
+
+impl UriMatch {
+    /// A `uri:` match; `ignore_case` is Istio's `ignoreUriCase`. An empty prefix is allowed.
+    pub fn new(m: &StringMatch, ignore_case: bool) -> Result<Self, InvalidMatch> {
+        let mut matcher = StringMatcher::new("uri", m)?;
+        if ignore_case {
+            matcher = matcher.ignoring_case();
+        }
+        Ok(Self { matcher, with_query: matches!(m, StringMatch::Prefix(_)) })
+    }
+
+    /// Evaluates the match against a request URI.
+    pub fn matches(&self, uri: &Uri) -> bool {
+        let target = if self.with_query {
+            uri.path_and_query().map_or(uri.path(), |pq| pq.as_str())
+        } else {
+            uri.path()
+        };
+        self.matcher.matches(target.as_bytes())
+    }
+}
+
+// === HttpMatch ===
+
+/// One Istio `HTTPMatchRequest` block, as configured. Field names are Istio's.
+///
+/// The runtime fields are compiled by [`HttpMatch::new`]; the config-time fields (`port`,
+/// `sourceLabels`, `sourceNamespace`, `gateways`) decide whether the block applies to a given
+/// listener or proxy at all and are applied by the route-table builder, not per request.
+#[derive(Clone, Debug, Default, PartialEq)]
+#[cfg_attr(feature = "serde", derive(serde::Deserialize, serde::Serialize))]
+#[cfg_attr(feature = "serde", serde(default, rename_all = "camelCase"))]
+#[non_exhaustive]
+pub struct HttpMatchRequest {
+    /// Appended to the route name in logs and stats.
+    pub name: Option<String>,
+    /// Path match.
+    pub uri: Option<StringMatch>,
+    /// `:scheme` match.
+    pub scheme: Option<StringMatch>,
+    /// `:method` match.
+    pub method: Option<StringMatch>,
+    /// `:authority` (HTTP/1 `Host`) match.
+    pub authority: Option<StringMatch>,
+    /// Headers that must be present and match (keys lowercase).
+    pub headers: BTreeMap<String, StringMatch>,
+    /// Headers that must not match.
+    pub without_headers: BTreeMap<String, StringMatch>,
+    /// Query parameters that must match.
+    pub query_params: BTreeMap<String, StringMatch>,
+    /// Cookies, by name, that must be present and match (a mesh extension; Istio has none).
+    pub cookies: BTreeMap<String, StringMatch>,
+    /// Compare `uri` exact and prefix matches case-insensitively.
+    pub ignore_uri_case: bool,
+    /// Config-time: the block applies only on the listener with this port.
+    pub port: Option<u32>,
+    /// Config-time: the block applies only to workloads carrying these labels.
+    pub source_labels: BTreeMap<String, String>,
+    /// Config-time: the block applies only to workloads in this namespace.
+    pub source_namespace: Option<String>,
+    /// Config-time: gateways this block applies to, overriding the VirtualService's.
+    pub gateways: Vec<String>,
+    /// Envoy per-route stats prefix.
+    pub stat_prefix: Option<String>,
+}
+
+/// A compiled `HTTPMatchRequest` block: every condition in it must hold (AND). Several
+/// blocks of one route are OR-ed by the route table.
+#[derive(Clone, Debug)]
+pub struct HttpMatch {
+    uri: Option<UriMatch>,
+    scheme: Option<StringMatcher>,
+    method: Option<StringMatcher>,
+    authority: Option<StringMatcher>,
+    headers: Box<[HeaderMatch]>,
+    query_params: Box<[QueryParamMatch]>,
+    cookies: Box<[CookieMatch]>,
+}
+
+impl HttpMatch {
+    /// Compiles a block. Errors name the offending field.
+    pub fn new(config: &HttpMatchRequest) -> Result<Self, InvalidMatch> {
+        let pseudo = |field: &str, m: &Option<StringMatch>| -> Result<_, InvalidMatch> {
+            m.as_ref()
+                .map(|m| {
+                    let matcher = StringMatcher::new(field, m)?;
+                    matcher.refuse_empty_prefix(field)?;
+                    Ok(matcher)
+                })
+                .transpose()
+        };
+        let headers = config
+            .headers
+            .iter()
+            .map(|(k, v)| HeaderMatch::new(k, v))
+            .chain(config.without_headers.iter().map(|(k, v)| HeaderMatch::without(k, v)))
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            uri: config.uri.as_ref().map(|m| UriMatch::new(m, config.ignore_uri_case)).transpose()?,
+            scheme: pseudo("scheme", &config.scheme)?,
+            method: pseudo("method", &config.method)?,
+            authority: pseudo("authority", &config.authority)?,
+            headers,
+            query_params: config.query_params.iter().map(|(k, v)| QueryParamMatch::new(k, v)).collect::<Result<_, _>>()?,
+            cookies: config.cookies.iter().map(|(k, v)| CookieMatch::new(k, v)).collect::<Result<_, _>>()?,
+        })
+    }
+
+    /// A block with no conditions: it matches every request (Istio's catch-all).
+    pub fn any() -> Self {
+        Self {
+            uri: None,
+            scheme: None,
+            method: None,
+            authority: None,
+            headers: Box::new([]),
+            query_params: Box::new([]),
+            cookies: Box::new([]),
+        }
+    }
+
+    /// Whether the block has no conditions at all.
+    pub fn is_catch_all(&self) -> bool {
+        self.uri.is_none()
+            && self.scheme.is_none()
+            && self.method.is_none()
+            && self.authority.is_none()
+            && self.headers.is_empty()
+            && self.query_params.is_empty()
+            && self.cookies.is_empty()
+    }
+
+    /// Evaluates the block against a request's parts.
+    ///
+    /// `:authority` is the URI's authority (HTTP/2, absolute-form HTTP/1) or else the `Host`
+    /// header. `:scheme` is the URI's scheme, or `http` when the request line carries none;
+    /// a TLS listener sets the scheme on the URI before matching.
+    pub fn matches(&self, method: &Method, uri: &Uri, headers: &HeaderMap) -> bool {
+        if let Some(m) = &self.uri {
+            if !m.matches(uri) {
+                return false;
+            }
+        }
+        if let Some(m) = &self.method {
+            if !m.matches(method.as_str().as_bytes()) {
+                return false;
+            }
+        }
+        if let Some(m) = &self.scheme {
+            if !m.matches(uri.scheme_str().unwrap_or("http").as_bytes()) {
+                return false;
+            }
+        }
+        if let Some(m) = &self.authority {
+            let authority = match uri.authority() {
+                Some(a) => Some(a.as_str().as_bytes()),
+                None => headers.get(HOST).map(|h| h.as_bytes()),
+            };
+            if !authority.is_some_and(|a| m.matches(a)) {
+                return false;
+            }
+        }
+        self.headers.iter().all(|h| h.matches(headers))
+            && self.query_params.iter().all(|q| q.matches(uri.query()))
+            && self.cookies.iter().all(|c| c.matches(headers))
+    }
+
+    /// Evaluates the block against a request.
+    pub fn matches_request<B>(&self, request: &Request<B>) -> bool {
+        self.matches(request.method(), request.uri(), request.headers())
+    }
+}

@@ -1,0 +1,62 @@
+//! The routing decision, recorded on the request for later layers and telemetry.
+//!
+//! The router inserts a [`RouteDecision`] into the request's extensions once it has chosen a
+//! route and destination; retries, load balancing, metrics and access logs read it instead of
+//! routing again. Its strings are `Arc<str>` shared with the route table, so recording a
+//! decision costs reference-count increments, not allocations.
+//!
+//! # Example
+//!
+//! ```
+//! use std::sync::Arc;
+//! use mesh_core::RouteDecision;
+//!
+//! let decision = RouteDecision::new(Arc::from("reviews-v2"), Arc::from("reviews.default.svc.cluster.local"))
+//!     .with_subset(Arc::from("v2"))
+//!     .with_port(9080);
+//! let mut request = http::Request::new(());
+//! request.extensions_mut().insert(decision);
+//!
+//! let seen = RouteDecision::of(request.extensions()).unwrap();
+//! assert_eq!(seen.subset.as_deref(), Some("v2"));
+//! ```
+
+use std::sync::Arc;
+
+/// Request extension: which route matched and where it sends the request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RouteDecision {
+    /// The route's name (Istio: `<route.name>.<match.name>` when the match block is named).
+    pub route_name: Arc<str>,
+    /// The destination host (a service FQDN, or the configured upstream).
+    pub destination_host: Arc<str>,
+    /// The destination subset, if the route names one.
+    pub subset: Option<Arc<str>>,
+    /// The destination port, if the route names one.
+    pub port: Option<u16>,
+}
+
+impl RouteDecision {
+    /// A decision for `route_name` sending to `destination_host`, with no subset or port.
+    pub fn new(route_name: Arc<str>, destination_host: Arc<str>) -> Self {
+        Self { route_name, destination_host, subset: None, port: None }
+    }
+
+    /// Sets the subset.
+    pub fn with_subset(mut self, subset: Arc<str>) -> Self {
+        self.subset = Some(subset);
+        self
+    }
+
+    /// Sets the port.
+    pub fn with_port(mut self, port: u16) -> Self {
+        self.port = Some(port);
+        self
+    }
+
+    /// The decision recorded in a request's extensions, if any.
+    pub fn of(extensions: &http::Extensions) -> Option<&RouteDecision> {
+        extensions.get::<RouteDecision>()
+    }
+}

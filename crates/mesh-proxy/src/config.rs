@@ -1,0 +1,129 @@
+//! The proxy's settings and its embedded default.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+use http::uri::Authority;
+
+/// Where the proxy listens when not told otherwise (Istio's outbound capture port).
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:15001";
+/// Where the proxy forwards when not told otherwise.
+pub const DEFAULT_UPSTREAM: &str = "127.0.0.1:8080";
+/// Where the admin server listens when not told otherwise (Envoy's admin port).
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:15000";
+
+/// Everything the proxy needs to run. [`ProxyConfig::default`] is the embedded default the
+/// binary runs with when given no arguments.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct ProxyConfig {
+    /// The address served with HTTP/1.1 and h2c (prior knowledge), detected per connection.
+    pub listen: SocketAddr,
+    /// The one upstream every request goes to.
+    pub upstream: UpstreamAddr,
+    /// Which protocol to speak to the upstream.
+    pub upstream_protocol: UpstreamProtocol,
+    /// The admin server's address (`/ready`, `/live`); `None` disables it.
+    pub admin: Option<SocketAddr>,
+    /// How long a TCP connect to the upstream may take before it fails with `UF`.
+    pub connect_timeout: Duration,
+    /// How long the upstream may take to send response headers (from the moment the request
+    /// arrives) before the proxy answers 504 `UT`; `None` disables it. Unlike Envoy's route
+    /// timeout it does not cover the response body, so long downloads are not cut off.
+    pub request_timeout: Option<Duration>,
+    /// How long an idle pooled upstream connection is kept.
+    pub idle_timeout: Duration,
+    /// How many idle HTTP/1.1 connections to the upstream are kept at most.
+    pub max_idle: usize,
+    /// How long in-flight requests may take to finish after SIGTERM / Ctrl-C.
+    pub drain_timeout: Duration,
+    /// Worker threads; 1 runs everything on the calling thread (a sidecar's budget).
+    pub workers: usize,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_LISTEN.parse().expect("valid default"),
+            upstream: DEFAULT_UPSTREAM.parse().expect("valid default"),
+            upstream_protocol: UpstreamProtocol::Downstream,
+            admin: Some(DEFAULT_ADMIN.parse().expect("valid default")),
+            connect_timeout: Duration::from_secs(10),
+            request_timeout: Some(Duration::from_secs(15)),
+            idle_timeout: Duration::from_secs(90),
+            max_idle: 256,
+            drain_timeout: Duration::from_secs(5),
+            workers: 1,
+        }
+    }
+}
+
+/// The upstream's `host:port`. The host may be a name, resolved at each new connection.
+#[derive(Clone, PartialEq, Eq)]
+pub struct UpstreamAddr(Authority);
+
+impl UpstreamAddr {
+    /// `host:port`.
+    pub fn as_str(&self) -> &str {
+        self.0.as_str()
+    }
+
+    /// As a URI authority.
+    pub fn authority(&self) -> &Authority {
+        &self.0
+    }
+}
+
+/// An upstream address that is not `host:port`.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("`{0}` is not HOST:PORT (for example 127.0.0.1:8080 or app.local:80)")]
+pub struct InvalidUpstream(String);
+
+impl FromStr for UpstreamAddr {
+    type Err = InvalidUpstream;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let invalid = || InvalidUpstream(s.into());
+        let authority: Authority = s.parse().map_err(|_| invalid())?;
+        if authority.port_u16().is_none_or(|p| p == 0) || authority.host().is_empty() || s.contains('@') {
+            return Err(invalid());
+        }
+        Ok(UpstreamAddr(authority))
+    }
+}
+
+impl fmt::Display for UpstreamAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Debug for UpstreamAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "UpstreamAddr({})", self.as_str())
+    }
+}
+
+/// The protocol spoken to the upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 over pooled keep-alive connections.
+    Http1,
+    /// HTTP/2 with prior knowledge (h2c), all requests multiplexed on one connection.
+    H2,
+    /// The protocol the request arrived with: HTTP/1.x upstream for HTTP/1.x requests, h2c for
+    /// HTTP/2 requests (so gRPC and trailers keep working end to end).
+    Downstream,
+}
+
+impl fmt::Display for UpstreamProtocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            UpstreamProtocol::Http1 => "http1",
+            UpstreamProtocol::H2 => "h2",
+            UpstreamProtocol::Downstream => "downstream",
+        })
+    }
+}

@@ -1,0 +1,197 @@
+//! `mesh-proxy`: the reference sidecar, assembled from the mesh crates.
+//!
+//! **Status:** a forwarding reverse proxy. It serves HTTP/1.1 and h2c (prior knowledge) on
+//! one port, detected per connection, and forwards every request to one configured upstream
+//! over pooled keep-alive HTTP/1.1 connections or one multiplexed h2c connection. Bodies and
+//! trailers stream through; hop-by-hop headers are dropped; upstream failures are answered
+//! as Envoy answers them (see [`proxy`](crate::ProxyBody)); an admin server answers `/ready`
+//! and `/live`; SIGTERM and Ctrl-C drain in-flight requests before exit. Routing, retries,
+//! mTLS and telemetry arrive as the other crates gain them; configuration from Istio YAML
+//! comes with them.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use mesh_proxy::{ProxyConfig, Server};
+//!
+//! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+//! let mut config = ProxyConfig::default();
+//! config.listen = "127.0.0.1:0".parse()?;
+//! config.upstream = "127.0.0.1:8080".parse()?;
+//! let server = Server::bind(config).await?;
+//! println!("listening on {}", server.local_addr());
+//! server.serve(async { tokio::signal::ctrl_c().await.ok(); }).await;
+//! # Ok(()) }
+//! ```
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::{TcpListener, TcpStream};
+
+pub mod config;
+mod proxy;
+mod upstream;
+
+pub use config::{ProxyConfig, UpstreamAddr, UpstreamProtocol};
+pub use proxy::ProxyBody;
+
+/// The listeners could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr} ({what}): {source}")]
+pub struct BindError {
+    addr: SocketAddr,
+    what: &'static str,
+    #[source]
+    source: io::Error,
+}
+
+/// A bound proxy, ready to [`serve`](Server::serve).
+#[derive(Debug)]
+pub struct Server {
+    config: ProxyConfig,
+    listener: TcpListener,
+    admin: Option<TcpListener>,
+}
+
+impl Server {
+    /// Opens the proxy and admin listeners. Must run inside a tokio runtime.
+    pub async fn bind(config: ProxyConfig) -> Result<Self, BindError> {
+        let bind = |addr: SocketAddr, what| async move {
+            TcpListener::bind(addr).await.map_err(|source| BindError { addr, what, source })
+        };
+        let listener = bind(config.listen, "proxy listener").await?;
+        let admin = match config.admin {
+            Some(addr) => Some(bind(addr, "admin listener").await?),
+            None => None,
+        };
+        Ok(Self { config, listener, admin })
+    }
+
+    /// The address the proxy listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().expect("bound listener has an address")
+    }
+
+    /// The address the admin server listens on, if enabled.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|l| l.local_addr().expect("bound listener has an address"))
+    }
+
+    /// The configuration being served.
+    pub fn config(&self) -> &ProxyConfig {
+        &self.config
+    }
+
+    /// Serves until `shutdown` completes, then drains: `/ready` turns 503, the listener stops
+    /// accepting, open connections finish their in-flight requests (HTTP/1.1 closes after the
+    /// current response, HTTP/2 sends GOAWAY), and whatever is still open after the drain
+    /// timeout is closed.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) {
+        let draining = Arc::new(AtomicBool::new(false));
+        let graceful = GracefulShutdown::new();
+        let forward = proxy::Forward::new(&self.config);
+
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(60));
+        builder.http2().timer(TokioTimer::new());
+        let builder = Arc::new(builder);
+
+        if let Some(admin) = self.admin {
+            tokio::spawn(serve_admin(admin, draining.clone()));
+        }
+
+        let accept = async {
+            loop {
+                let (stream, _peer) = match self.listener.accept().await {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        // Out of descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let forward = forward.clone();
+                let service = service_fn(move |req| forward.clone().call(req));
+                let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "downstream connection ended with an error");
+                    }
+                });
+            }
+        };
+        tokio::select! {
+            () = accept => {}
+            () = shutdown => {}
+        }
+
+        draining.store(true, Ordering::Release);
+        drop(self.listener);
+        let open = graceful.count();
+        tracing::info!(connections = open, timeout = ?self.config.drain_timeout, "draining");
+        tokio::select! {
+            () = graceful.shutdown() => tracing::info!("drained"),
+            () = tokio::time::sleep(self.config.drain_timeout) => {
+                tracing::warn!("drain timeout reached; closing the remaining connections");
+            }
+        }
+    }
+}
+
+// === admin ===
+
+async fn serve_admin(listener: TcpListener, draining: Arc<AtomicBool>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        let draining = draining.clone();
+        tokio::spawn(serve_admin_conn(stream, draining));
+    }
+}
+
+async fn serve_admin_conn(stream: TcpStream, draining: Arc<AtomicBool>) {
+    let service = service_fn(move |req: Request<Incoming>| {
+        let draining = draining.load(Ordering::Acquire);
+        async move { Ok::<_, std::convert::Infallible>(admin_response(&req, draining)) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10))
+        .serve_connection(TokioIo::new(stream), service);
+    let _ = conn.await;
+}
+
+fn admin_response(req: &Request<Incoming>, draining: bool) -> Response<Full<Bytes>> {
+    let (status, body) = match (req.method(), req.uri().path()) {
+        (&Method::GET | &Method::HEAD, "/live") => (StatusCode::OK, "live\n"),
+        (&Method::GET | &Method::HEAD, "/ready") if draining => (StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
+        (&Method::GET | &Method::HEAD, "/ready") => (StatusCode::OK, "ready\n"),
+        (&Method::GET | &Method::HEAD, "/") => {
+            (StatusCode::OK, "mesh-proxy admin\n  /ready  200 while serving, 503 while draining\n  /live   200 while the process runs\n")
+        }
+        (&Method::GET | &Method::HEAD, _) => (StatusCode::NOT_FOUND, "not found; try /\n"),
+        _ => (StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n"),
+    };
+    let mut res = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *res.status_mut() = status;
+    res.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain"));
+    res
+}

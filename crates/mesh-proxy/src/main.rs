@@ -1,0 +1,185 @@
+//! The `mesh-proxy` binary. Run `mesh-proxy --help`.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use mesh_proxy::config::{DEFAULT_ADMIN, DEFAULT_LISTEN, DEFAULT_UPSTREAM};
+use mesh_proxy::{ProxyConfig, Server, UpstreamAddr, UpstreamProtocol};
+
+/// A service-mesh sidecar proxy.
+///
+/// Serves HTTP/1.1 and HTTP/2 cleartext (h2c, prior knowledge) on one port and forwards every
+/// request to one upstream, over pooled keep-alive connections. When the upstream cannot be
+/// reached it answers 503 (flag UF); when it closes or resets before answering, 503 (UC or UR);
+/// when it does not answer in time, 504 (UT). With no arguments it runs on the embedded
+/// default: listen on 127.0.0.1:15001, forward to 127.0.0.1:8080, admin on 127.0.0.1:15000.
+///
+/// SIGTERM or Ctrl-C drains: /ready turns 503, the listener closes, in-flight requests finish
+/// (up to --drain-timeout), then the process exits 0. A second signal exits at once.
+#[derive(Debug, Parser)]
+#[command(name = "mesh-proxy", version, about, long_about, after_help = AFTER_HELP)]
+struct Args {
+    /// Address to serve HTTP/1.1 and h2c on.
+    #[arg(short, long, value_name = "ADDR", env = "MESH_PROXY_LISTEN", default_value = DEFAULT_LISTEN)]
+    listen: SocketAddr,
+
+    /// Upstream to forward every request to, as HOST:PORT (a name is resolved per connection).
+    #[arg(short, long, value_name = "HOST:PORT", env = "MESH_PROXY_UPSTREAM", default_value = DEFAULT_UPSTREAM)]
+    upstream: UpstreamAddr,
+
+    /// Protocol to speak to the upstream: `downstream` uses the one each request arrived with.
+    #[arg(long, value_name = "PROTO", env = "MESH_PROXY_UPSTREAM_PROTOCOL", default_value = "downstream")]
+    upstream_protocol: UpstreamProtocol,
+
+    /// Admin address serving /ready and /live, or `off`.
+    #[arg(short, long, value_name = "ADDR|off", env = "MESH_PROXY_ADMIN", default_value = DEFAULT_ADMIN, value_parser = parse_admin)]
+    admin: AdminAddr,
+
+    /// Upstream TCP connect timeout (e.g. 250ms, 2s).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    connect_timeout: Duration,
+
+    /// Time allowed until the upstream's response headers arrive; 0 disables it.
+    #[arg(long, value_name = "DURATION", default_value = "15s", value_parser = parse_duration)]
+    request_timeout: Duration,
+
+    /// How long an idle pooled upstream connection is kept.
+    #[arg(long, value_name = "DURATION", default_value = "90s", value_parser = parse_duration)]
+    idle_timeout: Duration,
+
+    /// Most idle HTTP/1.1 upstream connections kept.
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    max_idle: usize,
+
+    /// How long to wait for in-flight requests after SIGTERM / Ctrl-C.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    drain_timeout: Duration,
+
+    /// Worker threads. 1 runs the whole proxy on one thread, a sidecar's usual budget.
+    #[arg(short, long, value_name = "N", env = "MESH_PROXY_WORKERS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    workers: u16,
+
+    /// Log filter (tracing `EnvFilter` syntax, e.g. `info`, `mesh_proxy=debug`).
+    #[arg(long, value_name = "FILTER", env = "MESH_PROXY_LOG", default_value = "info")]
+    log: String,
+}
+
+const AFTER_HELP: &str = "\
+Durations: a number and a unit, combinable: 500ms, 2s, 1.5s, 1m30s.
+Exit status: 0 after a clean drain, 1 when a listener cannot be opened, 2 for bad arguments.
+
+Examples:
+  mesh-proxy                                         # the embedded default
+  mesh-proxy --listen 0.0.0.0:8000 --upstream app:8080
+  mesh-proxy -l 127.0.0.1:15001 -u 127.0.0.1:9000 --upstream-protocol h2 --admin off";
+
+#[derive(Debug, Clone, Copy)]
+struct AdminAddr(Option<SocketAddr>);
+
+fn parse_admin(s: &str) -> Result<AdminAddr, String> {
+    if s == "off" {
+        return Ok(AdminAddr(None));
+    }
+    s.parse().map(|a| AdminAddr(Some(a))).map_err(|_| format!("`{s}` is neither an address like 127.0.0.1:15000 nor `off`"))
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    mesh_core::config::Duration::parse(s).map(|d| d.get()).map_err(|e| e.to_string())
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logging(&args.log);
+
+    let mut config = ProxyConfig::default();
+    config.listen = args.listen;
+    config.upstream = args.upstream;
+    config.upstream_protocol = args.upstream_protocol;
+    config.admin = args.admin.0;
+    config.connect_timeout = args.connect_timeout;
+    config.request_timeout = (!args.request_timeout.is_zero()).then_some(args.request_timeout);
+    config.idle_timeout = args.idle_timeout;
+    config.max_idle = args.max_idle;
+    config.drain_timeout = args.drain_timeout;
+    config.workers = usize::from(args.workers);
+
+    let runtime = if config.workers == 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(config.workers).enable_all().build()
+    };
+    let runtime = match runtime {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("mesh-proxy: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let server = match Server::bind(config).await {
+            Ok(server) => server,
+            Err(e) => {
+                eprintln!("mesh-proxy: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let c = server.config();
+        println!(
+            "mesh-proxy {}: listening on http://{} (HTTP/1.1 and h2c), forwarding to {} (upstream protocol: {}, {} worker{})",
+            env!("CARGO_PKG_VERSION"),
+            server.local_addr(),
+            c.upstream,
+            c.upstream_protocol,
+            c.workers,
+            if c.workers == 1 { "" } else { "s" },
+        );
+        match server.admin_addr() {
+            Some(admin) => println!("mesh-proxy: admin on http://{admin} (/ready, /live)"),
+            None => println!("mesh-proxy: admin server off"),
+        }
+        server.serve(shutdown_signal()).await;
+        ExitCode::SUCCESS
+    })
+}
+
+fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|e| {
+        eprintln!("mesh-proxy: ignoring log filter `{filter}`: {e}");
+        tracing_subscriber::EnvFilter::new("info")
+    });
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+/// Resolves on the first SIGTERM or Ctrl-C; a second one exits at once.
+async fn shutdown_signal() {
+    wait_for_signal().await;
+    tracing::info!("shutdown signal received");
+    tokio::spawn(async {
+        wait_for_signal().await;
+        eprintln!("mesh-proxy: second signal, exiting without draining");
+        std::process::exit(130);
+    });
+}
+
+#[cfg(unix)]
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+#[cfg(not(unix))]
+async fn wait_for_signal() {
+    let _ = tokio::signal::ctrl_c().await;
+}

@@ -1,0 +1,289 @@
+//! The forwarding path: one request in, one request to the upstream, one response back.
+//!
+//! * Hop-by-hop headers (`connection` and the headers it names, `keep-alive`,
+//!   `proxy-connection`, `transfer-encoding`, `upgrade`, and `te` other than `trailers`) are
+//!   removed in both directions; hyper frames each side's message itself.
+//! * Bodies stream through in both directions, frame by frame, trailers included: nothing is
+//!   buffered beyond what one read returns.
+//! * HTTP/2 requests forwarded over HTTP/1.1 get a `host` header from their `:authority`;
+//!   HTTP/1.1 requests forwarded over h2c get an `:authority` from their `host` header.
+//! * When the upstream fails, the proxy answers as Envoy does and records the response flag
+//!   on the response ([`ResponseFlags`]):
+//!
+//! | what happened | status | flag |
+//! |---|---|---|
+//! | the upstream could not be reached (refused, unreachable, connect timeout) | 503 | `UF` |
+//! | the upstream closed the connection before response headers | 503 | `UC` |
+//! | the upstream reset the HTTP/2 stream before response headers | 503 | `UR` |
+//! | no response headers within the request timeout | 504 | `UT` |
+//! | the upstream sent a malformed response | 502 | `UPE` |
+
+use std::convert::Infallible;
+use std::error::Error as StdError;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{CONNECTION, CONTENT_TYPE, HOST, TE, TRANSFER_ENCODING, UPGRADE};
+use http::uri::{PathAndQuery, Scheme};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use mesh_core::classify::{Failure, Outcome, TimeoutError};
+use mesh_core::ResponseFlags;
+
+use crate::config::{ProxyConfig, UpstreamProtocol};
+use crate::upstream::{BoxError, Checkout, Upstream};
+
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// The forwarding service; cheap to clone (all state is shared).
+#[derive(Clone)]
+pub(crate) struct Forward {
+    upstream: Arc<Upstream>,
+    protocol: UpstreamProtocol,
+    request_timeout: Option<Duration>,
+}
+
+impl Forward {
+    pub(crate) fn new(config: &ProxyConfig) -> Self {
+        Self {
+            upstream: Upstream::new(config),
+            protocol: config.upstream_protocol,
+            request_timeout: config.request_timeout,
+        }
+    }
+
+    /// Forwards one request. Never fails: upstream failures become local replies.
+    pub(crate) async fn call(self, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
+        let exchange = self.exchange(req);
+        let result = match self.request_timeout {
+            Some(limit) => tokio::time::timeout(limit, exchange)
+                .await
+                .unwrap_or_else(|_| Err(Box::new(TimeoutError::new()))),
+            None => exchange.await,
+        };
+        Ok(match result {
+            Ok(res) => res,
+            Err(e) => local_reply(&*e),
+        })
+    }
+
+    async fn exchange(&self, mut req: Request<Incoming>) -> Result<Response<ProxyBody>, BoxError> {
+        strip_hop_by_hop(req.headers_mut());
+        let h2 = match self.protocol {
+            UpstreamProtocol::Http1 => false,
+            UpstreamProtocol::H2 => true,
+            UpstreamProtocol::Downstream => req.version() == Version::HTTP_2,
+        };
+        let (res, checkout) = if h2 {
+            to_h2(&mut req, self.upstream.addr().authority())?;
+            (self.upstream.send_h2(req).await?, None)
+        } else {
+            to_http1(&mut req)?;
+            let (res, checkout) = self.upstream.send_http1(req).await?;
+            (res, Some(checkout))
+        };
+        let (mut parts, body) = res.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        parts.version = Version::HTTP_11;
+        Ok(Response::from_parts(parts, ProxyBody::upstream(body, checkout)))
+    }
+}
+
+/// Prepares a request for an HTTP/1.1 upstream: origin-form target, `host` header.
+fn to_http1(req: &mut Request<Incoming>) -> Result<(), BoxError> {
+    *req.version_mut() = Version::HTTP_11;
+    if req.uri().authority().is_none() {
+        return Ok(()); // already origin-form, with the client's own `host`
+    }
+    let uri = std::mem::take(req.uri_mut());
+    let mut parts = uri.into_parts();
+    if let Some(authority) = parts.authority.take() {
+        if !req.headers().contains_key(HOST) {
+            req.headers_mut().insert(HOST, HeaderValue::from_str(authority.as_str())?);
+        }
+    }
+    *req.uri_mut() = parts.path_and_query.unwrap_or_else(|| PathAndQuery::from_static("/")).into();
+    Ok(())
+}
+
+/// Prepares a request for an h2c upstream: absolute URI with the client's authority.
+fn to_h2(req: &mut Request<Incoming>, fallback: &http::uri::Authority) -> Result<(), BoxError> {
+    *req.version_mut() = Version::HTTP_2;
+    let host = req.headers_mut().remove(HOST);
+    let uri = std::mem::take(req.uri_mut());
+    let mut parts = uri.into_parts();
+    if parts.authority.is_none() {
+        parts.authority = Some(match host {
+            Some(h) => h.to_str()?.parse()?,
+            None => fallback.clone(),
+        });
+    }
+    parts.scheme = Some(Scheme::HTTP);
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(PathAndQuery::from_static("/"));
+    }
+    *req.uri_mut() = Uri::from_parts(parts)?;
+    Ok(())
+}
+
+/// Removes hop-by-hop headers (RFC 9110 section 7.6.1).
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            if name != TE {
+                headers.remove(name);
+            }
+        }
+        headers.remove(CONNECTION);
+    }
+    headers.remove(KEEP_ALIVE);
+    headers.remove(PROXY_CONNECTION);
+    headers.remove(TRANSFER_ENCODING);
+    headers.remove(UPGRADE);
+    if let Some(te) = headers.get(TE) {
+        if !te.as_bytes().eq_ignore_ascii_case(b"trailers") {
+            headers.remove(TE);
+        }
+    }
+}
+
+/// The answer the proxy gives itself when the upstream did not answer.
+fn local_reply(error: &(dyn StdError + 'static)) -> Response<ProxyBody> {
+    let outcome = Outcome::from_error(error);
+    let (status, body): (StatusCode, &'static str) = match outcome.failure() {
+        Some(Failure::ConnectFailure) => (StatusCode::SERVICE_UNAVAILABLE, "upstream connect error: the upstream could not be reached\n"),
+        Some(Failure::Timeout) => (StatusCode::GATEWAY_TIMEOUT, "upstream request timeout\n"),
+        Some(Failure::ConnectionTerminated) => {
+            (StatusCode::SERVICE_UNAVAILABLE, "upstream connection closed before response headers\n")
+        }
+        Some(Failure::StreamReset | Failure::RefusedStream) => {
+            (StatusCode::SERVICE_UNAVAILABLE, "upstream reset the stream before response headers\n")
+        }
+        _ => (StatusCode::BAD_GATEWAY, "upstream protocol error\n"),
+    };
+    let flags = match outcome.response_flags() {
+        f if f.is_empty() => ResponseFlags::UPSTREAM_PROTOCOL_ERROR,
+        f => f,
+    };
+    tracing::warn!(%status, %flags, error = %DisplayChain(error), "upstream request failed");
+    let mut res = Response::new(ProxyBody::local(Bytes::from_static(body.as_bytes())));
+    *res.status_mut() = status;
+    res.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    ResponseFlags::record(res.extensions_mut(), flags);
+    res
+}
+
+/// Displays an error with its sources, `a: b: c`.
+struct DisplayChain<'a>(&'a (dyn StdError + 'static));
+
+impl std::fmt::Display for DisplayChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut next = self.0.source();
+        while let Some(e) = next {
+            write!(f, ": {e}")?;
+            next = e.source();
+        }
+        Ok(())
+    }
+}
+
+// === ProxyBody ===
+
+pin_project_lite::pin_project! {
+    /// The body of a proxied response: the upstream's, streamed frame by frame, or a short
+    /// local reply.
+    pub struct ProxyBody {
+        #[pin]
+        inner: Inner,
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = InnerProj]
+    enum Inner {
+        // Streams the upstream's body; returns its HTTP/1.1 connection to the pool at the end.
+        Upstream {
+            #[pin]
+            body: Incoming,
+            checkout: Option<Checkout>,
+        },
+        Local { data: Option<Bytes> },
+    }
+}
+
+impl ProxyBody {
+    fn upstream(body: Incoming, mut checkout: Option<Checkout>) -> Self {
+        if body.is_end_stream() {
+            // hyper will not poll an empty body: the connection is free now.
+            if let Some(c) = checkout.take() {
+                c.release();
+            }
+        }
+        ProxyBody { inner: Inner::Upstream { body, checkout } }
+    }
+
+    fn local(data: Bytes) -> Self {
+        ProxyBody { inner: Inner::Local { data: Some(data) } }
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.project().inner.project() {
+            InnerProj::Upstream { mut body, checkout } => {
+                let frame = ready!(body.as_mut().poll_frame(cx));
+                match &frame {
+                    Some(Ok(_)) if !body.is_end_stream() => {}
+                    // A broken body leaves its connection in an unknown state: close it.
+                    Some(Err(_)) => *checkout = None,
+                    _ => {
+                        if let Some(c) = checkout.take() {
+                            c.release();
+                        }
+                    }
+                }
+                Poll::Ready(frame)
+            }
+            InnerProj::Local { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            Inner::Upstream { body, .. } => body.is_end_stream(),
+            Inner::Local { data } => data.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Inner::Upstream { body, .. } => body.size_hint(),
+            Inner::Local { data } => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+        }
+    }
+}
+
+impl std::fmt::Debug for ProxyBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.inner {
+            Inner::Upstream { .. } => f.write_str("ProxyBody::Upstream"),
+            Inner::Local { data } => f.debug_struct("ProxyBody::Local").field("len", &data.as_ref().map(Bytes::len)).finish(),
+        }
+    }
+}

@@ -1,0 +1,199 @@
+//! The connection pool to the one upstream: pooled HTTP/1.1 keep-alive connections and one
+//! shared, multiplexed h2c connection.
+//!
+//! HTTP/1.1 connections are checked out most-recently-used first (so a small hot set stays
+//! warm and the rest expire), and checked back in when the response body has been read to
+//! its end; a response body dropped early closes its connection rather than leaving it in an
+//! unknown state. A request that a pooled connection could not even start sending (because
+//! the upstream had closed it meanwhile) is moved to the next connection; once any byte has
+//! been sent it is not replayed.
+
+use std::collections::VecDeque;
+use std::error::Error as StdError;
+use std::io;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use mesh_core::classify::ConnectError;
+use tokio::net::TcpStream;
+use tokio::time::Instant;
+
+use crate::config::{ProxyConfig, UpstreamAddr};
+
+pub(crate) type BoxError = Box<dyn StdError + Send + Sync>;
+
+/// A connection checked out of the HTTP/1.1 pool; goes back with [`Checkout::release`].
+pub(crate) struct Checkout {
+    pool: Arc<Upstream>,
+    tx: http1::SendRequest<Incoming>,
+}
+
+impl Checkout {
+    /// Returns the connection to the idle pool (the response it carried is complete).
+    pub(crate) fn release(self) {
+        self.pool.check_in(self.tx);
+    }
+}
+
+struct Idle {
+    tx: http1::SendRequest<Incoming>,
+    since: Instant,
+}
+
+pub(crate) struct Upstream {
+    addr: UpstreamAddr,
+    connect_timeout: Duration,
+    idle_timeout: Duration,
+    max_idle: usize,
+    idle: Mutex<VecDeque<Idle>>,
+    h2: Mutex<Option<http2::SendRequest<Incoming>>>,
+    h2_connecting: tokio::sync::Mutex<()>,
+}
+
+impl Upstream {
+    /// A pool for `config.upstream`, with a task that closes expired idle connections.
+    pub(crate) fn new(config: &ProxyConfig) -> Arc<Self> {
+        let pool = Arc::new(Self {
+            addr: config.upstream.clone(),
+            connect_timeout: config.connect_timeout,
+            idle_timeout: config.idle_timeout,
+            max_idle: config.max_idle,
+            idle: Mutex::new(VecDeque::new()),
+            h2: Mutex::new(None),
+            h2_connecting: tokio::sync::Mutex::new(()),
+        });
+        tokio::spawn(reap_idle(Arc::downgrade(&pool), config.idle_timeout));
+        pool
+    }
+
+    pub(crate) fn addr(&self) -> &UpstreamAddr {
+        &self.addr
+    }
+
+    // === HTTP/1.1 ===
+
+    /// Sends `req` on a pooled HTTP/1.1 connection, or a new one. The returned [`Checkout`]
+    /// must be released once the response body has ended.
+    pub(crate) async fn send_http1(
+        self: &Arc<Self>,
+        mut req: Request<Incoming>,
+    ) -> Result<(Response<Incoming>, Checkout), BoxError> {
+        while let Some(mut tx) = self.check_out() {
+            if tx.ready().await.is_err() {
+                continue; // closed while idle
+            }
+            match tx.try_send_request(req).await {
+                Ok(res) => return Ok((res, Checkout { pool: self.clone(), tx })),
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) => req = unsent,
+                    None => return Err(e.into_error().into()),
+                },
+            }
+        }
+        let mut tx = self.connect_http1().await?;
+        let res = tx.send_request(req).await?;
+        Ok((res, Checkout { pool: self.clone(), tx }))
+    }
+
+    fn check_out(&self) -> Option<http1::SendRequest<Incoming>> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some(Idle { tx, since }) = idle.pop_back() {
+            if since.elapsed() >= self.idle_timeout {
+                // Everything older is expired too.
+                idle.clear();
+                return None;
+            }
+            if !tx.is_closed() {
+                return Some(tx);
+            }
+        }
+        None
+    }
+
+    fn check_in(&self, tx: http1::SendRequest<Incoming>) {
+        if tx.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < self.max_idle {
+            idle.push_back(Idle { tx, since: Instant::now() });
+        }
+    }
+
+    async fn connect_http1(&self) -> Result<http1::SendRequest<Incoming>, BoxError> {
+        let io = self.connect_tcp().await?;
+        let (tx, conn) = http1::Builder::new().handshake(io).await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended with an error");
+            }
+        });
+        Ok(tx)
+    }
+
+    // === h2c ===
+
+    /// Sends `req` on the shared h2c connection, connecting first if there is none.
+    pub(crate) async fn send_h2(&self, req: Request<Incoming>) -> Result<Response<Incoming>, BoxError> {
+        let mut tx = match self.current_h2() {
+            Some(tx) => tx,
+            None => self.connect_h2().await?,
+        };
+        Ok(tx.send_request(req).await?)
+    }
+
+    fn current_h2(&self) -> Option<http2::SendRequest<Incoming>> {
+        let slot = self.h2.lock().unwrap_or_else(|p| p.into_inner());
+        slot.as_ref().filter(|tx| !tx.is_closed()).cloned()
+    }
+
+    async fn connect_h2(&self) -> Result<http2::SendRequest<Incoming>, BoxError> {
+        // One connection attempt at a time; latecomers reuse its result.
+        let _connecting = self.h2_connecting.lock().await;
+        if let Some(tx) = self.current_h2() {
+            return Ok(tx);
+        }
+        let io = self.connect_tcp().await?;
+        let (tx, conn) = http2::Builder::new(TokioExecutor::new()).timer(TokioTimer::new()).handshake(io).await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream h2c connection ended with an error");
+            }
+        });
+        *self.h2.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx.clone());
+        Ok(tx)
+    }
+
+    // === TCP ===
+
+    async fn connect_tcp(&self) -> Result<TokioIo<TcpStream>, ConnectError> {
+        let connect = TcpStream::connect(self.addr.as_str());
+        let stream = match tokio::time::timeout(self.connect_timeout, connect).await {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => return Err(ConnectError::new(e)),
+            Err(_) => {
+                let msg = format!("connect timed out after {:?}", self.connect_timeout);
+                return Err(ConnectError::new(io::Error::new(io::ErrorKind::TimedOut, msg)));
+            }
+        };
+        stream.set_nodelay(true).map_err(ConnectError::new)?;
+        Ok(TokioIo::new(stream))
+    }
+}
+
+/// Closes idle connections past their idle timeout, until the pool is dropped.
+async fn reap_idle(pool: Weak<Upstream>, idle_timeout: Duration) {
+    let period = (idle_timeout / 2).max(Duration::from_millis(100));
+    loop {
+        tokio::time::sleep(period).await;
+        let Some(pool) = pool.upgrade() else { return };
+        let mut idle = pool.idle.lock().unwrap_or_else(|p| p.into_inner());
+        while idle.front().is_some_and(|i| i.since.elapsed() >= idle_timeout || i.tx.is_closed()) {
+            idle.pop_front();
+        }
+    }
+}
