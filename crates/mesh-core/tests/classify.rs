@@ -1,0 +1,103 @@
+//! Outcome classification of responses, trailers and real errors.
+
+use std::io;
+
+use http::{HeaderMap, HeaderValue, StatusCode};
+use mesh_core::classify::{ConnectError, Failure, GrpcCode, Outcome, TimeoutError};
+use mesh_core::ResponseFlags;
+
+fn grpc(code: &str) -> HeaderMap {
+    let mut h = HeaderMap::new();
+    h.insert("grpc-status", HeaderValue::from_str(code).unwrap());
+    h
+}
+
+#[test]
+fn statuses() {
+    let empty = HeaderMap::new();
+    let ok = Outcome::from_response(StatusCode::OK, &empty);
+    assert!(ok.is_success() && !ok.is_server_error() && !ok.is_gateway_error());
+    let not_found = Outcome::from_response(StatusCode::NOT_FOUND, &empty);
+    assert!(not_found.is_success(), "a 4xx is an answer, not a failure of the upstream");
+    let e500 = Outcome::from_response(StatusCode::INTERNAL_SERVER_ERROR, &empty);
+    assert!(e500.is_server_error() && !e500.is_gateway_error() && !e500.is_success());
+    for s in [502, 503, 504] {
+        let o = Outcome::from_response(StatusCode::from_u16(s).unwrap(), &empty);
+        assert!(o.is_gateway_error() && o.is_server_error(), "{s}");
+    }
+    assert!(!Outcome::from_response(StatusCode::from_u16(505).unwrap(), &empty).is_gateway_error());
+    assert_eq!(ok.response_flags(), ResponseFlags::empty());
+}
+
+#[test]
+fn grpc_status_from_head_and_trailers() {
+    let head = Outcome::from_response(StatusCode::OK, &grpc("14"));
+    assert_eq!(head.grpc_status(), Some(GrpcCode::UNAVAILABLE));
+    assert!(!head.is_success());
+    // A status in the head is final; trailers do not override it.
+    assert_eq!(head.with_trailers(&grpc("0")).grpc_status(), Some(GrpcCode::UNAVAILABLE));
+
+    let pending = Outcome::from_response(StatusCode::OK, &HeaderMap::new());
+    assert!(pending.is_success());
+    let done = pending.with_trailers(&grpc("4"));
+    assert_eq!(done.grpc_status(), Some(GrpcCode::DEADLINE_EXCEEDED));
+    assert!(!done.is_success());
+    assert!(pending.with_trailers(&grpc("0")).is_success());
+    // Garbage is not a status.
+    assert_eq!(pending.with_trailers(&grpc("1x")).grpc_status(), None);
+    assert_eq!(GrpcCode::new(99).name(), None);
+    assert_eq!(format!("{:?}", GrpcCode::UNAVAILABLE), "UNAVAILABLE(14)");
+}
+
+#[test]
+fn real_connect_failure() {
+    // Bind, learn a free port, close it: connecting there is refused by the kernel.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let err = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap_err();
+    assert_eq!(Outcome::from_error(&err).failure(), Some(Failure::ConnectFailure));
+    let wrapped = ConnectError::new(io::Error::new(io::ErrorKind::TimedOut, "connect timed out"));
+    let o = Outcome::from_error(&wrapped);
+    assert!(o.is_connect_failure(), "a connect timeout is a connect failure (UF), not UT");
+    assert_eq!(o.response_flags().to_string(), "UF");
+}
+
+#[test]
+fn resets_and_timeouts() {
+    let reset = io::Error::from(io::ErrorKind::ConnectionReset);
+    let o = Outcome::from_error(&reset);
+    assert!(o.is_reset() && !o.is_refused_stream());
+    assert_eq!(o.response_flags().to_string(), "UC");
+
+    let refused: h2::Error = h2::Reason::REFUSED_STREAM.into();
+    let o = Outcome::from_error(&refused);
+    assert!(o.is_refused_stream() && o.is_reset());
+    assert_eq!(o.response_flags().to_string(), "UR");
+
+    let cancelled: h2::Error = h2::Reason::CANCEL.into();
+    assert_eq!(Outcome::from_error(&cancelled).failure(), Some(Failure::StreamReset));
+
+    let t = Outcome::from_error(&TimeoutError::new());
+    assert!(t.is_timeout());
+    assert_eq!(t.response_flags().to_string(), "UT");
+
+    let other = io::Error::other("something else");
+    assert_eq!(Outcome::from_error(&other).failure(), Some(Failure::Other));
+}
+
+#[test]
+fn source_chain_is_walked() {
+    #[derive(Debug)]
+    struct Outer(io::Error);
+    impl std::fmt::Display for Outer {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("request failed")
+        }
+    }
+    impl std::error::Error for Outer {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+    let e = Outer(io::Error::from(io::ErrorKind::BrokenPipe));
+    assert_eq!(Outcome::from_error(&e).failure(), Some(Failure::ConnectionTerminated));
+}
