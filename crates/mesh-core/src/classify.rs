@@ -246,7 +246,7 @@ impl ConnectError {
 
 impl fmt::Display for ConnectError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "upstream connect error: {}", self.source)
+        f.write_str("upstream connect error")
     }
 }
 

@@ -149,7 +149,8 @@ fn init_logging(filter: &str) {
         eprintln!("mesh-proxy: ignoring log filter `{filter}`: {e}");
         tracing_subscriber::EnvFilter::new("info")
     });
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init();
 }
 
 /// Resolves on the first SIGTERM or Ctrl-C; a second one exits at once.

@@ -1,0 +1,512 @@
+//! End-to-end tests of the `mesh-proxy` binary: a real process, real sockets on 127.0.0.1,
+//! real HTTP/1.1 and h2c clients and upstream servers.
+
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+
+// === the proxy process ===
+
+struct Proxy {
+    child: Child,
+    addr: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl Proxy {
+    fn start(upstream: SocketAddr, extra: &[&str]) -> Proxy {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_mesh-proxy"))
+            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--upstream", &upstream.to_string()])
+            .args(extra)
+            .env("MESH_PROXY_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start mesh-proxy");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut addr_after = |marker: &str| -> SocketAddr {
+            let line = lines.next().expect("a banner line").expect("readable stdout");
+            let rest = &line[line.find(marker).unwrap_or_else(|| panic!("`{marker}` in `{line}`")) + marker.len()..];
+            rest.split_whitespace().next().unwrap().parse().unwrap()
+        };
+        let addr = addr_after("listening on http://");
+        let admin = addr_after("admin on http://");
+        Proxy { child, addr, admin }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Peak resident set size so far (VmHWM), in KiB.
+    fn peak_rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    fn terminate(&self) {
+        Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap();
+    }
+
+    /// Waits (bounded) for the process to exit.
+    async fn wait_exit(&mut self) -> std::process::ExitStatus {
+        for _ in 0..200 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("mesh-proxy did not exit");
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// === upstream servers ===
+
+type Handler = Arc<dyn Fn(Request<Incoming>) -> BoxFut + Send + Sync>;
+type BoxFut = std::pin::Pin<Box<dyn Future<Output = Response<BoxBody>> + Send>>;
+type BoxBody = http_body_util::combinators::BoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+fn full(b: impl Into<Bytes>) -> BoxBody {
+    Full::new(b.into()).map_err(|e| match e {}).boxed()
+}
+
+struct Upstream {
+    addr: SocketAddr,
+    connections: Arc<AtomicUsize>,
+    task: JoinHandle<()>,
+}
+
+impl Upstream {
+    async fn start(handler: Handler) -> Upstream {
+        Self::start_on("127.0.0.1:0".parse().unwrap(), handler).await
+    }
+
+    async fn start_on(addr: SocketAddr, handler: Handler) -> Upstream {
+        let listener = TcpListener::bind(addr).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let count = connections.clone();
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let (stream, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
+                let handler = handler.clone();
+                conns.spawn(async move {
+                    let service = service_fn(move |req| {
+                        let fut = handler(req);
+                        async move { Ok::<_, Infallible>(fut.await) }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Upstream { addr, connections, task }
+    }
+
+    /// Kills the server and every connection it has open.
+    fn kill(self) -> SocketAddr {
+        self.task.abort();
+        self.addr
+    }
+}
+
+/// Echoes the request: method, path, headers it saw (as `x-seen-*`), body and trailers.
+fn echo() -> Handler {
+    Arc::new(|req: Request<Incoming>| {
+        Box::pin(async move {
+            let (parts, body) = req.into_parts();
+            let mut res = Response::builder()
+                .header("x-seen-method", parts.method.as_str())
+                .header("x-seen-path", parts.uri.path_and_query().map_or("", |p| p.as_str()))
+                .header("x-seen-version", format!("{:?}", parts.version))
+                .header("connection", "x-hop")
+                .header("x-hop", "must not reach the client")
+                .header("keep-alive", "timeout=5");
+            let host = parts.uri.authority().map(|a| a.to_string()).or_else(|| {
+                parts.headers.get("host").map(|h| h.to_str().unwrap().to_string())
+            });
+            res = res.header("x-seen-host", host.unwrap_or_default());
+            for name in parts.headers.keys() {
+                res = res.header(format!("x-seen-{name}"), "1");
+            }
+            let collected = body.collect().await.unwrap();
+            let trailers = collected.trailers().cloned();
+            let data = collected.to_bytes();
+            let trailers = trailers.map(|mut t| {
+                t.insert("x-echoed-trailer", "yes".parse().unwrap());
+                Frame::trailers(t)
+            });
+            res.body(frames(std::iter::once(Frame::data(data)).chain(trailers))).unwrap()
+        })
+    })
+}
+
+/// A body made of the frames an iterator yields, polled one at a time.
+struct Frames<I>(I);
+
+impl<I: Iterator<Item = Frame<Bytes>> + Unpin> http_body::Body for Frames<I> {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        std::task::Poll::Ready(self.0.next().map(Ok))
+    }
+}
+
+fn frames(i: impl Iterator<Item = Frame<Bytes>> + Unpin + Send + Sync + 'static) -> BoxBody {
+    Frames(i).boxed()
+}
+
+// === clients ===
+
+async fn h1_client(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<BoxBody> {
+    let io = TokioIo::new(TcpStream::connect(addr).await.unwrap());
+    let (tx, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+    tokio::spawn(conn);
+    tx
+}
+
+async fn h2_client(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<BoxBody> {
+    let io = TokioIo::new(TcpStream::connect(addr).await.unwrap());
+    let (tx, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await.unwrap();
+    tokio::spawn(conn);
+    tx
+}
+
+async fn get(proxy: &Proxy, path: &str) -> (StatusCode, HeaderMap, Bytes) {
+    let mut tx = h1_client(proxy.addr).await;
+    let req = Request::get(path).header("host", "app.test").body(full("")).unwrap();
+    let res = tx.send_request(req).await.unwrap();
+    let (parts, body) = res.into_parts();
+    (parts.status, parts.headers, body.collect().await.unwrap().to_bytes())
+}
+
+async fn admin_status(proxy: &Proxy, path: &str) -> Option<StatusCode> {
+    let io = TokioIo::new(TcpStream::connect(proxy.admin).await.ok()?);
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(io).await.ok()?;
+    tokio::spawn(conn);
+    let req = Request::get(path).header("host", "admin").body(full("")).unwrap();
+    Some(tx.send_request(req).await.ok()?.status())
+}
+
+// === tests ===
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwards_http1_with_body_and_strips_hop_by_hop_headers() {
+    let upstream = Upstream::start(echo()).await;
+    let proxy = Proxy::start(upstream.addr, &[]);
+
+    let mut tx = h1_client(proxy.addr).await;
+    for i in 0..5 {
+        let req = Request::post(format!("/items?n={i}"))
+            .header("host", "shop.test")
+            .header("connection", "keep-alive, x-private")
+            .header("x-private", "hop")
+            .header("keep-alive", "timeout=5")
+            .header("x-end-to-end", "kept")
+            .body(full(format!("payload {i}")))
+            .unwrap();
+        tx.ready().await.unwrap();
+        let res = tx.send_request(req).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        let h = res.headers().clone();
+        assert_eq!(h["x-seen-method"], "POST");
+        assert_eq!(h["x-seen-path"], format!("/items?n={i}").as_str());
+        assert_eq!(h["x-seen-host"], "shop.test");
+        assert_eq!(h["x-seen-version"], "HTTP/1.1");
+        assert!(h.contains_key("x-seen-x-end-to-end"));
+        for hop in ["x-seen-x-private", "x-seen-keep-alive", "x-seen-connection"] {
+            assert!(!h.contains_key(hop), "{hop} reached the upstream");
+        }
+        // ... and in the other direction.
+        assert!(!h.contains_key("x-hop"));
+        assert!(!h.contains_key("keep-alive"));
+        assert_eq!(res.into_body().collect().await.unwrap().to_bytes(), format!("payload {i}"));
+    }
+    // Sequential requests reuse one pooled upstream connection.
+    assert_eq!(upstream.connections.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwards_h2c_with_trailers_end_to_end() {
+    let upstream = Upstream::start(echo()).await;
+    let proxy = Proxy::start(upstream.addr, &[]);
+    let mut tx = h2_client(proxy.addr).await;
+
+    let mut trailers = HeaderMap::new();
+    trailers.insert("grpc-status", "0".parse().unwrap());
+    let body = frames(vec![Frame::data(Bytes::from_static(b"\0\0\0\0\x05hello")), Frame::trailers(trailers)].into_iter());
+    let req = Request::post("http://grpc.test/pkg.Svc/Call")
+        .version(http::Version::HTTP_2)
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(body)
+        .unwrap();
+    let res = tx.send_request(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()["x-seen-version"], "HTTP/2.0", "downstream protocol: h2c upstream");
+    assert_eq!(res.headers()["x-seen-host"], "grpc.test");
+    assert!(res.headers().contains_key("x-seen-te"), "te: trailers is end-to-end");
+    let collected = res.into_body().collect().await.unwrap();
+    let trailers = collected.trailers().cloned().expect("trailers arrive");
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(trailers["x-echoed-trailer"], "yes");
+    assert_eq!(collected.to_bytes(), &b"\0\0\0\0\x05hello"[..]);
+
+    // Many concurrent streams on one downstream connection.
+    let mut tasks = Vec::new();
+    for i in 0..32 {
+        let mut tx = tx.clone();
+        tasks.push(tokio::spawn(async move {
+            let req = Request::get(format!("http://grpc.test/{i}")).body(full("")).unwrap();
+            let res = tx.send_request(req).await.unwrap();
+            res.headers()["x-seen-path"].to_str().unwrap().to_string()
+        }));
+    }
+    for (i, t) in tasks.into_iter().enumerate() {
+        assert_eq!(t.await.unwrap(), format!("/{i}"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn translates_between_http1_and_h2c() {
+    let upstream = Upstream::start(echo()).await;
+
+    // HTTP/1.1 in, h2c out: the host header becomes :authority.
+    let proxy = Proxy::start(upstream.addr, &["--upstream-protocol", "h2"]);
+    let (status, h, _) = get(&proxy, "/a?b=c").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(h["x-seen-version"], "HTTP/2.0");
+    assert_eq!(h["x-seen-host"], "app.test");
+    assert_eq!(h["x-seen-path"], "/a?b=c");
+    drop(proxy);
+
+    // h2c in, HTTP/1.1 out: :authority becomes the host header.
+    let proxy = Proxy::start(upstream.addr, &["--upstream-protocol", "http1"]);
+    let mut tx = h2_client(proxy.addr).await;
+    let req = Request::get("http://api.test/v1").body(full("")).unwrap();
+    let res = tx.send_request(req).await.unwrap();
+    assert_eq!(res.headers()["x-seen-version"], "HTTP/1.1");
+    assert_eq!(res.headers()["x-seen-host"], "api.test");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_100_mb_each_way_without_buffering() {
+    const TOTAL: usize = 100 * 1024 * 1024;
+    const CHUNK: usize = 64 * 1024;
+    // Upstream: counts what it receives, then streams TOTAL bytes back.
+    let handler: Handler = Arc::new(|req: Request<Incoming>| {
+        Box::pin(async move {
+            let mut body = req.into_body();
+            let mut received = 0usize;
+            while let Some(frame) = body.frame().await {
+                received += frame.unwrap().data_ref().map_or(0, |d| d.len());
+            }
+            let chunks = (0..TOTAL / CHUNK).map(|_| Frame::data(Bytes::from(vec![7u8; CHUNK])));
+            Response::builder()
+                .header("x-received", received.to_string())
+                .body(frames(chunks))
+                .unwrap()
+        })
+    });
+    let upstream = Upstream::start(handler).await;
+    let proxy = Proxy::start(upstream.addr, &["--request-timeout", "0"]);
+
+    let mut tx = h1_client(proxy.addr).await;
+    let chunks = (0..TOTAL / CHUNK).map(|_| Frame::data(Bytes::from(vec![9u8; CHUNK])));
+    let req = Request::put("/upload").header("host", "big.test").body(frames(chunks)).unwrap();
+    let res = tx.send_request(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()["x-received"], TOTAL.to_string().as_str());
+    let mut body = res.into_body();
+    let mut downloaded = 0usize;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.unwrap();
+        let data = frame.data_ref().unwrap();
+        assert!(data.iter().all(|&b| b == 7));
+        downloaded += data.len();
+    }
+    assert_eq!(downloaded, TOTAL);
+    let peak = proxy.peak_rss_kib();
+    assert!(peak < 50 * 1024, "peak RSS {peak} KiB: the body was buffered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn survives_the_upstream_being_killed_and_restarted() {
+    let upstream = Upstream::start(echo()).await;
+    let proxy = Proxy::start(upstream.addr, &[]);
+    assert_eq!(get(&proxy, "/").await.0, StatusCode::OK);
+
+    let addr = upstream.kill();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let (status, headers, body) = get(&proxy, "/").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(headers["content-type"], "text/plain");
+    assert!(String::from_utf8_lossy(&body).contains("upstream connect error"), "{body:?}");
+
+    let _upstream = Upstream::start_on(addr, echo()).await;
+    let (status, _, _) = get(&proxy, "/").await;
+    assert_eq!(status, StatusCode::OK);
+    // h2c clients see the same.
+    let mut tx = h2_client(proxy.addr).await;
+    let res = tx.send_request(Request::get("http://x/").body(full("")).unwrap()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+}
+
+/// A raw TCP upstream that reads a request and then does `behaviour`.
+async fn raw_upstream(behaviour: &'static str) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = stream.read(&mut buf).await;
+                match behaviour {
+                    "close" => drop(stream),
+                    "hang" => {
+                        tokio::time::sleep(Duration::from_secs(30)).await;
+                    }
+                    "garbage" => {
+                        let _ = stream.write_all(b"this is not HTTP\r\n\r\n").await;
+                    }
+                    _ => unreachable!(),
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_failures_get_envoy_style_answers() {
+    // Closed before answering: 503 (UC).
+    let proxy = Proxy::start(raw_upstream("close").await, &[]);
+    let (status, _, body) = get(&proxy, "/").await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(String::from_utf8_lossy(&body).contains("closed before response headers"), "{body:?}");
+
+    // No answer in time: 504 (UT).
+    let proxy = Proxy::start(raw_upstream("hang").await, &["--request-timeout", "300ms"]);
+    let (status, _, body) = get(&proxy, "/").await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(body, "upstream request timeout\n");
+
+    // Not HTTP: 502 (UPE).
+    let proxy = Proxy::start(raw_upstream("garbage").await, &[]);
+    let (status, _, _) = get(&proxy, "/").await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+
+    // Unroutable connect (a port nobody listens on) is 503 (UF); covered above with a killed
+    // upstream as well.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let proxy = Proxy::start(port, &[]);
+    assert_eq!(get(&proxy, "/").await.0, StatusCode::SERVICE_UNAVAILABLE);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_get_400_and_the_proxy_keeps_serving() {
+    let upstream = Upstream::start(echo()).await;
+    let proxy = Proxy::start(upstream.addr, &[]);
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    stream.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await.unwrap().unwrap();
+    assert!(answer.starts_with(b"HTTP/1.1 400"), "{}", String::from_utf8_lossy(&answer));
+    assert_eq!(get(&proxy, "/").await.0, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_and_graceful_drain_on_sigterm() {
+    // An upstream that takes 500 ms to answer.
+    let handler: Handler = Arc::new(|_req| {
+        Box::pin(async move {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            Response::new(full("slow"))
+        })
+    });
+    let upstream = Upstream::start(handler).await;
+    let mut proxy = Proxy::start(upstream.addr, &["--drain-timeout", "5s"]);
+    assert_eq!(admin_status(&proxy, "/ready").await, Some(StatusCode::OK));
+    assert_eq!(admin_status(&proxy, "/live").await, Some(StatusCode::OK));
+    assert_eq!(admin_status(&proxy, "/nope").await, Some(StatusCode::NOT_FOUND));
+
+    let url = proxy.url("/slow");
+    let addr = proxy.addr;
+    let in_flight = tokio::spawn(async move {
+        let mut tx = h1_client(addr).await;
+        let res = tx.send_request(Request::get(url).header("host", "x").body(full("")).unwrap()).await.unwrap();
+        (res.status(), res.into_body().collect().await.unwrap().to_bytes())
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    proxy.terminate();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(admin_status(&proxy, "/ready").await, Some(StatusCode::SERVICE_UNAVAILABLE), "draining");
+    assert!(TcpStream::connect(proxy.addr).await.is_err(), "the listener is closed while draining");
+
+    let (status, body) = in_flight.await.unwrap();
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"slow"[..]), "the in-flight request finished");
+    let exit = proxy.wait_exit().await;
+    assert!(exit.success(), "{exit:?}");
+}
+
+#[test]
+fn command_line_help_and_errors() {
+    let bin = env!("CARGO_BIN_EXE_mesh-proxy");
+    let help = Command::new(bin).arg("--help").output().unwrap();
+    assert!(help.status.success());
+    let text = String::from_utf8_lossy(&help.stdout);
+    for flag in ["--listen", "--upstream", "--upstream-protocol", "--admin", "--request-timeout", "--drain-timeout", "--workers"] {
+        assert!(text.contains(flag), "--help mentions {flag}");
+    }
+
+    for bad in [
+        &["--bogus"][..],
+        &["--listen", "not-an-address"],
+        &["--upstream", "no-port"],
+        &["--request-timeout", "5 parsecs"],
+        &["--workers", "0"],
+        &["--upstream-protocol", "h3"],
+    ] {
+        let out = Command::new(bin).args(bad).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{bad:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("error:"), "{bad:?}: {err}");
+    }
+
+    // A listener that cannot be opened: exit 1 with the address in the message.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let out = Command::new(bin).args(["--listen", &addr, "--admin", "off"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&addr));
+}
