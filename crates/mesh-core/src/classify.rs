@@ -132,9 +132,7 @@ impl Outcome {
     /// A response below 500 whose gRPC status, if any, is `OK`.
     pub fn is_success(&self) -> bool {
         match self {
-            Outcome::Response { status, grpc } => {
-                !status.is_server_error() && grpc.is_none_or(|g| g == GrpcCode::OK)
-            }
+            Outcome::Response { status, grpc } => !status.is_server_error() && grpc.is_none_or(|g| g == GrpcCode::OK),
             Outcome::Failure(_) => false,
         }
     }
@@ -157,10 +155,7 @@ impl Outcome {
     /// The upstream closed the connection or reset the stream before the response was
     /// complete (including a refused stream).
     pub fn is_reset(&self) -> bool {
-        matches!(
-            self.failure(),
-            Some(Failure::ConnectionTerminated | Failure::StreamReset | Failure::RefusedStream)
-        )
+        matches!(self.failure(), Some(Failure::ConnectionTerminated | Failure::StreamReset | Failure::RefusedStream))
     }
 
     /// The upstream refused the stream (HTTP/2 `REFUSED_STREAM`).

@@ -94,7 +94,8 @@ impl Duration {
             // At most 18 fraction digits keep the arithmetic in u128 exact enough (sub-ns).
             let frac = &frac[..frac.len().min(18)];
             let int: u128 = if int.is_empty() { 0 } else { int.parse().map_err(|_| err("number too large"))? };
-            let frac_value: u128 = if frac.is_empty() { 0 } else { frac.parse().map_err(|_| err("malformed number"))? };
+            let frac_value: u128 =
+                if frac.is_empty() { 0 } else { frac.parse().map_err(|_| err("malformed number"))? };
             let scale = 10u128.pow(frac.len() as u32);
             let part = int
                 .checked_mul(unit_nanos)
@@ -134,7 +135,7 @@ impl fmt::Display for Duration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let d = self.0;
         let nanos = d.subsec_nanos();
-        if d.as_secs() == 0 && nanos != 0 && nanos % 1_000_000 == 0 {
+        if d.as_secs() == 0 && nanos != 0 && nanos.is_multiple_of(1_000_000) {
             return write!(f, "{}ms", nanos / 1_000_000);
         }
         if nanos == 0 {
@@ -177,11 +178,7 @@ impl Percent {
 
     /// Validates `value` (0 to 100).
     pub fn new(value: f64) -> Result<Self, InvalidPercent> {
-        if (0.0..=100.0).contains(&value) {
-            Ok(Percent(value))
-        } else {
-            Err(InvalidPercent(value))
-        }
+        if (0.0..=100.0).contains(&value) { Ok(Percent(value)) } else { Err(InvalidPercent(value)) }
     }
 
     /// The value, 0 to 100.

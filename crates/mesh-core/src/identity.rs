@@ -200,7 +200,11 @@ impl SpiffeId {
     }
 
     /// The Istio-convention ID `spiffe://<td>/ns/<namespace>/sa/<service_account>`.
-    pub fn for_service_account(td: &TrustDomain, namespace: &str, service_account: &str) -> Result<Self, InvalidSpiffeId> {
+    pub fn for_service_account(
+        td: &TrustDomain,
+        namespace: &str,
+        service_account: &str,
+    ) -> Result<Self, InvalidSpiffeId> {
         Self::parse(&format!("{SCHEME}{td}/ns/{namespace}/sa/{service_account}"))
     }
 

@@ -99,10 +99,7 @@ impl TryFrom<RawStringMatch> for StringMatch {
     type Error = String;
 
     fn try_from(raw: RawStringMatch) -> Result<Self, String> {
-        let set = [&raw.exact, &raw.prefix, &raw.suffix, &raw.regex]
-            .iter()
-            .filter(|f| f.is_some())
-            .count();
+        let set = [&raw.exact, &raw.prefix, &raw.suffix, &raw.regex].iter().filter(|f| f.is_some()).count();
         if set > 1 {
             return Err("a string match takes only one of `exact`, `prefix`, `suffix`, `regex`".into());
         }
@@ -220,11 +217,7 @@ impl StringMatcher {
     /// Matches one value.
     pub fn matches(&self, value: &[u8]) -> bool {
         let eq = |a: &[u8], b: &[u8]| {
-            if self.ignore_case {
-                a.eq_ignore_ascii_case(b)
-            } else {
-                a == b
-            }
+            if self.ignore_case { a.eq_ignore_ascii_case(b) } else { a == b }
         };
         match &self.kind {
             Kind::Exact(v) => eq(value, v),
@@ -450,11 +443,8 @@ impl UriMatch {
 
     /// Evaluates the match against a request URI.
     pub fn matches(&self, uri: &Uri) -> bool {
-        let target = if self.with_query {
-            uri.path_and_query().map_or(uri.path(), |pq| pq.as_str())
-        } else {
-            uri.path()
-        };
+        let target =
+            if self.with_query { uri.path_and_query().map_or(uri.path(), |pq| pq.as_str()) } else { uri.path() };
         self.matcher.matches(target.as_bytes())
     }
 }
@@ -540,7 +530,11 @@ impl HttpMatch {
             method: pseudo("method", &config.method)?,
             authority: pseudo("authority", &config.authority)?,
             headers,
-            query_params: config.query_params.iter().map(|(k, v)| QueryParamMatch::new(k, v)).collect::<Result<_, _>>()?,
+            query_params: config
+                .query_params
+                .iter()
+                .map(|(k, v)| QueryParamMatch::new(k, v))
+                .collect::<Result<_, _>>()?,
             cookies: config.cookies.iter().map(|(k, v)| CookieMatch::new(k, v)).collect::<Result<_, _>>()?,
         })
     }
@@ -575,31 +569,15 @@ impl HttpMatch {
     /// header. `:scheme` is the URI's scheme, or `http` when the request line carries none;
     /// a TLS listener sets the scheme on the URI before matching.
     pub fn matches(&self, method: &Method, uri: &Uri, headers: &HeaderMap) -> bool {
-        if let Some(m) = &self.uri {
-            if !m.matches(uri) {
-                return false;
-            }
-        }
-        if let Some(m) = &self.method {
-            if !m.matches(method.as_str().as_bytes()) {
-                return false;
-            }
-        }
-        if let Some(m) = &self.scheme {
-            if !m.matches(uri.scheme_str().unwrap_or("http").as_bytes()) {
-                return false;
-            }
-        }
-        if let Some(m) = &self.authority {
-            let authority = match uri.authority() {
-                Some(a) => Some(a.as_str().as_bytes()),
-                None => headers.get(HOST).map(|h| h.as_bytes()),
-            };
-            if !authority.is_some_and(|a| m.matches(a)) {
-                return false;
-            }
-        }
-        self.headers.iter().all(|h| h.matches(headers))
+        let authority = || match uri.authority() {
+            Some(a) => Some(a.as_str().as_bytes()),
+            None => headers.get(HOST).map(|h| h.as_bytes()),
+        };
+        self.uri.as_ref().is_none_or(|m| m.matches(uri))
+            && self.method.as_ref().is_none_or(|m| m.matches(method.as_str().as_bytes()))
+            && self.scheme.as_ref().is_none_or(|m| m.matches(uri.scheme_str().unwrap_or("http").as_bytes()))
+            && self.authority.as_ref().is_none_or(|m| authority().is_some_and(|a| m.matches(a)))
+            && self.headers.iter().all(|h| h.matches(headers))
             && self.query_params.iter().all(|q| q.matches(uri.query()))
             && self.cookies.iter().all(|c| c.matches(headers))
     }

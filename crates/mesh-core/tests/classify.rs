@@ -3,8 +3,8 @@
 use std::io;
 
 use http::{HeaderMap, HeaderValue, StatusCode};
-use mesh_core::classify::{ConnectError, Failure, GrpcCode, Outcome, TimeoutError};
 use mesh_core::ResponseFlags;
+use mesh_core::classify::{ConnectError, Failure, GrpcCode, Outcome, TimeoutError};
 
 fn grpc(code: &str) -> HeaderMap {
     let mut h = HeaderMap::new();

@@ -1,9 +1,9 @@
 //! SEMANTICS.md Appendix A, vectors 1–6 (matching) and 31 (identity).
 
 use http::{HeaderMap, HeaderValue, Method, Request, Uri};
+use mesh_core::SpiffeId;
 use mesh_core::identity::{InvalidSpiffeId, InvalidSvid, LeafSvid};
 use mesh_core::matching::{HeaderMatch, HttpMatch, HttpMatchRequest, StringMatch, UriMatch};
-use mesh_core::SpiffeId;
 
 fn uri_match(m: StringMatch, ignore_case: bool) -> UriMatch {
     UriMatch::new(&m, ignore_case).expect("valid uri match")
@@ -102,9 +102,14 @@ fn v3_robust_cookie_pattern_and_structured_cookie_match() {
     assert!(robust.matches(&headers(&[("cookie", "a=b; user=jason")])));
 
     let by_name = mesh_core::matching::CookieMatch::new("user", &StringMatch::Exact("jason".into())).unwrap();
-    for (cookie, expected) in
-        [("user=jason", true), ("a=b;user=jason", true), ("a=b; user=jason", true), ("user=jason; a=b", true), ("user=jasonx", false), ("xuser=jason", false)]
-    {
+    for (cookie, expected) in [
+        ("user=jason", true),
+        ("a=b;user=jason", true),
+        ("a=b; user=jason", true),
+        ("user=jason; a=b", true),
+        ("user=jasonx", false),
+        ("xuser=jason", false),
+    ] {
         assert_eq!(by_name.matches(&headers(&[("cookie", cookie)])), expected, "{cookie}");
     }
     // HTTP/2 crumbs: one cookie per header line.
@@ -303,7 +308,10 @@ fn v31_leaf_svids() {
         LeafSvid { uri_sans: &uris, is_ca, key_cert_sign: false, crl_sign: false }.validate()
     };
     assert_eq!(leaf(&["spiffe://example.org/ns/x/sa/y"], false).unwrap().as_str(), "spiffe://example.org/ns/x/sa/y");
-    assert_eq!(leaf(&["spiffe://example.org/a", "spiffe://example.org/b"], false).unwrap_err(), InvalidSvid::SeveralUriSans(2));
+    assert_eq!(
+        leaf(&["spiffe://example.org/a", "spiffe://example.org/b"], false).unwrap_err(),
+        InvalidSvid::SeveralUriSans(2)
+    );
     assert_eq!(leaf(&["spiffe://example.org/a"], true).unwrap_err(), InvalidSvid::Ca);
     assert_eq!(leaf(&["spiffe://example.org"], false).unwrap_err(), InvalidSvid::RootId);
     assert_eq!(leaf(&[], false).unwrap_err(), InvalidSvid::NoUriSan);

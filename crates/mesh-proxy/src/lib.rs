@@ -184,9 +184,10 @@ fn admin_response(req: &Request<Incoming>, draining: bool) -> Response<Full<Byte
         (&Method::GET | &Method::HEAD, "/live") => (StatusCode::OK, "live\n"),
         (&Method::GET | &Method::HEAD, "/ready") if draining => (StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
         (&Method::GET | &Method::HEAD, "/ready") => (StatusCode::OK, "ready\n"),
-        (&Method::GET | &Method::HEAD, "/") => {
-            (StatusCode::OK, "mesh-proxy admin\n  /ready  200 while serving, 503 while draining\n  /live   200 while the process runs\n")
-        }
+        (&Method::GET | &Method::HEAD, "/") => (
+            StatusCode::OK,
+            "mesh-proxy admin\n  /ready  200 while serving, 503 while draining\n  /live   200 while the process runs\n",
+        ),
         (&Method::GET | &Method::HEAD, _) => (StatusCode::NOT_FOUND, "not found; try /\n"),
         _ => (StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n"),
     };

@@ -82,7 +82,9 @@ fn parse_admin(s: &str) -> Result<AdminAddr, String> {
     if s == "off" {
         return Ok(AdminAddr(None));
     }
-    s.parse().map(|a| AdminAddr(Some(a))).map_err(|_| format!("`{s}` is neither an address like 127.0.0.1:15000 nor `off`"))
+    s.parse()
+        .map(|a| AdminAddr(Some(a)))
+        .map_err(|_| format!("`{s}` is neither an address like 127.0.0.1:15000 nor `off`"))
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {

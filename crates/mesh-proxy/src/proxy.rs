@@ -31,8 +31,8 @@ use http::uri::{PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use mesh_core::classify::{Failure, Outcome, TimeoutError};
 use mesh_core::ResponseFlags;
+use mesh_core::classify::{Failure, Outcome, TimeoutError};
 
 use crate::config::{ProxyConfig, UpstreamProtocol};
 use crate::upstream::{BoxError, Checkout, Upstream};
@@ -61,9 +61,9 @@ impl Forward {
     pub(crate) async fn call(self, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
         let exchange = self.exchange(req);
         let result = match self.request_timeout {
-            Some(limit) => tokio::time::timeout(limit, exchange)
-                .await
-                .unwrap_or_else(|_| Err(Box::new(TimeoutError::new()))),
+            Some(limit) => {
+                tokio::time::timeout(limit, exchange).await.unwrap_or_else(|_| Err(Box::new(TimeoutError::new())))
+            }
             None => exchange.await,
         };
         Ok(match result {
@@ -102,10 +102,10 @@ fn to_http1(req: &mut Request<Incoming>) -> Result<(), BoxError> {
     }
     let uri = std::mem::take(req.uri_mut());
     let mut parts = uri.into_parts();
-    if let Some(authority) = parts.authority.take() {
-        if !req.headers().contains_key(HOST) {
-            req.headers_mut().insert(HOST, HeaderValue::from_str(authority.as_str())?);
-        }
+    if let Some(authority) = parts.authority.take()
+        && !req.headers().contains_key(HOST)
+    {
+        req.headers_mut().insert(HOST, HeaderValue::from_str(authority.as_str())?);
     }
     *req.uri_mut() = parts.path_and_query.unwrap_or_else(|| PathAndQuery::from_static("/")).into();
     Ok(())
@@ -152,10 +152,8 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(PROXY_CONNECTION);
     headers.remove(TRANSFER_ENCODING);
     headers.remove(UPGRADE);
-    if let Some(te) = headers.get(TE) {
-        if !te.as_bytes().eq_ignore_ascii_case(b"trailers") {
-            headers.remove(TE);
-        }
+    if headers.get(TE).is_some_and(|te| !te.as_bytes().eq_ignore_ascii_case(b"trailers")) {
+        headers.remove(TE);
     }
 }
 
@@ -163,7 +161,9 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
 fn local_reply(error: &(dyn StdError + 'static)) -> Response<ProxyBody> {
     let outcome = Outcome::from_error(error);
     let (status, body): (StatusCode, &'static str) = match outcome.failure() {
-        Some(Failure::ConnectFailure) => (StatusCode::SERVICE_UNAVAILABLE, "upstream connect error: the upstream could not be reached\n"),
+        Some(Failure::ConnectFailure) => {
+            (StatusCode::SERVICE_UNAVAILABLE, "upstream connect error: the upstream could not be reached\n")
+        }
         Some(Failure::Timeout) => (StatusCode::GATEWAY_TIMEOUT, "upstream request timeout\n"),
         Some(Failure::ConnectionTerminated) => {
             (StatusCode::SERVICE_UNAVAILABLE, "upstream connection closed before response headers\n")
@@ -283,7 +283,9 @@ impl std::fmt::Debug for ProxyBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.inner {
             Inner::Upstream { .. } => f.write_str("ProxyBody::Upstream"),
-            Inner::Local { data } => f.debug_struct("ProxyBody::Local").field("len", &data.as_ref().map(Bytes::len)).finish(),
+            Inner::Local { data } => {
+                f.debug_struct("ProxyBody::Local").field("len", &data.as_ref().map(Bytes::len)).finish()
+            }
         }
     }
 }

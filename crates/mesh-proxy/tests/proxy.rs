@@ -147,9 +147,11 @@ fn echo() -> Handler {
                 .header("connection", "x-hop")
                 .header("x-hop", "must not reach the client")
                 .header("keep-alive", "timeout=5");
-            let host = parts.uri.authority().map(|a| a.to_string()).or_else(|| {
-                parts.headers.get("host").map(|h| h.to_str().unwrap().to_string())
-            });
+            let host = parts
+                .uri
+                .authority()
+                .map(|a| a.to_string())
+                .or_else(|| parts.headers.get("host").map(|h| h.to_str().unwrap().to_string()));
             res = res.header("x-seen-host", host.unwrap_or_default());
             for name in parts.headers.keys() {
                 res = res.header(format!("x-seen-{name}"), "1");
@@ -263,7 +265,8 @@ async fn forwards_h2c_with_trailers_end_to_end() {
 
     let mut trailers = HeaderMap::new();
     trailers.insert("grpc-status", "0".parse().unwrap());
-    let body = frames(vec![Frame::data(Bytes::from_static(b"\0\0\0\0\x05hello")), Frame::trailers(trailers)].into_iter());
+    let body =
+        frames(vec![Frame::data(Bytes::from_static(b"\0\0\0\0\x05hello")), Frame::trailers(trailers)].into_iter());
     let req = Request::post("http://grpc.test/pkg.Svc/Call")
         .version(http::Version::HTTP_2)
         .header("content-type", "application/grpc")
@@ -331,10 +334,7 @@ async fn streams_100_mb_each_way_without_buffering() {
                 received += frame.unwrap().data_ref().map_or(0, |d| d.len());
             }
             let chunks = (0..TOTAL / CHUNK).map(|_| Frame::data(Bytes::from(vec![7u8; CHUNK])));
-            Response::builder()
-                .header("x-received", received.to_string())
-                .body(frames(chunks))
-                .unwrap()
+            Response::builder().header("x-received", received.to_string()).body(frames(chunks)).unwrap()
         })
     });
     let upstream = Upstream::start(handler).await;
@@ -485,7 +485,15 @@ fn command_line_help_and_errors() {
     let help = Command::new(bin).arg("--help").output().unwrap();
     assert!(help.status.success());
     let text = String::from_utf8_lossy(&help.stdout);
-    for flag in ["--listen", "--upstream", "--upstream-protocol", "--admin", "--request-timeout", "--drain-timeout", "--workers"] {
+    for flag in [
+        "--listen",
+        "--upstream",
+        "--upstream-protocol",
+        "--admin",
+        "--request-timeout",
+        "--drain-timeout",
+        "--workers",
+    ] {
         assert!(text.contains(flag), "--help mentions {flag}");
     }
 
