@@ -7,10 +7,10 @@
 //! | module | what it gives you |
 //! |---|---|
 //! | [`matching`] | Istio `StringMatch` and the header, query-parameter, cookie and URI matchers built from it, compiled once from config, plus [`HttpMatch`](matching::HttpMatch), one `HTTPMatchRequest` block |
-//! | [`classify`] | [`Outcome`](classify::Outcome): what became of a request (success, 5xx, gateway error, connect failure, reset, refused stream, timeout, gRPC status) |
-//! | [`flags`] | [`ResponseFlags`](flags::ResponseFlags): Envoy's short response flags (`UF`, `UT`, `NR`, …) carried as a response extension |
-//! | [`identity`] | [`SpiffeId`](identity::SpiffeId) and [`TrustDomain`](identity::TrustDomain), validated as the SPIFFE standard says, Istio principals, the X.509-SVID leaf rules and the [`PeerIdentity`](identity::PeerIdentity) request extension |
-//! | [`route`] | [`RouteDecision`](route::RouteDecision), the request extension that records which route and destination were chosen |
+//! | [`classify`] | [`Outcome`]: what became of a request (success, 5xx, gateway error, connect failure, reset, refused stream, timeout, gRPC status) |
+//! | [`flags`] | [`ResponseFlags`]: Envoy's short response flags (`UF`, `UT`, `NR`, …) carried as a response extension |
+//! | [`identity`] | [`SpiffeId`] and [`TrustDomain`], validated as the SPIFFE standard says, Istio principals, the X.509-SVID leaf rules and the [`PeerIdentity`] request extension |
+//! | [`route`] | [`RouteDecision`], the request extension that records which route and destination were chosen |
 //! | [`config`] | serde types for Istio durations (`"2s"`, `"250ms"`, `"1.5s"`) and percentages |
 //!
 //! The crate does no I/O and depends on no networking runtime.
