@@ -133,6 +133,11 @@ fn to_h2(req: &mut Request<Incoming>, fallback: &http::uri::Authority) -> Result
 
 /// Removes hop-by-hop headers (RFC 9110 section 7.6.1).
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // One pass over the (few) names first: most messages carry no hop-by-hop header at all,
+    // and comparing names is cheaper than hashing each candidate for a lookup.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     if headers.contains_key(CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(CONNECTION)
@@ -155,6 +160,15 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if headers.get(TE).is_some_and(|te| !te.as_bytes().eq_ignore_ascii_case(b"trailers")) {
         headers.remove(TE);
     }
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == CONNECTION
+        || name == TRANSFER_ENCODING
+        || name == UPGRADE
+        || name == TE
+        || name == KEEP_ALIVE
+        || name == PROXY_CONNECTION
 }
 
 /// The answer the proxy gives itself when the upstream did not answer.
