@@ -127,3 +127,29 @@ impl fmt::Display for UpstreamProtocol {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_addresses() {
+        for ok in ["127.0.0.1:8080", "app.default.svc:80", "[::1]:9000", "localhost:1"] {
+            assert_eq!(ok.parse::<UpstreamAddr>().unwrap().as_str(), ok);
+        }
+        for bad in ["127.0.0.1", "app", ":80", "app:0", "app:99999", "user@app:80", "http://app:80", ""] {
+            let err = bad.parse::<UpstreamAddr>().unwrap_err().to_string();
+            assert!(err.contains("HOST:PORT"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn embedded_default() {
+        let c = ProxyConfig::default();
+        assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.upstream.as_str(), DEFAULT_UPSTREAM);
+        assert_eq!(c.admin.unwrap().to_string(), DEFAULT_ADMIN);
+        assert_eq!(c.upstream_protocol, UpstreamProtocol::Downstream);
+        assert_eq!(c.workers, 1);
+    }
+}

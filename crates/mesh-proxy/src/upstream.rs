@@ -83,12 +83,10 @@ impl Upstream {
         mut req: Request<Incoming>,
     ) -> Result<(Response<Incoming>, Checkout), BoxError> {
         while let Some(mut tx) = self.check_out() {
-            if tx.ready().await.is_err() {
-                continue; // closed while idle
-            }
             match tx.try_send_request(req).await {
                 Ok(res) => return Ok((res, Checkout { pool: self.clone(), tx })),
                 Err(mut e) => match e.take_message() {
+                    // Not even started (the upstream closed it meanwhile): use the next one.
                     Some(unsent) => req = unsent,
                     None => return Err(e.into_error().into()),
                 },
@@ -99,6 +97,9 @@ impl Upstream {
         Ok((res, Checkout { pool: self.clone(), tx }))
     }
 
+    /// The most recently used idle connection that can take a request right now. One that is
+    /// still busy (its response ended before the upstream finished reading the request body)
+    /// is let go rather than waited for: hyper closes it once that exchange ends.
     fn check_out(&self) -> Option<http1::SendRequest<Incoming>> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         while let Some(Idle { tx, since }) = idle.pop_back() {
@@ -107,7 +108,7 @@ impl Upstream {
                 idle.clear();
                 return None;
             }
-            if !tx.is_closed() {
+            if tx.is_ready() {
                 return Some(tx);
             }
         }
