@@ -35,6 +35,12 @@ pub struct ProxyConfig {
     pub request_timeout: Option<Duration>,
     /// How long an idle pooled upstream connection is kept.
     pub idle_timeout: Duration,
+    /// How long a downstream connection may go without a request (none in flight, none
+    /// started) before it is closed gracefully (HTTP/2: GOAWAY), like Envoy's connection
+    /// `idle_timeout`. Checked four times per period, so a connection closes after between
+    /// one and one and a quarter periods; this also bounds a request head that never
+    /// completes. `None` keeps idle connections open.
+    pub downstream_idle_timeout: Option<Duration>,
     /// How many idle HTTP/1.1 connections to the upstream are kept at most.
     pub max_idle: usize,
     /// How long in-flight requests may take to finish after SIGTERM / Ctrl-C.
@@ -53,6 +59,7 @@ impl Default for ProxyConfig {
             connect_timeout: Duration::from_secs(10),
             request_timeout: Some(Duration::from_secs(15)),
             idle_timeout: Duration::from_secs(90),
+            downstream_idle_timeout: Some(Duration::from_secs(60)),
             max_idle: 256,
             drain_timeout: Duration::from_secs(5),
             workers: 1,

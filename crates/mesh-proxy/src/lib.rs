@@ -38,10 +38,11 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 
 pub mod config;
+mod downstream;
 mod proxy;
 mod upstream;
 
@@ -101,11 +102,15 @@ impl Server {
     /// timeout is closed.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
         let draining = Arc::new(AtomicBool::new(false));
-        let graceful = GracefulShutdown::new();
+        let (drain_tx, drain_rx) = watch::channel(false);
         let forward = proxy::Forward::new(&self.config);
+        let idle_timeout = self.config.downstream_idle_timeout;
 
         let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder.http1().timer(TokioTimer::new()).header_read_timeout(Duration::from_secs(60));
+        // One write per response (head and body copied together): cheaper on TCP than a
+        // vectored write of several small buffers. No header read timeout: the downstream
+        // idle timeout bounds slow request heads without a timer per request.
+        builder.http1().writev(false);
         builder.http2().timer(TokioTimer::new());
         let builder = Arc::new(builder);
 
@@ -125,12 +130,15 @@ impl Server {
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let forward = forward.clone();
-                let service = service_fn(move |req| forward.clone().call(req));
+                let state = downstream::ConnState::new();
+                let service = {
+                    let (forward, state) = (forward.clone(), state.clone());
+                    service_fn(move |req| forward.clone().call(req, state.start_request()))
+                };
                 let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-                let conn = graceful.watch(conn);
+                tokio::spawn(downstream::watchdog(state.clone(), drain_rx.clone(), idle_timeout));
                 tokio::spawn(async move {
-                    if let Err(e) = conn.await {
+                    if let Some(Err(e)) = downstream::serve(conn, state).await {
                         tracing::debug!(error = %e, "downstream connection ended with an error");
                     }
                 });
@@ -143,10 +151,12 @@ impl Server {
 
         draining.store(true, Ordering::Release);
         drop(self.listener);
-        let open = graceful.count();
+        drain_tx.send_replace(true);
+        drop(drain_rx);
+        let open = drain_tx.receiver_count();
         tracing::info!(connections = open, timeout = ?self.config.drain_timeout, "draining");
         tokio::select! {
-            () = graceful.shutdown() => tracing::info!("drained"),
+            () = drain_tx.closed() => tracing::info!("drained"),
             () = tokio::time::sleep(self.config.drain_timeout) => {
                 tracing::warn!("drain timeout reached; closing the remaining connections");
             }

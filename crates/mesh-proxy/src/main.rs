@@ -49,6 +49,10 @@ struct Args {
     #[arg(long, value_name = "DURATION", default_value = "90s", value_parser = parse_duration)]
     idle_timeout: Duration,
 
+    /// How long a client connection may sit without a request before it is closed; 0 never.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    downstream_idle_timeout: Duration,
+
     /// Most idle HTTP/1.1 upstream connections kept.
     #[arg(long, value_name = "N", default_value_t = 256)]
     max_idle: usize,
@@ -103,6 +107,7 @@ fn main() -> ExitCode {
     config.connect_timeout = args.connect_timeout;
     config.request_timeout = (!args.request_timeout.is_zero()).then_some(args.request_timeout);
     config.idle_timeout = args.idle_timeout;
+    config.downstream_idle_timeout = (!args.downstream_idle_timeout.is_zero()).then_some(args.downstream_idle_timeout);
     config.max_idle = args.max_idle;
     config.drain_timeout = args.drain_timeout;
     config.workers = usize::from(args.workers);

@@ -35,6 +35,7 @@ use mesh_core::ResponseFlags;
 use mesh_core::classify::{Failure, Outcome, TimeoutError};
 
 use crate::config::{ProxyConfig, UpstreamProtocol};
+use crate::downstream::InFlight;
 use crate::upstream::{BoxError, Checkout, Upstream};
 
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
@@ -57,8 +58,13 @@ impl Forward {
         }
     }
 
-    /// Forwards one request. Never fails: upstream failures become local replies.
-    pub(crate) async fn call(self, req: Request<Incoming>) -> Result<Response<ProxyBody>, Infallible> {
+    /// Forwards one request. Never fails: upstream failures become local replies. `in_flight`
+    /// is held until the response body has ended.
+    pub(crate) async fn call(
+        self,
+        req: Request<Incoming>,
+        in_flight: InFlight,
+    ) -> Result<Response<ProxyBody>, Infallible> {
         let exchange = self.exchange(req);
         let result = match self.request_timeout {
             Some(limit) => {
@@ -66,10 +72,12 @@ impl Forward {
             }
             None => exchange.await,
         };
-        Ok(match result {
+        let mut res = match result {
             Ok(res) => res,
             Err(e) => local_reply(&*e),
-        })
+        };
+        res.body_mut().in_flight = Some(in_flight);
+        Ok(res)
     }
 
     async fn exchange(&self, mut req: Request<Incoming>) -> Result<Response<ProxyBody>, BoxError> {
@@ -222,6 +230,7 @@ pin_project_lite::pin_project! {
     pub struct ProxyBody {
         #[pin]
         inner: Inner,
+        in_flight: Option<InFlight>,
     }
 }
 
@@ -246,11 +255,11 @@ impl ProxyBody {
                 c.release();
             }
         }
-        ProxyBody { inner: Inner::Upstream { body, checkout } }
+        ProxyBody { inner: Inner::Upstream { body, checkout }, in_flight: None }
     }
 
     fn local(data: Bytes) -> Self {
-        ProxyBody { inner: Inner::Local { data: Some(data) } }
+        ProxyBody { inner: Inner::Local { data: Some(data) }, in_flight: None }
     }
 }
 

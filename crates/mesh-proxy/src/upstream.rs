@@ -127,7 +127,9 @@ impl Upstream {
 
     async fn connect_http1(&self) -> Result<http1::SendRequest<Incoming>, BoxError> {
         let io = self.connect_tcp().await?;
-        let (tx, conn) = http1::Builder::new().handshake(io).await?;
+        // One write per message (head and body copied together) is cheaper on TCP than a
+        // vectored write of several small buffers.
+        let (tx, conn) = http1::Builder::new().writev(false).handshake(io).await?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended with an error");

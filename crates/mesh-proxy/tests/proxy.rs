@@ -518,3 +518,104 @@ fn command_line_help_and_errors() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains(&addr));
 }
+
+/// Reads until the peer closes (bounded); returns what arrived.
+async fn read_until_closed(stream: &mut TcpStream) -> Vec<u8> {
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer))
+        .await
+        .expect("the proxy closes the connection")
+        .expect("a clean close");
+    answer
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_slow_header_connections_are_closed_and_busy_ones_kept() {
+    let upstream = Upstream::start(echo()).await;
+    let proxy = Proxy::start(upstream.addr, &["--downstream-idle-timeout", "400ms"]);
+
+    // Connected and silent: closed, with nothing sent.
+    let mut silent = TcpStream::connect(proxy.addr).await.unwrap();
+    // A request head that never completes: closed too (no 408 either; Envoy sends nothing).
+    let mut slow = TcpStream::connect(proxy.addr).await.unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ").await.unwrap();
+    assert_eq!(read_until_closed(&mut silent).await, b"");
+    assert_eq!(read_until_closed(&mut slow).await, b"");
+
+    // A connection that keeps sending requests, more often than the idle timeout, stays open
+    // across several idle periods.
+    let mut tx = h1_client(proxy.addr).await;
+    for _ in 0..8 {
+        tx.ready().await.unwrap();
+        let res = tx.send_request(Request::get("/").header("host", "x").body(full("")).unwrap()).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        res.into_body().collect().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    assert!(!tx.is_closed());
+
+    // An idle h2 connection gets GOAWAY and ends; its client sees the connection close.
+    let mut h2 = h2_client(proxy.addr).await;
+    let res = h2.send_request(Request::get("http://x/").body(full("")).unwrap()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    drop(res);
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !h2.is_closed() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the idle h2 connection is closed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_response_is_not_cut_off_by_the_idle_timeout() {
+    // The upstream takes longer than the idle timeout to answer: the request is in flight,
+    // so the connection is not idle.
+    let slow: Handler = Arc::new(|_req| {
+        Box::pin(async {
+            tokio::time::sleep(Duration::from_millis(900)).await;
+            Response::new(full("late"))
+        })
+    });
+    let upstream = Upstream::start(slow).await;
+    let proxy = Proxy::start(upstream.addr, &["--downstream-idle-timeout", "200ms"]);
+    let (status, _, body) = get(&proxy, "/").await;
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"late"[..]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_are_reused() {
+    let upstream = Upstream::start(echo()).await;
+    let proxy = Proxy::start(upstream.addr, &[]);
+    // Sequential requests, with and without bodies, over several client connections: one
+    // upstream connection carries them all.
+    for _ in 0..3 {
+        let mut tx = h1_client(proxy.addr).await;
+        for i in 0..10 {
+            let req = if i % 2 == 0 {
+                Request::get("/").header("host", "x").body(full("")).unwrap()
+            } else {
+                Request::post("/").header("host", "x").body(full(vec![b'x'; 100_000])).unwrap()
+            };
+            tx.ready().await.unwrap();
+            let res = tx.send_request(req).await.unwrap();
+            assert_eq!(res.status(), StatusCode::OK);
+            res.into_body().collect().await.unwrap();
+        }
+    }
+    assert_eq!(upstream.connections.load(Ordering::SeqCst), 1);
+
+    // A response body abandoned half-way closes its upstream connection instead of returning
+    // it to the pool in an unknown state; the next request gets a fresh one and succeeds.
+    let big: Handler = Arc::new(|_req| Box::pin(async { Response::new(full(vec![b'y'; 4 << 20])) }));
+    let upstream = Upstream::start(big).await;
+    let proxy = Proxy::start(upstream.addr, &[]);
+    let mut tx = h1_client(proxy.addr).await;
+    let res = tx.send_request(Request::get("/").header("host", "x").body(full("")).unwrap()).await.unwrap();
+    drop(res);
+    drop(tx);
+    let (status, _, body) = get(&proxy, "/").await;
+    assert_eq!((status, body.len()), (StatusCode::OK, 4 << 20));
+    assert_eq!(upstream.connections.load(Ordering::SeqCst), 2);
+}
