@@ -92,7 +92,9 @@ impl Upstream {
                 },
             }
         }
-        let mut tx = self.connect_http1().await?;
+        // Boxed: connecting is the rare path, and its future would otherwise make every
+        // request's future (moved into a task per HTTP/2 stream) larger.
+        let mut tx = Box::pin(self.connect_http1()).await?;
         let res = tx.send_request(req).await?;
         Ok((res, Checkout { pool: self.clone(), tx }))
     }
@@ -144,7 +146,7 @@ impl Upstream {
     pub(crate) async fn send_h2(&self, req: Request<Incoming>) -> Result<Response<Incoming>, BoxError> {
         let mut tx = match self.current_h2() {
             Some(tx) => tx,
-            None => self.connect_h2().await?,
+            None => Box::pin(self.connect_h2()).await?,
         };
         Ok(tx.send_request(req).await?)
     }
