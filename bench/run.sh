@@ -12,7 +12,7 @@ out=$here/target/bench/results.jsonl
 mkdir -p "$(dirname "$out")"
 rm -f "$out"
 
-"$harness/setup.sh" >/dev/null   # wrk, h2load, nginx, haproxy; builds the backend (idempotent)
+SKIP_PINGORA=${SKIP_PINGORA-1} "$harness/setup.sh" >/dev/null   # wrk, h2load, nginx, haproxy; the backend (idempotent)
 (cd "$here" && cargo build --release -p mesh-proxy)
 cp "$here/target/release/mesh-proxy" "$here/target/bench/mesh-proxy"
 

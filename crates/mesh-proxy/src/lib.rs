@@ -3,9 +3,11 @@
 //! **Status:** a forwarding reverse proxy. It serves HTTP/1.1 and h2c (prior knowledge) on
 //! one port, detected per connection, and forwards every request to one configured upstream
 //! over pooled keep-alive HTTP/1.1 connections or one multiplexed h2c connection. Bodies and
-//! trailers stream through; hop-by-hop headers are dropped; upstream failures are answered
-//! as Envoy answers them (see [`proxy`](crate::ProxyBody)); an admin server answers `/ready`
-//! and `/live`; SIGTERM and Ctrl-C drain in-flight requests before exit. Routing, retries,
+//! trailers stream through; hop-by-hop headers are dropped; HTTP/1.1 upgrades (WebSocket)
+//! are tunnelled; upstream failures are answered as Envoy answers them (see
+//! [`proxy`](crate::ProxyBody)); client connections idle for `downstream_idle_timeout` are
+//! closed; an admin server answers `/ready` and `/live`; SIGTERM and Ctrl-C drain in-flight
+//! requests before exit. Routing, retries,
 //! mTLS and telemetry arrive as the other crates gain them; configuration from Istio YAML
 //! comes with them.
 //!
@@ -135,7 +137,7 @@ impl Server {
                     let (forward, state) = (forward.clone(), state.clone());
                     service_fn(move |req| forward.clone().call(req, state.start_request()))
                 };
-                let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
                 tokio::spawn(downstream::watchdog(state.clone(), drain_rx.clone(), idle_timeout));
                 tokio::spawn(async move {
                     if let Some(Err(e)) = downstream::serve(conn, state).await {

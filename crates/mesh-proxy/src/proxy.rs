@@ -5,6 +5,12 @@
 //!   removed in both directions; hyper frames each side's message itself.
 //! * Bodies stream through in both directions, frame by frame, trailers included: nothing is
 //!   buffered beyond what one read returns.
+//! * HTTP/1.1 upgrades (WebSocket and any other `Upgrade` protocol) are forwarded on an
+//!   upstream HTTP/1.1 connection of their own, whatever `--upstream-protocol` says. If the
+//!   upstream answers `101 Switching Protocols`, the proxy answers 101 too and then copies
+//!   bytes both ways between the two connections until either side closes; any other answer
+//!   is forwarded as usual. Upgraded tunnels are not part of the drain: they close when the
+//!   process exits. HTTP/2 has no `Upgrade`; its extended CONNECT is not supported yet.
 //! * HTTP/2 requests forwarded over HTTP/1.1 get a `host` header from their `:authority`;
 //!   HTTP/1.1 requests forwarded over h2c get an `:authority` from their `host` header.
 //! * When the upstream fails, the proxy answers as Envoy does and records the response flag
@@ -21,9 +27,9 @@
 use std::convert::Infallible;
 use std::error::Error as StdError;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{CONNECTION, CONTENT_TYPE, HOST, TE, TRANSFER_ENCODING, UPGRADE};
@@ -31,6 +37,7 @@ use http::uri::{PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
 use mesh_core::ResponseFlags;
 use mesh_core::classify::{Failure, Outcome, TimeoutError};
 
@@ -81,7 +88,14 @@ impl Forward {
     }
 
     async fn exchange(&self, mut req: Request<Incoming>) -> Result<Response<ProxyBody>, BoxError> {
-        strip_hop_by_hop(req.headers_mut());
+        // Most requests carry no hop-by-hop header at all, so no `upgrade` either.
+        if has_hop_by_hop(req.headers()) {
+            let upgrade = requested_upgrade(&req);
+            remove_hop_by_hop(req.headers_mut());
+            if let Some(protocol) = upgrade {
+                return Box::pin(self.upgrade(req, protocol)).await;
+            }
+        }
         let h2 = match self.protocol {
             UpstreamProtocol::Http1 => false,
             UpstreamProtocol::H2 => true,
@@ -99,6 +113,74 @@ impl Forward {
         strip_hop_by_hop(&mut parts.headers);
         parts.version = Version::HTTP_11;
         Ok(Response::from_parts(parts, ProxyBody::upstream(body, checkout)))
+    }
+}
+
+impl Forward {
+    /// Forwards an upgrade request on a connection of its own, and tunnels the two upgraded
+    /// connections together if the upstream agrees.
+    async fn upgrade(
+        &self,
+        mut req: Request<Incoming>,
+        protocol: HeaderValue,
+    ) -> Result<Response<ProxyBody>, BoxError> {
+        let downstream = hyper::upgrade::on(&mut req);
+        to_http1(&mut req)?;
+        set_upgrade(req.headers_mut(), protocol);
+        let mut res = self.upstream.send_upgrade(req).await?;
+        if res.status() != StatusCode::SWITCHING_PROTOCOLS {
+            // Refused (or ignored): an ordinary response, on a connection nobody reuses.
+            let (mut parts, body) = res.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            parts.version = Version::HTTP_11;
+            return Ok(Response::from_parts(parts, ProxyBody::upstream(body, None)));
+        }
+        let upstream = hyper::upgrade::on(&mut res);
+        let (mut parts, _empty) = res.into_parts();
+        let agreed = parts.headers.get(UPGRADE).cloned();
+        strip_hop_by_hop(&mut parts.headers);
+        if let Some(protocol) = agreed {
+            set_upgrade(&mut parts.headers, protocol);
+        }
+        tokio::spawn(tunnel(downstream, upstream));
+        Ok(Response::from_parts(parts, ProxyBody::empty()))
+    }
+}
+
+/// The protocol an HTTP/1.1 request asks to upgrade to (`Connection: upgrade` and `Upgrade`).
+fn requested_upgrade(req: &Request<Incoming>) -> Option<HeaderValue> {
+    if req.version() != Version::HTTP_11 {
+        return None;
+    }
+    let protocol = req.headers().get(UPGRADE)?;
+    let asked = req
+        .headers()
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+    asked.then(|| protocol.clone())
+}
+
+fn set_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
+    headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(UPGRADE, protocol);
+}
+
+/// Copies bytes both ways between the upgraded downstream and upstream connections.
+async fn tunnel(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    let (downstream, upstream) = match tokio::try_join!(downstream, upstream) {
+        Ok(both) => both,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade did not complete");
+            return;
+        }
+    };
+    let (mut downstream, mut upstream) = (TokioIo::new(downstream), TokioIo::new(upstream));
+    match tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
+        Ok((up, down)) => tracing::debug!(bytes_up = up, bytes_down = down, "upgraded connection closed"),
+        Err(e) => tracing::debug!(error = %e, "upgraded connection failed"),
     }
 }
 
@@ -141,11 +223,18 @@ fn to_h2(req: &mut Request<Incoming>, fallback: &http::uri::Authority) -> Result
 
 /// Removes hop-by-hop headers (RFC 9110 section 7.6.1).
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the (few) names first: most messages carry no hop-by-hop header at all,
-    // and comparing names is cheaper than hashing each candidate for a lookup.
-    if !headers.keys().any(is_hop_by_hop) {
-        return;
+    if has_hop_by_hop(headers) {
+        remove_hop_by_hop(headers);
     }
+}
+
+/// One pass over the (few) names: most messages carry no hop-by-hop header at all, and
+/// comparing names is cheaper than hashing each candidate for a lookup.
+fn has_hop_by_hop(headers: &HeaderMap) -> bool {
+    headers.keys().any(is_hop_by_hop)
+}
+
+fn remove_hop_by_hop(headers: &mut HeaderMap) {
     if headers.contains_key(CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(CONNECTION)
@@ -199,12 +288,36 @@ fn local_reply(error: &(dyn StdError + 'static)) -> Response<ProxyBody> {
         f if f.is_empty() => ResponseFlags::UPSTREAM_PROTOCOL_ERROR,
         f => f,
     };
-    tracing::warn!(%status, %flags, error = %DisplayChain(error), "upstream request failed");
+    log_failure(status, flags, error);
     let mut res = Response::new(ProxyBody::local(Bytes::from_static(body.as_bytes())));
     *res.status_mut() = status;
     res.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     ResponseFlags::record(res.extensions_mut(), flags);
     res
+}
+
+/// Logs an upstream failure: at WARN at most once a second (with how many were not logged
+/// since), so an outage does not flood the log, and every one at DEBUG.
+fn log_failure(status: StatusCode, flags: ResponseFlags, error: &(dyn StdError + 'static)) {
+    static LAST_WARN: Mutex<(Option<Instant>, u64)> = Mutex::new((None, 0));
+    let suppressed = {
+        let mut last = LAST_WARN.lock().unwrap_or_else(|p| p.into_inner());
+        match last.0 {
+            Some(at) if at.elapsed() < Duration::from_secs(1) => {
+                last.1 += 1;
+                None
+            }
+            _ => Some(std::mem::replace(&mut *last, (Some(Instant::now()), 0)).1),
+        }
+    };
+    match suppressed {
+        Some(0) => tracing::warn!(%status, %flags, error = %DisplayChain(error), "upstream request failed"),
+        Some(n) => tracing::warn!(
+            %status, %flags, error = %DisplayChain(error), not_logged = n,
+            "upstream request failed (and {n} more in the last second or so)"
+        ),
+        None => tracing::debug!(%status, %flags, error = %DisplayChain(error), "upstream request failed"),
+    }
 }
 
 /// Displays an error with its sources, `a: b: c`.
@@ -260,6 +373,10 @@ impl ProxyBody {
 
     fn local(data: Bytes) -> Self {
         ProxyBody { inner: Inner::Local { data: Some(data) }, in_flight: None }
+    }
+
+    fn empty() -> Self {
+        ProxyBody { inner: Inner::Local { data: None }, in_flight: None }
     }
 }
 

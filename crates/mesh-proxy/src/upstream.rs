@@ -140,6 +140,19 @@ impl Upstream {
         Ok(tx)
     }
 
+    /// Sends an upgrade request on a new HTTP/1.1 connection of its own, which becomes the
+    /// upgraded connection if the upstream answers 101.
+    pub(crate) async fn send_upgrade(&self, req: Request<Incoming>) -> Result<Response<Incoming>, BoxError> {
+        let io = self.connect_tcp().await?;
+        let (mut tx, conn) = http1::Builder::new().handshake(io).await?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream upgrade connection ended with an error");
+            }
+        });
+        Ok(tx.send_request(req).await?)
+    }
+
     // === h2c ===
 
     /// Sends `req` on the shared h2c connection, connecting first if there is none.

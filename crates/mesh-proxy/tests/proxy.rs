@@ -29,12 +29,16 @@ struct Proxy {
 
 impl Proxy {
     fn start(upstream: SocketAddr, extra: &[&str]) -> Proxy {
+        Self::start_logging_to(upstream, extra, Stdio::inherit())
+    }
+
+    fn start_logging_to(upstream: SocketAddr, extra: &[&str], stderr: Stdio) -> Proxy {
         let mut child = Command::new(env!("CARGO_BIN_EXE_mesh-proxy"))
             .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--upstream", &upstream.to_string()])
             .args(extra)
             .env("MESH_PROXY_LOG", "warn")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("start mesh-proxy");
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
@@ -618,4 +622,97 @@ async fn upstream_connections_are_reused() {
     let (status, _, body) = get(&proxy, "/").await;
     assert_eq!((status, body.len()), (StatusCode::OK, 4 << 20));
     assert_eq!(upstream.connections.load(Ordering::SeqCst), 2);
+}
+
+/// A WebSocket echo upstream (a real WebSocket handshake and framing, tokio-tungstenite),
+/// which refuses the upgrade with 403 on `/forbidden`.
+#[allow(clippy::result_large_err)] // tungstenite's callback signature
+async fn websocket_echo_upstream() -> SocketAddr {
+    use futures_util::{SinkExt, StreamExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let refuse =
+                    |req: &tokio_tungstenite::tungstenite::handshake::server::Request,
+                     res: tokio_tungstenite::tungstenite::handshake::server::Response| {
+                        if req.uri().path() == "/forbidden" {
+                            let mut no = tokio_tungstenite::tungstenite::handshake::server::ErrorResponse::new(Some(
+                                "no websockets here".into(),
+                            ));
+                            *no.status_mut() = StatusCode::FORBIDDEN;
+                            return Err(no);
+                        }
+                        Ok(res)
+                    };
+                let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, refuse).await else { return };
+                while let Some(Ok(msg)) = ws.next().await {
+                    if msg.is_close() {
+                        break;
+                    }
+                    if ws.send(msg).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websockets_are_tunnelled_through_http1_upgrades() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let upstream = websocket_echo_upstream().await;
+    // Whatever protocol ordinary requests use upstream, upgrades go over HTTP/1.1.
+    for protocol in ["downstream", "h2"] {
+        let proxy = Proxy::start(upstream, &["--upstream-protocol", protocol]);
+        let stream = TcpStream::connect(proxy.addr).await.unwrap();
+        let (mut ws, res) = tokio_tungstenite::client_async(format!("ws://{}/chat", proxy.addr), stream)
+            .await
+            .expect("the WebSocket handshake succeeds through the proxy");
+        assert_eq!(res.status(), StatusCode::SWITCHING_PROTOCOLS);
+
+        ws.send(Message::text("hello")).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("hello"));
+        // Larger binary messages, several in flight at once, both ways.
+        let big: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
+        for _ in 0..4 {
+            ws.send(Message::binary(big.clone())).await.unwrap();
+        }
+        for _ in 0..4 {
+            assert_eq!(ws.next().await.unwrap().unwrap().into_data(), big);
+        }
+        ws.close(None).await.unwrap();
+
+        // A refused upgrade is an ordinary response, and the proxy keeps serving.
+        let stream = TcpStream::connect(proxy.addr).await.unwrap();
+        let refused = tokio_tungstenite::client_async(format!("ws://{}/forbidden", proxy.addr), stream).await;
+        match refused {
+            Err(tokio_tungstenite::tungstenite::Error::Http(res)) => assert_eq!(res.status(), StatusCode::FORBIDDEN),
+            other => panic!("expected a 403, got {other:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_outage_does_not_flood_the_log() {
+    let log_path = std::env::temp_dir().join(format!("mesh-proxy-outage-{}.log", std::process::id()));
+    let log = std::fs::File::create(&log_path).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let proxy = Proxy::start_logging_to(port, &[], log.into());
+    let started = std::time::Instant::now();
+    for _ in 0..50 {
+        assert_eq!(get(&proxy, "/").await.0, StatusCode::SERVICE_UNAVAILABLE);
+    }
+    let seconds = started.elapsed().as_secs() as usize;
+    drop(proxy);
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    let _ = std::fs::remove_file(&log_path);
+    let warnings = log.lines().filter(|l| l.contains("upstream request failed")).count();
+    // The first failure is logged, the rest summarised at most once a second.
+    assert!((1..=seconds + 2).contains(&warnings), "{warnings} warnings in {seconds} s:\n{log}");
 }
