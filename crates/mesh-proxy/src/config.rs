@@ -33,7 +33,8 @@ pub struct ProxyConfig {
     /// arrives) before the proxy answers 504 `UT`; `None` disables it. Unlike Envoy's route
     /// timeout it does not cover the response body, so long downloads are not cut off.
     pub request_timeout: Option<Duration>,
-    /// How long an idle pooled upstream connection is kept.
+    /// How long an idle pooled upstream connection is kept: it is closed after between one
+    /// and one and a quarter of this.
     pub idle_timeout: Duration,
     /// How long a downstream connection may go without a request (none in flight, none
     /// started) before it is closed gracefully (HTTP/2: GOAWAY), like Envoy's connection

@@ -11,6 +11,7 @@
 use std::collections::VecDeque;
 use std::error::Error as StdError;
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -20,7 +21,6 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mesh_core::classify::ConnectError;
 use tokio::net::TcpStream;
-use tokio::time::Instant;
 
 use crate::config::{ProxyConfig, UpstreamAddr};
 
@@ -41,15 +41,21 @@ impl Checkout {
 
 struct Idle {
     tx: http1::SendRequest<Incoming>,
-    since: Instant,
+    /// The reaper's epoch when the connection went idle.
+    epoch: u64,
 }
+
+/// The reaper ticks four times per idle timeout; a connection idle for five epochs has been
+/// idle for between one and one and a quarter idle timeouts, and is closed. No clock is read
+/// on the request path.
+const IDLE_EPOCHS: u64 = 5;
 
 pub(crate) struct Upstream {
     addr: UpstreamAddr,
     connect_timeout: Duration,
-    idle_timeout: Duration,
     max_idle: usize,
     idle: Mutex<VecDeque<Idle>>,
+    epoch: AtomicU64,
     h2: Mutex<Option<http2::SendRequest<Incoming>>>,
     h2_connecting: tokio::sync::Mutex<()>,
 }
@@ -60,9 +66,9 @@ impl Upstream {
         let pool = Arc::new(Self {
             addr: config.upstream.clone(),
             connect_timeout: config.connect_timeout,
-            idle_timeout: config.idle_timeout,
             max_idle: config.max_idle,
             idle: Mutex::new(VecDeque::new()),
+            epoch: AtomicU64::new(0),
             h2: Mutex::new(None),
             h2_connecting: tokio::sync::Mutex::new(()),
         });
@@ -104,12 +110,7 @@ impl Upstream {
     /// is let go rather than waited for: hyper closes it once that exchange ends.
     fn check_out(&self) -> Option<http1::SendRequest<Incoming>> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        while let Some(Idle { tx, since }) = idle.pop_back() {
-            if since.elapsed() >= self.idle_timeout {
-                // Everything older is expired too.
-                idle.clear();
-                return None;
-            }
+        while let Some(Idle { tx, .. }) = idle.pop_back() {
             if tx.is_ready() {
                 return Some(tx);
             }
@@ -123,7 +124,7 @@ impl Upstream {
         }
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         if idle.len() < self.max_idle {
-            idle.push_back(Idle { tx, since: Instant::now() });
+            idle.push_back(Idle { tx, epoch: self.epoch.load(Ordering::Relaxed) });
         }
     }
 
@@ -203,15 +204,19 @@ impl Upstream {
     }
 }
 
-/// Closes idle connections past their idle timeout, until the pool is dropped.
+/// Closes idle connections past their idle timeout (see [`IDLE_EPOCHS`]) or closed by the
+/// upstream, until the pool is dropped.
 async fn reap_idle(pool: Weak<Upstream>, idle_timeout: Duration) {
-    let period = (idle_timeout / 2).max(Duration::from_millis(100));
+    let period = (idle_timeout / 4).max(Duration::from_millis(10));
     loop {
         tokio::time::sleep(period).await;
         let Some(pool) = pool.upgrade() else { return };
+        let epoch = pool.epoch.fetch_add(1, Ordering::Relaxed) + 1;
         let mut idle = pool.idle.lock().unwrap_or_else(|p| p.into_inner());
-        while idle.front().is_some_and(|i| i.since.elapsed() >= idle_timeout || i.tx.is_closed()) {
+        // Oldest first: stop at the first one still young enough.
+        while idle.front().is_some_and(|i| epoch - i.epoch >= IDLE_EPOCHS) {
             idle.pop_front();
         }
+        idle.retain(|i| !i.tx.is_closed());
     }
 }

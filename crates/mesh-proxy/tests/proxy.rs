@@ -716,3 +716,16 @@ async fn an_upstream_outage_does_not_flood_the_log() {
     // The first failure is logged, the rest summarised at most once a second.
     assert!((1..=seconds + 2).contains(&warnings), "{warnings} warnings in {seconds} s:\n{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_upstream_connections_expire() {
+    let upstream = Upstream::start(echo()).await;
+    let proxy = Proxy::start(upstream.addr, &["--idle-timeout", "200ms"]);
+    assert_eq!(get(&proxy, "/").await.0, StatusCode::OK);
+    assert_eq!(get(&proxy, "/").await.0, StatusCode::OK);
+    assert_eq!(upstream.connections.load(Ordering::SeqCst), 1, "reused while fresh");
+    // Idle for more than 1.25 idle timeouts: closed by the proxy, so a new one is opened.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(get(&proxy, "/").await.0, StatusCode::OK);
+    assert_eq!(upstream.connections.load(Ordering::SeqCst), 2);
+}
