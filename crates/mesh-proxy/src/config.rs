@@ -32,6 +32,9 @@ pub struct ProxyConfig {
     /// How long the upstream may take to send response headers (from the moment the request
     /// arrives) before the proxy answers 504 `UT`; `None` disables it. Unlike Envoy's route
     /// timeout it does not cover the response body, so long downloads are not cut off.
+    /// HTTP/1.x requests are timed by a per-connection tick, eight per timeout, so they fail
+    /// between one and one and an eighth timeouts after they arrived; HTTP/2 requests to the
+    /// millisecond.
     pub request_timeout: Option<Duration>,
     /// How long an idle pooled upstream connection is kept: it is closed after between one
     /// and one and a quarter of this.

@@ -1,47 +1,69 @@
-//! Downstream connections: serving one, closing it once idle, and draining on shutdown,
-//! without a timer per request.
+//! Downstream connections: serving one, closing it once idle, timing out its HTTP/1.x
+//! requests, and draining on shutdown, all without a timer per request.
 //!
-//! Each connection has a [`ConnState`] that requests update with two atomic additions (one
-//! when a request starts, one when its response ends, [`InFlight`]), and a small watchdog
-//! task that wakes four times per idle timeout. A watchdog that sees no request start or end
-//! and none in flight across four consecutive ticks asks the connection to close gracefully:
-//! an HTTP/1.1 connection closes, an HTTP/2 one sends GOAWAY. A connection is thus closed
-//! after between one and one and a quarter idle timeouts without a request. The same rule
-//! bounds a request head that never completes (slow-header clients), since no request starts
-//! until its head has arrived: such a connection, still idle one tick after the graceful
-//! close (which waits for the head), is dropped.
+//! Each connection has a [`ConnState`] that its requests update with a few atomic operations
+//! ([`ConnState::start_request`], [`InFlight`], [`HeadersDeadline`]), and a small watchdog task
+//! that samples it on a coarse tick:
 //!
-//! The watchdog also relays the drain signal. Per-request timers (hyper's header read timeout,
-//! for instance) would cost a timer registration, a clock read and an allocation on every
-//! request; on the proxy's hot path that was 1.3% of its CPU.
+//! * **Idle timeout.** While the connection is idle the watchdog ticks four times per idle
+//!   timeout. Once no request has started or been in flight for an idle timeout, it asks the
+//!   connection to close gracefully (an HTTP/1.1 connection closes, an HTTP/2 one sends
+//!   GOAWAY): after between one and one and a quarter idle timeouts without a request. The same
+//!   rule bounds a request head that never completes (slow-header clients), since no request
+//!   starts until its head has arrived: such a connection, still idle one tick after the
+//!   graceful close (which waits for the head), is dropped.
+//! * **Request timeout (HTTP/1.x).** An HTTP/1.x connection has at most one request waiting
+//!   for response headers. While one may be, the watchdog ticks eight times per request
+//!   timeout (or faster, for a shorter idle timeout); a request first seen waiting at one tick
+//!   and still waiting a request timeout later is failed (504 `UT`): between one and one and
+//!   an eighth request timeouts after it started.
+//!   HTTP/2 requests, many at once on a connection, each use a timer of their own.
+//! * **Drain.** The watchdog relays the drain signal to the connection.
+//!
+//! Per-request timers (hyper's header read timeout, a `tokio::time::timeout` per request) cost
+//! a timer registration and removal, clock reads and an allocation on every request; on the
+//! proxy's HTTP/1.1 hot path that was about 2.5% of its CPU.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
+use tokio::time::Instant;
 
-/// Added when a request starts: one more in flight (low half), one more event (high half).
+/// Added when a request starts: one more in flight (low half), one more started (high half).
 const STARTED: u64 = 1 + (1 << 32);
-/// Added when a response ends: one fewer in flight, one more event.
-const ENDED: u64 = (1 << 32) - 1;
 const IN_FLIGHT_MASK: u64 = (1 << 32) - 1;
 
 const OPEN: u8 = 0;
 const CLOSE: u8 = 1;
 const ABORT: u8 = 2;
 
+/// Ticks per request timeout while a request waits for response headers.
+const REQUEST_TICKS: u32 = 8;
+/// Ticks per idle timeout while idle.
+const IDLE_TICKS: u32 = 4;
+
 /// What a downstream connection's requests, its serving task and its watchdog share.
 #[derive(Default)]
 pub(crate) struct ConnState {
-    /// Requests in flight (low 32 bits) and requests started plus ended (high 32 bits, wrapping).
+    /// Requests in flight (low 32 bits) and requests started (high 32 bits, wrapping).
     activity: AtomicU64,
+    /// The number (1-based, as counted in `activity`) of the HTTP/1.x request waiting for
+    /// response headers; 0 when none is.
+    waiting: AtomicU64,
+    /// The number of the request the watchdog timed out.
+    timed_out: AtomicU64,
+    /// Set while the watchdog ticks at the idle pace; a request that starts waiting then
+    /// wakes it with `hurry`.
+    lazy: AtomicBool,
+    hurry: Notify,
     /// [`OPEN`], [`CLOSE`] (gracefully: idle, or draining) or [`ABORT`] (drop it now).
     close: AtomicU8,
-    /// Wakes the serving task when `close` is set.
+    /// The serving task's waker: wakes it when `close` or `timed_out` is set.
     waker: Mutex<Option<Waker>>,
     /// Notified when the serving task has finished.
     ended: Notify,
@@ -54,26 +76,96 @@ impl ConnState {
 
     /// Marks a request as started; dropping the guard marks its response as ended.
     pub(crate) fn start_request(self: &Arc<Self>) -> InFlight {
-        self.activity.fetch_add(STARTED, Ordering::Relaxed);
-        InFlight(self.clone())
+        let before = self.activity.fetch_add(STARTED, Ordering::Relaxed);
+        // Never 0, which means "none" in `waiting`.
+        InFlight { state: self.clone(), number: ((before >> 32).wrapping_add(1) & IN_FLIGHT_MASK).max(1) }
     }
 
-    fn request_close(&self, how: u8) {
-        self.close.fetch_max(how, Ordering::SeqCst);
+    fn wake_server(&self) {
         // Left in place: the serving task registers again only when its waker changes.
         if let Some(w) = &*self.waker.lock().unwrap_or_else(|p| p.into_inner()) {
             w.wake_by_ref();
         }
     }
+
+    fn request_close(&self, how: u8) {
+        self.close.fetch_max(how, Ordering::SeqCst);
+        self.wake_server();
+    }
 }
 
 /// A request in flight on a downstream connection; dropped when its response has ended (or
 /// was abandoned).
-pub(crate) struct InFlight(Arc<ConnState>);
+pub(crate) struct InFlight {
+    state: Arc<ConnState>,
+    number: u64,
+}
+
+impl InFlight {
+    /// Bounds `fut` (an HTTP/1.x request's wait for response headers, polled by the
+    /// connection's own task) by the connection watchdog's request timeout.
+    pub(crate) fn headers_deadline<F: Future>(&self, fut: F) -> HeadersDeadline<'_, F> {
+        HeadersDeadline { fut, in_flight: self, started: false }
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.activity.fetch_add(ENDED, Ordering::Relaxed);
+        self.state.activity.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The request timed out waiting for response headers.
+#[derive(Debug)]
+pub(crate) struct Elapsed;
+
+pin_project_lite::pin_project! {
+    /// See [`InFlight::headers_deadline`].
+    pub(crate) struct HeadersDeadline<'a, F> {
+        #[pin]
+        fut: F,
+        in_flight: &'a InFlight,
+        started: bool,
+    }
+
+    impl<'a, F> PinnedDrop for HeadersDeadline<'a, F> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if *this.started {
+                let state = &this.in_flight.state;
+                let _ = state.waiting.compare_exchange(this.in_flight.number, 0, Ordering::SeqCst, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+impl<F: Future> Future for HeadersDeadline<'_, F> {
+    type Output = Result<F::Output, Elapsed>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let (state, number) = (&this.in_flight.state, this.in_flight.number);
+        if let Poll::Ready(out) = this.fut.poll(cx) {
+            if *this.started {
+                state.waiting.store(0, Ordering::SeqCst);
+                *this.started = false;
+            }
+            return Poll::Ready(Ok(out));
+        }
+        if !*this.started {
+            *this.started = true;
+            state.waiting.store(number, Ordering::SeqCst);
+            // Pairs with the watchdog's store of `lazy` and load of `waiting`: one of the two
+            // sees the other, so a lazy watchdog is always told.
+            if state.lazy.load(Ordering::SeqCst) {
+                state.hurry.notify_one();
+            }
+        } else if state.timed_out.load(Ordering::SeqCst) == number {
+            state.waiting.store(0, Ordering::SeqCst);
+            *this.started = false;
+            return Poll::Ready(Err(Elapsed));
+        }
+        Poll::Pending
     }
 }
 
@@ -160,18 +252,43 @@ pub(crate) async fn serve<C: GracefulConn>(conn: C, state: Arc<ConnState>) -> Op
     out
 }
 
-/// Watches one connection: asks it to close once idle for `idle_timeout` (if any), or when
-/// `drain` turns true. Holds `drain` until the connection has ended, so the drain can wait
-/// for every connection by waiting for the receivers to go.
-pub(crate) async fn watchdog(state: Arc<ConnState>, mut drain: watch::Receiver<bool>, idle_timeout: Option<Duration>) {
-    let tick = idle_timeout.map(|t| t / 4);
-    let mut seen = state.activity.load(Ordering::Relaxed);
-    let mut idle_ticks = 0u32;
+/// Watches one connection (see the module docs): closes it once idle for `idle_timeout`,
+/// times out an HTTP/1.x request waiting longer than `request_timeout` for response headers,
+/// and closes it when `drain` turns true. Holds `drain` until the connection has ended, so the
+/// drain can wait for every connection by waiting for the receivers to go.
+pub(crate) async fn watchdog(
+    state: Arc<ConnState>,
+    mut drain: watch::Receiver<bool>,
+    idle_timeout: Option<Duration>,
+    request_timeout: Option<Duration>,
+) {
+    let idle_tick = idle_timeout.map(|t| t / IDLE_TICKS);
+    let request_tick = request_timeout.map(|t| t / REQUEST_TICKS);
     let mut watching_drain = !*drain.borrow_and_update();
     if !watching_drain {
         state.request_close(CLOSE);
     }
+    let mut last = Instant::now();
+    let mut seen = state.activity.load(Ordering::SeqCst);
+    let mut idle_since: Option<Instant> = None;
+    let mut closed_idle = false;
+    // The request seen waiting at the last tick, and the tick it was first seen waiting at.
+    let mut waiting = (0u64, last);
     loop {
+        // Quick ticks while a request may be waiting, lazy ones while idle.
+        let quick = match (request_tick, idle_tick) {
+            (Some(r), Some(i)) => Some(r.min(i)),
+            (r, i) => r.or(i),
+        };
+        let tick = if idle_since.is_none() { quick } else { idle_tick };
+        if tick == idle_tick && tick != quick {
+            state.lazy.store(true, Ordering::SeqCst);
+            if state.waiting.load(Ordering::SeqCst) != 0 {
+                state.lazy.store(false, Ordering::SeqCst);
+                idle_since = None;
+                continue;
+            }
+        }
         tokio::select! {
             biased;
             () = state.ended.notified() => return,
@@ -180,25 +297,53 @@ pub(crate) async fn watchdog(state: Arc<ConnState>, mut drain: watch::Receiver<b
                 if changed.is_ok() && *drain.borrow() {
                     state.request_close(CLOSE);
                 }
+                continue;
             }
-            () = sleep_or_forever(tick) => {
-                let now = state.activity.load(Ordering::Relaxed);
-                if now == seen && now & IN_FLIGHT_MASK == 0 {
-                    idle_ticks += 1;
-                    if idle_ticks == 4 {
-                        tracing::debug!("closing an idle downstream connection");
-                        state.request_close(CLOSE);
-                    } else if idle_ticks == 5 {
-                        // Still open and idle: stuck in a request head. Drop it.
-                        tracing::debug!("dropping a downstream connection that sent no complete request head");
-                        state.request_close(ABORT);
-                    }
-                } else {
-                    idle_ticks = 0;
-                    seen = now;
-                }
+            () = state.hurry.notified(), if request_tick.is_some() => {
+                state.lazy.store(false, Ordering::SeqCst);
+                idle_since = None;
+                continue;
+            }
+            () = sleep_or_forever(tick) => {}
+        }
+        state.lazy.store(false, Ordering::SeqCst);
+        let now = Instant::now();
+
+        // Request timeout: a request first seen waiting at one tick, and still waiting a
+        // request timeout later, has waited at least that long (and at most a tick more).
+        let w = state.waiting.load(Ordering::SeqCst);
+        if w != waiting.0 {
+            waiting = (w, now);
+        } else if let Some(limit) = request_timeout
+            && w != 0
+            && now.duration_since(waiting.1) >= limit
+        {
+            tracing::debug!(request = w, "request timed out waiting for response headers");
+            state.timed_out.store(w, Ordering::SeqCst);
+            state.wake_server();
+        }
+
+        // Idle timeout: idle since the last tick if nothing started and nothing was or is in
+        // flight.
+        let activity = state.activity.load(Ordering::SeqCst);
+        let was_idle = activity == seen && activity & IN_FLIGHT_MASK == 0;
+        seen = activity;
+        if !was_idle {
+            idle_since = None;
+            closed_idle = false;
+        } else if let Some(limit) = idle_timeout {
+            let since = *idle_since.get_or_insert(last);
+            if closed_idle {
+                // Still open and idle after the graceful close: stuck in a request head.
+                tracing::debug!("dropping a downstream connection that sent no complete request head");
+                state.request_close(ABORT);
+            } else if now.duration_since(since) >= limit {
+                tracing::debug!("closing an idle downstream connection");
+                state.request_close(CLOSE);
+                closed_idle = true;
             }
         }
+        last = now;
     }
 }
 
@@ -235,7 +380,7 @@ mod tests {
         let (_tx, rx) = watch::channel(false);
         let start = tokio::time::Instant::now();
         let held = activity(&state);
-        tokio::spawn(watchdog(state.clone(), rx, Some(Duration::from_secs(60))));
+        tokio::spawn(watchdog(state.clone(), rx, Some(Duration::from_secs(60)), Some(Duration::from_secs(15))));
         let served = tokio::time::timeout(Duration::from_secs(600), serve(Probe { shut: false }, state)).await;
         drop(held);
         served.ok().map(|out| {
@@ -269,11 +414,77 @@ mod tests {
         let state = ConnState::new();
         let (_tx, rx) = watch::channel(false);
         let start = tokio::time::Instant::now();
-        tokio::spawn(watchdog(state.clone(), rx, Some(Duration::from_secs(60))));
+        tokio::spawn(watchdog(state.clone(), rx, Some(Duration::from_secs(60)), Some(Duration::from_secs(15))));
         let out = tokio::time::timeout(Duration::from_secs(600), serve(Stuck, state)).await.expect("dropped");
         assert_eq!(out, None);
         let after = start.elapsed();
         assert!(after >= Duration::from_secs(75) && after <= Duration::from_secs(90), "{after:?}");
+    }
+
+    /// A connection serving one request that waits for `upstream` to answer.
+    struct OneRequest(Pin<Box<dyn Future<Output = Result<(), Elapsed>> + Send>>);
+
+    impl Future for OneRequest {
+        type Output = Result<(), Elapsed>;
+        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+            self.0.as_mut().poll(cx)
+        }
+    }
+
+    impl GracefulConn for OneRequest {
+        fn graceful_shutdown(self: Pin<&mut Self>) {}
+    }
+
+    /// Serves one request whose upstream answers after `upstream` (never if `None`), on a
+    /// connection that was idle for `idle_first`; returns its outcome and how long it took.
+    async fn one_request(idle_first: Duration, upstream: Option<Duration>) -> (Result<(), Elapsed>, Duration) {
+        one_request_idle_timeout(Duration::from_secs(3600), idle_first, upstream).await
+    }
+
+    async fn one_request_idle_timeout(
+        idle_timeout: Duration,
+        idle_first: Duration,
+        upstream: Option<Duration>,
+    ) -> (Result<(), Elapsed>, Duration) {
+        let state = ConnState::new();
+        let (_tx, rx) = watch::channel(false);
+        tokio::spawn(watchdog(state.clone(), rx, Some(idle_timeout), Some(Duration::from_secs(8))));
+        tokio::time::sleep(idle_first).await;
+        let in_flight = state.start_request();
+        let start = Instant::now();
+        let request = OneRequest(Box::pin(async move {
+            let answer = async {
+                match upstream {
+                    Some(d) => tokio::time::sleep(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            in_flight.headers_deadline(answer).await
+        }));
+        let out = serve(request, state).await.expect("not aborted");
+        (out, start.elapsed())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_http1_request_times_out_after_one_to_one_and_an_eighth_timeouts() {
+        let (out, after) = one_request(Duration::ZERO, None).await;
+        assert!(out.is_err());
+        assert!(after >= Duration::from_secs(8) && after <= Duration::from_secs(9), "{after:?}");
+        // Also right after a long idle spell, when the watchdog ticks lazily.
+        let (out, after) = one_request(Duration::from_secs(1000), None).await;
+        assert!(out.is_err());
+        assert!(after >= Duration::from_secs(8) && after <= Duration::from_secs(9), "{after:?}");
+        // And with an idle timeout shorter than the request timeout (quicker ticks).
+        let (out, after) = one_request_idle_timeout(Duration::from_secs(2), Duration::from_secs(1), None).await;
+        assert!(out.is_err());
+        assert!(after >= Duration::from_secs(8) && after <= Duration::from_secs(9), "{after:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_http1_request_answered_in_time_is_not_timed_out() {
+        let (out, after) = one_request(Duration::from_secs(100), Some(Duration::from_millis(7900))).await;
+        assert!(out.is_ok());
+        assert_eq!(after, Duration::from_millis(7900));
     }
 
     #[tokio::test(start_paused = true)]
@@ -287,7 +498,7 @@ mod tests {
         let mut served = Vec::new();
         for _ in 0..3 {
             let state = ConnState::new();
-            tokio::spawn(watchdog(state.clone(), rx.clone(), None));
+            tokio::spawn(watchdog(state.clone(), rx.clone(), None, None));
             served.push(tokio::spawn(serve(Probe { shut: false }, state)));
         }
         drop(rx);

@@ -107,6 +107,7 @@ impl Server {
         let (drain_tx, drain_rx) = watch::channel(false);
         let forward = proxy::Forward::new(&self.config);
         let idle_timeout = self.config.downstream_idle_timeout;
+        let request_timeout = self.config.request_timeout;
 
         let mut builder = auto::Builder::new(TokioExecutor::new());
         // One write per response (head and body copied together): cheaper on TCP than a
@@ -138,7 +139,7 @@ impl Server {
                     service_fn(move |req| forward.clone().call(req, state.start_request()))
                 };
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
-                tokio::spawn(downstream::watchdog(state.clone(), drain_rx.clone(), idle_timeout));
+                tokio::spawn(downstream::watchdog(state.clone(), drain_rx.clone(), idle_timeout, request_timeout));
                 tokio::spawn(async move {
                     if let Some(Err(e)) = downstream::serve(conn, state).await {
                         tracing::debug!(error = %e, "downstream connection ended with an error");

@@ -42,7 +42,7 @@ use mesh_core::ResponseFlags;
 use mesh_core::classify::{Failure, Outcome, TimeoutError};
 
 use crate::config::{ProxyConfig, UpstreamProtocol};
-use crate::downstream::InFlight;
+use crate::downstream::{Elapsed, InFlight};
 use crate::upstream::{BoxError, Checkout, Upstream};
 
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
@@ -72,8 +72,15 @@ impl Forward {
         req: Request<Incoming>,
         in_flight: InFlight,
     ) -> Result<Response<ProxyBody>, Infallible> {
+        let h2 = req.version() == Version::HTTP_2;
         let exchange = self.exchange(req);
         let result = match self.request_timeout {
+            // HTTP/1.x: one request at a time per connection, timed by the connection's
+            // watchdog (no timer per request).
+            Some(_) if !h2 => in_flight
+                .headers_deadline(exchange)
+                .await
+                .unwrap_or_else(|_: Elapsed| Err(Box::new(TimeoutError::new()))),
             Some(limit) => {
                 tokio::time::timeout(limit, exchange).await.unwrap_or_else(|_| Err(Box::new(TimeoutError::new())))
             }

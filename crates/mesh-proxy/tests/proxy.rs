@@ -612,15 +612,26 @@ async fn upstream_connections_are_reused() {
 
     // A response body abandoned half-way closes its upstream connection instead of returning
     // it to the pool in an unknown state; the next request gets a fresh one and succeeds.
-    let big: Handler = Arc::new(|_req| Box::pin(async { Response::new(full(vec![b'y'; 4 << 20])) }));
-    let upstream = Upstream::start(big).await;
+    let endless: Handler = Arc::new(|req| {
+        Box::pin(async move {
+            if req.uri().path() == "/endless" {
+                let chunk = Bytes::from(vec![b'y'; 64 << 10]);
+                Response::new(frames(std::iter::repeat_with(move || Frame::data(chunk.clone()))))
+            } else {
+                Response::new(full("ok"))
+            }
+        })
+    });
+    let upstream = Upstream::start(endless).await;
     let proxy = Proxy::start(upstream.addr, &[]);
     let mut tx = h1_client(proxy.addr).await;
-    let res = tx.send_request(Request::get("/").header("host", "x").body(full("")).unwrap()).await.unwrap();
-    drop(res);
+    let res = tx.send_request(Request::get("/endless").header("host", "x").body(full("")).unwrap()).await.unwrap();
+    let mut body = res.into_body();
+    body.frame().await.unwrap().unwrap();
+    drop(body);
     drop(tx);
     let (status, _, body) = get(&proxy, "/").await;
-    assert_eq!((status, body.len()), (StatusCode::OK, 4 << 20));
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"ok"[..]));
     assert_eq!(upstream.connections.load(Ordering::SeqCst), 2);
 }
 
