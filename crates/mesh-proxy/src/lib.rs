@@ -7,9 +7,8 @@
 //! are tunnelled; upstream failures are answered as Envoy answers them (see
 //! [`proxy`](crate::ProxyBody)); client connections idle for `downstream_idle_timeout` are
 //! closed; an admin server answers `/ready` and `/live`; SIGTERM and Ctrl-C drain in-flight
-//! requests before exit. Routing, retries,
-//! mTLS and telemetry arrive as the other crates gain them; configuration from Istio YAML
-//! comes with them.
+//! requests before exit. Routing, retries, mTLS and telemetry arrive as the other crates gain
+//! them; configuration from Istio YAML comes with them.
 //!
 //! # Example
 //!

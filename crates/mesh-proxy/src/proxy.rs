@@ -121,9 +121,7 @@ impl Forward {
         parts.version = Version::HTTP_11;
         Ok(Response::from_parts(parts, ProxyBody::upstream(body, checkout)))
     }
-}
 
-impl Forward {
     /// Forwards an upgrade request on a connection of its own, and tunnels the two upgraded
     /// connections together if the upstream agrees.
     async fn upgrade(
