@@ -331,8 +331,7 @@ pub(crate) async fn watchdog(
         if !was_idle {
             idle_since = None;
             closed_idle = false;
-        } else if let Some(limit) = idle_timeout {
-            let since = *idle_since.get_or_insert(last);
+        } else if let (since, Some(limit)) = (*idle_since.get_or_insert(last), idle_timeout) {
             if closed_idle {
                 // Still open and idle after the graceful close: stuck in a request head.
                 tracing::debug!("dropping a downstream connection that sent no complete request head");
@@ -438,17 +437,17 @@ mod tests {
     /// Serves one request whose upstream answers after `upstream` (never if `None`), on a
     /// connection that was idle for `idle_first`; returns its outcome and how long it took.
     async fn one_request(idle_first: Duration, upstream: Option<Duration>) -> (Result<(), Elapsed>, Duration) {
-        one_request_idle_timeout(Duration::from_secs(3600), idle_first, upstream).await
+        one_request_idle_timeout(Some(Duration::from_secs(3600)), idle_first, upstream).await
     }
 
     async fn one_request_idle_timeout(
-        idle_timeout: Duration,
+        idle_timeout: Option<Duration>,
         idle_first: Duration,
         upstream: Option<Duration>,
     ) -> (Result<(), Elapsed>, Duration) {
         let state = ConnState::new();
         let (_tx, rx) = watch::channel(false);
-        tokio::spawn(watchdog(state.clone(), rx, Some(idle_timeout), Some(Duration::from_secs(8))));
+        tokio::spawn(watchdog(state.clone(), rx, idle_timeout, Some(Duration::from_secs(8))));
         tokio::time::sleep(idle_first).await;
         let in_flight = state.start_request();
         let start = Instant::now();
@@ -475,7 +474,11 @@ mod tests {
         assert!(out.is_err());
         assert!(after >= Duration::from_secs(8) && after <= Duration::from_secs(9), "{after:?}");
         // And with an idle timeout shorter than the request timeout (quicker ticks).
-        let (out, after) = one_request_idle_timeout(Duration::from_secs(2), Duration::from_secs(1), None).await;
+        let (out, after) = one_request_idle_timeout(Some(Duration::from_secs(2)), Duration::from_secs(1), None).await;
+        assert!(out.is_err());
+        assert!(after >= Duration::from_secs(8) && after <= Duration::from_secs(9), "{after:?}");
+        // And with no idle timeout at all (the idle watchdog sleeps until a request starts).
+        let (out, after) = one_request_idle_timeout(None, Duration::from_secs(1000), None).await;
         assert!(out.is_err());
         assert!(after >= Duration::from_secs(8) && after <= Duration::from_secs(9), "{after:?}");
     }
