@@ -145,11 +145,8 @@ impl<F: Future> Future for HeadersDeadline<'_, F> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let (state, number) = (&this.in_flight.state, this.in_flight.number);
+        // Once it is ready (or timed out), dropping it clears `waiting`.
         if let Poll::Ready(out) = this.fut.poll(cx) {
-            if *this.started {
-                state.waiting.store(0, Ordering::SeqCst);
-                *this.started = false;
-            }
             return Poll::Ready(Ok(out));
         }
         if !*this.started {
@@ -161,32 +158,16 @@ impl<F: Future> Future for HeadersDeadline<'_, F> {
                 state.hurry.notify_one();
             }
         } else if state.timed_out.load(Ordering::SeqCst) == number {
-            state.waiting.store(0, Ordering::SeqCst);
-            *this.started = false;
             return Poll::Ready(Err(Elapsed));
         }
         Poll::Pending
     }
 }
 
-/// A connection that can be asked to finish its in-flight work and close.
+/// A connection that can be asked to finish its in-flight work and close (hyper-util's own
+/// `GracefulConnection` trait is sealed).
 pub(crate) trait GracefulConn: Future {
     fn graceful_shutdown(self: Pin<&mut Self>);
-}
-
-impl<I, S, E, B> GracefulConn for hyper_util::server::conn::auto::Connection<'_, I, S, E>
-where
-    S: hyper::service::Service<http::Request<hyper::body::Incoming>, Response = http::Response<B>>,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    S::Future: 'static,
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + 'static,
-    B: http_body::Body + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
-{
-    fn graceful_shutdown(self: Pin<&mut Self>) {
-        hyper_util::server::conn::auto::Connection::graceful_shutdown(self)
-    }
 }
 
 impl<I, S, E, B> GracefulConn for hyper_util::server::conn::auto::UpgradeableConnection<'_, I, S, E>

@@ -213,10 +213,6 @@ async fn reap_idle(pool: Weak<Upstream>, idle_timeout: Duration) {
         let Some(pool) = pool.upgrade() else { return };
         let epoch = pool.epoch.fetch_add(1, Ordering::Relaxed) + 1;
         let mut idle = pool.idle.lock().unwrap_or_else(|p| p.into_inner());
-        // Oldest first: stop at the first one still young enough.
-        while idle.front().is_some_and(|i| epoch - i.epoch >= IDLE_EPOCHS) {
-            idle.pop_front();
-        }
-        idle.retain(|i| !i.tx.is_closed());
+        idle.retain(|i| epoch - i.epoch < IDLE_EPOCHS && !i.tx.is_closed());
     }
 }
