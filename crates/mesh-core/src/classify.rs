@@ -188,11 +188,20 @@ fn classify_one(e: &(dyn StdError + 'static)) -> Option<Failure> {
         return Some(Failure::Timeout);
     }
     if let Some(e) = e.downcast_ref::<h2::Error>() {
-        if e.is_io() {
-            return None; // the io::Error below says more
+        if let Some(io) = e.get_io() {
+            // h2 does not expose its io::Error as a source: classify it here.
+            return classify_one(io);
         }
         return match e.reason() {
             Some(h2::Reason::REFUSED_STREAM) => Some(Failure::RefusedStream),
+            // h2 itself caught the peer breaking the protocol: a protocol error (left
+            // unclassified), not the peer ending the connection or stream.
+            Some(
+                h2::Reason::PROTOCOL_ERROR
+                | h2::Reason::FRAME_SIZE_ERROR
+                | h2::Reason::COMPRESSION_ERROR
+                | h2::Reason::FLOW_CONTROL_ERROR,
+            ) if !e.is_remote() => None,
             Some(_) if e.is_go_away() => Some(Failure::ConnectionTerminated),
             Some(_) => Some(Failure::StreamReset),
             None => None,

@@ -44,6 +44,7 @@ use tokio::sync::watch;
 
 pub mod config;
 mod downstream;
+mod h2body;
 mod proxy;
 mod upstream;
 

