@@ -37,14 +37,14 @@ use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 pub mod config;
 mod downstream;
 mod h2body;
+mod h2server;
 mod proxy;
 mod upstream;
 
@@ -109,13 +109,11 @@ impl Server {
         let idle_timeout = self.config.downstream_idle_timeout;
         let request_timeout = self.config.request_timeout;
 
-        let mut builder = auto::Builder::new(TokioExecutor::new());
+        let mut http1 = hyper::server::conn::http1::Builder::new();
         // One write per response (head and body copied together): cheaper on TCP than a
         // vectored write of several small buffers. No header read timeout: the downstream
         // idle timeout bounds slow request heads without a timer per request.
-        builder.http1().writev(false);
-        builder.http2().timer(TokioTimer::new());
-        let builder = Arc::new(builder);
+        http1.writev(false);
 
         if let Some(admin) = self.admin {
             tokio::spawn(serve_admin(admin, draining.clone()));
@@ -133,18 +131,14 @@ impl Server {
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let state = downstream::ConnState::new();
-                let service = {
-                    let (forward, state) = (forward.clone(), state.clone());
-                    service_fn(move |req| forward.clone().call(req, state.start_request()))
+                let conn = Conn {
+                    forward: forward.clone(),
+                    drain: drain_rx.clone(),
+                    idle_timeout,
+                    request_timeout,
+                    http1: http1.clone(),
                 };
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
-                tokio::spawn(downstream::watchdog(state.clone(), drain_rx.clone(), idle_timeout, request_timeout));
-                tokio::spawn(async move {
-                    if let Some(Err(e)) = downstream::serve(conn, state).await {
-                        tracing::debug!(error = %e, "downstream connection ended with an error");
-                    }
-                });
+                tokio::spawn(conn.serve(stream));
             }
         };
         tokio::select! {
@@ -164,6 +158,58 @@ impl Server {
                 tracing::warn!("drain timeout reached; closing the remaining connections");
             }
         }
+    }
+}
+
+/// What serving one downstream connection needs.
+struct Conn {
+    forward: proxy::Forward,
+    drain: watch::Receiver<bool>,
+    idle_timeout: Option<Duration>,
+    request_timeout: Option<Duration>,
+    http1: hyper::server::conn::http1::Builder,
+}
+
+impl Conn {
+    /// Serves HTTP/1.x (through hyper) or h2c (prior knowledge, through the `h2` crate),
+    /// whichever the client speaks, with a watchdog for idle time, request timeouts and drain.
+    async fn serve(self, stream: TcpStream) {
+        // A client that says nothing at all is bounded by the idle timeout.
+        let h2 = match h2server::within(self.idle_timeout, h2server::sniff_h2(&stream)).await {
+            Some(Ok(Some(h2))) => h2,
+            _ => return,
+        };
+        let state = downstream::ConnState::new();
+        if h2 {
+            let conn = match h2server::within(self.idle_timeout, h2server::handshake(stream)).await {
+                Some(Ok(conn)) => conn,
+                Some(Err(e)) => return tracing::debug!(error = %e, "h2c handshake failed"),
+                None => return,
+            };
+            self.spawn_watchdog(&state);
+            let (forward, streams) = (self.forward, state.clone());
+            let server = h2server::H2Server::new(conn, move |req, respond| {
+                h2server::serve_stream(forward.clone(), req, respond, streams.start_request())
+            });
+            if let Some(Err(e)) = downstream::serve(server, state).await {
+                tracing::debug!(error = %e, "h2c downstream connection ended with an error");
+            }
+        } else {
+            self.spawn_watchdog(&state);
+            let (forward, requests) = (self.forward, state.clone());
+            let service = service_fn(move |req: Request<Incoming>| {
+                forward.clone().call(req.map(proxy::RequestBody::http1), requests.start_request())
+            });
+            let conn = self.http1.serve_connection(TokioIo::new(stream), service).with_upgrades();
+            if let Some(Err(e)) = downstream::serve(conn, state).await {
+                tracing::debug!(error = %e, "HTTP/1.1 downstream connection ended with an error");
+            }
+        }
+    }
+
+    fn spawn_watchdog(&self, state: &Arc<downstream::ConnState>) {
+        let watchdog = downstream::watchdog(state.clone(), self.drain.clone(), self.idle_timeout, self.request_timeout);
+        tokio::spawn(watchdog);
     }
 }
 

@@ -70,7 +70,7 @@ impl Forward {
     /// is held until the response body has ended.
     pub(crate) async fn call(
         self,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         in_flight: InFlight,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let h2 = req.version() == Version::HTTP_2;
@@ -95,7 +95,7 @@ impl Forward {
         Ok(res)
     }
 
-    async fn exchange(&self, mut req: Request<Incoming>) -> Result<Response<ProxyBody>, BoxError> {
+    async fn exchange(&self, mut req: Request<RequestBody>) -> Result<Response<ProxyBody>, BoxError> {
         // Most requests carry no hop-by-hop header at all, so no `upgrade` either.
         if has_hop_by_hop(req.headers()) {
             let upgrade = requested_upgrade(&req);
@@ -128,7 +128,7 @@ impl Forward {
     /// connections together if the upstream agrees.
     async fn upgrade(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<RequestBody>,
         protocol: HeaderValue,
     ) -> Result<Response<ProxyBody>, BoxError> {
         let downstream = hyper::upgrade::on(&mut req);
@@ -155,7 +155,7 @@ impl Forward {
 }
 
 /// The protocol an HTTP/1.1 request asks to upgrade to (`Connection: upgrade` and `Upgrade`).
-fn requested_upgrade(req: &Request<Incoming>) -> Option<HeaderValue> {
+fn requested_upgrade<B>(req: &Request<B>) -> Option<HeaderValue> {
     if req.version() != Version::HTTP_11 {
         return None;
     }
@@ -192,7 +192,7 @@ async fn tunnel(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade:
 }
 
 /// Prepares a request for an HTTP/1.1 upstream: origin-form target, `host` header.
-fn to_http1(req: &mut Request<Incoming>) -> Result<(), BoxError> {
+fn to_http1<B>(req: &mut Request<B>) -> Result<(), BoxError> {
     *req.version_mut() = Version::HTTP_11;
     if req.uri().authority().is_none() {
         return Ok(()); // already origin-form, with the client's own `host`
@@ -209,7 +209,7 @@ fn to_http1(req: &mut Request<Incoming>) -> Result<(), BoxError> {
 }
 
 /// Prepares a request for an h2c upstream: absolute URI with the client's authority.
-fn to_h2(req: &mut Request<Incoming>, fallback: &http::uri::Authority) -> Result<(), BoxError> {
+fn to_h2<B>(req: &mut Request<B>, fallback: &http::uri::Authority) -> Result<(), BoxError> {
     *req.version_mut() = Version::HTTP_2;
     let host = req.headers_mut().remove(HOST);
     let uri = std::mem::take(req.uri_mut());
@@ -339,6 +339,54 @@ impl std::fmt::Display for DisplayChain<'_> {
             next = e.source();
         }
         Ok(())
+    }
+}
+
+// === RequestBody ===
+
+pin_project_lite::pin_project! {
+    /// The body of a request being forwarded: from an HTTP/1.1 client (through hyper) or
+    /// from an h2c client (through the `h2` crate).
+    #[project = RequestBodyProj]
+    pub(crate) enum RequestBody {
+        Http1 { #[pin] body: Incoming },
+        H2 { body: H2Recv },
+    }
+}
+
+impl RequestBody {
+    pub(crate) fn http1(body: Incoming) -> Self {
+        RequestBody::Http1 { body }
+    }
+
+    pub(crate) fn h2(body: H2Recv) -> Self {
+        RequestBody::H2 { body }
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.project() {
+            RequestBodyProj::Http1 { body } => body.poll_frame(cx).map(|f| f.map(|f| f.map_err(Into::into))),
+            RequestBodyProj::H2 { body } => body.poll_frame(cx).map(|f| f.map(|f| f.map_err(Into::into))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Http1 { body } => body.is_end_stream(),
+            RequestBody::H2 { body } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Http1 { body } => body.size_hint(),
+            RequestBody::H2 { .. } => SizeHint::default(),
+        }
     }
 }
 

@@ -32,13 +32,14 @@ use tokio::net::TcpStream;
 
 use crate::config::{ProxyConfig, UpstreamAddr};
 use crate::h2body::SendBody;
+use crate::proxy::RequestBody;
 
 pub(crate) type BoxError = Box<dyn StdError + Send + Sync>;
 
 /// A connection checked out of the HTTP/1.1 pool; goes back with [`Checkout::release`].
 pub(crate) struct Checkout {
     pool: Arc<Upstream>,
-    tx: http1::SendRequest<Incoming>,
+    tx: http1::SendRequest<RequestBody>,
 }
 
 impl Checkout {
@@ -49,7 +50,7 @@ impl Checkout {
 }
 
 struct Idle {
-    tx: http1::SendRequest<Incoming>,
+    tx: http1::SendRequest<RequestBody>,
     /// The reaper's epoch when the connection went idle.
     epoch: u64,
 }
@@ -107,7 +108,7 @@ impl Upstream {
     /// must be released once the response body has ended.
     pub(crate) async fn send_http1(
         self: &Arc<Self>,
-        mut req: Request<Incoming>,
+        mut req: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, Checkout), BoxError> {
         while let Some(mut tx) = self.check_out() {
             match tx.try_send_request(req).await {
@@ -129,7 +130,7 @@ impl Upstream {
     /// The most recently used idle connection that can take a request right now. One that is
     /// still busy (its response ended before the upstream finished reading the request body)
     /// is let go rather than waited for: hyper closes it once that exchange ends.
-    fn check_out(&self) -> Option<http1::SendRequest<Incoming>> {
+    fn check_out(&self) -> Option<http1::SendRequest<RequestBody>> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         while let Some(Idle { tx, .. }) = idle.pop_back() {
             if tx.is_ready() {
@@ -139,7 +140,7 @@ impl Upstream {
         None
     }
 
-    fn check_in(&self, tx: http1::SendRequest<Incoming>) {
+    fn check_in(&self, tx: http1::SendRequest<RequestBody>) {
         if tx.is_closed() {
             return;
         }
@@ -149,7 +150,7 @@ impl Upstream {
         }
     }
 
-    async fn connect_http1(&self) -> Result<http1::SendRequest<Incoming>, BoxError> {
+    async fn connect_http1(&self) -> Result<http1::SendRequest<RequestBody>, BoxError> {
         let io = self.connect_tcp().await?;
         // One write per message (head and body copied together) is cheaper on TCP than a
         // vectored write of several small buffers.
@@ -164,7 +165,7 @@ impl Upstream {
 
     /// Sends an upgrade request on a new HTTP/1.1 connection of its own, which becomes the
     /// upgraded connection if the upstream answers 101.
-    pub(crate) async fn send_upgrade(&self, req: Request<Incoming>) -> Result<Response<Incoming>, BoxError> {
+    pub(crate) async fn send_upgrade(&self, req: Request<RequestBody>) -> Result<Response<Incoming>, BoxError> {
         let io = self.connect_tcp().await?;
         let (mut tx, conn) = http1::Builder::new().handshake(TokioIo::new(io)).await?;
         tokio::spawn(async move {
@@ -180,7 +181,7 @@ impl Upstream {
     /// Sends `req` on the shared h2c connection, connecting first if there is none. The
     /// request body, if any, is sent by a task of its own, so that it can keep streaming
     /// after the response has arrived.
-    pub(crate) async fn send_h2(&self, req: Request<Incoming>) -> Result<Response<RecvStream>, BoxError> {
+    pub(crate) async fn send_h2(&self, req: Request<RequestBody>) -> Result<Response<RecvStream>, BoxError> {
         let tx = match self.current_h2() {
             Some(tx) => tx,
             None => Box::pin(self.connect_h2()).await?,

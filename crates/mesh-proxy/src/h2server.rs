@@ -1,0 +1,181 @@
+//! The h2c server side, on the `h2` crate directly.
+//!
+//! hyper's HTTP/2 server spawns a task per stream and hands every frame across tasks. Here a
+//! connection's streams are futures polled by the connection's own task (a
+//! [`FuturesUnordered`]): accepting a stream, forwarding it and writing its response cost no
+//! task spawn and no cross-task wake-up, and the frames of all the streams that became ready
+//! together go out in one write.
+//!
+//! Per stream: the request is forwarded ([`Forward::call`]) while the client may still reset
+//! it (a reset cancels the upstream request); the response head goes out, then its body within
+//! the client's flow-control window ([`SendBody`]).
+
+use std::future::Future;
+use std::pin::{Pin, pin};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use h2::server::{Connection, SendResponse};
+use h2::{Reason, RecvStream};
+use http::{Request, Response};
+use http_body::Body;
+use tokio::net::TcpStream;
+
+use crate::downstream::{GracefulConn, InFlight};
+use crate::h2body::{H2Recv, SendBody};
+use crate::proxy::{Forward, RequestBody};
+
+/// Streams a client may open at once (hyper's default too).
+const MAX_CONCURRENT_STREAMS: u32 = 200;
+/// Flow-control windows offered to clients: 1 MiB per stream and per connection.
+const WINDOW: u32 = 1 << 20;
+/// At most this much of a response body waits per stream for the client's window.
+const SEND_BUFFER: usize = 400 << 10;
+/// The largest request head accepted (HPACK-decoded).
+const MAX_HEADER_LIST: u32 = 16 << 10;
+
+/// Reads the client preface and settings and returns the connection to serve.
+pub(crate) async fn handshake(io: TcpStream) -> Result<Connection<TcpStream, Bytes>, h2::Error> {
+    h2::server::Builder::new()
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .initial_window_size(WINDOW)
+        .initial_connection_window_size(WINDOW)
+        .max_send_buffer_size(SEND_BUFFER)
+        .max_header_list_size(MAX_HEADER_LIST)
+        .handshake(io)
+        .await
+}
+
+pin_project_lite::pin_project! {
+    /// Serves one h2c connection: accepts streams and drives them, until the client closes
+    /// the connection or, after [`GracefulConn::graceful_shutdown`] (GOAWAY), until the
+    /// streams already open have finished.
+    pub(crate) struct H2Server<F, Fut> {
+        conn: Connection<TcpStream, Bytes>,
+        streams: FuturesUnordered<Fut>,
+        start: F,
+        accepting: bool,
+    }
+}
+
+impl<F, Fut> H2Server<F, Fut>
+where
+    F: FnMut(Request<RecvStream>, SendResponse<Bytes>) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    /// `start` makes the future that serves one stream.
+    pub(crate) fn new(conn: Connection<TcpStream, Bytes>, start: F) -> Self {
+        Self { conn, streams: FuturesUnordered::new(), start, accepting: true }
+    }
+}
+
+impl<F, Fut> Future for H2Server<F, Fut>
+where
+    F: FnMut(Request<RecvStream>, SendResponse<Bytes>) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    type Output = Result<(), h2::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        // Accepting also drives the connection: reads frames, writes what the streams queued.
+        while *this.accepting {
+            match this.conn.poll_accept(cx) {
+                Poll::Ready(Some(Ok((req, respond)))) => this.streams.push((this.start)(req, respond)),
+                // A connection error: the open streams cannot finish either.
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
+                Poll::Ready(None) => *this.accepting = false,
+                Poll::Pending => break,
+            }
+        }
+        while let Poll::Ready(Some(())) = this.streams.poll_next_unpin(cx) {}
+        if !*this.accepting && this.streams.is_empty() {
+            return Poll::Ready(Ok(()));
+        }
+        Poll::Pending
+    }
+}
+
+impl<F, Fut> GracefulConn for H2Server<F, Fut>
+where
+    F: FnMut(Request<RecvStream>, SendResponse<Bytes>) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        self.project().conn.graceful_shutdown();
+    }
+}
+
+/// Serves one stream: forwards the request and sends the response back.
+pub(crate) async fn serve_stream(
+    forward: Forward,
+    req: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+    in_flight: InFlight,
+) {
+    let req = req.map(|body| RequestBody::h2(H2Recv::new(body)));
+    let mut call = pin!(forward.call(req, in_flight));
+    // The client may give up (RST_STREAM) while the upstream has not answered yet: then stop,
+    // which cancels the upstream request too.
+    let answered = std::future::poll_fn(|cx| {
+        if let Poll::Ready(Ok(res)) = call.as_mut().poll(cx) {
+            return Poll::Ready(Some(res));
+        }
+        match respond.poll_reset(cx) {
+            Poll::Ready(_) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await;
+    let Some(res) = answered else { return };
+    let (parts, body) = res.into_parts();
+    let end = body.is_end_stream();
+    let send = match respond.send_response(Response::from_parts(parts, ()), end) {
+        Ok(send) => send,
+        Err(e) => {
+            tracing::debug!(error = %e, "could not send the response head to the h2c client");
+            respond.send_reset(Reason::INTERNAL_ERROR);
+            return;
+        }
+    };
+    if !end && let Err(e) = SendBody::new(body, send).await {
+        tracing::debug!(error = %e, "response body to the h2c client ended early");
+    }
+}
+
+/// How long a new connection may take to show which protocol it speaks (and, for h2c, to
+/// complete its preface): the idle timeout, if any.
+pub(crate) async fn within<T>(limit: Option<Duration>, fut: impl Future<Output = T>) -> Option<T> {
+    match limit {
+        Some(limit) => tokio::time::timeout(limit, fut).await.ok(),
+        None => Some(fut.await),
+    }
+}
+
+/// The HTTP/2 connection preface a prior-knowledge h2c client starts with.
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Whether the client speaks h2c (prior knowledge) rather than HTTP/1.x, judged from the
+/// first bytes it sent, without consuming them; `None` if it closed without sending any.
+/// `PRI` is enough: no HTTP/1.x request starts with it, and the h2 handshake checks the rest
+/// of the preface.
+pub(crate) async fn sniff_h2(io: &TcpStream) -> std::io::Result<Option<bool>> {
+    let mut buf = [0u8; 3];
+    loop {
+        let n = io.peek(&mut buf).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        if buf[..n] != PREFACE[..n] {
+            return Ok(Some(false));
+        }
+        if n == buf.len() {
+            return Ok(Some(true));
+        }
+        // "P" or "PR" so far (PUT? PROPFIND?): peeking again at once would spin on the same
+        // bytes, so wait a little for the rest.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
