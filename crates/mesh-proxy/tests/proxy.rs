@@ -750,3 +750,49 @@ async fn idle_upstream_connections_expire() {
     assert_eq!(get(&proxy, "/").await.0, StatusCode::OK);
     assert_eq!(upstream.connections.load(Ordering::SeqCst), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2c_client_giving_up_cancels_the_upstream_request() {
+    // Upstream: never answers; reports when a request starts and when it is dropped.
+    struct OnDrop(tokio::sync::mpsc::UnboundedSender<&'static str>);
+    impl Drop for OnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.send("dropped");
+        }
+    }
+    let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+    let handler: Handler = Arc::new(move |_req: Request<Incoming>| {
+        let events = events_tx.clone();
+        Box::pin(async move {
+            let _ = events.send("started");
+            let _guard = OnDrop(events);
+            std::future::pending::<Response<BoxBody>>().await
+        })
+    });
+    let upstream = Upstream::start(handler).await;
+    async fn next(events: &mut tokio::sync::mpsc::UnboundedReceiver<&'static str>) -> &'static str {
+        let event = tokio::time::timeout(Duration::from_secs(5), events.recv()).await;
+        event.expect("an upstream event in time").unwrap()
+    }
+    for protocol in ["h2", "http1"] {
+        let proxy = Proxy::start(upstream.addr, &["--upstream-protocol", protocol]);
+        let io = TcpStream::connect(proxy.addr).await.unwrap();
+        let (client, conn) = h2::client::handshake(io).await.unwrap();
+        tokio::spawn(conn);
+        let mut client = client.ready().await.unwrap();
+        let (response, mut stream) =
+            client.send_request(Request::get("http://app.test/slow").body(()).unwrap(), true).unwrap();
+        assert_eq!(next(&mut events).await, "started", "{protocol}");
+        stream.send_reset(h2::Reason::CANCEL);
+        assert_eq!(next(&mut events).await, "dropped", "{protocol}: the upstream request was cancelled");
+        assert!(response.await.is_err());
+
+        // The connection still serves new streams.
+        let mut client = client.ready().await.unwrap();
+        let (_response, _stream) =
+            client.send_request(Request::get("http://app.test/").body(()).unwrap(), true).unwrap();
+        assert_eq!(next(&mut events).await, "started", "{protocol}");
+        drop(proxy);
+        assert_eq!(next(&mut events).await, "dropped", "{protocol}");
+    }
+}
