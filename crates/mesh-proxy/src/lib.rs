@@ -1,14 +1,19 @@
 //! `mesh-proxy`: the reference sidecar, assembled from the mesh crates.
 //!
 //! **Status:** a forwarding reverse proxy. It serves HTTP/1.1 and h2c (prior knowledge) on
-//! one port, detected per connection, and forwards every request to one configured upstream
-//! over pooled keep-alive HTTP/1.1 connections or one multiplexed h2c connection. Bodies and
-//! trailers stream through; hop-by-hop headers are dropped; HTTP/1.1 upgrades (WebSocket)
-//! are tunnelled; upstream failures are answered as Envoy answers them (see
-//! [`proxy`](crate::ProxyBody)); client connections idle for `downstream_idle_timeout` are
-//! closed; an admin server answers `/ready` and `/live`; SIGTERM and Ctrl-C drain in-flight
-//! requests before exit. Routing, retries, mTLS and telemetry arrive as the other crates gain
-//! them; configuration from Istio YAML comes with them.
+//! one port, told apart by the first bytes a client sends, and forwards every request to one
+//! configured upstream over pooled keep-alive HTTP/1.1 connections or one multiplexed h2c
+//! connection. Bodies and trailers stream through; hop-by-hop headers are dropped; HTTP/1.1
+//! upgrades (WebSocket) are tunnelled; upstream failures are answered as Envoy answers them
+//! (see [`proxy`](crate::ProxyBody)); client connections idle for `downstream_idle_timeout`
+//! are closed; an admin server answers `/ready` and `/live`; SIGTERM and Ctrl-C drain
+//! in-flight requests before exit. Routing, retries, mTLS and telemetry arrive as the other
+//! crates gain them; configuration from Istio YAML comes with them.
+//!
+//! HTTP/1.1 is served and spoken by hyper. HTTP/2 is served and spoken with the `h2` crate
+//! directly: a client connection's streams are polled by the connection's own task rather
+//! than a task each, and requests go to the upstream connection without a channel in between
+//! (see `h2server.rs` and `upstream.rs`).
 //!
 //! # Example
 //!

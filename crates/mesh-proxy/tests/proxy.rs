@@ -457,6 +457,17 @@ async fn malformed_requests_get_400_and_the_proxy_keeps_serving() {
     tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await.unwrap().unwrap();
     assert!(answer.starts_with(b"HTTP/1.1 400"), "{}", String::from_utf8_lossy(&answer));
     assert_eq!(get(&proxy, "/").await.0, StatusCode::OK);
+
+    // An h2c client that follows its preface with something that is not a frame: the
+    // connection ends (after a GOAWAY), and new ones are served.
+    let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+    stream.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\nthis is not an HTTP/2 frame at all").await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer)).await.unwrap().unwrap();
+    let mut tx = h2_client(proxy.addr).await;
+    let res = tx.send_request(Request::get("http://x/").body(full("")).unwrap()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(get(&proxy, "/").await.0, StatusCode::OK);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -553,8 +564,24 @@ async fn idle_and_slow_header_connections_are_closed_and_busy_ones_kept() {
     // A request head that never completes: closed too (no 408 either; Envoy sends nothing).
     let mut slow = TcpStream::connect(proxy.addr).await.unwrap();
     slow.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ").await.unwrap();
+    // An h2c preface that never completes, and a first byte that could start either protocol.
+    let mut half_preface = TcpStream::connect(proxy.addr).await.unwrap();
+    half_preface.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    let mut one_byte = TcpStream::connect(proxy.addr).await.unwrap();
+    one_byte.write_all(b"P").await.unwrap();
     assert_eq!(read_until_closed(&mut silent).await, b"");
     assert_eq!(read_until_closed(&mut slow).await, b"");
+    // (The server's own SETTINGS frame went out at once; nothing else does.)
+    let settings = read_until_closed(&mut half_preface).await;
+    assert_eq!(settings.get(3), Some(&4), "only a SETTINGS frame: {settings:?}");
+    assert_eq!(settings.len(), 9 + usize::from(settings[2]), "only a SETTINGS frame: {settings:?}");
+    // The byte was only peeked at, never read: closing with it unread is a reset.
+    let mut rest = Vec::new();
+    match tokio::time::timeout(Duration::from_secs(10), one_byte.read_to_end(&mut rest)).await {
+        Ok(Ok(_)) => assert_eq!(rest, b""),
+        Ok(Err(e)) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset),
+        Err(_) => panic!("the proxy closes a connection that sent one byte"),
+    }
 
     // A connection that keeps sending requests, more often than the idle timeout, stays open
     // across several idle periods.
