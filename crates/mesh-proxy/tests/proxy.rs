@@ -823,3 +823,61 @@ async fn an_h2c_client_giving_up_cancels_the_upstream_request() {
         assert_eq!(next(&mut events).await, "dropped", "{protocol}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_going_away_gracefully_loses_no_request() {
+    // An h2c upstream whose connections shut down gracefully (GOAWAY, then finish what is in
+    // flight) when told to. `/slow` answers after 400 ms.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(0u32);
+    let connections = Arc::new(AtomicUsize::new(0));
+    let count = connections.clone();
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            count.fetch_add(1, Ordering::SeqCst);
+            let mut shutdown = shutdown_rx.clone();
+            let generation = *shutdown.borrow_and_update();
+            tokio::spawn(async move {
+                let service = service_fn(|req: Request<Incoming>| async move {
+                    if req.uri().path() == "/slow" {
+                        tokio::time::sleep(Duration::from_millis(400)).await;
+                    }
+                    Ok::<_, Infallible>(Response::new(full("done")))
+                });
+                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service);
+                let mut conn = std::pin::pin!(conn);
+                loop {
+                    tokio::select! {
+                        _ = conn.as_mut() => return,
+                        _ = shutdown.wait_for(|g| *g > generation) => conn.as_mut().graceful_shutdown(),
+                    }
+                }
+            });
+        }
+    });
+    let proxy = Proxy::start(addr, &["--upstream-protocol", "h2"]);
+
+    let slow = tokio::spawn(get_owned(proxy.addr, "/slow"));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    shutdown_tx.send_replace(1);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The first connection is going away: new requests go on a new one.
+    for _ in 0..3 {
+        let (status, _, body) = get(&proxy, "/").await;
+        assert_eq!((status, &body[..]), (StatusCode::OK, &b"done"[..]));
+    }
+    // The request in flight on the old connection is finished there.
+    let (status, _, body) = slow.await.unwrap();
+    assert_eq!((status, &body[..]), (StatusCode::OK, &b"done"[..]));
+    assert_eq!(connections.load(Ordering::SeqCst), 2);
+}
+
+async fn get_owned(addr: SocketAddr, path: &'static str) -> (StatusCode, HeaderMap, Bytes) {
+    let mut tx = h1_client(addr).await;
+    let req = Request::get(path).header("host", "app.test").body(full("")).unwrap();
+    let (parts, body) = tx.send_request(req).await.unwrap().into_parts();
+    (parts.status, parts.headers, body.collect().await.unwrap().to_bytes())
+}
