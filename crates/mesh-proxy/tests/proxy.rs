@@ -431,6 +431,11 @@ async fn upstream_failures_get_envoy_style_answers() {
         let (status, _, body) = get(&proxy, "/").await;
         assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{protocol}");
         assert_eq!(body, "upstream request timeout\n");
+        // h2c clients too (a timer per stream rather than the connection's watchdog).
+        let res = h2_client(proxy.addr).await.send_request(Request::get("http://x/").body(full("")).unwrap());
+        let (parts, body) = res.await.unwrap().into_parts();
+        assert_eq!(parts.status, StatusCode::GATEWAY_TIMEOUT, "{protocol}");
+        assert_eq!(body.collect().await.unwrap().to_bytes(), "upstream request timeout\n");
 
         // Not HTTP: 502 (UPE).
         let proxy = Proxy::start(raw_upstream("garbage").await, &args(&[]));
