@@ -12,20 +12,24 @@
 
 use std::future::Future;
 use std::pin::{Pin, pin};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::stream::{FuturesUnordered, StreamExt};
+use h2::ext::Protocol;
 use h2::server::{Connection, SendResponse};
 use h2::{Reason, RecvStream};
-use http::{Request, Response};
-use http_body::Body;
+use http::{Method, Request, Response, StatusCode};
+use http_body::{Body, Frame};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::downstream::{GracefulConn, InFlight};
 use crate::h2body::{H2Recv, SendBody};
-use crate::proxy::{Forward, RequestBody};
+use crate::proxy::{Connected, Forward, ProxyBody, RequestBody};
+use crate::upstream::BoxError;
 
 /// Streams a client may open at once (hyper's default too).
 const MAX_CONCURRENT_STREAMS: u32 = 200;
@@ -44,6 +48,7 @@ pub(crate) async fn handshake(io: TcpStream) -> Result<Connection<TcpStream, Byt
         .initial_connection_window_size(WINDOW)
         .max_send_buffer_size(SEND_BUFFER)
         .max_header_list_size(MAX_HEADER_LIST)
+        .enable_connect_protocol()
         .handshake(io)
         .await
 }
@@ -115,6 +120,9 @@ pub(crate) async fn serve_stream(
     mut respond: SendResponse<Bytes>,
     in_flight: InFlight,
 ) {
+    if req.method() == Method::CONNECT {
+        return connect(forward, req, respond, in_flight).await;
+    }
     let req = req.map(|body| RequestBody::h2(H2Recv::new(body)));
     let mut call = pin!(forward.call(req, in_flight));
     // The client may give up (RST_STREAM) while the upstream has not answered yet: then stop,
@@ -130,6 +138,11 @@ pub(crate) async fn serve_stream(
     })
     .await;
     let Some(res) = answered else { return };
+    respond_with(respond, res).await;
+}
+
+/// Sends `res` on the stream: its head, then its body within the client's window.
+async fn respond_with(mut respond: SendResponse<Bytes>, res: Response<ProxyBody>) {
     let (parts, body) = res.into_parts();
     let end = body.is_end_stream();
     let send = match respond.send_response(Response::from_parts(parts, ()), end) {
@@ -142,6 +155,107 @@ pub(crate) async fn serve_stream(
     };
     if !end && let Err(e) = SendBody::new(body, send).await {
         tracing::debug!(error = %e, "response body to the h2c client ended early");
+    }
+}
+
+/// An extended CONNECT (RFC 8441) becomes a tunnel to an upgraded upstream connection; a
+/// plain CONNECT is refused.
+async fn connect(forward: Forward, req: Request<RecvStream>, respond: SendResponse<Bytes>, in_flight: InFlight) {
+    let Some(protocol) = req.extensions().get::<Protocol>().cloned() else {
+        let mut res = Response::new(ProxyBody::local(Bytes::from_static(b"CONNECT is not supported here\n")));
+        *res.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+        return respond_with(respond, res).await;
+    };
+    let (parts, recv) = req.into_parts();
+    let (head, upstream) = match forward.extended_connect(parts, protocol.as_str()).await {
+        Connected::Tunnel(head, upstream) => (head, upstream),
+        Connected::Answer(res) => return respond_with(respond, res).await,
+    };
+    let mut respond = respond;
+    let send = match respond.send_response(Response::from_parts(head, ()), false) {
+        Ok(send) => send,
+        Err(e) => return tracing::debug!(error = %e, "could not answer an extended CONNECT"),
+    };
+    let (from_upstream, mut to_upstream) = tokio::io::split(TokioIo::new(upstream));
+    let up = async {
+        let mut recv = recv;
+        while let Some(data) = recv.data().await {
+            let data = data?;
+            to_upstream.write_all(&data).await?;
+            // Written on: the client may send as much again.
+            let _ = recv.flow_control().release_capacity(data.len());
+        }
+        to_upstream.shutdown().await?;
+        Ok::<_, BoxError>(())
+    };
+    let down = SendBody::new(ReadBody::new(from_upstream), send);
+    // Either direction failing (a reset stream, a broken connection) ends both.
+    match tokio::try_join!(up, down) {
+        Ok(_) => tracing::debug!("extended CONNECT tunnel closed"),
+        Err(e) => tracing::debug!(error = %e, "extended CONNECT tunnel failed"),
+    }
+    drop(in_flight);
+}
+
+pin_project_lite::pin_project! {
+    /// What a reader yields, as a body of data frames (up to 16 KiB each).
+    struct ReadBody<R> {
+        #[pin]
+        reader: R,
+        buf: BytesMut,
+        done: bool,
+    }
+}
+
+impl<R> ReadBody<R> {
+    fn new(reader: R) -> Self {
+        Self { reader, buf: BytesMut::new(), done: false }
+    }
+}
+
+impl<R: AsyncRead> Body for ReadBody<R> {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        let this = self.project();
+        if *this.done {
+            return Poll::Ready(None);
+        }
+        this.buf.reserve(READ_CHUNK);
+        match ready!(poll_read_chunk(this.reader, cx, this.buf)) {
+            Ok(0) => {
+                *this.done = true;
+                Poll::Ready(None)
+            }
+            Ok(_) => Poll::Ready(Some(Ok(Frame::data(this.buf.split().freeze())))),
+            Err(e) => Poll::Ready(Some(Err(e))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.done
+    }
+}
+
+const READ_CHUNK: usize = 16 << 10;
+
+/// Reads into the spare capacity of `buf` (at most [`READ_CHUNK`] bytes).
+fn poll_read_chunk<R: AsyncRead>(
+    reader: Pin<&mut R>,
+    cx: &mut Context<'_>,
+    buf: &mut BytesMut,
+) -> Poll<std::io::Result<usize>> {
+    let start = buf.len();
+    buf.resize(start + READ_CHUNK, 0);
+    let mut read = ReadBuf::new(&mut buf[start..]);
+    let result = reader.poll_read(cx, &mut read);
+    let n = read.filled().len();
+    buf.truncate(start + n);
+    match result {
+        Poll::Ready(Ok(())) => Poll::Ready(Ok(n)),
+        Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+        Poll::Pending => Poll::Pending,
     }
 }
 

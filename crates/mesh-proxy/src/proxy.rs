@@ -10,7 +10,11 @@
 //!   upstream answers `101 Switching Protocols`, the proxy answers 101 too and then copies
 //!   bytes both ways between the two connections until either side closes; any other answer
 //!   is forwarded as usual. Upgraded tunnels are not part of the drain: they close when the
-//!   process exits. HTTP/2 has no `Upgrade`; its extended CONNECT is not supported yet.
+//!   process exits.
+//! * HTTP/2 extended CONNECT (RFC 8441: WebSocket over HTTP/2) is forwarded the same way, as
+//!   an HTTP/1.1 upgrade, and tunnelled between the client's stream and the upstream
+//!   connection ([`Forward::extended_connect`]). A plain CONNECT (a TCP tunnel to any
+//!   address) is refused with 405: a sidecar is not a forward proxy.
 //! * HTTP/2 requests forwarded over HTTP/1.1 get a `host` header from their `:authority`;
 //!   HTTP/1.1 requests forwarded over h2c get an `:authority` from their `host` header.
 //! * When the upstream fails, the proxy answers as Envoy does and records the response flag
@@ -48,6 +52,8 @@ use crate::upstream::{BoxError, Checkout, Upstream};
 
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+const SEC_WEBSOCKET_KEY: HeaderName = HeaderName::from_static("sec-websocket-key");
+const SEC_WEBSOCKET_ACCEPT: HeaderName = HeaderName::from_static("sec-websocket-accept");
 
 /// The forwarding service; cheap to clone (all state is shared).
 #[derive(Clone)]
@@ -152,6 +158,94 @@ impl Forward {
         tokio::spawn(tunnel(downstream, upstream));
         Ok(Response::from_parts(parts, ProxyBody::empty()))
     }
+}
+
+/// What an extended CONNECT led to.
+pub(crate) enum Connected {
+    /// The upstream switched protocols: the response head for the client (200) and the
+    /// upstream connection to tunnel to.
+    Tunnel(http::response::Parts, hyper::upgrade::Upgraded),
+    /// Anything else (a refusal, a failure): answer the client with this.
+    Answer(Response<ProxyBody>),
+}
+
+impl Forward {
+    /// Forwards an HTTP/2 extended CONNECT (RFC 8441, e.g. WebSocket over HTTP/2) as an
+    /// HTTP/1.1 upgrade (RFC 6455 for WebSocket) on an upstream connection of its own.
+    ///
+    /// The client's headers go along (hop-by-hop ones dropped), with `host` from
+    /// `:authority`, `Connection: upgrade` and `Upgrade: <:protocol>`; a WebSocket request also
+    /// gets the `Sec-WebSocket-Key` that HTTP/2 clients do not send. The upstream's `101` becomes
+    /// `200` for the client, without the `Sec-WebSocket-Accept` that only answers our key (it
+    /// is not checked: the upstream's handshake is its own business).
+    pub(crate) async fn extended_connect(&self, parts: http::request::Parts, protocol: &str) -> Connected {
+        let exchange = async {
+            let mut headers = parts.headers;
+            strip_hop_by_hop(&mut headers);
+            if let Some(authority) = parts.uri.authority() {
+                headers.insert(HOST, HeaderValue::from_str(authority.as_str())?);
+            }
+            set_upgrade(&mut headers, HeaderValue::from_str(protocol)?);
+            if protocol.eq_ignore_ascii_case("websocket") && !headers.contains_key(SEC_WEBSOCKET_KEY) {
+                headers.insert(SEC_WEBSOCKET_KEY, websocket_key());
+            }
+            let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+            let mut req = Request::new(RequestBody::empty());
+            *req.uri_mut() = path.into();
+            *req.headers_mut() = headers;
+            let mut res = self.upstream.send_upgrade(req).await?;
+            if res.status() != StatusCode::SWITCHING_PROTOCOLS {
+                let (mut parts, body) = res.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                return Ok(Connected::Answer(Response::from_parts(parts, ProxyBody::upstream(body, None))));
+            }
+            let upgraded = hyper::upgrade::on(&mut res).await?;
+            let (mut parts, _empty) = res.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            parts.headers.remove(SEC_WEBSOCKET_ACCEPT);
+            parts.status = StatusCode::OK;
+            Ok::<_, BoxError>(Connected::Tunnel(parts, upgraded))
+        };
+        let result = match self.request_timeout {
+            Some(limit) => {
+                tokio::time::timeout(limit, exchange).await.unwrap_or_else(|_| Err(Box::new(TimeoutError::new())))
+            }
+            None => exchange.await,
+        };
+        result.unwrap_or_else(|e| Connected::Answer(local_reply(&*e)))
+    }
+}
+
+/// A fresh `Sec-WebSocket-Key`: 16 unpredictable bytes, base64 (RFC 6455 section 4.1). It
+/// only has to differ between handshakes; std's randomly seeded hasher provides that.
+fn websocket_key() -> HeaderValue {
+    use std::hash::{BuildHasher, Hasher};
+    let state = std::collections::hash_map::RandomState::new();
+    let mut bytes = [0u8; 16];
+    for (i, half) in bytes.chunks_mut(8).enumerate() {
+        let mut h = state.build_hasher();
+        h.write_usize(i);
+        h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+        half.copy_from_slice(&h.finish().to_le_bytes());
+    }
+    HeaderValue::from_str(&base64(&bytes)).expect("base64 is a valid header value")
+}
+
+/// Standard base64 with padding (RFC 4648), for the one short value above.
+fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = chunk.iter().enumerate().fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
 }
 
 /// The protocol an HTTP/1.1 request asks to upgrade to (`Connection: upgrade` and `Upgrade`).
@@ -351,6 +445,7 @@ pin_project_lite::pin_project! {
     pub(crate) enum RequestBody {
         Http1 { #[pin] body: Incoming },
         H2 { body: H2Recv },
+        Empty,
     }
 }
 
@@ -362,6 +457,10 @@ impl RequestBody {
     pub(crate) fn h2(body: H2Recv) -> Self {
         RequestBody::H2 { body }
     }
+
+    pub(crate) fn empty() -> Self {
+        RequestBody::Empty
+    }
 }
 
 impl Body for RequestBody {
@@ -372,6 +471,7 @@ impl Body for RequestBody {
         match self.project() {
             RequestBodyProj::Http1 { body } => body.poll_frame(cx).map(|f| f.map(|f| f.map_err(Into::into))),
             RequestBodyProj::H2 { body } => body.poll_frame(cx).map(|f| f.map(|f| f.map_err(Into::into))),
+            RequestBodyProj::Empty => Poll::Ready(None),
         }
     }
 
@@ -379,6 +479,7 @@ impl Body for RequestBody {
         match self {
             RequestBody::Http1 { body } => body.is_end_stream(),
             RequestBody::H2 { body } => body.is_end_stream(),
+            RequestBody::Empty => true,
         }
     }
 
@@ -386,6 +487,7 @@ impl Body for RequestBody {
         match self {
             RequestBody::Http1 { body } => body.size_hint(),
             RequestBody::H2 { .. } => SizeHint::default(),
+            RequestBody::Empty => SizeHint::with_exact(0),
         }
     }
 }
@@ -432,7 +534,7 @@ impl ProxyBody {
         ProxyBody { inner: Inner::H2 { body }, in_flight: None }
     }
 
-    fn local(data: Bytes) -> Self {
+    pub(crate) fn local(data: Bytes) -> Self {
         ProxyBody { inner: Inner::Local { data: Some(data) }, in_flight: None }
     }
 
@@ -491,5 +593,34 @@ impl std::fmt::Debug for ProxyBody {
                 f.debug_struct("ProxyBody::Local").field("len", &data.as_ref().map(Bytes::len)).finish()
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_rfc_4648_vectors() {
+        for (input, encoded) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(base64(input.as_bytes()), encoded);
+        }
+        assert_eq!(base64(&[0xfb, 0xff, 0xbf]), "+/+/");
+    }
+
+    #[test]
+    fn websocket_keys_are_16_bytes_and_differ() {
+        let (a, b) = (websocket_key(), websocket_key());
+        assert_eq!(a.len(), 24, "16 bytes in base64");
+        assert!(a.as_bytes().ends_with(b"=="));
+        assert_ne!(a, b);
     }
 }

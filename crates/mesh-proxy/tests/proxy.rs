@@ -886,3 +886,108 @@ async fn get_owned(addr: SocketAddr, path: &'static str) -> (StatusCode, HeaderM
     let (parts, body) = tx.send_request(req).await.unwrap().into_parts();
     (parts.status, parts.headers, body.collect().await.unwrap().to_bytes())
 }
+
+/// A masked (client-to-server) WebSocket frame (RFC 6455 section 5.2).
+fn ws_client_frame(opcode: u8, payload: &[u8]) -> Bytes {
+    let mut frame = vec![0x80 | opcode];
+    match payload.len() {
+        n if n < 126 => frame.push(0x80 | n as u8),
+        n if n <= 0xffff => {
+            frame.push(0x80 | 126);
+            frame.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            frame.push(0x80 | 127);
+            frame.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    let mask = [0x37, 0xfa, 0x21, 0x3d];
+    frame.extend_from_slice(&mask);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame.into()
+}
+
+/// Reads one unmasked (server-to-client) WebSocket frame from an h2 stream: (opcode, payload).
+async fn ws_server_frame(recv: &mut h2::RecvStream, buf: &mut Vec<u8>) -> (u8, Vec<u8>) {
+    loop {
+        if buf.len() >= 2 {
+            let (opcode, len7) = (buf[0] & 0x0f, usize::from(buf[1] & 0x7f));
+            let (header, len) = match len7 {
+                126 if buf.len() >= 4 => (4, usize::from(u16::from_be_bytes([buf[2], buf[3]]))),
+                127 if buf.len() >= 10 => (10, u64::from_be_bytes(buf[2..10].try_into().unwrap()) as usize),
+                126 | 127 => (usize::MAX, 0),
+                n => (2, n),
+            };
+            if header != usize::MAX && buf.len() >= header + len {
+                let payload = buf[header..header + len].to_vec();
+                buf.drain(..header + len);
+                return (opcode, payload);
+            }
+        }
+        let data = tokio::time::timeout(Duration::from_secs(5), recv.data()).await.unwrap().unwrap().unwrap();
+        recv.flow_control().release_capacity(data.len()).unwrap();
+        buf.extend_from_slice(&data);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websockets_over_http2_extended_connect_are_tunnelled() {
+    let upstream = websocket_echo_upstream().await;
+    let proxy = Proxy::start(upstream, &[]);
+    let io = TcpStream::connect(proxy.addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(io).await.unwrap();
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    // The proxy's SETTINGS announce extended CONNECT (RFC 8441 section 3).
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while !client.is_extended_connect_protocol_enabled() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("SETTINGS_ENABLE_CONNECT_PROTOCOL from the proxy");
+
+    let connect = |path: &str| {
+        Request::builder()
+            .method("CONNECT")
+            .uri(format!("http://app.test{path}"))
+            .extension(h2::ext::Protocol::from_static("websocket"))
+            .header("sec-websocket-version", "13")
+            .body(())
+            .unwrap()
+    };
+    let (response, mut send) = client.send_request(connect("/chat"), false).unwrap();
+    let res = response.await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK, "the upstream's 101 is 200 on HTTP/2");
+    assert!(!res.headers().contains_key("sec-websocket-accept"));
+    let mut recv = res.into_body();
+    let mut buf = Vec::new();
+
+    send.send_data(ws_client_frame(0x1, b"hello"), false).unwrap();
+    assert_eq!(ws_server_frame(&mut recv, &mut buf).await, (0x1, b"hello".to_vec()));
+    // A message larger than the stream's initial window both ways: flow control in the tunnel.
+    let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    send.reserve_capacity(big.len() + 16);
+    send.send_data(ws_client_frame(0x2, &big), false).unwrap();
+    assert_eq!(ws_server_frame(&mut recv, &mut buf).await, (0x2, big));
+    // Close: the upstream ends its connection (the echo server does not bother to answer
+    // with a close frame of its own), and the proxy ends the stream.
+    send.send_data(ws_client_frame(0x8, &1000u16.to_be_bytes()), true).unwrap();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(data) = recv.data().await {
+            buf.extend_from_slice(&data.unwrap());
+        }
+    })
+    .await
+    .expect("the stream ends after the close");
+    assert!(buf.is_empty() || buf[0] & 0x0f == 0x8, "nothing but a close frame: {buf:?}");
+
+    // A refused handshake reaches the client as it was sent; a plain CONNECT is refused.
+    let mut client = client.ready().await.unwrap();
+    let (response, _send) = client.send_request(connect("/forbidden"), false).unwrap();
+    assert_eq!(response.await.unwrap().status(), StatusCode::FORBIDDEN);
+    let mut client = client.ready().await.unwrap();
+    let plain = Request::builder().method("CONNECT").uri("app.test:443").body(()).unwrap();
+    let (response, _send) = client.send_request(plain, false).unwrap();
+    assert_eq!(response.await.unwrap().status(), StatusCode::METHOD_NOT_ALLOWED);
+}
