@@ -7,8 +7,9 @@
 //! upgrades and HTTP/2 extended CONNECT (WebSocket) are tunnelled; upstream failures are
 //! answered as Envoy answers them (see [`proxy`](crate::ProxyBody)); client connections idle
 //! for `downstream_idle_timeout` are closed; an admin server answers `/ready` and `/live`;
-//! SIGTERM and Ctrl-C drain in-flight requests before exit. Routing, retries, mTLS and telemetry arrive as the other
-//! crates gain them; configuration from Istio YAML comes with them.
+//! SIGTERM and Ctrl-C drain in-flight requests before exit. Routing, retries, mTLS and
+//! telemetry arrive as the other crates gain them; configuration from Istio YAML comes with
+//! them.
 //!
 //! HTTP/1.1 is served and spoken by hyper. HTTP/2 is served and spoken with the `h2` crate
 //! directly: a client connection's streams are polled by the connection's own task rather
