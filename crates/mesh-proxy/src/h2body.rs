@@ -25,8 +25,8 @@ pub(crate) struct H2Recv {
 
 impl H2Recv {
     pub(crate) fn new(recv: RecvStream) -> Self {
-        let data_done = recv.is_end_stream();
-        Self { recv, data_done }
+        // An empty body finds out on its first poll (no lock taken here).
+        Self { recv, data_done: false }
     }
 
     pub(crate) fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {

@@ -30,6 +30,7 @@
 
 use std::convert::Infallible;
 use std::error::Error as StdError;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
@@ -88,10 +89,7 @@ impl Forward {
                 .headers_deadline(exchange)
                 .await
                 .unwrap_or_else(|_: Elapsed| Err(Box::new(TimeoutError::new()))),
-            Some(limit) => {
-                tokio::time::timeout(limit, exchange).await.unwrap_or_else(|_| Err(Box::new(TimeoutError::new())))
-            }
-            None => exchange.await,
+            _ => self.timed(exchange).await,
         };
         let mut res = match result {
             Ok(res) => res,
@@ -206,13 +204,18 @@ impl Forward {
             parts.status = StatusCode::OK;
             Ok::<_, BoxError>(Connected::Tunnel(parts, upgraded))
         };
-        let result = match self.request_timeout {
+        self.timed(exchange).await.unwrap_or_else(|e| Connected::Answer(local_reply(&*e)))
+    }
+
+    /// `exchange` bounded by the request timeout with a timer of its own (HTTP/2 streams and
+    /// tunnels; HTTP/1.x requests use the connection's watchdog instead).
+    async fn timed<T>(&self, exchange: impl Future<Output = Result<T, BoxError>>) -> Result<T, BoxError> {
+        match self.request_timeout {
             Some(limit) => {
                 tokio::time::timeout(limit, exchange).await.unwrap_or_else(|_| Err(Box::new(TimeoutError::new())))
             }
             None => exchange.await,
-        };
-        result.unwrap_or_else(|e| Connected::Answer(local_reply(&*e)))
+        }
     }
 }
 

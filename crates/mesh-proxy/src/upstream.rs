@@ -61,6 +61,8 @@ struct Idle {
 struct H2Conn {
     tx: h2::client::SendRequest<Bytes>,
     closed: Arc<AtomicBool>,
+    /// Which connection this is (one more per connection opened).
+    id: u64,
 }
 
 /// HTTP/2 flow-control windows towards the upstream: a stream may have 2 MiB in flight, the
@@ -184,7 +186,7 @@ impl Upstream {
     /// request body, if any, is sent by a task of its own, so that it can keep streaming
     /// after the response has arrived.
     pub(crate) async fn send_h2(&self, req: Request<RequestBody>) -> Result<Response<RecvStream>, BoxError> {
-        let (tx, closed) = match self.current_h2() {
+        let (tx, id) = match self.current_h2() {
             Some(current) => current,
             None => Box::pin(self.connect_h2()).await?,
         };
@@ -194,7 +196,7 @@ impl Upstream {
             // broke: nothing of this request went out on it, so it goes on a new connection.
             Err(e) => {
                 tracing::debug!(error = %e, "upstream h2c connection no longer takes requests; reconnecting");
-                closed.store(true, Ordering::Release);
+                self.retire_h2(id);
                 let (tx, _) = Box::pin(self.connect_h2()).await?;
                 tx.ready().await?
             }
@@ -213,12 +215,20 @@ impl Upstream {
     }
 
     /// The shared connection's sender, and its flag to set once it is known to be unusable.
-    fn current_h2(&self) -> Option<(h2::client::SendRequest<Bytes>, Arc<AtomicBool>)> {
+    fn current_h2(&self) -> Option<(h2::client::SendRequest<Bytes>, u64)> {
         let slot = self.h2.lock().unwrap_or_else(|p| p.into_inner());
-        slot.as_ref().filter(|c| !c.closed.load(Ordering::Acquire)).map(|c| (c.tx.clone(), c.closed.clone()))
+        slot.as_ref().filter(|c| !c.closed.load(Ordering::Acquire)).map(|c| (c.tx.clone(), c.id))
     }
 
-    async fn connect_h2(&self) -> Result<(h2::client::SendRequest<Bytes>, Arc<AtomicBool>), BoxError> {
+    /// Stops using connection `id` for new requests (unless it was replaced meanwhile).
+    fn retire_h2(&self, id: u64) {
+        let slot = self.h2.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = slot.as_ref().filter(|c| c.id == id) {
+            c.closed.store(true, Ordering::Release);
+        }
+    }
+
+    async fn connect_h2(&self) -> Result<(h2::client::SendRequest<Bytes>, u64), BoxError> {
         // One connection attempt at a time; latecomers reuse its result.
         let _connecting = self.h2_connecting.lock().await;
         if let Some(current) = self.current_h2() {
@@ -240,8 +250,10 @@ impl Upstream {
             }
             ended.store(true, Ordering::Release);
         });
-        *self.h2.lock().unwrap_or_else(|p| p.into_inner()) = Some(H2Conn { tx: tx.clone(), closed: closed.clone() });
-        Ok((tx, closed))
+        let mut slot = self.h2.lock().unwrap_or_else(|p| p.into_inner());
+        let id = slot.as_ref().map_or(0, |c| c.id + 1);
+        *slot = Some(H2Conn { tx: tx.clone(), closed, id });
+        Ok((tx, id))
     }
 
     // === TCP ===

@@ -208,11 +208,7 @@ async fn h2_client(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<
 }
 
 async fn get(proxy: &Proxy, path: &str) -> (StatusCode, HeaderMap, Bytes) {
-    let mut tx = h1_client(proxy.addr).await;
-    let req = Request::get(path).header("host", "app.test").body(full("")).unwrap();
-    let res = tx.send_request(req).await.unwrap();
-    let (parts, body) = res.into_parts();
-    (parts.status, parts.headers, body.collect().await.unwrap().to_bytes())
+    get_owned(proxy.addr, path.to_owned()).await
 }
 
 async fn admin_status(proxy: &Proxy, path: &str) -> Option<StatusCode> {
@@ -865,7 +861,7 @@ async fn an_upstream_going_away_gracefully_loses_no_request() {
     });
     let proxy = Proxy::start(addr, &["--upstream-protocol", "h2"]);
 
-    let slow = tokio::spawn(get_owned(proxy.addr, "/slow"));
+    let slow = tokio::spawn(get_owned(proxy.addr, "/slow".to_owned()));
     tokio::time::sleep(Duration::from_millis(100)).await;
     shutdown_tx.send_replace(1);
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -880,7 +876,8 @@ async fn an_upstream_going_away_gracefully_loses_no_request() {
     assert_eq!(connections.load(Ordering::SeqCst), 2);
 }
 
-async fn get_owned(addr: SocketAddr, path: &'static str) -> (StatusCode, HeaderMap, Bytes) {
+/// A GET over a new HTTP/1.1 connection; owns its arguments, so it can be spawned.
+async fn get_owned(addr: SocketAddr, path: String) -> (StatusCode, HeaderMap, Bytes) {
     let mut tx = h1_client(addr).await;
     let req = Request::get(path).header("host", "app.test").body(full("")).unwrap();
     let (parts, body) = tx.send_request(req).await.unwrap().into_parts();
