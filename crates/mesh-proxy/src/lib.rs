@@ -106,8 +106,9 @@ impl Server {
 
     /// Serves until `shutdown` completes, then drains: `/ready` turns 503, the listener stops
     /// accepting, open connections finish their in-flight requests (HTTP/1.1 closes after the
-    /// current response, HTTP/2 sends GOAWAY), and whatever is still open after the drain
-    /// timeout is closed.
+    /// current response, HTTP/2 sends GOAWAY), upgraded connections (WebSocket) stay open
+    /// until they close by themselves, and whatever is still open after the drain timeout is
+    /// closed.
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
         let draining = Arc::new(AtomicBool::new(false));
         let (drain_tx, drain_rx) = watch::channel(false);
@@ -157,9 +158,15 @@ impl Server {
         drain_tx.send_replace(true);
         drop(drain_rx);
         let open = drain_tx.receiver_count();
-        tracing::info!(connections = open, timeout = ?self.config.drain_timeout, "draining");
+        let tunnels = forward.tunnels().clone();
+        tracing::info!(connections = open, tunnels = tunnels.count(), timeout = ?self.config.drain_timeout, "draining");
+        let drained = async {
+            drain_tx.closed().await;
+            // Upgraded connections outlive the HTTP connections they came from.
+            tunnels.all_closed().await;
+        };
         tokio::select! {
-            () = drain_tx.closed() => tracing::info!("drained"),
+            () = drained => tracing::info!("drained"),
             () = tokio::time::sleep(self.config.drain_timeout) => {
                 tracing::warn!("drain timeout reached; closing the remaining connections");
             }

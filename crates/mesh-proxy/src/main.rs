@@ -16,8 +16,9 @@ use mesh_proxy::{ProxyConfig, Server, UpstreamAddr, UpstreamProtocol};
 /// when it does not answer in time, 504 (UT). With no arguments it runs on the embedded
 /// default: listen on 127.0.0.1:15001, forward to 127.0.0.1:8080, admin on 127.0.0.1:15000.
 ///
-/// SIGTERM or Ctrl-C drains: /ready turns 503, the listener closes, in-flight requests finish
-/// (up to --drain-timeout), then the process exits 0. A second signal exits at once.
+/// SIGTERM or Ctrl-C drains: /ready turns 503, the listener closes, in-flight requests and open
+/// WebSockets finish (up to --drain-timeout), then the process exits 0. A second signal exits
+/// at once.
 #[derive(Debug, Parser)]
 #[command(name = "mesh-proxy", version, about, long_about, after_help = AFTER_HELP)]
 struct Args {

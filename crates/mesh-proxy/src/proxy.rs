@@ -9,8 +9,9 @@
 //!   upstream HTTP/1.1 connection of their own, whatever `--upstream-protocol` says. If the
 //!   upstream answers `101 Switching Protocols`, the proxy answers 101 too and then copies
 //!   bytes both ways between the two connections until either side closes; any other answer
-//!   is forwarded as usual. Upgraded tunnels are not part of the drain: they close when the
-//!   process exits.
+//!   is forwarded as usual. A drain waits for open tunnels as it waits for requests in
+//!   flight: they keep working until they close by themselves or the drain timeout ends
+//!   them (a byte tunnel cannot be asked to finish).
 //! * HTTP/2 extended CONNECT (RFC 8441: WebSocket over HTTP/2) is forwarded the same way, as
 //!   an HTTP/1.1 upgrade, and tunnelled between the client's stream and the upstream
 //!   connection ([`Forward::extended_connect`]). A plain CONNECT (a TCP tunnel to any
@@ -49,7 +50,7 @@ use mesh_core::classify::{Failure, Outcome, TimeoutError};
 use crate::config::{ProxyConfig, UpstreamProtocol};
 use crate::downstream::{Elapsed, InFlight};
 use crate::h2body::H2Recv;
-use crate::upstream::{BoxError, Checkout, Upstream};
+use crate::upstream::{BoxError, Checkout, TunnelGuard, Tunnels, Upstream};
 
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
@@ -71,6 +72,11 @@ impl Forward {
             protocol: config.upstream_protocol,
             request_timeout: config.request_timeout,
         }
+    }
+
+    /// The upgraded connections that are still open.
+    pub(crate) fn tunnels(&self) -> &Arc<Tunnels> {
+        self.upstream.tunnels()
     }
 
     /// Forwards one request. Never fails: upstream failures become local replies. `in_flight`
@@ -153,7 +159,7 @@ impl Forward {
         if let Some(protocol) = agreed {
             set_upgrade(&mut parts.headers, protocol);
         }
-        tokio::spawn(tunnel(downstream, upstream));
+        tokio::spawn(tunnel(downstream, upstream, self.upstream.tunnels().open()));
         Ok(Response::from_parts(parts, ProxyBody::empty()))
     }
 }
@@ -273,7 +279,7 @@ fn set_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
 }
 
 /// Copies bytes both ways between the upgraded downstream and upstream connections.
-async fn tunnel(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+async fn tunnel(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade, open: TunnelGuard) {
     let (downstream, upstream) = match tokio::try_join!(downstream, upstream) {
         Ok(both) => both,
         Err(e) => {
@@ -286,6 +292,7 @@ async fn tunnel(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade:
         Ok((up, down)) => tracing::debug!(bytes_up = up, bytes_down = down, "upgraded connection closed"),
         Err(e) => tracing::debug!(error = %e, "upgraded connection failed"),
     }
+    drop(open);
 }
 
 /// Prepares a request for an HTTP/1.1 upstream: origin-form target, `host` header.

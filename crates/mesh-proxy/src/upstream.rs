@@ -18,7 +18,7 @@
 use std::collections::VecDeque;
 use std::error::Error as StdError;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
@@ -84,6 +84,7 @@ pub(crate) struct Upstream {
     epoch: AtomicU64,
     h2: Mutex<Option<H2Conn>>,
     h2_connecting: tokio::sync::Mutex<()>,
+    tunnels: Arc<Tunnels>,
 }
 
 impl Upstream {
@@ -97,6 +98,7 @@ impl Upstream {
             epoch: AtomicU64::new(0),
             h2: Mutex::new(None),
             h2_connecting: tokio::sync::Mutex::new(()),
+            tunnels: Arc::default(),
         });
         tokio::spawn(reap_idle(Arc::downgrade(&pool), config.idle_timeout));
         pool
@@ -104,6 +106,11 @@ impl Upstream {
 
     pub(crate) fn addr(&self) -> &UpstreamAddr {
         &self.addr
+    }
+
+    /// The upgraded connections to this upstream that are still open.
+    pub(crate) fn tunnels(&self) -> &Arc<Tunnels> {
+        &self.tunnels
     }
 
     // === HTTP/1.1 ===
@@ -270,6 +277,52 @@ impl Upstream {
         };
         stream.set_nodelay(true).map_err(ConnectError::new)?;
         Ok(stream)
+    }
+}
+
+/// Counts the upgraded (tunnelled) connections that are open, so that a drain can wait for
+/// them: unlike an HTTP exchange, a tunnel cannot be asked to finish, so it is given until the
+/// drain timeout to end by itself.
+#[derive(Default)]
+pub(crate) struct Tunnels {
+    open: AtomicUsize,
+    all_closed: tokio::sync::Notify,
+}
+
+impl Tunnels {
+    /// One more tunnel is open until the guard is dropped.
+    pub(crate) fn open(self: &Arc<Self>) -> TunnelGuard {
+        self.open.fetch_add(1, Ordering::AcqRel);
+        TunnelGuard(self.clone())
+    }
+
+    pub(crate) fn count(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// Completes once no tunnel is open.
+    pub(crate) async fn all_closed(&self) {
+        loop {
+            let closed = self.all_closed.notified();
+            tokio::pin!(closed);
+            // Registered before the count is read: a last close in between is not missed.
+            closed.as_mut().enable();
+            if self.count() == 0 {
+                return;
+            }
+            closed.await;
+        }
+    }
+}
+
+/// An open tunnel, counted in [`Tunnels`].
+pub(crate) struct TunnelGuard(Arc<Tunnels>);
+
+impl Drop for TunnelGuard {
+    fn drop(&mut self) {
+        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.all_closed.notify_waiters();
+        }
     }
 }
 

@@ -748,6 +748,41 @@ async fn websockets_are_tunnelled_through_http1_upgrades() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_gives_open_websockets_until_the_drain_timeout() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let upstream = websocket_echo_upstream().await;
+    let connect = |proxy: SocketAddr| async move {
+        let stream = TcpStream::connect(proxy).await.unwrap();
+        tokio_tungstenite::client_async(format!("ws://{proxy}/chat"), stream).await.unwrap().0
+    };
+
+    // A tunnel keeps working while the proxy drains, and the drain ends when it closes: far
+    // sooner than the 60 s drain timeout (`wait_exit` gives up after 5 s).
+    let mut proxy = Proxy::start(upstream, &["--drain-timeout", "60s"]);
+    let mut ws = connect(proxy.addr).await;
+    proxy.terminate();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(admin_status(&proxy, "/ready").await, Some(StatusCode::SERVICE_UNAVAILABLE), "draining");
+    ws.send(Message::text("still there?")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("still there?"));
+    assert!(proxy.child.try_wait().unwrap().is_none(), "the drain waits for the open tunnel");
+    ws.close(None).await.unwrap();
+    drop(ws);
+    let exit = proxy.wait_exit().await;
+    assert!(exit.success(), "{exit:?}");
+
+    // A tunnel still open when the drain timeout ends is closed.
+    let mut proxy = Proxy::start(upstream, &["--drain-timeout", "300ms"]);
+    let mut ws = connect(proxy.addr).await;
+    proxy.terminate();
+    let exit = proxy.wait_exit().await;
+    assert!(exit.success(), "{exit:?}");
+    let end = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.expect("the tunnel was closed");
+    assert!(!matches!(end, Some(Ok(Message::Text(_) | Message::Binary(_)))), "{end:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_outage_does_not_flood_the_log() {
     let log_path = std::env::temp_dir().join(format!("mesh-proxy-outage-{}.log", std::process::id()));
     let log = std::fs::File::create(&log_path).unwrap();
