@@ -180,8 +180,8 @@ impl Forward {
     /// The client's headers go along (hop-by-hop ones dropped), with `host` from
     /// `:authority`, `Connection: upgrade` and `Upgrade: <:protocol>`; a WebSocket request also
     /// gets the `Sec-WebSocket-Key` that HTTP/2 clients do not send. The upstream's `101` becomes
-    /// `200` for the client, without the `Sec-WebSocket-Accept` that only answers our key (it
-    /// is not checked: the upstream's handshake is its own business).
+    /// `200` for the client, without the `Sec-WebSocket-Accept` that answers our key. That
+    /// answer is checked: a `101` with a wrong or missing one fails the handshake (502 `UPE`).
     pub(crate) async fn extended_connect(&self, parts: http::request::Parts, protocol: &str) -> Connected {
         let exchange = async {
             let mut headers = parts.headers;
@@ -190,8 +190,12 @@ impl Forward {
                 headers.insert(HOST, HeaderValue::from_str(authority.as_str())?);
             }
             set_upgrade(&mut headers, HeaderValue::from_str(protocol)?);
+            // The handshake the proxy makes itself, it checks (RFC 6455 section 4.1).
+            let mut our_key = None;
             if protocol.eq_ignore_ascii_case("websocket") && !headers.contains_key(SEC_WEBSOCKET_KEY) {
-                headers.insert(SEC_WEBSOCKET_KEY, websocket_key());
+                let key = websocket_key();
+                headers.insert(SEC_WEBSOCKET_KEY, key.clone());
+                our_key = Some(key);
             }
             let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
             let mut req = Request::new(RequestBody::empty());
@@ -202,6 +206,14 @@ impl Forward {
                 let (mut parts, body) = res.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
                 return Ok(Connected::Answer(Response::from_parts(parts, ProxyBody::upstream(body, None))));
+            }
+            if let Some(key) = our_key {
+                let expected = websocket_accept(key.as_bytes());
+                if res.headers().get(SEC_WEBSOCKET_ACCEPT).map(HeaderValue::as_bytes) != Some(expected.as_bytes()) {
+                    return Err(
+                        "the upstream's Sec-WebSocket-Accept does not answer the proxy's Sec-WebSocket-Key".into()
+                    );
+                }
             }
             let upgraded = hyper::upgrade::on(&mut res).await?;
             let (mut parts, _empty) = res.into_parts();
@@ -238,6 +250,13 @@ fn websocket_key() -> HeaderValue {
         half.copy_from_slice(&h.finish().to_le_bytes());
     }
     HeaderValue::from_str(&base64(&bytes)).expect("base64 is a valid header value")
+}
+
+/// The `Sec-WebSocket-Accept` that answers `key` (RFC 6455 section 4.2.2).
+fn websocket_accept(key: &[u8]) -> String {
+    use sha1::Digest;
+    const GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+    base64(&sha1::Sha1::new().chain_update(key).chain_update(GUID).finalize())
 }
 
 /// Standard base64 with padding (RFC 4648), for the one short value above.
@@ -624,6 +643,12 @@ mod tests {
             assert_eq!(base64(input.as_bytes()), encoded);
         }
         assert_eq!(base64(&[0xfb, 0xff, 0xbf]), "+/+/");
+    }
+
+    #[test]
+    fn websocket_accept_matches_rfc_6455() {
+        // The example of RFC 6455 section 1.3.
+        assert_eq!(websocket_accept(b"dGhlIHNhbXBsZSBub25jZQ=="), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
     }
 
     #[test]

@@ -404,6 +404,13 @@ async fn raw_upstream(behaviour: &'static str) -> SocketAddr {
                     "garbage" => {
                         let _ = stream.write_all(b"this is not HTTP\r\n\r\n").await;
                     }
+                    // Agrees to a WebSocket upgrade without answering the key.
+                    "bad-accept" => {
+                        let head = "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\
+                                    sec-websocket-accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
+                        let _ = stream.write_all(head.as_bytes()).await;
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                    }
                     _ => unreachable!(),
                 }
             });
@@ -1022,4 +1029,28 @@ async fn websockets_over_http2_extended_connect_are_tunnelled() {
     let plain = Request::builder().method("CONNECT").uri("app.test:443").body(()).unwrap();
     let (response, _send) = client.send_request(plain, false).unwrap();
     assert_eq!(response.await.unwrap().status(), StatusCode::METHOD_NOT_ALLOWED);
+
+    // The proxy made this handshake, so it checks the answer to its key: a 101 with a wrong
+    // Sec-WebSocket-Accept is an upstream protocol error, not a tunnel.
+    let proxy = Proxy::start(raw_upstream("bad-accept").await, &[]);
+    let io = TcpStream::connect(proxy.addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(io).await.unwrap();
+    tokio::spawn(conn);
+    let mut client = client.ready().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while !client.is_extended_connect_protocol_enabled() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap();
+    let (response, _send) = client.send_request(connect("/chat"), false).unwrap();
+    let res = response.await.unwrap();
+    assert_eq!(res.status(), StatusCode::BAD_GATEWAY);
+    let mut body = res.into_body();
+    let mut text = Vec::new();
+    while let Some(data) = body.data().await {
+        text.extend_from_slice(&data.unwrap());
+    }
+    assert_eq!(text, b"upstream protocol error\n");
 }
