@@ -456,6 +456,46 @@ async fn upstream_failures_get_envoy_style_answers() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expect_100_continue_clients_get_their_interim_response() {
+    let upstream = Upstream::start(echo()).await;
+    for protocol in ["http1", "h2"] {
+        let proxy = Proxy::start(upstream.addr, &["--upstream-protocol", protocol]);
+        let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+        let head = "POST /upload HTTP/1.1\r\nhost: app.test\r\ncontent-length: 11\r\nexpect: 100-continue\r\n\r\n";
+        stream.write_all(head.as_bytes()).await.unwrap();
+        // The client waits for the go-ahead before it sends the body.
+        let mut interim = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !interim.ends_with(b"\r\n\r\n") {
+                let mut byte = [0u8; 1];
+                assert_eq!(stream.read(&mut byte).await.unwrap(), 1, "{protocol}: closed before 100 Continue");
+                interim.push(byte[0]);
+            }
+        })
+        .await
+        .expect("100 Continue before the body");
+        assert_eq!(interim, b"HTTP/1.1 100 Continue\r\n\r\n", "{protocol}");
+        stream.write_all(b"hello world").await.unwrap();
+        let mut response = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), async {
+            // The echo comes back chunked: its end is the last chunk.
+            while !response.ends_with(b"0\r\n\r\n") {
+                let mut buf = [0u8; 4096];
+                let n = stream.read(&mut buf).await.unwrap();
+                assert!(n > 0, "{protocol}: closed before the response: {:?}", String::from_utf8_lossy(&response));
+                response.extend_from_slice(&buf[..n]);
+            }
+        })
+        .await
+        .expect("the response");
+        let text = String::from_utf8_lossy(&response);
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{protocol}: {text}");
+        assert!(text.contains("x-seen-method: POST\r\n"), "{protocol}: {text}");
+        assert!(text.contains("\r\nhello world\r\n"), "{protocol}: {text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_requests_get_400_and_the_proxy_keeps_serving() {
     let upstream = Upstream::start(echo()).await;
     let proxy = Proxy::start(upstream.addr, &[]);
