@@ -18,6 +18,10 @@
 //!   address) is refused with 405: a sidecar is not a forward proxy.
 //! * HTTP/2 requests forwarded over HTTP/1.1 get a `host` header from their `:authority`;
 //!   HTTP/1.1 requests forwarded over h2c get an `:authority` from their `host` header.
+//! * An HTTP/1.1 request must carry exactly one valid `host` (RFC 9112 section 3.2); one
+//!   that does not is answered 400 with the flag `DPE`, and is not forwarded. An
+//!   absolute-form target's authority replaces the `host`; an HTTP/1.0 request without one
+//!   gets the upstream's.
 //! * When the upstream fails, the proxy answers as Envoy does and records the response flag
 //!   on the response ([`ResponseFlags`]):
 //!
@@ -106,6 +110,7 @@ impl Forward {
     }
 
     async fn exchange(&self, mut req: Request<RequestBody>) -> Result<Response<ProxyBody>, BoxError> {
+        check_host(&req)?;
         // Most requests carry no hop-by-hop header at all, so no `upgrade` either.
         if has_hop_by_hop(req.headers()) {
             let upgrade = requested_upgrade(&req);
@@ -124,7 +129,7 @@ impl Forward {
             let (parts, body) = self.upstream.send_h2(req).await?.into_parts();
             (parts, ProxyBody::h2(H2Recv::new(body)))
         } else {
-            to_http1(&mut req)?;
+            to_http1(&mut req, self.upstream.addr().authority())?;
             let (res, checkout) = self.upstream.send_http1(req).await?;
             let (parts, body) = res.into_parts();
             (parts, ProxyBody::upstream(body, Some(checkout)))
@@ -142,7 +147,7 @@ impl Forward {
         protocol: HeaderValue,
     ) -> Result<Response<ProxyBody>, BoxError> {
         let downstream = hyper::upgrade::on(&mut req);
-        to_http1(&mut req)?;
+        to_http1(&mut req, self.upstream.addr().authority())?;
         set_upgrade(req.headers_mut(), protocol);
         let mut res = self.upstream.send_upgrade(req).await?;
         if res.status() != StatusCode::SWITCHING_PROTOCOLS {
@@ -189,7 +194,7 @@ impl Forward {
             if let Some(authority) = parts.uri.authority() {
                 headers.insert(HOST, HeaderValue::from_str(authority.as_str())?);
             }
-            set_upgrade(&mut headers, HeaderValue::from_str(protocol)?);
+            set_upgrade(&mut headers, HeaderValue::from_str(protocol).map_err(|_| BadRequest("invalid :protocol"))?);
             // The handshake the proxy makes itself, it checks (RFC 6455 section 4.1).
             let mut our_key = None;
             if protocol.eq_ignore_ascii_case("websocket") && !headers.contains_key(SEC_WEBSOCKET_KEY) {
@@ -315,17 +320,24 @@ async fn tunnel(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade:
 }
 
 /// Prepares a request for an HTTP/1.1 upstream: origin-form target, `host` header.
-fn to_http1<B>(req: &mut Request<B>) -> Result<(), BoxError> {
+fn to_http1<B>(req: &mut Request<B>, fallback: &http::uri::Authority) -> Result<(), BoxError> {
+    let before_http11 = req.version() < Version::HTTP_11;
     *req.version_mut() = Version::HTTP_11;
     if req.uri().authority().is_none() {
-        return Ok(()); // already origin-form, with the client's own `host`
+        // Already origin-form, with the client's own `host` (checked); an HTTP/1.0 client may
+        // have sent none, and HTTP/1.1 requires one: the upstream's.
+        if before_http11 && !req.headers().contains_key(HOST) {
+            req.headers_mut().insert(HOST, HeaderValue::from_str(fallback.as_str())?);
+        }
+        return Ok(());
     }
     let uri = std::mem::take(req.uri_mut());
     let mut parts = uri.into_parts();
-    if let Some(authority) = parts.authority.take()
-        && !req.headers().contains_key(HOST)
-    {
-        req.headers_mut().insert(HOST, HeaderValue::from_str(authority.as_str())?);
+    // The target's authority (HTTP/2's `:authority`, or an absolute-form HTTP/1.1 target)
+    // replaces any `host` (RFC 9112 section 3.2.2).
+    if let Some(authority) = parts.authority.take() {
+        let host = HeaderValue::from_str(authority.as_str()).map_err(|_| BadRequest("invalid authority"))?;
+        req.headers_mut().insert(HOST, host);
     }
     *req.uri_mut() = parts.path_and_query.unwrap_or_else(|| PathAndQuery::from_static("/")).into();
     Ok(())
@@ -339,7 +351,7 @@ fn to_h2<B>(req: &mut Request<B>, fallback: &http::uri::Authority) -> Result<(),
     let mut parts = uri.into_parts();
     if parts.authority.is_none() {
         parts.authority = Some(match host {
-            Some(h) => h.to_str()?.parse()?,
+            Some(h) => h.to_str().ok().and_then(|h| h.parse().ok()).ok_or(BadRequest("invalid Host header"))?,
             None => fallback.clone(),
         });
     }
@@ -347,8 +359,59 @@ fn to_h2<B>(req: &mut Request<B>, fallback: &http::uri::Authority) -> Result<(),
     if parts.path_and_query.is_none() {
         parts.path_and_query = Some(PathAndQuery::from_static("/"));
     }
-    *req.uri_mut() = Uri::from_parts(parts)?;
+    *req.uri_mut() = Uri::from_parts(parts).map_err(|_| BadRequest("invalid request target"))?;
     Ok(())
+}
+
+/// A request the proxy does not forward: answered 400, with the flag `DPE`.
+#[derive(Debug)]
+pub(crate) struct BadRequest(&'static str);
+
+impl std::fmt::Display for BadRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl StdError for BadRequest {}
+
+/// RFC 9112 section 3.2: an HTTP/1.1 request carries exactly one `host`, and a valid one (an
+/// HTTP/1.0 or HTTP/2 request may carry none).
+fn check_host<B>(req: &Request<B>) -> Result<(), BadRequest> {
+    let mut hosts = req.headers().get_all(HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (None, _) if req.version() == Version::HTTP_11 => Err(BadRequest("no Host header")),
+        (None, _) => Ok(()),
+        (Some(_), Some(_)) => Err(BadRequest("more than one Host header")),
+        (Some(host), None) if is_valid_host(host.as_bytes()) => Ok(()),
+        (Some(_), None) => Err(BadRequest("invalid Host header")),
+    }
+}
+
+/// `uri-host [ ":" port ]` (RFC 9110 section 7.2, RFC 3986 section 3.2.2): a bracketed IP
+/// literal or a non-empty registered name or IPv4 address, then an optional port; no userinfo.
+fn is_valid_host(host: &[u8]) -> bool {
+    let (name, port) = if let Some(literal) = host.strip_prefix(b"[") {
+        let Some(end) = literal.iter().position(|&b| b == b']') else { return false };
+        let inside = &literal[..end];
+        let ok = !inside.is_empty() && inside.iter().all(|&b| b.is_ascii_hexdigit() || b":.%vV-_~".contains(&b));
+        if !ok {
+            return false;
+        }
+        match &literal[end + 1..] {
+            [] => return true,
+            [b':', port @ ..] => (&b"x"[..], port),
+            _ => return false,
+        }
+    } else {
+        match host.iter().rposition(|&b| b == b':') {
+            Some(colon) => (&host[..colon], &host[colon + 1..]),
+            None => (host, &b""[..]),
+        }
+    };
+    let name_ok =
+        !name.is_empty() && name.iter().all(|&b| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(&b));
+    name_ok && port.len() <= 5 && port.iter().all(u8::is_ascii_digit)
 }
 
 /// Removes hop-by-hop headers (RFC 9110 section 7.6.1).
@@ -400,6 +463,15 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 
 /// The answer the proxy gives itself when the upstream did not answer.
 fn local_reply(error: &(dyn StdError + 'static)) -> Response<ProxyBody> {
+    if let Some(bad) = error.downcast_ref::<BadRequest>() {
+        tracing::debug!(error = %bad, "bad request");
+        let body = Bytes::from(format!("bad request: {bad}\n"));
+        let mut res = Response::new(ProxyBody::local(body));
+        *res.status_mut() = StatusCode::BAD_REQUEST;
+        res.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        ResponseFlags::record(res.extensions_mut(), ResponseFlags::DOWNSTREAM_PROTOCOL_ERROR);
+        return res;
+    }
     let outcome = Outcome::from_error(error);
     let (status, body): (StatusCode, &'static str) = match outcome.failure() {
         Some(Failure::ConnectFailure) => {
@@ -643,6 +715,30 @@ mod tests {
             assert_eq!(base64(input.as_bytes()), encoded);
         }
         assert_eq!(base64(&[0xfb, 0xff, 0xbf]), "+/+/");
+    }
+
+    #[test]
+    fn host_headers_are_checked_like_rfc_9110_says() {
+        for valid in
+            ["app.test", "app.test:8080", "127.0.0.1", "127.0.0.1:0", "[::1]", "[::1]:80", "a-b_c~d.e", "%41pp"]
+        {
+            assert!(is_valid_host(valid.as_bytes()), "{valid}");
+        }
+        for invalid in [
+            "",
+            ":80",
+            "app test",
+            "user@app.test",
+            "app.test:http",
+            "app.test:123456",
+            "[::1",
+            "[]",
+            "[::1]x",
+            "app/x",
+            "app?x",
+        ] {
+            assert!(!is_valid_host(invalid.as_bytes()), "{invalid}");
+        }
     }
 
     #[test]

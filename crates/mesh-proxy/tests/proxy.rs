@@ -518,6 +518,67 @@ async fn malformed_requests_get_400_and_the_proxy_keeps_serving() {
     assert_eq!(get(&proxy, "/").await.0, StatusCode::OK);
 }
 
+/// Sends raw HTTP/1.x bytes on a new connection and returns the response head and body.
+async fn raw_exchange(addr: SocketAddr, request: &str) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        let mut buf = [0u8; 4096];
+        // Up to the end of the head, then whatever the body's length says (or the close).
+        loop {
+            let n = stream.read(&mut buf).await.unwrap();
+            answer.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&answer);
+            let Some(head_end) = text.find("\r\n\r\n") else {
+                assert!(n > 0, "closed mid-head: {text}");
+                continue;
+            };
+            let length = text[..head_end]
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .map(|v| v.trim().parse::<usize>().unwrap());
+            if n == 0 || length.is_some_and(|len| answer.len() >= head_end + 4 + len) || text.ends_with("0\r\n\r\n") {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("an answer");
+    String::from_utf8(answer).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_without_a_valid_host_get_400() {
+    let upstream = Upstream::start(echo()).await;
+    for protocol in ["http1", "h2"] {
+        let proxy = Proxy::start_logging_to(upstream.addr, &["--upstream-protocol", protocol], Stdio::piped());
+        for (request, why) in [
+            ("GET / HTTP/1.1\r\n\r\n", "no Host header"),
+            ("GET / HTTP/1.1\r\nhost: a\r\nhost: b\r\n\r\n", "more than one Host header"),
+            ("GET / HTTP/1.1\r\nhost: a b\r\n\r\n", "invalid Host header"),
+            ("GET / HTTP/1.1\r\nhost: user@app.test\r\n\r\n", "invalid Host header"),
+            ("GET / HTTP/1.1\r\nhost: app.test:http\r\n\r\n", "invalid Host header"),
+            ("GET / HTTP/1.1\r\nhost: \r\n\r\n", "invalid Host header"),
+        ] {
+            let answer = raw_exchange(proxy.addr, request).await;
+            assert!(answer.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{protocol} {request:?}: {answer}");
+            assert!(answer.ends_with(&format!("\r\n\r\nbad request: {why}\n")), "{protocol} {request:?}: {answer}");
+        }
+        // Valid ones: an IP literal with a port; an HTTP/1.0 request with no Host (which gets
+        // the upstream's); an absolute-form target, whose authority replaces the Host.
+        for (request, host) in [
+            ("GET / HTTP/1.1\r\nhost: [::1]:8080\r\n\r\n", "[::1]:8080".to_string()),
+            ("GET / HTTP/1.0\r\n\r\n", upstream.addr.to_string()),
+            ("GET http://app.test/x HTTP/1.1\r\nhost: other.test\r\n\r\n", "app.test".to_string()),
+        ] {
+            let answer = raw_exchange(proxy.addr, request).await;
+            assert!(answer.contains(" 200 OK\r\n"), "{protocol} {request:?}: {answer}");
+            assert!(answer.contains(&format!("\r\nx-seen-host: {host}\r\n")), "{protocol} {request:?}: {answer}");
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_and_graceful_drain_on_sigterm() {
     // An upstream that takes 500 ms to answer.
