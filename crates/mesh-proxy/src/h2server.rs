@@ -20,7 +20,7 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use h2::ext::Protocol;
 use h2::server::{Connection, SendResponse};
 use h2::{Reason, RecvStream};
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, Request, Response};
 use http_body::{Body, Frame};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
@@ -162,9 +162,7 @@ async fn respond_with(mut respond: SendResponse<Bytes>, res: Response<ProxyBody>
 /// plain CONNECT is refused.
 async fn connect(forward: Forward, req: Request<RecvStream>, respond: SendResponse<Bytes>, in_flight: InFlight) {
     let Some(protocol) = req.extensions().get::<Protocol>().cloned() else {
-        let mut res = Response::new(ProxyBody::local(Bytes::from_static(b"CONNECT is not supported here\n")));
-        *res.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
-        return respond_with(respond, res).await;
+        return respond_with(respond, crate::proxy::connect_refused()).await;
     };
     let (parts, recv) = req.into_parts();
     let (head, upstream) = match forward.extended_connect(parts, protocol.as_str()).await {

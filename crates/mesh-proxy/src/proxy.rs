@@ -21,7 +21,9 @@
 //! * An HTTP/1.1 request must carry exactly one valid `host` (RFC 9112 section 3.2); one
 //!   that does not is answered 400 with the flag `DPE`, and is not forwarded. An
 //!   absolute-form target's authority replaces the `host`; an HTTP/1.0 request without one
-//!   gets the upstream's.
+//!   gets the upstream's. A request body that breaks off or is malformed is the client's
+//!   failure too (400 `DPE`), not the upstream's. HTTP/1.1 CONNECT is refused with 405, as
+//!   over HTTP/2, and an `Upgrade: h2c` is dropped (the request goes on as an ordinary one).
 //! * When the upstream fails, the proxy answers as Envoy does and records the response flag
 //!   on the response ([`ResponseFlags`]):
 //!
@@ -44,7 +46,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http::header::{CONNECTION, CONTENT_TYPE, HOST, TE, TRANSFER_ENCODING, UPGRADE};
 use http::uri::{PathAndQuery, Scheme};
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -110,6 +112,9 @@ impl Forward {
     }
 
     async fn exchange(&self, mut req: Request<RequestBody>) -> Result<Response<ProxyBody>, BoxError> {
+        if req.method() == Method::CONNECT {
+            return Ok(connect_refused());
+        }
         check_host(&req)?;
         // Most requests carry no hop-by-hop header at all, so no `upgrade` either.
         if has_hop_by_hop(req.headers()) {
@@ -242,6 +247,15 @@ impl Forward {
     }
 }
 
+/// The answer to a plain CONNECT (a TCP tunnel to any address): a sidecar is not a forward
+/// proxy.
+pub(crate) fn connect_refused() -> Response<ProxyBody> {
+    let mut res = Response::new(ProxyBody::local(Bytes::from_static(b"CONNECT is not supported here\n")));
+    *res.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+    res.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    res
+}
+
 /// A fresh `Sec-WebSocket-Key`: 16 unpredictable bytes, base64 (RFC 6455 section 4.1). It
 /// only has to differ between handshakes; std's randomly seeded hasher provides that.
 fn websocket_key() -> HeaderValue {
@@ -287,6 +301,11 @@ fn requested_upgrade<B>(req: &Request<B>) -> Option<HeaderValue> {
         return None;
     }
     let protocol = req.headers().get(UPGRADE)?;
+    // Upgrading to h2c is not forwarded (RFC 9113 deprecates it; h2c clients here use prior
+    // knowledge): the request goes on as an ordinary one.
+    if protocol.as_bytes().eq_ignore_ascii_case(b"h2c") {
+        return None;
+    }
     let asked = req
         .headers()
         .get_all(CONNECTION)
@@ -361,6 +380,23 @@ fn to_h2<B>(req: &mut Request<B>, fallback: &http::uri::Authority) -> Result<(),
     }
     *req.uri_mut() = Uri::from_parts(parts).map_err(|_| BadRequest("invalid request target"))?;
     Ok(())
+}
+
+/// The client's request body failed (malformed, or the client went away) while it was being
+/// forwarded: the exchange is the client's failure, not the upstream's (400, `DPE`).
+#[derive(Debug)]
+pub(crate) struct ClientBodyError(pub(crate) BoxError);
+
+impl std::fmt::Display for ClientBodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the request body could not be read: {}", self.0)
+    }
+}
+
+impl StdError for ClientBodyError {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        Some(&*self.0)
+    }
 }
 
 /// A request the proxy does not forward: answered 400, with the flag `DPE`.
@@ -463,8 +499,8 @@ fn is_hop_by_hop(name: &HeaderName) -> bool {
 
 /// The answer the proxy gives itself when the upstream did not answer.
 fn local_reply(error: &(dyn StdError + 'static)) -> Response<ProxyBody> {
-    if let Some(bad) = error.downcast_ref::<BadRequest>() {
-        tracing::debug!(error = %bad, "bad request");
+    if let Some(bad) = client_fault(error) {
+        tracing::debug!(error = %DisplayChain(error), "bad request");
         let body = Bytes::from(format!("bad request: {bad}\n"));
         let mut res = Response::new(ProxyBody::local(body));
         *res.status_mut() = StatusCode::BAD_REQUEST;
@@ -496,6 +532,21 @@ fn local_reply(error: &(dyn StdError + 'static)) -> Response<ProxyBody> {
     res.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     ResponseFlags::record(res.extensions_mut(), flags);
     res
+}
+
+/// What the client did wrong, if the failure was its own (anywhere in the error's chain).
+fn client_fault(error: &(dyn StdError + 'static)) -> Option<&'static str> {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if let Some(BadRequest(why)) = e.downcast_ref::<BadRequest>() {
+            return Some(why);
+        }
+        if e.is::<ClientBodyError>() {
+            return Some("the request body could not be read");
+        }
+        next = e.source();
+    }
+    None
 }
 
 /// Logs an upstream failure: at WARN at most once a second (with how many were not logged
@@ -569,11 +620,12 @@ impl Body for RequestBody {
     type Error = BoxError;
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.project() {
-            RequestBodyProj::Http1 { body } => body.poll_frame(cx).map(|f| f.map(|f| f.map_err(Into::into))),
-            RequestBodyProj::H2 { body } => body.poll_frame(cx).map(|f| f.map(|f| f.map_err(Into::into))),
-            RequestBodyProj::Empty => Poll::Ready(None),
-        }
+        let frame = match self.project() {
+            RequestBodyProj::Http1 { body } => ready!(body.poll_frame(cx)).map(|f| f.map_err(Into::into)),
+            RequestBodyProj::H2 { body } => ready!(body.poll_frame(cx)).map(|f| f.map_err(Into::into)),
+            RequestBodyProj::Empty => None,
+        };
+        Poll::Ready(frame.map(|f| f.map_err(|e: BoxError| Box::new(ClientBodyError(e)) as BoxError)))
     }
 
     fn is_end_stream(&self) -> bool {

@@ -34,7 +34,7 @@ use tokio::net::TcpStream;
 
 use crate::config::{ProxyConfig, UpstreamAddr};
 use crate::h2body::SendBody;
-use crate::proxy::RequestBody;
+use crate::proxy::{ClientBodyError, RequestBody};
 
 pub(crate) type BoxError = Box<dyn StdError + Send + Sync>;
 
@@ -218,7 +218,15 @@ impl Upstream {
                 }
             });
         }
-        Ok(response.await?)
+        response.await.map_err(|e| {
+            // The only stream resets the proxy sends upstream on its own are for a request
+            // body that failed: the client's failure, not the upstream's.
+            if e.is_reset() && !e.is_remote() && !e.is_library() && e.reason() == Some(h2::Reason::CANCEL) {
+                Box::new(ClientBodyError(e.into())) as BoxError
+            } else {
+                e.into()
+            }
+        })
     }
 
     /// The shared connection's sender, and its flag to set once it is known to be unusable.

@@ -549,7 +549,7 @@ async fn raw_exchange(addr: SocketAddr, request: &str) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn requests_without_a_valid_host_get_400() {
+async fn client_errors_get_4xx_and_are_not_blamed_on_the_upstream() {
     let upstream = Upstream::start(echo()).await;
     for protocol in ["http1", "h2"] {
         let proxy = Proxy::start_logging_to(upstream.addr, &["--upstream-protocol", protocol], Stdio::piped());
@@ -560,6 +560,11 @@ async fn requests_without_a_valid_host_get_400() {
             ("GET / HTTP/1.1\r\nhost: user@app.test\r\n\r\n", "invalid Host header"),
             ("GET / HTTP/1.1\r\nhost: app.test:http\r\n\r\n", "invalid Host header"),
             ("GET / HTTP/1.1\r\nhost: \r\n\r\n", "invalid Host header"),
+            // Not 502 or 503: the upstream did nothing wrong.
+            (
+                "POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
+                "the request body could not be read",
+            ),
         ] {
             let answer = raw_exchange(proxy.addr, request).await;
             assert!(answer.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{protocol} {request:?}: {answer}");
@@ -576,6 +581,18 @@ async fn requests_without_a_valid_host_get_400() {
             assert!(answer.contains(" 200 OK\r\n"), "{protocol} {request:?}: {answer}");
             assert!(answer.contains(&format!("\r\nx-seen-host: {host}\r\n")), "{protocol} {request:?}: {answer}");
         }
+        // A sidecar is no forward proxy: CONNECT is refused, as over HTTP/2.
+        let answer = raw_exchange(proxy.addr, "CONNECT app.test:443 HTTP/1.1\r\nhost: app.test:443\r\n\r\n").await;
+        assert!(answer.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"), "{protocol}: {answer}");
+        // An upgrade to h2c (deprecated by RFC 9113) is not passed on: an ordinary request.
+        let h2c = "GET /x HTTP/1.1\r\nhost: a\r\nupgrade: h2c\r\nconnection: upgrade, http2-settings\r\n\
+                   http2-settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n";
+        let answer = raw_exchange(proxy.addr, h2c).await;
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{protocol}: {answer}");
+        assert!(
+            !answer.contains("x-seen-upgrade") && !answer.contains("x-seen-http2-settings"),
+            "{protocol}: {answer}"
+        );
     }
 }
 
