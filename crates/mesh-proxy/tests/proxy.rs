@@ -1087,15 +1087,13 @@ async fn ws_server_frame(recv: &mut h2::RecvStream, buf: &mut Vec<u8>) -> (u8, V
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn websockets_over_http2_extended_connect_are_tunnelled() {
-    let upstream = websocket_echo_upstream().await;
-    let proxy = Proxy::start(upstream, &[]);
-    let io = TcpStream::connect(proxy.addr).await.unwrap();
+/// An h2 client of the proxy, once the proxy's SETTINGS have announced extended CONNECT
+/// (RFC 8441 section 3).
+async fn extended_connect_client(proxy: SocketAddr) -> h2::client::SendRequest<Bytes> {
+    let io = TcpStream::connect(proxy).await.unwrap();
     let (client, conn) = h2::client::handshake(io).await.unwrap();
     tokio::spawn(conn);
-    let mut client = client.ready().await.unwrap();
-    // The proxy's SETTINGS announce extended CONNECT (RFC 8441 section 3).
+    let client = client.ready().await.unwrap();
     tokio::time::timeout(Duration::from_secs(5), async {
         while !client.is_extended_connect_protocol_enabled() {
             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -1103,6 +1101,14 @@ async fn websockets_over_http2_extended_connect_are_tunnelled() {
     })
     .await
     .expect("SETTINGS_ENABLE_CONNECT_PROTOCOL from the proxy");
+    client
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websockets_over_http2_extended_connect_are_tunnelled() {
+    let upstream = websocket_echo_upstream().await;
+    let proxy = Proxy::start(upstream, &[]);
+    let mut client = extended_connect_client(proxy.addr).await;
 
     let connect = |path: &str| {
         Request::builder()
@@ -1151,17 +1157,7 @@ async fn websockets_over_http2_extended_connect_are_tunnelled() {
     // The proxy made this handshake, so it checks the answer to its key: a 101 with a wrong
     // Sec-WebSocket-Accept is an upstream protocol error, not a tunnel.
     let proxy = Proxy::start(raw_upstream("bad-accept").await, &[]);
-    let io = TcpStream::connect(proxy.addr).await.unwrap();
-    let (client, conn) = h2::client::handshake(io).await.unwrap();
-    tokio::spawn(conn);
-    let mut client = client.ready().await.unwrap();
-    tokio::time::timeout(Duration::from_secs(5), async {
-        while !client.is_extended_connect_protocol_enabled() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .unwrap();
+    let mut client = extended_connect_client(proxy.addr).await;
     let (response, _send) = client.send_request(connect("/chat"), false).unwrap();
     let res = response.await.unwrap();
     assert_eq!(res.status(), StatusCode::BAD_GATEWAY);
