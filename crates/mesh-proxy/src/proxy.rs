@@ -250,9 +250,17 @@ impl Forward {
 /// The answer to a plain CONNECT (a TCP tunnel to any address): a sidecar is not a forward
 /// proxy.
 pub(crate) fn connect_refused() -> Response<ProxyBody> {
-    let mut res = Response::new(ProxyBody::local(Bytes::from_static(b"CONNECT is not supported here\n")));
-    *res.status_mut() = StatusCode::METHOD_NOT_ALLOWED;
+    text_reply(StatusCode::METHOD_NOT_ALLOWED, Bytes::from_static(b"CONNECT is not supported here\n"), None)
+}
+
+/// A short plain-text answer of the proxy's own, with the response flags it records.
+fn text_reply(status: StatusCode, body: Bytes, flags: Option<ResponseFlags>) -> Response<ProxyBody> {
+    let mut res = Response::new(ProxyBody::local(body));
+    *res.status_mut() = status;
     res.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    if let Some(flags) = flags {
+        ResponseFlags::record(res.extensions_mut(), flags);
+    }
     res
 }
 
@@ -382,6 +390,8 @@ fn to_h2<B>(req: &mut Request<B>, fallback: &http::uri::Authority) -> Result<(),
     Ok(())
 }
 
+const BODY_UNREADABLE: &str = "the request body could not be read";
+
 /// The client's request body failed (malformed, or the client went away) while it was being
 /// forwarded: the exchange is the client's failure, not the upstream's (400, `DPE`).
 #[derive(Debug)]
@@ -389,7 +399,7 @@ pub(crate) struct ClientBodyError(pub(crate) BoxError);
 
 impl std::fmt::Display for ClientBodyError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "the request body could not be read: {}", self.0)
+        write!(f, "{BODY_UNREADABLE}: {}", self.0)
     }
 }
 
@@ -502,11 +512,7 @@ fn local_reply(error: &(dyn StdError + 'static)) -> Response<ProxyBody> {
     if let Some(bad) = client_fault(error) {
         tracing::debug!(error = %DisplayChain(error), "bad request");
         let body = Bytes::from(format!("bad request: {bad}\n"));
-        let mut res = Response::new(ProxyBody::local(body));
-        *res.status_mut() = StatusCode::BAD_REQUEST;
-        res.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-        ResponseFlags::record(res.extensions_mut(), ResponseFlags::DOWNSTREAM_PROTOCOL_ERROR);
-        return res;
+        return text_reply(StatusCode::BAD_REQUEST, body, Some(ResponseFlags::DOWNSTREAM_PROTOCOL_ERROR));
     }
     let outcome = Outcome::from_error(error);
     let (status, body): (StatusCode, &'static str) = match outcome.failure() {
@@ -527,11 +533,7 @@ fn local_reply(error: &(dyn StdError + 'static)) -> Response<ProxyBody> {
         f => f,
     };
     log_failure(status, flags, error);
-    let mut res = Response::new(ProxyBody::local(Bytes::from_static(body.as_bytes())));
-    *res.status_mut() = status;
-    res.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-    ResponseFlags::record(res.extensions_mut(), flags);
-    res
+    text_reply(status, Bytes::from_static(body.as_bytes()), Some(flags))
 }
 
 /// What the client did wrong, if the failure was its own (anywhere in the error's chain).
@@ -542,7 +544,7 @@ fn client_fault(error: &(dyn StdError + 'static)) -> Option<&'static str> {
             return Some(why);
         }
         if e.is::<ClientBodyError>() {
-            return Some("the request body could not be read");
+            return Some(BODY_UNREADABLE);
         }
         next = e.source();
     }
@@ -620,12 +622,14 @@ impl Body for RequestBody {
     type Error = BoxError;
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let frame = match self.project() {
-            RequestBodyProj::Http1 { body } => ready!(body.poll_frame(cx)).map(|f| f.map_err(Into::into)),
-            RequestBodyProj::H2 { body } => ready!(body.poll_frame(cx)).map(|f| f.map_err(Into::into)),
-            RequestBodyProj::Empty => None,
-        };
-        Poll::Ready(frame.map(|f| f.map_err(|e: BoxError| Box::new(ClientBodyError(e)) as BoxError)))
+        fn client(e: impl Into<BoxError>) -> BoxError {
+            Box::new(ClientBodyError(e.into()))
+        }
+        match self.project() {
+            RequestBodyProj::Http1 { body } => body.poll_frame(cx).map(|f| f.map(|f| f.map_err(client))),
+            RequestBodyProj::H2 { body } => body.poll_frame(cx).map(|f| f.map(|f| f.map_err(client))),
+            RequestBodyProj::Empty => Poll::Ready(None),
+        }
     }
 
     fn is_end_stream(&self) -> bool {
