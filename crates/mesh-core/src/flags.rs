@@ -2,35 +2,37 @@
 //!
 //! A layer that answers on its own, or that sees an upstream fail, records why with
 //! [`ResponseFlags::record`]; telemetry reads the union with [`ResponseFlags::of`] and
-//! prints it as Envoy does: short names joined by `,`, or `-` when none is set.
+//! prints it as Envoy does: short names joined by `,` in the order of Envoy's flag enum (the
+//! order of the table below, so a timeout that exhausted the retries is `UT,URX`), or `-`
+//! when none is set.
 //!
 //! | flag | set when | typical status |
 //! |---|---|---|
-//! | `UH` | no healthy upstream | 503 |
-//! | `UF` | upstream connection failure | 503 |
-//! | `UO` | upstream overflow (circuit breaker) | 503 |
-//! | `NR` | no route | 404 |
-//! | `URX` | retry limit exceeded | upstream's |
-//! | `NC` | no cluster | 503 |
-//! | `DT` | max duration exceeded | |
-//! | `DC` | downstream connection terminated | |
 //! | `LH` | local health check failed | 503 |
+//! | `UH` | no healthy upstream | 503 |
 //! | `UT` | upstream request timeout | 504 |
 //! | `LR` | local reset | 503 |
 //! | `UR` | upstream remote reset | 503 |
+//! | `UF` | upstream connection failure | 503 |
 //! | `UC` | upstream connection termination | 503 |
+//! | `UO` | upstream overflow (circuit breaker) | 503 |
+//! | `NR` | no route | 404 |
 //! | `DI` | fault delay injected | |
 //! | `FI` | fault abort injected | configured |
 //! | `RL` | rate limited | 429 |
 //! | `UAEX` | external authorization denied | 403 |
 //! | `RLSE` | rate-limit service error | |
-//! | `IH` | invalid `x-envoy-*` request header | 400 |
+//! | `DC` | downstream connection terminated | |
+//! | `URX` | retry limit exceeded | upstream's |
 //! | `SI` | stream idle timeout | 408/504 |
+//! | `IH` | invalid `x-envoy-*` request header | 400 |
 //! | `DPE` | downstream protocol error | 400 |
-//! | `UPE` | upstream protocol error | 502 |
 //! | `UMSDR` | upstream max stream duration reached | |
 //! | `RFCF` | response from cache filter | |
 //! | `NFCF` | no filter config found | |
+//! | `DT` | max duration exceeded | |
+//! | `UPE` | upstream protocol error | 502 |
+//! | `NC` | no cluster | 503 |
 //! | `OM` | overload manager terminated | |
 //! | `DF` | DNS resolution failed | |
 //! | `DO` | drop overload | |
@@ -75,56 +77,56 @@ macro_rules! flags {
 }
 
 flags! {
-    /// No healthy upstream host.
-    NO_HEALTHY_UPSTREAM = 0, "UH";
-    /// The upstream connection could not be established.
-    UPSTREAM_CONNECTION_FAILURE = 1, "UF";
-    /// A circuit breaker overflowed.
-    UPSTREAM_OVERFLOW = 2, "UO";
-    /// No route matched.
-    NO_ROUTE_FOUND = 3, "NR";
-    /// The retry limit was reached.
-    UPSTREAM_RETRY_LIMIT_EXCEEDED = 4, "URX";
-    /// The route's destination is unknown.
-    NO_CLUSTER_FOUND = 5, "NC";
-    /// A maximum stream or connection duration was exceeded.
-    DURATION_TIMEOUT = 6, "DT";
-    /// The downstream connection terminated.
-    DOWNSTREAM_CONNECTION_TERMINATION = 7, "DC";
     /// The local service failed its health check.
-    FAILED_LOCAL_HEALTH_CHECK = 8, "LH";
+    FAILED_LOCAL_HEALTH_CHECK = 0, "LH";
+    /// No healthy upstream host.
+    NO_HEALTHY_UPSTREAM = 1, "UH";
     /// The upstream request timed out.
-    UPSTREAM_REQUEST_TIMEOUT = 9, "UT";
+    UPSTREAM_REQUEST_TIMEOUT = 2, "UT";
     /// The connection was reset locally.
-    LOCAL_RESET = 10, "LR";
+    LOCAL_RESET = 3, "LR";
     /// The upstream reset the stream.
-    UPSTREAM_REMOTE_RESET = 11, "UR";
+    UPSTREAM_REMOTE_RESET = 4, "UR";
+    /// The upstream connection could not be established.
+    UPSTREAM_CONNECTION_FAILURE = 5, "UF";
     /// The upstream connection closed before the response was complete.
-    UPSTREAM_CONNECTION_TERMINATION = 12, "UC";
+    UPSTREAM_CONNECTION_TERMINATION = 6, "UC";
+    /// A circuit breaker overflowed.
+    UPSTREAM_OVERFLOW = 7, "UO";
+    /// No route matched.
+    NO_ROUTE_FOUND = 8, "NR";
     /// A fault-injection delay was applied.
-    DELAY_INJECTED = 13, "DI";
+    DELAY_INJECTED = 9, "DI";
     /// A fault-injection abort was applied.
-    FAULT_INJECTED = 14, "FI";
+    FAULT_INJECTED = 10, "FI";
     /// The request was rate limited.
-    RATE_LIMITED = 15, "RL";
+    RATE_LIMITED = 11, "RL";
     /// External authorization denied the request.
-    UNAUTHORIZED_EXTERNAL_SERVICE = 16, "UAEX";
+    UNAUTHORIZED_EXTERNAL_SERVICE = 12, "UAEX";
     /// The rate-limit service failed.
-    RATE_LIMIT_SERVICE_ERROR = 17, "RLSE";
-    /// An `x-envoy-*` request header was invalid.
-    INVALID_ENVOY_REQUEST_HEADERS = 18, "IH";
+    RATE_LIMIT_SERVICE_ERROR = 13, "RLSE";
+    /// The downstream connection terminated.
+    DOWNSTREAM_CONNECTION_TERMINATION = 14, "DC";
+    /// The retry limit was reached.
+    UPSTREAM_RETRY_LIMIT_EXCEEDED = 15, "URX";
     /// The stream idle timeout expired.
-    STREAM_IDLE_TIMEOUT = 19, "SI";
+    STREAM_IDLE_TIMEOUT = 16, "SI";
+    /// An `x-envoy-*` request header was invalid.
+    INVALID_ENVOY_REQUEST_HEADERS = 17, "IH";
     /// The downstream request was malformed.
-    DOWNSTREAM_PROTOCOL_ERROR = 20, "DPE";
-    /// The upstream response was malformed.
-    UPSTREAM_PROTOCOL_ERROR = 21, "UPE";
+    DOWNSTREAM_PROTOCOL_ERROR = 18, "DPE";
     /// The upstream maximum stream duration was reached.
-    UPSTREAM_MAX_STREAM_DURATION_REACHED = 22, "UMSDR";
+    UPSTREAM_MAX_STREAM_DURATION_REACHED = 19, "UMSDR";
     /// The response came from a cache.
-    RESPONSE_FROM_CACHE_FILTER = 23, "RFCF";
+    RESPONSE_FROM_CACHE_FILTER = 20, "RFCF";
     /// A filter's configuration was missing.
-    NO_FILTER_CONFIG_FOUND = 24, "NFCF";
+    NO_FILTER_CONFIG_FOUND = 21, "NFCF";
+    /// A maximum stream or connection duration was exceeded.
+    DURATION_TIMEOUT = 22, "DT";
+    /// The upstream response was malformed.
+    UPSTREAM_PROTOCOL_ERROR = 23, "UPE";
+    /// The route's destination is unknown.
+    NO_CLUSTER_FOUND = 24, "NC";
     /// The overload manager terminated the request.
     OVERLOAD_MANAGER = 25, "OM";
     /// DNS resolution failed.

@@ -108,3 +108,26 @@ fn source_chain_is_walked() {
     let e = Outer(io::Error::from(io::ErrorKind::BrokenPipe));
     assert_eq!(Outcome::from_error(&e).failure(), Some(Failure::ConnectionTerminated));
 }
+
+/// Several flags print in the order of Envoy's flag enum, whatever order they were recorded
+/// in: a retried request ends as `UF,URX` (Appendix A vector 8), `UT,URX`, `UC,URX` or
+/// `UR,URX`, the `response_flags` label Istio's metrics carry.
+#[test]
+fn flags_print_in_envoy_order() {
+    for (first, second, printed) in [
+        (ResponseFlags::UPSTREAM_RETRY_LIMIT_EXCEEDED, ResponseFlags::UPSTREAM_CONNECTION_FAILURE, "UF,URX"),
+        (ResponseFlags::UPSTREAM_RETRY_LIMIT_EXCEEDED, ResponseFlags::UPSTREAM_REQUEST_TIMEOUT, "UT,URX"),
+        (ResponseFlags::UPSTREAM_RETRY_LIMIT_EXCEEDED, ResponseFlags::UPSTREAM_CONNECTION_TERMINATION, "UC,URX"),
+        (ResponseFlags::UPSTREAM_RETRY_LIMIT_EXCEEDED, ResponseFlags::UPSTREAM_REMOTE_RESET, "UR,URX"),
+        (ResponseFlags::DELAY_INJECTED, ResponseFlags::FAULT_INJECTED, "DI,FI"),
+        (ResponseFlags::UPSTREAM_PROTOCOL_ERROR, ResponseFlags::DOWNSTREAM_PROTOCOL_ERROR, "DPE,UPE"),
+        (ResponseFlags::NO_HEALTHY_UPSTREAM, ResponseFlags::FAILED_LOCAL_HEALTH_CHECK, "LH,UH"),
+    ] {
+        let mut response = http::Response::new(());
+        ResponseFlags::record(response.extensions_mut(), first);
+        ResponseFlags::record(response.extensions_mut(), second);
+        let flags = ResponseFlags::of(response.extensions());
+        assert_eq!(flags.to_string(), printed);
+        assert_eq!(printed.parse::<ResponseFlags>().unwrap(), flags);
+    }
+}

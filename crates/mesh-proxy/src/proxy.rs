@@ -44,6 +44,8 @@ use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::FutureExt;
+use futures_util::future::Either;
 use http::header::{CONNECTION, CONTENT_TYPE, HOST, TE, TRANSFER_ENCODING, UPGRADE};
 use http::uri::{PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
@@ -92,16 +94,16 @@ impl Forward {
         req: Request<RequestBody>,
         in_flight: InFlight,
     ) -> Result<Response<ProxyBody>, Infallible> {
-        let h2 = req.version() == Version::HTTP_2;
-        let exchange = self.exchange(req);
+        // Each arm builds its own exchange future: one made before the `match` and moved
+        // into an arm would take room in this future's state twice.
         let result = match self.request_timeout {
             // HTTP/1.x: one request at a time per connection, timed by the connection's
             // watchdog (no timer per request).
-            Some(_) if !h2 => in_flight
-                .headers_deadline(exchange)
+            Some(_) if req.version() != Version::HTTP_2 => in_flight
+                .headers_deadline(self.exchange(req))
                 .await
                 .unwrap_or_else(|_: Elapsed| Err(Box::new(TimeoutError::new()))),
-            _ => self.timed(exchange).await,
+            _ => self.timed(self.exchange(req)).await,
         };
         let mut res = match result {
             Ok(res) => res,
@@ -237,12 +239,19 @@ impl Forward {
 
     /// `exchange` bounded by the request timeout with a timer of its own (HTTP/2 streams and
     /// tunnels; HTTP/1.x requests use the connection's watchdog instead).
-    async fn timed<T>(&self, exchange: impl Future<Output = Result<T, BoxError>>) -> Result<T, BoxError> {
+    ///
+    /// A combinator rather than an `async fn`, which would hold `exchange` twice in its state
+    /// (as its argument and inside the timeout).
+    fn timed<T>(
+        &self,
+        exchange: impl Future<Output = Result<T, BoxError>>,
+    ) -> impl Future<Output = Result<T, BoxError>> {
         match self.request_timeout {
-            Some(limit) => {
-                tokio::time::timeout(limit, exchange).await.unwrap_or_else(|_| Err(Box::new(TimeoutError::new())))
-            }
-            None => exchange.await,
+            Some(limit) => Either::Left(
+                tokio::time::timeout(limit, exchange)
+                    .map(|timed| timed.unwrap_or_else(|_| Err(Box::new(TimeoutError::new())))),
+            ),
+            None => Either::Right(exchange),
         }
     }
 }
