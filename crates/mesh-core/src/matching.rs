@@ -6,7 +6,9 @@
 //!
 //! * `regex` is a **full match** against the whole value (RE2 syntax, as the `regex` crate
 //!   implements it): `\d+` matches `123` but not `a123`. Use `(?i)` for case-insensitivity.
-//! * A header that arrives on several lines is seen as its values joined with `,`.
+//! * A header that arrives on several lines is seen as its values joined with `,`, except an
+//!   HTTP/2 request's cookie crumbs, which [`HttpMatch::matches_request`] sees joined with
+//!   `"; "` into one `cookie` header, as Envoy's HTTP/2 codec joins them.
 //! * An absent header never matches `headers`, not even a regex that accepts the empty string;
 //!   under `withoutHeaders` an absent header is compared as the empty string, so
 //!   `withoutHeaders: {x: {exact: foo}}` matches a request without `x`.
@@ -42,7 +44,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 use http::header::{COOKIE, HOST};
-use http::{HeaderMap, HeaderName, Method, Request, Uri};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri, Version};
 use regex::bytes::{Regex, RegexBuilder};
 
 /// The longest regex Istio accepts, in characters.
@@ -582,8 +584,58 @@ impl HttpMatch {
             && self.cookies.iter().all(|c| c.matches(headers))
     }
 
-    /// Evaluates the block against a request.
+    /// Evaluates the block against a request. An HTTP/2 (or later) request's cookie crumbs
+    /// are seen joined with `"; "`, as one `cookie` header ([`join_cookie_crumbs`]).
     pub fn matches_request<B>(&self, request: &Request<B>) -> bool {
-        self.matches(request.method(), request.uri(), request.headers())
+        let headers = request.headers();
+        if request.version() >= Version::HTTP_2 && headers.get_all(COOKIE).iter().nth(1).is_some() {
+            let mut joined = headers.clone();
+            join_cookie_crumbs(&mut joined);
+            return self.matches(request.method(), request.uri(), &joined);
+        }
+        self.matches(request.method(), request.uri(), headers)
     }
+}
+
+/// Joins an HTTP/2 request's cookie "crumbs" (the `cookie` header split into several fields,
+/// RFC 9113 section 8.2.3) into one field, with `"; "` between them, and returns whether there
+/// were several.
+///
+/// The RFC requires this before an HTTP/2 request goes on over HTTP/1.1, where a request has
+/// at most one `cookie` header; Envoy's HTTP/2 codec does it on receipt, so Istio's cookie
+/// regexes see one `"; "`-separated value. (Several `cookie` lines of an HTTP/1.1 request are
+/// another matter: like any repeated header, they are matched joined with `,`.)
+///
+/// ```
+/// use http::HeaderMap;
+/// use mesh_core::matching::join_cookie_crumbs;
+///
+/// let mut headers = HeaderMap::new();
+/// headers.append("cookie", "a=b".parse().unwrap());
+/// headers.append("cookie", "user=jason".parse().unwrap());
+/// assert!(join_cookie_crumbs(&mut headers));
+/// assert_eq!(headers["cookie"], "a=b; user=jason");
+/// assert_eq!(headers.get_all("cookie").iter().count(), 1);
+/// ```
+pub fn join_cookie_crumbs(headers: &mut HeaderMap) -> bool {
+    let mut crumbs = headers.get_all(COOKIE).iter();
+    let (Some(first), Some(_)) = (crumbs.next(), crumbs.next()) else {
+        return false;
+    };
+    let mut joined = Vec::with_capacity(first.len() * 4);
+    let mut sensitive = false;
+    for (i, crumb) in headers.get_all(COOKIE).iter().enumerate() {
+        if i > 0 {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(crumb.as_bytes());
+        sensitive |= crumb.is_sensitive();
+    }
+    // Valid field values joined by "; " form a valid field value.
+    let Ok(mut value) = HeaderValue::from_bytes(&joined) else {
+        return false;
+    };
+    value.set_sensitive(sensitive);
+    headers.insert(COOKIE, value);
+    true
 }

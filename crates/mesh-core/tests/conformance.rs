@@ -120,6 +120,28 @@ fn v3_robust_cookie_pattern_and_structured_cookie_match() {
     assert!(!by_name.matches(&headers(&[("cookie", "user=bob; user=jason")])));
 }
 
+/// HTTP/2 cookie crumbs reach Istio's cookie regex joined with `"; "`, as Envoy's HTTP/2 codec
+/// joins them (SEMANTICS.md 1.7, RFC 9113 section 8.2.3); an HTTP/1.1 request's repeated
+/// `cookie` lines are an ordinary repeated header, joined with `,` (1.6).
+#[test]
+fn v3_http2_cookie_crumbs_are_joined_with_semicolons() {
+    let jason = block(|b| {
+        b.headers.insert("cookie".into(), StringMatch::Regex(r"^(.*?;\s*)?(user=jason)(;.*)?$".into()));
+    });
+    let crumbs = |version| {
+        let mut req = request("/", &[("cookie", "a=b"), ("cookie", "user=jason")]);
+        *req.version_mut() = version;
+        req
+    };
+    assert!(jason.matches_request(&crumbs(http::Version::HTTP_2)));
+    assert!(!jason.matches_request(&crumbs(http::Version::HTTP_11)), "a=b,user=jason has no `;`");
+    // One cookie header, or one crumb, is left as it is.
+    assert!(jason.matches_request(&request("/", &[("cookie", "a=b; user=jason")])));
+    let mut single = request("/", &[("cookie", "user=jason")]);
+    *single.version_mut() = http::Version::HTTP_2;
+    assert!(jason.matches_request(&single));
+}
+
 // === vector 4: OR across blocks, AND inside one ===
 
 #[test]

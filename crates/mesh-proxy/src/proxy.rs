@@ -54,6 +54,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use mesh_core::ResponseFlags;
 use mesh_core::classify::{Failure, Outcome, TimeoutError};
+use mesh_core::matching::join_cookie_crumbs;
 
 use crate::config::{ProxyConfig, UpstreamProtocol};
 use crate::downstream::{Elapsed, InFlight};
@@ -355,9 +356,14 @@ async fn tunnel(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade:
     drop(open);
 }
 
-/// Prepares a request for an HTTP/1.1 upstream: origin-form target, `host` header.
+/// Prepares a request for an HTTP/1.1 upstream: origin-form target, `host` header, and an
+/// HTTP/2 request's cookie crumbs joined into one `cookie` header (RFC 9113 section 8.2.3).
 fn to_http1<B>(req: &mut Request<B>, fallback: &http::uri::Authority) -> Result<(), BoxError> {
     let before_http11 = req.version() < Version::HTTP_11;
+    if req.version() >= Version::HTTP_2 {
+        // HTTP/1.1 allows one `cookie` header; HTTP/2 clients may split it into crumbs.
+        join_cookie_crumbs(req.headers_mut());
+    }
     *req.version_mut() = Version::HTTP_11;
     if req.uri().authority().is_none() {
         // Already origin-form, with the client's own `host` (checked); an HTTP/1.0 client may

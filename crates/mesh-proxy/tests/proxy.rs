@@ -157,6 +157,8 @@ fn echo() -> Handler {
                 .map(|a| a.to_string())
                 .or_else(|| parts.headers.get("host").map(|h| h.to_str().unwrap().to_string()));
             res = res.header("x-seen-host", host.unwrap_or_default());
+            let cookies: Vec<_> = parts.headers.get_all("cookie").iter().map(|c| c.to_str().unwrap()).collect();
+            res = res.header("x-seen-cookie", cookies.join(" | "));
             for name in parts.headers.keys() {
                 res = res.header(format!("x-seen-{name}"), "1");
             }
@@ -319,6 +321,24 @@ async fn translates_between_http1_and_h2c() {
     let res = tx.send_request(req).await.unwrap();
     assert_eq!(res.headers()["x-seen-version"], "HTTP/1.1");
     assert_eq!(res.headers()["x-seen-host"], "api.test");
+
+    // HTTP/2 cookie crumbs become one HTTP/1.1 `cookie` header (RFC 9113 section 8.2.3); an
+    // h2c upstream may get them as they came.
+    let crumbs = || {
+        Request::get("http://api.test/v1")
+            .header("cookie", "a=b")
+            .header("cookie", "user=jason")
+            .body(full(""))
+            .unwrap()
+    };
+    let res = tx.send_request(crumbs()).await.unwrap();
+    assert_eq!(res.headers()["x-seen-cookie"], "a=b; user=jason");
+    drop(proxy);
+    let proxy = Proxy::start(upstream.addr, &["--upstream-protocol", "h2"]);
+    let mut tx = h2_client(proxy.addr).await;
+    let res = tx.send_request(crumbs()).await.unwrap();
+    assert_eq!(res.headers()["x-seen-version"], "HTTP/2.0");
+    assert_eq!(res.headers()["x-seen-cookie"], "a=b | user=jason");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
