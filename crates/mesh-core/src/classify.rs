@@ -70,7 +70,11 @@ pub enum Failure {
     RefusedStream,
     /// A timeout expired before the response arrived. Envoy flag `UT`.
     Timeout,
-    /// Anything else (a protocol error, a local failure).
+    /// The upstream broke the protocol: an HTTP/1 response that does not parse, or an HTTP/2
+    /// violation the proxy's codec caught (frame size, flow control, header compression).
+    /// Envoy flag `UPE`, answered with 502.
+    ProtocolError,
+    /// Anything else (a local failure).
     Other,
 }
 
@@ -175,6 +179,7 @@ impl Outcome {
             Some(Failure::ConnectionTerminated) => ResponseFlags::UPSTREAM_CONNECTION_TERMINATION,
             Some(Failure::StreamReset | Failure::RefusedStream) => ResponseFlags::UPSTREAM_REMOTE_RESET,
             Some(Failure::Timeout) => ResponseFlags::UPSTREAM_REQUEST_TIMEOUT,
+            Some(Failure::ProtocolError) => ResponseFlags::UPSTREAM_PROTOCOL_ERROR,
             Some(Failure::Other) | None => ResponseFlags::empty(),
         }
     }
@@ -194,14 +199,14 @@ fn classify_one(e: &(dyn StdError + 'static)) -> Option<Failure> {
         }
         return match e.reason() {
             Some(h2::Reason::REFUSED_STREAM) => Some(Failure::RefusedStream),
-            // h2 itself caught the peer breaking the protocol: a protocol error (left
-            // unclassified), not the peer ending the connection or stream.
+            // h2 itself caught the peer breaking the protocol, rather than the peer ending
+            // the connection or stream.
             Some(
                 h2::Reason::PROTOCOL_ERROR
                 | h2::Reason::FRAME_SIZE_ERROR
                 | h2::Reason::COMPRESSION_ERROR
                 | h2::Reason::FLOW_CONTROL_ERROR,
-            ) if !e.is_remote() => None,
+            ) if !e.is_remote() => Some(Failure::ProtocolError),
             Some(_) if e.is_go_away() => Some(Failure::ConnectionTerminated),
             Some(_) => Some(Failure::StreamReset),
             None => None,
@@ -213,6 +218,9 @@ fn classify_one(e: &(dyn StdError + 'static)) -> Option<Failure> {
         }
         if e.is_incomplete_message() || e.is_canceled() || e.is_closed() {
             return Some(Failure::ConnectionTerminated);
+        }
+        if e.is_parse() || e.is_parse_status() {
+            return Some(Failure::ProtocolError);
         }
         return None;
     }

@@ -81,7 +81,8 @@ fn resets_and_timeouts() {
 
     // A protocol violation h2 caught itself is a protocol error, not a reset by the peer.
     let violation: h2::Error = h2::Reason::FRAME_SIZE_ERROR.into();
-    assert_eq!(Outcome::from_error(&violation).failure(), Some(Failure::Other));
+    assert_eq!(Outcome::from_error(&violation).failure(), Some(Failure::ProtocolError));
+    assert_eq!(Outcome::from_error(&violation).response_flags().to_string(), "UPE");
 
     let t = Outcome::from_error(&TimeoutError::new());
     assert!(t.is_timeout());
@@ -129,5 +130,29 @@ fn flags_print_in_envoy_order() {
         let flags = ResponseFlags::of(response.extensions());
         assert_eq!(flags.to_string(), printed);
         assert_eq!(printed.parse::<ResponseFlags>().unwrap(), flags);
+    }
+}
+
+/// An HTTP/1.1 response that does not parse, as hyper's client reports it, is a protocol
+/// error: 502 with flag `UPE` in Envoy.
+#[tokio::test]
+async fn an_unparsable_http1_response_is_a_protocol_error() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    for answer in [&b"HTTP/9.9 200 OK\r\n\r\n"[..], b"HTTP/1.1 2x0 OK\r\n\r\n", b"\x16\x03\x01 not http\r\n\r\n"] {
+        let (client, mut upstream) = tokio::io::duplex(4096);
+        let (mut tx, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(client)).await.unwrap();
+        tokio::spawn(conn);
+        tokio::spawn(async move {
+            let mut request = [0; 1024];
+            let _ = upstream.read(&mut request).await;
+            upstream.write_all(answer).await.unwrap();
+            let _ = upstream.read(&mut request).await;
+        });
+        let req = http::Request::get("/").header("host", "x").body(http_body_util::Empty::<bytes::Bytes>::new()).unwrap();
+        let err = tx.send_request(req).await.unwrap_err();
+        let outcome = Outcome::from_error(&err);
+        assert_eq!(outcome.failure(), Some(Failure::ProtocolError), "{err}");
+        assert_eq!(outcome.response_flags().to_string(), "UPE");
     }
 }
