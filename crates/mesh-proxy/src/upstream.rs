@@ -65,10 +65,18 @@ struct H2Conn {
     id: u64,
 }
 
-/// HTTP/2 flow-control windows towards the upstream: a stream may have 2 MiB in flight, the
-/// connection 5 MiB; at most 1 MiB per stream waits in the send buffer.
-const H2_STREAM_WINDOW: u32 = 2 << 20;
-const H2_CONNECTION_WINDOW: u32 = 5 << 20;
+/// HTTP/2 flow-control windows towards the upstream: a stream may have 256 KiB in flight, the
+/// connection 256 times as much; at most 1 MiB per stream waits in the send buffer.
+///
+/// The connection is shared by every client, and what it receives for a stream stays counted
+/// against its window until that stream's client reads it. So the connection window must not
+/// be a few stream windows (it was 5 MiB for 2 MiB streams, and three clients that stopped
+/// reading stopped every response on the connection): it covers 256 stalled streams, more than
+/// most servers' stream limit (hyper 200, Go 250, nginx 128). That is also the most a stalled
+/// connection can hold in memory, 64 MiB. 256 KiB per stream is still far more than a
+/// loopback or in-cluster bandwidth-delay product.
+const H2_STREAM_WINDOW: u32 = 256 << 10;
+const H2_CONNECTION_WINDOW: u32 = H2_STREAM_WINDOW * 256;
 const H2_SEND_BUFFER: usize = 1 << 20;
 
 /// The reaper ticks four times per idle timeout; a connection idle for five epochs has been

@@ -1188,3 +1188,40 @@ async fn websockets_over_http2_extended_connect_are_tunnelled() {
     }
     assert_eq!(text, b"upstream protocol error\n");
 }
+
+/// The h2c connection to the upstream is shared by every client. A client that stops reading
+/// must not use up that connection's flow-control window: the data buffered for its streams
+/// would then stop every other client's responses on the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_does_not_stall_the_shared_upstream_connection() {
+    let big = Bytes::from(vec![b'x'; 3 << 20]);
+    let upstream = Upstream::start(Arc::new(move |req: Request<Incoming>| {
+        let body = if req.uri().path() == "/big" { big.clone() } else { Bytes::from_static(b"small") };
+        Box::pin(async move { Response::new(full(body)) })
+    }))
+    .await;
+    let proxy = Proxy::start(upstream.addr, &[]);
+
+    // 24 streams, each with 3 MiB on its way, that the client never reads (window 0).
+    let io = TcpStream::connect(proxy.addr).await.unwrap();
+    let (stalled, conn) = h2::client::Builder::new().initial_window_size(0).handshake::<_, Bytes>(io).await.unwrap();
+    tokio::spawn(conn);
+    let mut held = Vec::new();
+    for _ in 0..24 {
+        let mut tx = stalled.clone().ready().await.unwrap();
+        let (response, _) = tx.send_request(Request::get("http://app.test/big").body(()).unwrap(), true).unwrap();
+        held.push(tokio::time::timeout(Duration::from_secs(10), response).await.unwrap().unwrap());
+    }
+
+    // Other clients, on the same upstream connection, still get their whole responses.
+    for _ in 0..3 {
+        let mut tx = h2_client(proxy.addr).await;
+        let exchange = async {
+            let res = tx.send_request(Request::get("http://app.test/small").body(full("")).unwrap()).await.unwrap();
+            res.into_body().collect().await.unwrap().to_bytes()
+        };
+        let body = tokio::time::timeout(Duration::from_secs(10), exchange).await.expect("a stalled client stalled others");
+        assert_eq!(body, "small");
+    }
+    drop(held);
+}
