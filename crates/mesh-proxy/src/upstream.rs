@@ -219,14 +219,22 @@ impl Upstream {
         let (parts, body) = req.into_parts();
         let end = body.is_end_stream();
         let (response, send) = tx.send_request(Request::from_parts(parts, ()), end)?;
-        if !end {
-            tokio::spawn(async move {
+        // Until the response arrives, the body's task goes with this exchange: if the exchange
+        // is dropped (a timeout, or the client went away), the task is aborted, and with the
+        // last handle on the stream gone h2 resets it (CANCEL) instead of leaving it open.
+        let body_task = (!end).then(|| {
+            AbortOnDrop(Some(tokio::spawn(async move {
                 if let Err(e) = SendBody::new(body, send).await {
                     tracing::debug!(error = %e, "request body to the h2c upstream ended early");
                 }
-            });
+            })))
+        });
+        let response = response.await;
+        // Answered: the rest of the body streams on its own (full duplex).
+        if let (Ok(_), Some(task)) = (&response, body_task) {
+            task.detach();
         }
-        response.await.map_err(|e| {
+        response.map_err(|e| {
             // The only stream resets the proxy sends upstream on its own are for a request
             // body that failed: the client's failure, not the upstream's.
             if e.is_reset() && !e.is_remote() && !e.is_library() && e.reason() == Some(h2::Reason::CANCEL) {
@@ -293,6 +301,24 @@ impl Upstream {
         };
         stream.set_nodelay(true).map_err(ConnectError::new)?;
         Ok(stream)
+    }
+}
+
+/// Aborts a task when dropped, unless detached first.
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl AbortOnDrop {
+    /// Lets the task run on by itself (dropping a `JoinHandle` does not abort its task).
+    fn detach(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(task) = &self.0 {
+            task.abort();
+        }
     }
 }
 

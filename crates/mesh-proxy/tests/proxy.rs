@@ -1225,3 +1225,35 @@ async fn a_client_that_stops_reading_does_not_stall_the_shared_upstream_connecti
     }
     drop(held);
 }
+
+/// A request that times out (504) while its body is still streaming to an h2c upstream is
+/// cancelled there (RST_STREAM), not left open holding a stream and its window.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timed_out_request_is_cancelled_upstream() {
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    let upstream = Upstream::start(Arc::new(move |req: Request<Incoming>| {
+        let seen_tx = seen_tx.clone();
+        Box::pin(async move {
+            // Reads the body until it ends, or until the stream is reset.
+            let ended = req.into_body().collect().await.map(|_| ()).map_err(|e| e.to_string());
+            let _ = seen_tx.send(ended);
+            Response::new(full("late"))
+        })
+    }))
+    .await;
+    let proxy = Proxy::start(upstream.addr, &["--upstream-protocol", "h2", "--request-timeout", "500ms"]);
+
+    // One chunk of the body, then nothing: the client keeps its connection open.
+    let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+    client
+        .write_all(b"POST /upload HTTP/1.1\r\nhost: app.test\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        .await
+        .unwrap();
+    let mut head = vec![0; 1024];
+    let n = tokio::time::timeout(Duration::from_secs(10), client.read(&mut head)).await.unwrap().unwrap();
+    assert!(head[..n].starts_with(b"HTTP/1.1 504"), "{}", String::from_utf8_lossy(&head[..n]));
+
+    let ended = tokio::time::timeout(Duration::from_secs(10), seen.recv()).await.expect("the upstream stream stayed open");
+    assert!(ended.unwrap().is_err(), "the upstream saw the body end normally, not a reset");
+    drop(client);
+}
