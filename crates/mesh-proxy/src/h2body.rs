@@ -129,7 +129,8 @@ where
                     }
                     Ok(data) => *this.pending = Some(data),
                     Err(frame) => {
-                        if let Ok(trailers) = frame.into_trailers() {
+                        if let Ok(mut trailers) = frame.into_trailers() {
+                            crate::proxy::strip_trailers(&mut trailers);
                             this.send.send_trailers(trailers)?;
                             return Poll::Ready(Ok(()));
                         }

@@ -121,6 +121,13 @@ impl Forward {
         check_host(&req)?;
         // Most requests carry no hop-by-hop header at all, so no `upgrade` either.
         if has_hop_by_hop(req.headers()) {
+            if unsupported_transfer_coding(req.headers()) {
+                return Ok(text_reply(
+                    StatusCode::NOT_IMPLEMENTED,
+                    Bytes::from_static(b"transfer codings other than chunked are not supported\n"),
+                    Some(ResponseFlags::DOWNSTREAM_PROTOCOL_ERROR),
+                ));
+            }
             let upgrade = requested_upgrade(&req);
             remove_hop_by_hop(req.headers_mut());
             if let Some(protocol) = upgrade {
@@ -199,9 +206,13 @@ impl Forward {
         let exchange = async {
             let mut headers = parts.headers;
             strip_hop_by_hop(&mut headers);
-            if let Some(authority) = parts.uri.authority() {
-                headers.insert(HOST, HeaderValue::from_str(authority.as_str())?);
-            }
+            join_cookie_crumbs(&mut headers);
+            let authority = match parts.uri.authority() {
+                Some(authority) if is_valid_host(authority.as_str().as_bytes()) => authority,
+                Some(_) => return Err(BadRequest("invalid :authority").into()),
+                None => self.upstream.addr().authority(),
+            };
+            headers.insert(HOST, HeaderValue::from_str(authority.as_str())?);
             set_upgrade(&mut headers, HeaderValue::from_str(protocol).map_err(|_| BadRequest("invalid :protocol"))?);
             // The handshake the proxy makes itself, it checks (RFC 6455 section 4.1).
             let mut our_key = None;
@@ -359,16 +370,16 @@ async fn tunnel(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade:
 /// Prepares a request for an HTTP/1.1 upstream: origin-form target, `host` header, and an
 /// HTTP/2 request's cookie crumbs joined into one `cookie` header (RFC 9113 section 8.2.3).
 fn to_http1<B>(req: &mut Request<B>, fallback: &http::uri::Authority) -> Result<(), BoxError> {
-    let before_http11 = req.version() < Version::HTTP_11;
     if req.version() >= Version::HTTP_2 {
         // HTTP/1.1 allows one `cookie` header; HTTP/2 clients may split it into crumbs.
         join_cookie_crumbs(req.headers_mut());
     }
     *req.version_mut() = Version::HTTP_11;
     if req.uri().authority().is_none() {
-        // Already origin-form, with the client's own `host` (checked); an HTTP/1.0 client may
-        // have sent none, and HTTP/1.1 requires one: the upstream's.
-        if before_http11 && !req.headers().contains_key(HOST) {
+        // Already origin-form, with the client's own `host` (checked). An HTTP/1.0 client, or
+        // an HTTP/2 one without `:authority`, may have sent none, and HTTP/1.1 requires one:
+        // the upstream's.
+        if !req.headers().contains_key(HOST) {
             req.headers_mut().insert(HOST, HeaderValue::from_str(fallback.as_str())?);
         }
         return Ok(());
@@ -439,6 +450,13 @@ impl StdError for BadRequest {}
 /// RFC 9112 section 3.2: an HTTP/1.1 request carries exactly one `host`, and a valid one (an
 /// HTTP/1.0 or HTTP/2 request may carry none).
 fn check_host<B>(req: &Request<B>) -> Result<(), BadRequest> {
+    // The target's authority (absolute form, or HTTP/2's `:authority`) becomes the upstream
+    // request's `host`: it follows the same rules (no userinfo, RFC 9110 section 4.2.4).
+    if let Some(authority) = req.uri().authority()
+        && !is_valid_host(authority.as_str().as_bytes())
+    {
+        return Err(BadRequest("invalid authority in the request target"));
+    }
     let mut hosts = req.headers().get_all(HOST).iter();
     match (hosts.next(), hosts.next()) {
         (None, _) if req.version() == Version::HTTP_11 => Err(BadRequest("no Host header")),
@@ -498,7 +516,8 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) {
             .filter_map(|token| HeaderName::from_bytes(token.trim().as_bytes()).ok())
             .collect();
         for name in named {
-            if name != TE {
+            // `TE` is settled below; `Host` is never hop-by-hop, whatever `Connection` says.
+            if name != TE && name != HOST {
                 headers.remove(name);
             }
         }
@@ -508,9 +527,46 @@ fn remove_hop_by_hop(headers: &mut HeaderMap) {
     headers.remove(PROXY_CONNECTION);
     headers.remove(TRANSFER_ENCODING);
     headers.remove(UPGRADE);
-    if headers.get(TE).is_some_and(|te| !te.as_bytes().eq_ignore_ascii_case(b"trailers")) {
+    // Of `TE`, only whether the client accepts trailers goes on, as the one form HTTP/2
+    // allows (RFC 9113 section 8.2.2): `te: trailers`.
+    if headers.contains_key(TE) {
+        let trailers = headers
+            .get_all(TE)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|coding| coding.split(';').next().unwrap_or("").trim().eq_ignore_ascii_case("trailers"));
         headers.remove(TE);
+        if trailers {
+            headers.insert(TE, HeaderValue::from_static("trailers"));
+        }
     }
+}
+
+/// Removes what must not travel in trailers: hop-by-hop fields, and fields HTTP/2 forbids
+/// anywhere (RFC 9113 section 8.2.2), which would make the h2 crate refuse the whole trailer
+/// block and leave the stream unfinished.
+pub(crate) fn strip_trailers(trailers: &mut HeaderMap) {
+    if has_hop_by_hop(trailers) {
+        remove_hop_by_hop(trailers);
+        trailers.remove(TE);
+    }
+}
+
+/// A request's `Transfer-Encoding` other than plain `chunked` (RFC 9112 section 6.1). hyper
+/// frames `gzip, chunked` as chunked and hands on the still-gzipped bytes; forwarded without
+/// the coding, they would reach the upstream as a different body. Answered 501.
+fn unsupported_transfer_coding(headers: &HeaderMap) -> bool {
+    if !headers.contains_key(TRANSFER_ENCODING) {
+        return false;
+    }
+    let mut codings = headers
+        .get_all(TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|coding| !coding.is_empty());
+    !matches!((codings.next(), codings.next()), (Some(c), None) if c.eq_ignore_ascii_case(b"chunked"))
 }
 
 fn is_hop_by_hop(name: &HeaderName) -> bool {

@@ -580,6 +580,7 @@ async fn client_errors_get_4xx_and_are_not_blamed_on_the_upstream() {
             ("GET / HTTP/1.1\r\nhost: user@app.test\r\n\r\n", "invalid Host header"),
             ("GET / HTTP/1.1\r\nhost: app.test:http\r\n\r\n", "invalid Host header"),
             ("GET / HTTP/1.1\r\nhost: \r\n\r\n", "invalid Host header"),
+            ("GET http://user@evil.test/ HTTP/1.1\r\nhost: a\r\n\r\n", "invalid authority in the request target"),
             // Not 502 or 503: the upstream did nothing wrong.
             (
                 "POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
@@ -601,6 +602,32 @@ async fn client_errors_get_4xx_and_are_not_blamed_on_the_upstream() {
             assert!(answer.contains(" 200 OK\r\n"), "{protocol} {request:?}: {answer}");
             assert!(answer.contains(&format!("\r\nx-seen-host: {host}\r\n")), "{protocol} {request:?}: {answer}");
         }
+        // `Connection` cannot make `Host` hop-by-hop.
+        let answer = raw_exchange(proxy.addr, "GET / HTTP/1.1\r\nhost: app.test\r\nconnection: host\r\n\r\n").await;
+        assert!(answer.contains("\r\nx-seen-host: app.test\r\n"), "{protocol}: {answer}");
+        // Of `TE`, only `trailers` goes on, however the client spelled or split it.
+        for (te, kept) in [
+            ("te: Trailers\r\n", true),
+            ("te: trailers\r\nte: gzip\r\n", true),
+            ("te: gzip;q=0.5, trailers\r\n", true),
+            ("te: gzip\r\n", false),
+        ] {
+            let request = format!("GET / HTTP/1.1\r\nhost: a\r\nconnection: te\r\n{te}\r\n");
+            let answer = raw_exchange(proxy.addr, &request).await;
+            assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{protocol} {te:?}: {answer}");
+            assert_eq!(answer.contains("\r\nx-seen-te: 1\r\n"), kept, "{protocol} {te:?}: {answer}");
+        }
+        // A transfer coding the proxy would have to strip is refused, not forwarded as
+        // another body.
+        let gzip = "POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
+        let answer = raw_exchange(proxy.addr, gzip).await;
+        assert!(answer.starts_with("HTTP/1.1 501 Not Implemented\r\n"), "{protocol}: {answer}");
+        // Hop-by-hop fields in a chunked body's trailers are dropped, not passed on to break
+        // the upstream request (an h2 upstream refuses them).
+        let trailers = "POST / HTTP/1.1\r\nhost: a\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\
+                        x-checksum: 1\r\nconnection: close\r\nte: trailers\r\n\r\n";
+        let answer = raw_exchange(proxy.addr, trailers).await;
+        assert!(answer.starts_with("HTTP/1.1 200 OK\r\n") && answer.contains("abc"), "{protocol}: {answer}");
         // A sidecar is no forward proxy: CONNECT is refused, as over HTTP/2.
         let answer = raw_exchange(proxy.addr, "CONNECT app.test:443 HTTP/1.1\r\nhost: app.test:443\r\n\r\n").await;
         assert!(answer.starts_with("HTTP/1.1 405 Method Not Allowed\r\n"), "{protocol}: {answer}");
