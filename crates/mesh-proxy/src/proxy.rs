@@ -145,9 +145,13 @@ impl Forward {
             (parts, ProxyBody::h2(H2Recv::new(body)))
         } else {
             to_http1(&mut req, self.upstream.addr().authority())?;
+            let head = req.method() == Method::HEAD;
             let (res, checkout) = self.upstream.send_http1(req).await?;
             let (parts, body) = res.into_parts();
-            (parts, ProxyBody::upstream(body, Some(checkout)))
+            // After HEAD the connection is closed, not pooled: an upstream that sends a body
+            // anyway (its `content-length` is the GET body's) would otherwise hand it to the
+            // next request, another client's, as that request's response.
+            (parts, ProxyBody::upstream(body, (!head).then_some(checkout)))
         };
         strip_hop_by_hop(&mut parts.headers);
         parts.version = Version::HTTP_11;

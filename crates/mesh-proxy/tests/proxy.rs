@@ -431,6 +431,30 @@ async fn raw_upstream(behaviour: &'static str) -> SocketAddr {
                         let _ = stream.write_all(head.as_bytes()).await;
                         tokio::time::sleep(Duration::from_secs(5)).await;
                     }
+                    // Sends a body after its answer to HEAD (which must have none), shaped as a
+                    // response of its own; answers anything else with "ok", on one connection.
+                    "body-after-head" => {
+                        let mut request = buf;
+                        loop {
+                            let answer = if request.starts_with(b"HEAD") {
+                                let stray = "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nPWNED";
+                                let head = format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n", stray.len());
+                                // The body comes late, after the next request has gone out.
+                                let _ = stream.write_all(head.as_bytes()).await;
+                                tokio::time::sleep(Duration::from_millis(300)).await;
+                                stray
+                            } else {
+                                "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+                            };
+                            if stream.write_all(answer.as_bytes()).await.is_err() {
+                                return;
+                            }
+                            request = [0u8; 4096];
+                            if matches!(stream.read(&mut request).await, Ok(0) | Err(_)) {
+                                return;
+                            }
+                        }
+                    }
                     _ => unreachable!(),
                 }
             });
@@ -1283,4 +1307,19 @@ async fn a_timed_out_request_is_cancelled_upstream() {
     let ended = tokio::time::timeout(Duration::from_secs(10), seen.recv()).await.expect("the upstream stream stayed open");
     assert!(ended.unwrap().is_err(), "the upstream saw the body end normally, not a reset");
     drop(client);
+}
+
+/// An upstream that wrongly sends a body after its answer to HEAD (here late, so that the
+/// proxy's HTTP/1.1 client cannot notice it before reusing the connection) cannot slip that
+/// body to the next request on the connection, another client's: a connection that answered
+/// HEAD is not reused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_sent_after_a_head_response_reaches_no_other_request() {
+    let proxy = Proxy::start(raw_upstream("body-after-head").await, &["--upstream-protocol", "http1"]);
+    let head = raw_exchange(proxy.addr, "HEAD / HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n").await;
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    for _ in 0..3 {
+        let (status, _, body) = get(&proxy, "/secret").await;
+        assert_eq!((status, &body[..]), (StatusCode::OK, &b"ok"[..]));
+    }
 }
