@@ -279,6 +279,7 @@ const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// of the preface.
 pub(crate) async fn sniff_h2(io: &TcpStream) -> std::io::Result<Option<bool>> {
     let mut buf = [0u8; 3];
+    let mut pause = Duration::from_millis(2);
     loop {
         let n = io.peek(&mut buf).await?;
         if n == 0 {
@@ -291,8 +292,10 @@ pub(crate) async fn sniff_h2(io: &TcpStream) -> std::io::Result<Option<bool>> {
             return Ok(Some(true));
         }
         // "P" or "PR" so far (PUT? PROPFIND?): peeking again at once would spin on the same
-        // bytes, so wait a little for the rest.
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        // bytes, so wait a little for the rest, longer each time (a client that stops there
+        // costs a peek per 100 ms, until the sniffing deadline).
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(100));
     }
 }
 

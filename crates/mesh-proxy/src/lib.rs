@@ -183,12 +183,17 @@ struct Conn {
     http1: hyper::server::conn::http1::Builder,
 }
 
+/// The longest a new connection may take to send its first three bytes.
+const SNIFF_LIMIT: Duration = Duration::from_secs(10);
+
 impl Conn {
     /// Serves HTTP/1.x (through hyper) or h2c (prior knowledge, through the `h2` crate),
     /// whichever the client speaks, with a watchdog for idle time, request timeouts and drain.
     async fn serve(self, stream: TcpStream) {
-        // A client that says nothing at all is bounded by the idle timeout.
-        let h2 = match h2server::within(self.idle_timeout, h2server::sniff_h2(&stream)).await {
+        // A client that says nothing at all, or only the start of a method, is bounded by the
+        // idle timeout, and by 10 s at most.
+        let limit = self.idle_timeout.map_or(SNIFF_LIMIT, |idle| idle.min(SNIFF_LIMIT));
+        let h2 = match h2server::within(Some(limit), h2server::sniff_h2(&stream)).await {
             Some(Ok(Some(h2))) => h2,
             _ => return,
         };
