@@ -149,7 +149,8 @@ async fn an_unparsable_http1_response_is_a_protocol_error() {
             upstream.write_all(answer).await.unwrap();
             let _ = upstream.read(&mut request).await;
         });
-        let req = http::Request::get("/").header("host", "x").body(http_body_util::Empty::<bytes::Bytes>::new()).unwrap();
+        let req =
+            http::Request::get("/").header("host", "x").body(http_body_util::Empty::<bytes::Bytes>::new()).unwrap();
         let err = tx.send_request(req).await.unwrap_err();
         let outcome = Outcome::from_error(&err);
         assert_eq!(outcome.failure(), Some(Failure::ProtocolError), "{err}");

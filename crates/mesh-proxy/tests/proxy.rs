@@ -1271,7 +1271,8 @@ async fn a_client_that_stops_reading_does_not_stall_the_shared_upstream_connecti
             let res = tx.send_request(Request::get("http://app.test/small").body(full("")).unwrap()).await.unwrap();
             res.into_body().collect().await.unwrap().to_bytes()
         };
-        let body = tokio::time::timeout(Duration::from_secs(10), exchange).await.expect("a stalled client stalled others");
+        let body =
+            tokio::time::timeout(Duration::from_secs(10), exchange).await.expect("a stalled client stalled others");
         assert_eq!(body, "small");
     }
     drop(held);
@@ -1304,7 +1305,8 @@ async fn a_timed_out_request_is_cancelled_upstream() {
     let n = tokio::time::timeout(Duration::from_secs(10), client.read(&mut head)).await.unwrap().unwrap();
     assert!(head[..n].starts_with(b"HTTP/1.1 504"), "{}", String::from_utf8_lossy(&head[..n]));
 
-    let ended = tokio::time::timeout(Duration::from_secs(10), seen.recv()).await.expect("the upstream stream stayed open");
+    let ended =
+        tokio::time::timeout(Duration::from_secs(10), seen.recv()).await.expect("the upstream stream stayed open");
     assert!(ended.unwrap().is_err(), "the upstream saw the body end normally, not a reset");
     drop(client);
 }
