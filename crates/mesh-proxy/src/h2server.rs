@@ -13,7 +13,6 @@
 use std::future::Future;
 use std::pin::{Pin, pin};
 use std::task::{Context, Poll, ready};
-use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::stream::{FuturesUnordered, StreamExt};
@@ -26,10 +25,15 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
+use crate::sniff::Prefixed;
+
 use crate::downstream::{GracefulConn, InFlight};
 use crate::h2body::{H2Recv, SendBody};
 use crate::proxy::{Connected, Forward, ProxyBody, RequestBody};
 use crate::upstream::BoxError;
+
+/// A client connection, with the bytes protocol sniffing read put back in front.
+pub(crate) type ClientIo = Prefixed<TcpStream>;
 
 /// Streams a client may open at once (hyper's default too).
 const MAX_CONCURRENT_STREAMS: u32 = 200;
@@ -41,7 +45,7 @@ const SEND_BUFFER: usize = 400 << 10;
 const MAX_HEADER_LIST: u32 = 16 << 10;
 
 /// Reads the client preface and settings and returns the connection to serve.
-pub(crate) async fn handshake(io: TcpStream) -> Result<Connection<TcpStream, Bytes>, h2::Error> {
+pub(crate) async fn handshake(io: ClientIo) -> Result<Connection<ClientIo, Bytes>, h2::Error> {
     h2::server::Builder::new()
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .initial_window_size(WINDOW)
@@ -58,7 +62,7 @@ pin_project_lite::pin_project! {
     /// the connection or, after [`GracefulConn::graceful_shutdown`] (GOAWAY), until the
     /// streams already open have finished.
     pub(crate) struct H2Server<F, Fut> {
-        conn: Connection<TcpStream, Bytes>,
+        conn: Connection<ClientIo, Bytes>,
         streams: FuturesUnordered<Fut>,
         start: F,
         accepting: bool,
@@ -71,7 +75,7 @@ where
     Fut: Future<Output = ()>,
 {
     /// `start` makes the future that serves one stream.
-    pub(crate) fn new(conn: Connection<TcpStream, Bytes>, start: F) -> Self {
+    pub(crate) fn new(conn: Connection<ClientIo, Bytes>, start: F) -> Self {
         Self { conn, streams: FuturesUnordered::new(), start, accepting: true }
     }
 }
@@ -258,44 +262,6 @@ fn poll_read_chunk<R: AsyncRead>(
         Poll::Ready(Ok(())) => Poll::Ready(Ok(n)),
         Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
         Poll::Pending => Poll::Pending,
-    }
-}
-
-/// How long a new connection may take to show which protocol it speaks (and, for h2c, to
-/// complete its preface): the idle timeout, if any.
-pub(crate) async fn within<T>(limit: Option<Duration>, fut: impl Future<Output = T>) -> Option<T> {
-    match limit {
-        Some(limit) => tokio::time::timeout(limit, fut).await.ok(),
-        None => Some(fut.await),
-    }
-}
-
-/// The HTTP/2 connection preface a prior-knowledge h2c client starts with.
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-/// Whether the client speaks h2c (prior knowledge) rather than HTTP/1.x, judged from the
-/// first bytes it sent, without consuming them; `None` if it closed without sending any.
-/// `PRI` is enough: no HTTP/1.x request starts with it, and the h2 handshake checks the rest
-/// of the preface.
-pub(crate) async fn sniff_h2(io: &TcpStream) -> std::io::Result<Option<bool>> {
-    let mut buf = [0u8; 3];
-    let mut pause = Duration::from_millis(2);
-    loop {
-        let n = io.peek(&mut buf).await?;
-        if n == 0 {
-            return Ok(None);
-        }
-        if buf[..n] != PREFACE[..n] {
-            return Ok(Some(false));
-        }
-        if n == buf.len() {
-            return Ok(Some(true));
-        }
-        // "P" or "PR" so far (PUT? PROPFIND?): peeking again at once would spin on the same
-        // bytes, so wait a little for the rest, longer each time (a client that stops there
-        // costs a peek per 100 ms, until the sniffing deadline).
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_millis(100));
     }
 }
 

@@ -52,6 +52,7 @@ mod downstream;
 mod h2body;
 mod h2server;
 mod proxy;
+mod sniff;
 mod upstream;
 
 pub use config::{ProxyConfig, UpstreamAddr, UpstreamProtocol};
@@ -183,45 +184,76 @@ struct Conn {
     http1: hyper::server::conn::http1::Builder,
 }
 
-/// The longest a new connection may take to send its first three bytes.
-const SNIFF_LIMIT: Duration = Duration::from_secs(10);
+/// The longest a new connection may take to show its protocol (and, for h2c, to send its
+/// preface and settings).
+const OPENING_LIMIT: Duration = Duration::from_secs(10);
+
+/// A connection whose protocol is known.
+enum Opened {
+    Http1(sniff::Prefixed<TcpStream>),
+    H2c(h2::server::Connection<h2server::ClientIo, Bytes>),
+}
 
 impl Conn {
     /// Serves HTTP/1.x (through hyper) or h2c (prior knowledge, through the `h2` crate),
     /// whichever the client speaks, with a watchdog for idle time, request timeouts and drain.
     async fn serve(self, stream: TcpStream) {
-        // A client that says nothing at all, or only the start of a method, is bounded by the
-        // idle timeout, and by 10 s at most.
-        let limit = self.idle_timeout.map_or(SNIFF_LIMIT, |idle| idle.min(SNIFF_LIMIT));
-        let h2 = match h2server::within(Some(limit), h2server::sniff_h2(&stream)).await {
-            Some(Ok(Some(h2))) => h2,
-            _ => return,
-        };
+        let Some(opened) = self.open(stream).await else { return };
         let state = downstream::ConnState::new();
-        if h2 {
-            let conn = match h2server::within(self.idle_timeout, h2server::handshake(stream)).await {
-                Some(Ok(conn)) => conn,
-                Some(Err(e)) => return tracing::debug!(error = %e, "h2c handshake failed"),
-                None => return,
+        self.spawn_watchdog(&state);
+        match opened {
+            Opened::H2c(conn) => {
+                let (forward, streams) = (self.forward, state.clone());
+                let server = h2server::H2Server::new(conn, move |req, respond| {
+                    h2server::serve_stream(forward.clone(), req, respond, streams.start_request())
+                });
+                if let Some(Err(e)) = downstream::serve(server, state).await {
+                    tracing::debug!(error = %e, "h2c downstream connection ended with an error");
+                }
+            }
+            Opened::Http1(io) => {
+                let (forward, requests) = (self.forward, state.clone());
+                let service = service_fn(move |req: Request<Incoming>| {
+                    forward.clone().call(req.map(proxy::RequestBody::http1), requests.start_request())
+                });
+                let conn = self.http1.serve_connection(TokioIo::new(io), service).with_upgrades();
+                if let Some(Err(e)) = downstream::serve(conn, state).await {
+                    tracing::debug!(error = %e, "HTTP/1.1 downstream connection ended with an error");
+                }
+            }
+        }
+    }
+
+    /// Finds out which protocol the client speaks and, for h2c, reads its preface. A client
+    /// that takes longer than the idle timeout (10 s at most, even with no idle timeout) is
+    /// dropped, and so is one still opening when a drain starts: it has sent no request yet.
+    async fn open(&self, mut stream: TcpStream) -> Option<Opened> {
+        let limit = self.idle_timeout.map_or(OPENING_LIMIT, |idle| idle.min(OPENING_LIMIT));
+        let opening = async {
+            let (protocol, prefix) = match sniff::sniff(&mut stream).await {
+                Ok(Some(sniffed)) => sniffed,
+                Ok(None) => return None,
+                Err(e) => {
+                    tracing::debug!(error = %e, "reading from a new connection failed");
+                    return None;
+                }
             };
-            self.spawn_watchdog(&state);
-            let (forward, streams) = (self.forward, state.clone());
-            let server = h2server::H2Server::new(conn, move |req, respond| {
-                h2server::serve_stream(forward.clone(), req, respond, streams.start_request())
-            });
-            if let Some(Err(e)) = downstream::serve(server, state).await {
-                tracing::debug!(error = %e, "h2c downstream connection ended with an error");
+            let io = sniff::Prefixed::new(prefix, stream);
+            match protocol {
+                sniff::Protocol::Http1 => Some(Opened::Http1(io)),
+                sniff::Protocol::H2c => match h2server::handshake(io).await {
+                    Ok(conn) => Some(Opened::H2c(conn)),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "h2c handshake failed");
+                        None
+                    }
+                },
             }
-        } else {
-            self.spawn_watchdog(&state);
-            let (forward, requests) = (self.forward, state.clone());
-            let service = service_fn(move |req: Request<Incoming>| {
-                forward.clone().call(req.map(proxy::RequestBody::http1), requests.start_request())
-            });
-            let conn = self.http1.serve_connection(TokioIo::new(stream), service).with_upgrades();
-            if let Some(Err(e)) = downstream::serve(conn, state).await {
-                tracing::debug!(error = %e, "HTTP/1.1 downstream connection ended with an error");
-            }
+        };
+        let mut drain = self.drain.clone();
+        tokio::select! {
+            opened = tokio::time::timeout(limit, opening) => opened.ok().flatten(),
+            _ = drain.wait_for(|draining| *draining) => None,
         }
     }
 

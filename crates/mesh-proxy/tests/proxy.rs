@@ -701,6 +701,33 @@ async fn admin_and_graceful_drain_on_sigterm() {
     assert!(exit.success(), "{exit:?}");
 }
 
+/// Connections that have not shown their protocol yet (nothing sent, `P`, `PR`, half an h2c
+/// preface) have no request to finish: a drain closes them at once, not after the 10 s opening
+/// limit or, for the half preface with no idle timeout, the drain timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_closes_connections_still_opening() {
+    let upstream = Upstream::start(echo()).await;
+    let mut proxy = Proxy::start(upstream.addr, &["--drain-timeout", "60s", "--downstream-idle-timeout", "0"]);
+    let mut opening = Vec::new();
+    for first in [&b""[..], b"P", b"PR", b"PRI * HTTP/2.0\r\n"] {
+        let mut stream = TcpStream::connect(proxy.addr).await.unwrap();
+        stream.write_all(first).await.unwrap();
+        opening.push(stream);
+    }
+    // A request on a connection of its own shows the proxy has taken the others in.
+    let (status, _, _) = get(&proxy, "/").await;
+    assert_eq!(status, StatusCode::OK);
+
+    proxy.terminate();
+    let exit = proxy.wait_exit().await;
+    assert!(exit.success(), "{exit:?}");
+    for mut stream in opening {
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest)).await;
+        assert!(read.is_ok(), "the connection was closed");
+    }
+}
+
 #[test]
 fn command_line_help_and_errors() {
     let bin = env!("CARGO_BIN_EXE_mesh-proxy");
@@ -772,7 +799,8 @@ async fn idle_and_slow_header_connections_are_closed_and_busy_ones_kept() {
     let settings = read_until_closed(&mut half_preface).await;
     assert_eq!(settings.get(3), Some(&4), "only a SETTINGS frame: {settings:?}");
     assert_eq!(settings.len(), 9 + usize::from(settings[2]), "only a SETTINGS frame: {settings:?}");
-    // The byte was only peeked at, never read: closing with it unread is a reset.
+    // (Closing with the byte read gives EOF; with it unread, as the proxy once only peeked at
+    // it, a reset.)
     let mut rest = Vec::new();
     match tokio::time::timeout(Duration::from_secs(10), one_byte.read_to_end(&mut rest)).await {
         Ok(Ok(_)) => assert_eq!(rest, b""),

@@ -1,0 +1,169 @@
+//! Telling HTTP/1.x from h2c (prior knowledge) on one port.
+//!
+//! The first bytes a client sends are read, not peeked at: a peek cannot wait for *more*
+//! bytes than are already there, so a client that sent `P` (PUT? PRI?) and paused could only
+//! be re-peeked on a timer. Reading waits on the socket's readiness like any other read, and
+//! the bytes read are handed back to whichever protocol takes the connection, through
+//! [`Prefixed`].
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+
+/// The HTTP/2 connection preface a prior-knowledge h2c client starts with.
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// How much the first read may take. A typical HTTP/1.1 request head, or an h2c preface with
+/// the client's SETTINGS and first HEADERS, arrives whole, so hyper or h2 find it all in
+/// their first read.
+const FIRST_READ: usize = 4096;
+
+/// Which protocol a client speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Protocol {
+    Http1,
+    H2c,
+}
+
+/// Reads from `io` until its first bytes show the protocol: `PRI` starts h2c (no HTTP/1.x
+/// method does; the h2 handshake checks the rest of the preface), anything else is HTTP/1.x.
+/// Returns the protocol and every byte read, or `None` if the client closed first.
+pub(crate) async fn sniff<T: AsyncRead + Unpin>(io: &mut T) -> io::Result<Option<(Protocol, Bytes)>> {
+    let mut buf = BytesMut::with_capacity(FIRST_READ);
+    loop {
+        if io.read_buf(&mut buf).await? == 0 {
+            return Ok(None);
+        }
+        let seen = buf.len().min(3);
+        if buf[..seen] != PREFACE[..seen] {
+            return Ok(Some((Protocol::Http1, buf.freeze())));
+        }
+        if seen == 3 {
+            return Ok(Some((Protocol::H2c, buf.freeze())));
+        }
+        // `P` or `PR` so far: wait for more (the buffer has room for it).
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// An I/O object whose reads first return `prefix` (the bytes sniffing took), then
+    /// whatever `io` reads. Writes go straight to `io`.
+    #[derive(Debug)]
+    pub(crate) struct Prefixed<T> {
+        prefix: Bytes,
+        #[pin]
+        io: T,
+    }
+}
+
+impl<T> Prefixed<T> {
+    pub(crate) fn new(prefix: Bytes, io: T) -> Self {
+        Self { prefix, io }
+    }
+}
+
+impl<T: AsyncRead> AsyncRead for Prefixed<T> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.project();
+        if this.prefix.is_empty() {
+            return this.io.poll_read(cx, buf);
+        }
+        let n = this.prefix.len().min(buf.remaining());
+        buf.put_slice(&this.prefix[..n]);
+        this.prefix.advance(n);
+        if this.prefix.is_empty() {
+            // Let the first read's buffer go.
+            *this.prefix = Bytes::new();
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: AsyncWrite> AsyncWrite for Prefixed<T> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.project().io.poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.project().io.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().io.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().io.poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncWriteExt;
+
+    /// Sends `parts` one write at a time, sniffs, and checks that what sniffing kept is the
+    /// start of what was sent, long enough to decide.
+    async fn sniff_parts(parts: &[&[u8]]) -> Option<Protocol> {
+        let (mut client, mut server) = tokio::io::duplex(64);
+        let sent: Vec<u8> = parts.concat();
+        let parts: Vec<Vec<u8>> = parts.iter().map(|p| p.to_vec()).collect();
+        let writer = tokio::spawn(async move {
+            for part in parts {
+                client.write_all(&part).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+        });
+        let sniffed = sniff(&mut server).await.unwrap();
+        writer.await.unwrap();
+        let (protocol, kept) = sniffed?;
+        assert!(sent.starts_with(&kept), "kept {kept:?} of {sent:?}");
+        let needed = if sent.starts_with(b"PR") {
+            3
+        } else if sent.starts_with(b"P") {
+            2
+        } else {
+            1
+        };
+        assert!(kept.len() >= needed, "kept {kept:?} of {sent:?}");
+        Some(protocol)
+    }
+
+    #[tokio::test]
+    async fn the_first_bytes_decide_and_are_all_kept() {
+        assert_eq!(sniff_parts(&[b"GET / HTTP/1.1\r\n"]).await, Some(Protocol::Http1));
+        // One byte at a time: `P` and `PR` wait, `PU` is HTTP/1.x (PUT), `PRI` is h2c.
+        assert_eq!(sniff_parts(&[b"P", b"U", b"T / HTTP/1.1\r\n"]).await, Some(Protocol::Http1));
+        assert_eq!(sniff_parts(&[b"P", b"R", b"I * HTTP/2.0"]).await, Some(Protocol::H2c));
+        assert_eq!(sniff_parts(&[b"PROPFIND / HTTP/1.1\r\n"]).await, Some(Protocol::Http1));
+        // Closed before deciding, or before sending anything.
+        assert_eq!(sniff_parts(&[b"PR"]).await, None);
+        assert_eq!(sniff_parts(&[]).await, None);
+    }
+
+    #[tokio::test]
+    async fn prefixed_reads_return_the_prefix_then_the_stream() {
+        let (mut client, server) = tokio::io::duplex(64);
+        client.write_all(b" world").await.unwrap();
+        drop(client);
+        let mut io = Prefixed::new(Bytes::from_static(b"hello"), server);
+        // A small buffer takes the prefix in parts.
+        let mut small = [0u8; 3];
+        assert_eq!(io.read(&mut small).await.unwrap(), 3);
+        assert_eq!(&small, b"hel");
+        let mut rest = Vec::new();
+        io.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(rest, b"lo world");
+    }
+}
