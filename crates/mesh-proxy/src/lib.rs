@@ -189,6 +189,7 @@ struct Conn {
 const OPENING_LIMIT: Duration = Duration::from_secs(10);
 
 /// A connection whose protocol is known.
+#[expect(clippy::large_enum_variant, reason = "made once per connection and taken apart at once")]
 enum Opened {
     Http1(sniff::Prefixed<TcpStream>),
     H2c(h2::server::Connection<h2server::ClientIo, Bytes>),
