@@ -4,8 +4,11 @@
 //! allocating (except to join a header that arrives on several lines). The semantics are
 //! Envoy's, as Istio configures it:
 //!
-//! * `regex` is a **full match** against the whole value (RE2 syntax, as the `regex` crate
-//!   implements it): `\d+` matches `123` but not `a123`. Use `(?i)` for case-insensitivity.
+//! * `regex` is a **full match** against the whole value, in RE2 syntax: `\d+` matches `123`
+//!   but not `a123`. Use `(?i)` for case-insensitivity. Patterns run on the `regex` crate;
+//!   where its dialect differs from RE2's they are rewritten to mean what RE2 means: `\d`,
+//!   `\w`, `\s`, `\b` are ASCII (so `\d` does not match `٣`), and brackets do not nest or
+//!   combine (`[[]` is the class of `[`).
 //! * A header that arrives on several lines is seen as its values joined with `,`, except an
 //!   HTTP/2 request's cookie crumbs, which [`HttpMatch::matches_request`] sees joined with
 //!   `"; "` into one `cookie` header, as Envoy's HTTP/2 codec joins them.
@@ -40,6 +43,7 @@
 //! # Ok::<(), mesh_core::matching::InvalidMatch>(())
 //! ```
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 
@@ -261,11 +265,111 @@ fn compile_full_match(field: &str, pattern: &str) -> Result<Regex, InvalidMatch>
     if len > MAX_REGEX_LEN {
         return Err(InvalidMatch::RegexTooLong { field: field.into(), len });
     }
-    // Compile the user's pattern alone first so that an error points at their text, then
-    // anchor it: RE2 full-match semantics.
+    // Compile the pattern alone first so that an error points at the user's text (when the
+    // translation fails, the original pattern is what to report), then anchor it: RE2
+    // full-match semantics.
     let build = |p: &str| RegexBuilder::new(p).size_limit(REGEX_SIZE_LIMIT).build();
-    build(pattern).map_err(|source| InvalidMatch::Regex { field: field.into(), source })?;
-    build(&format!("^(?:{pattern})$")).map_err(|source| InvalidMatch::Regex { field: field.into(), source })
+    let translated = re2_to_rust(pattern);
+    if let Err(source) = build(&translated) {
+        let source = build(pattern).err().unwrap_or(source);
+        return Err(InvalidMatch::Regex { field: field.into(), source });
+    }
+    build(&format!("^(?:{translated})$")).map_err(|source| InvalidMatch::Regex { field: field.into(), source })
+}
+
+/// Rewrites an RE2 pattern where the `regex` crate's syntax means something else:
+///
+/// * `\d`, `\w`, `\s` and their negations are ASCII in RE2 (`[0-9]`, `[0-9A-Za-z_]`,
+///   `[\t\n\f\r ]`) and Unicode-aware in the `regex` crate, which would let `\d` match
+///   `٣` (ARABIC-INDIC DIGIT THREE) or `\s` match a no-break space. `\b` and `\B` are ASCII
+///   word boundaries in RE2 too.
+/// * Inside a bracket class, RE2 has no nesting and no set operations: `[` (other than a POSIX
+///   `[:name:]`), `&` and `~` are literal characters there.
+///
+/// Everything else is passed through unchanged. (RE2's `\Q…\E` and `\C` have no `regex`
+/// equivalent and fail to compile, with the `regex` crate's error.)
+fn re2_to_rust(pattern: &str) -> Cow<'_, str> {
+    if !pattern.contains(['\\', '[']) {
+        return Cow::Borrowed(pattern);
+    }
+    const DIGIT: &str = "0-9";
+    const WORD: &str = "0-9A-Za-z_";
+    const SPACE: &str = r"\t\n\x0C\r ";
+    let mut out = String::with_capacity(pattern.len() + 16);
+    let mut chars = pattern.chars().peekable();
+    // Inside a bracket class: how many of its members have been seen (a `]` first is one).
+    let mut class: Option<usize> = None;
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                let Some(e) = chars.next() else {
+                    out.push('\\');
+                    break;
+                };
+                let set = match e {
+                    'd' | 'D' => Some(DIGIT),
+                    'w' | 'W' => Some(WORD),
+                    's' | 'S' => Some(SPACE),
+                    _ => None,
+                };
+                let negated = e.is_ascii_uppercase();
+                match set {
+                    // Inside brackets, the members themselves.
+                    Some(set) if class.is_some() && !negated => out.push_str(set),
+                    // A class of its own outside brackets, or a nested negated one inside.
+                    Some(set) => {
+                        out.push_str(if negated { "[^" } else { "[" });
+                        out.push_str(set);
+                        out.push(']');
+                    }
+                    None if class.is_none() && matches!(e, 'b' | 'B') => {
+                        out.push_str("(?-u:\\");
+                        out.push(e);
+                        out.push(')');
+                    }
+                    None => {
+                        out.push('\\');
+                        out.push(e);
+                    }
+                }
+            }
+            '[' if class.is_none() => {
+                out.push('[');
+                if chars.next_if_eq(&'^').is_some() {
+                    out.push('^');
+                }
+                class = Some(0);
+                continue;
+            }
+            // A POSIX class (`[:alpha:]`) inside brackets: copied through its `:]`.
+            '[' if chars.peek() == Some(&':') => {
+                out.push('[');
+                let mut last = '[';
+                for p in chars.by_ref() {
+                    out.push(p);
+                    if last == ':' && p == ']' {
+                        break;
+                    }
+                    last = p;
+                }
+            }
+            ']' if class == Some(0) => out.push_str("\\]"),
+            ']' if class.is_some() => {
+                out.push(']');
+                class = None;
+                continue;
+            }
+            '[' | '&' | '~' if class.is_some() => {
+                out.push('\\');
+                out.push(c);
+            }
+            _ => out.push(c),
+        }
+        if let Some(members) = class.as_mut() {
+            *members += 1;
+        }
+    }
+    Cow::Owned(out)
 }
 
 // === HeaderMatch ===

@@ -205,6 +205,59 @@ fn v6_absent_header_and_without_headers_table() {
     assert!(!HeaderMatch::without("x", &StringMatch::Regex(".*".into())).unwrap().matches(&absent));
 }
 
+// === the regex dialect is RE2's (SEMANTICS 1.4) ===
+
+fn re(pattern: &str) -> mesh_core::matching::StringMatcher {
+    mesh_core::matching::StringMatcher::new("f", &StringMatch::Regex(pattern.into())).unwrap()
+}
+
+#[test]
+fn re2_perl_classes_and_word_boundaries_are_ascii() {
+    // Unicode digits, letters and spaces are not `\d`, `\w`, `\s` in RE2.
+    assert!(re(r"\d+").matches(b"123"));
+    assert!(!re(r"\d+").matches("١٢٣".as_bytes()), "ARABIC-INDIC digits");
+    assert!(re(r"\D+").matches("١٢٣".as_bytes()));
+    assert!(re(r"\w+").matches(b"user_42"));
+    assert!(!re(r"\w+").matches("José".as_bytes()));
+    assert!(!re(r"a\sb").matches("a\u{a0}b".as_bytes()), "NO-BREAK SPACE");
+    assert!(!re(r"a\sb").matches(b"a\x0Bb"), "RE2's \\s has no vertical tab");
+    assert!(re(r"a\sb").matches(b"a\tb"));
+    assert!(re(r"a\Sb").matches("a\u{a0}b".as_bytes()));
+    // Inside brackets too, plain and negated.
+    assert!(re(r"[\d.]+").matches(b"10.0.0.1"));
+    assert!(!re(r"[\d.]+").matches("١.٢".as_bytes()));
+    assert!(re(r"[^\d]+").matches("١٢".as_bytes()));
+    assert!(re(r"[\D]+").matches("١٢".as_bytes()));
+    assert!(!re(r"[\D]+").matches(b"12"));
+    assert!(re(r"[\w-]+").matches(b"my-host_1"));
+    assert!(!re(r"[\w-]+").matches("hôte".as_bytes()));
+    // `\b` is an ASCII word boundary: `é` is not a word character, so `foo` stands alone.
+    assert!(re(r".*\bfoo\b.*").matches("éfooé".as_bytes()));
+    assert!(!re(r".*\bfoo\b.*").matches(b"xfoox"));
+    assert!(re(r".*\Bfoo\B.*").matches(b"xfoox"));
+    // An escaped backslash is not the start of a class.
+    assert!(re(r"a\\d").matches(b"a\\d"));
+    assert!(!re(r"a\\d").matches(b"a\\1"));
+}
+
+#[test]
+fn re2_brackets_do_not_nest_or_combine() {
+    // `[` inside brackets is a literal in RE2; the `regex` crate would start a nested class.
+    assert!(re(r"[[]+").matches(b"[["));
+    assert!(re(r"[a[]+").matches(b"a[a"));
+    // No set operations: `&&`, `~~` are literal characters.
+    assert!(re(r"[a&&b]+").matches(b"a&b"));
+    assert!(re(r"[x~~y]+").matches(b"x~y"));
+    // A `]` first in the class is a member; POSIX classes still work.
+    assert!(re(r"[]a]+").matches(b"]a]"));
+    assert!(re(r"[^]a]+").matches(b"bc"));
+    assert!(re(r"[[:alpha:]]+").matches(b"abc"));
+    assert!(!re(r"[[:alpha:]]+").matches(b"ab1"));
+    assert!(re(r"[[:^alpha:][:digit:]]+").matches(b"1-2"));
+    // Unicode classes by name are RE2 too.
+    assert!(re(r"\p{Greek}+").matches("αβγ".as_bytes()));
+}
+
 // === other match fields ===
 
 #[test]

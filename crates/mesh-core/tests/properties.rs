@@ -39,6 +39,31 @@ proptest! {
         prop_assert_eq!(m.matches(input.as_bytes()), !input.is_empty() && input.bytes().all(|b| b.is_ascii_digit()));
     }
 
+    /// Perl classes are ASCII, as in RE2, outside and inside brackets, whatever mix of
+    /// ASCII and Unicode letters, digits and spaces the value holds.
+    #[test]
+    fn perl_classes_are_ascii(input in r"[0-9a-zA-Z_ \t\n\x0B\x0C\r.\-\x{A0}\x{2003}\x{660}-\x{669}\x{E9}\x{3A9}]{0,12}") {
+        let digit = |c: char| c.is_ascii_digit();
+        let word = |c: char| c.is_ascii_alphanumeric() || c == '_';
+        let space = |c: char| matches!(c, '\t' | '\n' | '\x0C' | '\r' | ' ');
+        let cases: [(&str, &dyn Fn(char) -> bool); 10] = [
+            (r"\d*", &digit),
+            (r"[\d]*", &digit),
+            (r"\D*", &|c| !digit(c)),
+            (r"[^\d]*", &|c| !digit(c)),
+            (r"[\D]*", &|c| !digit(c)),
+            (r"\w*", &word),
+            (r"[\w.]*", &|c| word(c) || c == '.'),
+            (r"\W*", &|c| !word(c)),
+            (r"\s*", &space),
+            (r"[^\s-]*", &|c| !space(c) && c != '-'),
+        ];
+        for (pattern, member) in cases {
+            let m = StringMatcher::new("f", &StringMatch::Regex(pattern.into())).unwrap();
+            prop_assert_eq!(m.matches(input.as_bytes()), input.chars().all(member), "{} on {:?}", pattern, input);
+        }
+    }
+
     /// withoutHeaders is the negation of headers whenever the header is present, with the
     /// values joined by `,` when it is repeated.
     #[test]
