@@ -47,11 +47,24 @@ pub enum Outcome {
     Response {
         /// Its HTTP status.
         status: StatusCode,
-        /// Its gRPC status, from the head or the trailers, when it has one.
-        grpc: Option<GrpcCode>,
+        /// Its gRPC status, when it has one, and whether it came in the head or the trailers.
+        grpc: Option<GrpcStatus>,
     },
     /// No (complete) response arrived.
     Failure(Failure),
+}
+
+/// A response's gRPC status and where it arrived.
+///
+/// Where matters: Envoy retries on a gRPC code (`retryOn: unavailable`, …) and feeds outlier
+/// detection the code's HTTP equivalent only when `grpc-status` is in the response head (a
+/// trailers-only response); a status that arrives in the trailers is seen only by telemetry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GrpcStatus {
+    /// The code.
+    pub code: GrpcCode,
+    /// `true` when it was in the response head, `false` when it came in the trailers.
+    pub in_head: bool,
 }
 
 /// Why no response arrived.
@@ -82,7 +95,8 @@ impl Outcome {
     /// Classifies a response head. A `grpc-status` header (a trailers-only gRPC response)
     /// sets the gRPC status.
     pub fn from_response(status: StatusCode, headers: &HeaderMap) -> Self {
-        Outcome::Response { status, grpc: headers.get(GRPC_STATUS).and_then(GrpcCode::from_header) }
+        let grpc = headers.get(GRPC_STATUS).and_then(GrpcCode::from_header);
+        Outcome::Response { status, grpc: grpc.map(|code| GrpcStatus { code, in_head: true }) }
     }
 
     /// Completes a response outcome with the trailers read at end-of-stream. A status
@@ -91,7 +105,8 @@ impl Outcome {
     pub fn with_trailers(self, trailers: &HeaderMap) -> Self {
         match self {
             Outcome::Response { status, grpc: None } => {
-                Outcome::Response { status, grpc: trailers.get(GRPC_STATUS).and_then(GrpcCode::from_header) }
+                let grpc = trailers.get(GRPC_STATUS).and_then(GrpcCode::from_header);
+                Outcome::Response { status, grpc: grpc.map(|code| GrpcStatus { code, in_head: false }) }
             }
             other => other,
         }
@@ -117,11 +132,39 @@ impl Outcome {
         }
     }
 
-    /// The gRPC status, when a gRPC response arrived with one.
+    /// The gRPC status, from the head or the trailers, when a gRPC response arrived with one.
+    /// This is what telemetry reports.
     pub fn grpc_status(&self) -> Option<GrpcCode> {
         match self {
-            Outcome::Response { grpc, .. } => *grpc,
+            Outcome::Response { grpc, .. } => grpc.map(|g| g.code),
             Outcome::Failure(_) => None,
+        }
+    }
+
+    /// The gRPC status only if it was in the response head (a trailers-only response): the
+    /// one Envoy's gRPC retry conditions look at (SEMANTICS 1.13.2).
+    pub fn head_grpc_status(&self) -> Option<GrpcCode> {
+        match self {
+            Outcome::Response { grpc: Some(GrpcStatus { code, in_head: true }), .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    /// The HTTP status outlier detection counts this outcome as (SEMANTICS 2.4.2, with
+    /// local-origin errors not split out, as Istio configures Envoy):
+    ///
+    /// * a response: its head `grpc-status` mapped by [`GrpcCode::to_http_status`] when there
+    ///   is one, else its HTTP status (a `grpc-status` in the trailers is not seen);
+    /// * a connect failure: 503; a timeout: 504;
+    /// * any other failure (the upstream reset or closed the stream, broke the protocol): 500,
+    ///   a failed request from the upstream's side.
+    pub fn outlier_status(&self) -> StatusCode {
+        match self {
+            Outcome::Response { grpc: Some(GrpcStatus { code, in_head: true }), .. } => code.to_http_status(),
+            Outcome::Response { status, .. } => *status,
+            Outcome::Failure(Failure::ConnectFailure) => StatusCode::SERVICE_UNAVAILABLE,
+            Outcome::Failure(Failure::Timeout) => StatusCode::GATEWAY_TIMEOUT,
+            Outcome::Failure(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -136,17 +179,21 @@ impl Outcome {
     /// A response below 500 whose gRPC status, if any, is `OK`.
     pub fn is_success(&self) -> bool {
         match self {
-            Outcome::Response { status, grpc } => !status.is_server_error() && grpc.is_none_or(|g| g == GrpcCode::OK),
+            Outcome::Response { status, grpc } => {
+                !status.is_server_error() && grpc.is_none_or(|g| g.code == GrpcCode::OK)
+            }
             Outcome::Failure(_) => false,
         }
     }
 
-    /// A response with a 5xx status.
+    /// A response with a 5xx HTTP status: Envoy's `5xx` retry condition on a response. A
+    /// gRPC status does not count (gRPC codes have retry conditions of their own).
     pub fn is_server_error(&self) -> bool {
         self.status().is_some_and(|s| s.is_server_error())
     }
 
-    /// A response with status 502, 503 or 504.
+    /// A response with HTTP status 502, 503 or 504: Envoy's `gateway-error` retry condition on
+    /// a response.
     pub fn is_gateway_error(&self) -> bool {
         self.status().is_some_and(|s| matches!(s.as_u16(), 502..=504))
     }
@@ -337,6 +384,28 @@ impl GrpcCode {
     /// The numeric value.
     pub const fn as_u32(self) -> u32 {
         self.0
+    }
+
+    /// The HTTP status Envoy equates with this code (its `grpcToHttpStatus`, after the gRPC
+    /// project's HTTP mapping), used where a gRPC outcome feeds an HTTP-status rule such as
+    /// outlier detection. Non-standard codes are 500.
+    pub fn to_http_status(self) -> StatusCode {
+        let code = match self.0 {
+            0 => 200,
+            1 => 499,
+            3 | 9 | 11 => 400,
+            4 => 504,
+            5 => 404,
+            6 | 10 => 409,
+            7 => 403,
+            8 => 429,
+            12 => 501,
+            14 => 503,
+            16 => 401,
+            // UNKNOWN, INTERNAL, DATA_LOSS and anything non-standard.
+            _ => 500,
+        };
+        StatusCode::from_u16(code).expect("a valid status code")
     }
 
     /// Parses a `grpc-status` header value (decimal digits only).

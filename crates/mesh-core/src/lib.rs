@@ -42,7 +42,7 @@ pub mod identity;
 pub mod matching;
 pub mod route;
 
-pub use classify::{Failure, GrpcCode, Outcome};
+pub use classify::{Failure, GrpcCode, GrpcStatus, Outcome};
 pub use flags::ResponseFlags;
 pub use identity::{PeerIdentity, SpiffeId, TrustDomain};
 pub use route::RouteDecision;

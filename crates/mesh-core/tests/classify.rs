@@ -49,6 +49,54 @@ fn grpc_status_from_head_and_trailers() {
     assert_eq!(format!("{:?}", GrpcCode::UNAVAILABLE), "UNAVAILABLE(14)");
 }
 
+/// Retries and outlier detection see only a head `grpc-status` (SEMANTICS 1.13.2 and 2.4.2);
+/// telemetry sees either.
+#[test]
+fn where_the_grpc_status_arrived_matters() {
+    let trailers_only = Outcome::from_response(StatusCode::OK, &grpc("14"));
+    assert_eq!(trailers_only.head_grpc_status(), Some(GrpcCode::UNAVAILABLE));
+    assert_eq!(trailers_only.outlier_status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(!trailers_only.is_server_error(), "5xx is the HTTP status only");
+
+    let in_trailers = Outcome::from_response(StatusCode::OK, &HeaderMap::new()).with_trailers(&grpc("14"));
+    assert_eq!(in_trailers.grpc_status(), Some(GrpcCode::UNAVAILABLE));
+    assert_eq!(in_trailers.head_grpc_status(), None);
+    assert_eq!(in_trailers.outlier_status(), StatusCode::OK, "a trailer status is not seen");
+
+    // Envoy's grpcToHttpStatus for every standard code, and a non-standard one.
+    let table = [
+        (0, 200),
+        (1, 499),
+        (2, 500),
+        (3, 400),
+        (4, 504),
+        (5, 404),
+        (6, 409),
+        (7, 403),
+        (8, 429),
+        (9, 400),
+        (10, 409),
+        (11, 400),
+        (12, 501),
+        (13, 500),
+        (14, 503),
+        (15, 500),
+        (16, 401),
+        (17, 500),
+    ];
+    for (code, http) in table {
+        assert_eq!(GrpcCode::new(code).to_http_status().as_u16(), http, "grpc {code}");
+    }
+
+    // Local-origin failures, as Envoy counts them with local-origin errors not split out.
+    let failure = |f| Outcome::Failure(f).outlier_status().as_u16();
+    assert_eq!(failure(Failure::ConnectFailure), 503);
+    assert_eq!(failure(Failure::Timeout), 504);
+    assert_eq!(failure(Failure::StreamReset), 500);
+    assert_eq!(failure(Failure::ConnectionTerminated), 500);
+    assert_eq!(Outcome::from_response(StatusCode::BAD_GATEWAY, &HeaderMap::new()).outlier_status().as_u16(), 502);
+}
+
 #[test]
 fn real_connect_failure() {
     // Bind, learn a free port, close it: connecting there is refused by the kernel.
