@@ -6,7 +6,7 @@
 //! durations and a bare number other than `0` are refused.
 //!
 //! [`Percent`] is Istio's `Percent`: a number from 0 to 100, written either as a plain number
-//! or as `{value: 12.5}`.
+//! or as `{value: 12.5}`; `{}` is 0 %, as an unset proto3 field is 0.
 //!
 //! # Example
 //!
@@ -201,16 +201,46 @@ impl fmt::Display for Percent {
 #[cfg(feature = "serde")]
 impl<'de> serde::Deserialize<'de> for Percent {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(serde::Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Plain(f64),
-            Message { value: f64 },
+        d.deserialize_any(PercentVisitor)
+    }
+}
+
+/// Reads a plain number or Istio's message form, `{value: 12.5}`; as in proto3, an unset
+/// `value` is 0, so `{}` is 0 %.
+#[cfg(feature = "serde")]
+struct PercentVisitor;
+
+#[cfg(feature = "serde")]
+impl<'de> serde::de::Visitor<'de> for PercentVisitor {
+    type Value = Percent;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a percentage from 0 to 100, as a number or as {value: N}")
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Percent, E> {
+        Percent::new(v).map_err(E::custom)
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Percent, E> {
+        self.visit_f64(v as f64)
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Percent, E> {
+        self.visit_f64(v as f64)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Percent, A::Error> {
+        use serde::de::Error;
+        let mut value = None;
+        while let Some(key) = map.next_key::<String>()? {
+            match key.as_str() {
+                "value" if value.is_some() => return Err(A::Error::duplicate_field("value")),
+                "value" => value = Some(map.next_value::<f64>()?),
+                other => return Err(A::Error::unknown_field(other, &["value"])),
+            }
         }
-        let value = match Raw::deserialize(d)? {
-            Raw::Plain(v) | Raw::Message { value: v } => v,
-        };
-        Percent::new(value).map_err(serde::de::Error::custom)
+        Percent::new(value.unwrap_or(0.0)).map_err(A::Error::custom)
     }
 }
 

@@ -51,6 +51,14 @@ use http::header::{COOKIE, HOST};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri, Version};
 use regex::bytes::{Regex, RegexBuilder};
 
+/// `headers` keys Istio documents as ignored (the request's pseudo-headers have fields of
+/// their own: `uri`, `scheme`, `method`, `authority`).
+const IGNORED_HEADER_KEYS: [&str; 4] = ["uri", "scheme", "method", "authority"];
+
+/// `headers` / `withoutHeaders` keys that match a JWT claim (`@request.auth.claims.groups`,
+/// `@request.auth.claims[a][b]`) rather than a header.
+const JWT_CLAIM_KEY: &str = "@request.auth.claims";
+
 /// The longest regex Istio accepts, in characters.
 pub const MAX_REGEX_LEN: usize = 1024;
 
@@ -167,6 +175,14 @@ pub enum InvalidMatch {
     EmptyPrefix {
         /// Where the match sits.
         field: String,
+    },
+    /// Something Istio accepts that this crate does not implement yet. The message says what.
+    #[error("{field}: {what}")]
+    Unsupported {
+        /// Where the match sits.
+        field: String,
+        /// What is not supported, and why.
+        what: &'static str,
     },
     /// A header or cookie name that is not a valid lowercase token.
     #[error("{field}: `{name}` is not a valid lowercase header name")]
@@ -535,6 +551,8 @@ impl CookieMatch {
 pub struct UriMatch {
     matcher: StringMatcher,
     with_query: bool,
+    /// `prefix: "/"` or `regex: ".*"`: every path.
+    catch_all: bool,
 }
 
 impl UriMatch {
@@ -544,7 +562,9 @@ impl UriMatch {
         if ignore_case {
             matcher = matcher.ignoring_case();
         }
-        Ok(Self { matcher, with_query: matches!(m, StringMatch::Prefix(_)) })
+        let catch_all =
+            matches!(m, StringMatch::Prefix(p) if p == "/") || matches!(m, StringMatch::Regex(r) if r == ".*");
+        Ok(Self { matcher, with_query: matches!(m, StringMatch::Prefix(_)), catch_all })
     }
 
     /// Evaluates the match against a request URI.
@@ -577,7 +597,10 @@ pub struct HttpMatchRequest {
     pub method: Option<StringMatch>,
     /// `:authority` (HTTP/1 `Host`) match.
     pub authority: Option<StringMatch>,
-    /// Headers that must be present and match (keys lowercase).
+    /// Headers that must be present and match (keys lowercase). The keys `uri`, `scheme`,
+    /// `method` and `authority` are ignored, as Istio documents (see
+    /// [`ignored_header_keys`](Self::ignored_header_keys)); `@request.auth.claims…` keys are
+    /// refused until RequestAuthentication is supported.
     pub headers: BTreeMap<String, StringMatch>,
     /// Headers that must not match.
     pub without_headers: BTreeMap<String, StringMatch>,
@@ -597,6 +620,14 @@ pub struct HttpMatchRequest {
     pub gateways: Vec<String>,
     /// Envoy per-route stats prefix.
     pub stat_prefix: Option<String>,
+}
+
+impl HttpMatchRequest {
+    /// The `headers` keys that have no effect (`uri`, `scheme`, `method`, `authority`), for a
+    /// loader to warn about: a user who wrote them most likely meant the field of that name.
+    pub fn ignored_header_keys(&self) -> impl Iterator<Item = &str> {
+        self.headers.keys().map(String::as_str).filter(|k| IGNORED_HEADER_KEYS.contains(k))
+    }
 }
 
 /// A compiled `HTTPMatchRequest` block: every condition in it must hold (AND). Several
@@ -624,9 +655,18 @@ impl HttpMatch {
                 })
                 .transpose()
         };
+        for (section, map) in [("headers", &config.headers), ("withoutHeaders", &config.without_headers)] {
+            if let Some(key) = map.keys().find(|k| k.starts_with(JWT_CLAIM_KEY)) {
+                return Err(InvalidMatch::Unsupported {
+                    field: format!("{section}.{key}"),
+                    what: "matching JWT claims needs RequestAuthentication, which is not supported yet",
+                });
+            }
+        }
         let headers = config
             .headers
             .iter()
+            .filter(|(k, _)| !IGNORED_HEADER_KEYS.contains(&k.as_str()))
             .map(|(k, v)| HeaderMatch::new(k, v))
             .chain(config.without_headers.iter().map(|(k, v)| HeaderMatch::without(k, v)))
             .collect::<Result<_, _>>()?;
@@ -658,9 +698,11 @@ impl HttpMatch {
         }
     }
 
-    /// Whether the block has no conditions at all.
+    /// Whether the block matches every request, as Envoy's route table sees it: a path match
+    /// of `prefix: "/"` or `regex: ".*"` (or none) and no other condition. Routes after a
+    /// catch-all are unreachable.
     pub fn is_catch_all(&self) -> bool {
-        self.uri.is_none()
+        self.uri.as_ref().is_none_or(|u| u.catch_all)
             && self.scheme.is_none()
             && self.method.is_none()
             && self.authority.is_none()

@@ -312,6 +312,64 @@ fn invalid_config_names_the_field() {
 }
 
 #[test]
+fn jwt_claim_keys_are_refused_by_name() {
+    for section in ["headers", "withoutHeaders"] {
+        for key in ["@request.auth.claims.groups", "@request.auth.claims[nested][key]"] {
+            let mut config = HttpMatchRequest::default();
+            let map = if section == "headers" { &mut config.headers } else { &mut config.without_headers };
+            map.insert(key.into(), StringMatch::Exact("admin".into()));
+            let err = HttpMatch::new(&config).unwrap_err().to_string();
+            assert_eq!(
+                err,
+                format!("{section}.{key}: matching JWT claims needs RequestAuthentication, which is not supported yet")
+            );
+        }
+    }
+}
+
+/// `headers` keys naming a pseudo-header are ignored, as Istio documents: the block still
+/// matches on its other conditions, and a loader can list them to warn.
+#[test]
+fn pseudo_header_keys_under_headers_are_ignored() {
+    let mut config = HttpMatchRequest::default();
+    for key in ["uri", "scheme", "method", "authority"] {
+        config.headers.insert(key.into(), StringMatch::Exact("never".into()));
+    }
+    config.headers.insert("x-team".into(), StringMatch::Exact("blue".into()));
+    let b = HttpMatch::new(&config).unwrap();
+    assert!(b.matches_request(&request("/", &[("x-team", "blue")])));
+    assert!(!b.matches_request(&request("/", &[("x-team", "red")])));
+    // A request that does carry headers by those names is not held to them either.
+    assert!(b.matches_request(&request("/", &[("x-team", "blue"), ("method", "other")])));
+    assert_eq!(config.ignored_header_keys().collect::<Vec<_>>(), ["authority", "method", "scheme", "uri"]);
+}
+
+/// SEMANTICS 1.5: a catch-all is a path match of `prefix: "/"` or `regex: ".*"` (or none) with
+/// no header or query-parameter conditions.
+#[test]
+fn catch_all_blocks() {
+    let catch_all = |f: fn(&mut HttpMatchRequest)| block(f).is_catch_all();
+    assert!(catch_all(|_| {}));
+    assert!(catch_all(|c| c.uri = Some(StringMatch::Prefix("/".into()))));
+    assert!(catch_all(|c| c.uri = Some(StringMatch::Regex(".*".into()))));
+    assert!(catch_all(|c| {
+        c.uri = Some(StringMatch::Prefix("/".into()));
+        c.ignore_uri_case = true;
+    }));
+    assert!(!catch_all(|c| c.uri = Some(StringMatch::Prefix("/api".into()))));
+    assert!(!catch_all(|c| c.uri = Some(StringMatch::Exact("/".into()))));
+    assert!(!catch_all(|c| {
+        c.uri = Some(StringMatch::Prefix("/".into()));
+        c.headers.insert("x".into(), StringMatch::Present);
+    }));
+    assert!(!catch_all(|c| c.method = Some(StringMatch::Exact("GET".into()))));
+    assert!(!catch_all(|c| {
+        c.query_params.insert("q".into(), StringMatch::Present);
+    }));
+    assert!(HttpMatch::any().is_catch_all());
+}
+
+#[test]
 fn deserializes_istio_yaml_shapes_from_json() {
     let config: HttpMatchRequest = serde_json::from_str(
         r#"{"uri": {"prefix": "/api"}, "headers": {"end-user": {"exact": "jason"}, "x-present": {}},
@@ -393,4 +451,21 @@ fn v31_leaf_svids() {
     let uris = ["spiffe://example.org/a"];
     let signing = LeafSvid { uri_sans: &uris, is_ca: false, key_cert_sign: true, crl_sign: false };
     assert_eq!(signing.validate().unwrap_err(), InvalidSvid::SigningKeyUsage);
+}
+
+#[test]
+fn percent_shapes() {
+    use mesh_core::config::Percent;
+    let read = |json: &str| serde_json::from_str::<Percent>(json).map(Percent::value).map_err(|e| e.to_string());
+    assert_eq!(read("12.5"), Ok(12.5));
+    assert_eq!(read("100"), Ok(100.0));
+    assert_eq!(read(r#"{"value": 0.1}"#), Ok(0.1));
+    assert_eq!(read("{}"), Ok(0.0), "an unset proto3 value is 0");
+    assert!(read(r#"{"value": 100.5}"#).is_err());
+    assert!(read("-1").is_err());
+    assert!(read(r#""12""#).is_err());
+    let typo = read(r#"{"valeu": 5}"#).unwrap_err();
+    assert!(typo.contains("unknown field `valeu`"), "{typo}");
+    let json = serde_json::to_string(&Percent::new(12.5).unwrap()).unwrap();
+    assert_eq!(json, r#"{"value":12.5}"#);
 }
