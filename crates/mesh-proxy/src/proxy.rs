@@ -4,7 +4,10 @@
 //!   `proxy-connection`, `transfer-encoding`, `upgrade`, and `te` other than `trailers`) are
 //!   removed in both directions; hyper frames each side's message itself.
 //! * Bodies stream through in both directions, frame by frame, trailers included: nothing is
-//!   buffered beyond what one read returns.
+//!   buffered beyond what one read returns. Trailers reach an HTTP/1.1 client only when the
+//!   response declares them in a `Trailer` header (hyper's rule); otherwise they are dropped
+//!   there, as Envoy drops them for HTTP/1.1 clients unless `enable_trailers` is set. gRPC,
+//!   which needs them, runs over HTTP/2 end to end.
 //! * HTTP/1.1 upgrades (WebSocket and any other `Upgrade` protocol) are forwarded on an
 //!   upstream HTTP/1.1 connection of their own, whatever `--upstream-protocol` says. If the
 //!   upstream answers `101 Switching Protocols`, the proxy answers 101 too and then copies
