@@ -151,20 +151,30 @@ impl Outcome {
     }
 
     /// The HTTP status outlier detection counts this outcome as (SEMANTICS 2.4.2, with
-    /// local-origin errors not split out, as Istio configures Envoy):
+    /// local-origin errors not split out, as Istio configures Envoy), or `None` for a local
+    /// failure that says nothing about the upstream:
     ///
-    /// * a response: its head `grpc-status` mapped by [`GrpcCode::to_http_status`] when there
-    ///   is one, else its HTTP status (a `grpc-status` in the trailers is not seen);
-    /// * a connect failure: 503; a timeout: 504;
-    /// * any other failure (the upstream reset or closed the stream, broke the protocol): 500,
-    ///   a failed request from the upstream's side.
-    pub fn outlier_status(&self) -> StatusCode {
+    /// * a response: for a gRPC request (`grpc_request`), its head `grpc-status` mapped by
+    ///   [`GrpcCode::to_http_status`] when there is one; otherwise its HTTP status (a
+    ///   `grpc-status` in the trailers is not seen);
+    /// * a timeout: 504;
+    /// * a connect failure, and any reset, termination or protocol error of the upstream
+    ///   (Envoy reports every upstream reset as a local-origin connect failure): 503.
+    pub fn outlier_status(&self, grpc_request: bool) -> Option<StatusCode> {
         match self {
-            Outcome::Response { grpc: Some(GrpcStatus { code, in_head: true }), .. } => code.to_http_status(),
-            Outcome::Response { status, .. } => *status,
-            Outcome::Failure(Failure::ConnectFailure) => StatusCode::SERVICE_UNAVAILABLE,
-            Outcome::Failure(Failure::Timeout) => StatusCode::GATEWAY_TIMEOUT,
-            Outcome::Failure(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Outcome::Response { grpc: Some(GrpcStatus { code, in_head: true }), .. } if grpc_request => {
+                Some(code.to_http_status())
+            }
+            Outcome::Response { status, .. } => Some(*status),
+            Outcome::Failure(Failure::Timeout) => Some(StatusCode::GATEWAY_TIMEOUT),
+            Outcome::Failure(
+                Failure::ConnectFailure
+                | Failure::ConnectionTerminated
+                | Failure::StreamReset
+                | Failure::RefusedStream
+                | Failure::ProtocolError,
+            ) => Some(StatusCode::SERVICE_UNAVAILABLE),
+            Outcome::Failure(Failure::Other) => None,
         }
     }
 

@@ -51,9 +51,11 @@ use http::header::{COOKIE, HOST};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri, Version};
 use regex::bytes::{Regex, RegexBuilder};
 
-/// `headers` keys Istio documents as ignored (the request's pseudo-headers have fields of
-/// their own: `uri`, `scheme`, `method`, `authority`).
-const IGNORED_HEADER_KEYS: [&str; 4] = ["uri", "scheme", "method", "authority"];
+/// `headers` keys that name a pseudo-header's field (`uri`, `scheme`, `method`, `authority`).
+/// Istio documents them as ignored, but translates them to Envoy header matchers on a header
+/// of that literal name, and so do we: dropping them would turn a block that has nothing else
+/// into a catch-all.
+const PSEUDO_HEADER_KEYS: [&str; 4] = ["uri", "scheme", "method", "authority"];
 
 /// `headers` / `withoutHeaders` keys that match a JWT claim (`@request.auth.claims.groups`,
 /// `@request.auth.claims[a][b]`) rather than a header.
@@ -598,8 +600,9 @@ pub struct HttpMatchRequest {
     /// `:authority` (HTTP/1 `Host`) match.
     pub authority: Option<StringMatch>,
     /// Headers that must be present and match (keys lowercase). The keys `uri`, `scheme`,
-    /// `method` and `authority` are ignored, as Istio documents (see
-    /// [`ignored_header_keys`](Self::ignored_header_keys)); `@request.auth.claims…` keys are
+    /// `method` and `authority` match headers of that literal name, as Istio's translation
+    /// does, although Istio documents them as ignored (see
+    /// [`pseudo_header_keys`](Self::pseudo_header_keys)); `@request.auth.claims…` keys are
     /// refused until RequestAuthentication is supported.
     pub headers: BTreeMap<String, StringMatch>,
     /// Headers that must not match.
@@ -623,10 +626,11 @@ pub struct HttpMatchRequest {
 }
 
 impl HttpMatchRequest {
-    /// The `headers` keys that have no effect (`uri`, `scheme`, `method`, `authority`), for a
-    /// loader to warn about: a user who wrote them most likely meant the field of that name.
-    pub fn ignored_header_keys(&self) -> impl Iterator<Item = &str> {
-        self.headers.keys().map(String::as_str).filter(|k| IGNORED_HEADER_KEYS.contains(k))
+    /// The `headers` keys `uri`, `scheme`, `method` and `authority`, for a loader to warn
+    /// about: they match a header of that literal name (as in Istio), while their author most
+    /// likely meant the field of that name, and Istio's documentation calls them ignored.
+    pub fn pseudo_header_keys(&self) -> impl Iterator<Item = &str> {
+        self.headers.keys().map(String::as_str).filter(|k| PSEUDO_HEADER_KEYS.contains(k))
     }
 }
 
@@ -666,7 +670,6 @@ impl HttpMatch {
         let headers = config
             .headers
             .iter()
-            .filter(|(k, _)| !IGNORED_HEADER_KEYS.contains(&k.as_str()))
             .map(|(k, v)| HeaderMatch::new(k, v))
             .chain(config.without_headers.iter().map(|(k, v)| HeaderMatch::without(k, v)))
             .collect::<Result<_, _>>()?;

@@ -55,13 +55,14 @@ fn grpc_status_from_head_and_trailers() {
 fn where_the_grpc_status_arrived_matters() {
     let trailers_only = Outcome::from_response(StatusCode::OK, &grpc("14"));
     assert_eq!(trailers_only.head_grpc_status(), Some(GrpcCode::UNAVAILABLE));
-    assert_eq!(trailers_only.outlier_status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(trailers_only.outlier_status(true), Some(StatusCode::SERVICE_UNAVAILABLE));
+    assert_eq!(trailers_only.outlier_status(false), Some(StatusCode::OK), "only gRPC requests are mapped");
     assert!(!trailers_only.is_server_error(), "5xx is the HTTP status only");
 
     let in_trailers = Outcome::from_response(StatusCode::OK, &HeaderMap::new()).with_trailers(&grpc("14"));
     assert_eq!(in_trailers.grpc_status(), Some(GrpcCode::UNAVAILABLE));
     assert_eq!(in_trailers.head_grpc_status(), None);
-    assert_eq!(in_trailers.outlier_status(), StatusCode::OK, "a trailer status is not seen");
+    assert_eq!(in_trailers.outlier_status(true), Some(StatusCode::OK), "a trailer status is not seen");
 
     // Envoy's grpcToHttpStatus for every standard code, and a non-standard one.
     let table = [
@@ -88,13 +89,18 @@ fn where_the_grpc_status_arrived_matters() {
         assert_eq!(GrpcCode::new(code).to_http_status().as_u16(), http, "grpc {code}");
     }
 
-    // Local-origin failures, as Envoy counts them with local-origin errors not split out.
-    let failure = |f| Outcome::Failure(f).outlier_status().as_u16();
-    assert_eq!(failure(Failure::ConnectFailure), 503);
-    assert_eq!(failure(Failure::Timeout), 504);
-    assert_eq!(failure(Failure::StreamReset), 500);
-    assert_eq!(failure(Failure::ConnectionTerminated), 500);
-    assert_eq!(Outcome::from_response(StatusCode::BAD_GATEWAY, &HeaderMap::new()).outlier_status().as_u16(), 502);
+    // Local-origin failures, as Envoy counts them with local-origin errors not split out:
+    // every upstream reset is a connect failure to it, a timeout is 504.
+    let failure = |f| Outcome::Failure(f).outlier_status(false).map(|s| s.as_u16());
+    assert_eq!(failure(Failure::ConnectFailure), Some(503));
+    assert_eq!(failure(Failure::StreamReset), Some(503));
+    assert_eq!(failure(Failure::RefusedStream), Some(503));
+    assert_eq!(failure(Failure::ConnectionTerminated), Some(503));
+    assert_eq!(failure(Failure::ProtocolError), Some(503));
+    assert_eq!(failure(Failure::Timeout), Some(504));
+    assert_eq!(failure(Failure::Other), None, "a local failure is not the upstream's");
+    let bad_gateway = Outcome::from_response(StatusCode::BAD_GATEWAY, &HeaderMap::new());
+    assert_eq!(bad_gateway.outlier_status(true), Some(StatusCode::BAD_GATEWAY));
 }
 
 #[test]

@@ -327,21 +327,20 @@ fn jwt_claim_keys_are_refused_by_name() {
     }
 }
 
-/// `headers` keys naming a pseudo-header are ignored, as Istio documents: the block still
-/// matches on its other conditions, and a loader can list them to warn.
+/// `headers` keys naming a pseudo-header's field match a header of that literal name, as
+/// Istio's translation does (its documentation calls them ignored); dropping them would make
+/// a block with nothing else a catch-all. A loader can list them to warn.
 #[test]
-fn pseudo_header_keys_under_headers_are_ignored() {
+fn pseudo_header_keys_under_headers_match_literal_headers() {
     let mut config = HttpMatchRequest::default();
-    for key in ["uri", "scheme", "method", "authority"] {
-        config.headers.insert(key.into(), StringMatch::Exact("never".into()));
-    }
-    config.headers.insert("x-team".into(), StringMatch::Exact("blue".into()));
+    config.headers.insert("authority".into(), StringMatch::Exact("admin".into()));
     let b = HttpMatch::new(&config).unwrap();
-    assert!(b.matches_request(&request("/", &[("x-team", "blue")])));
-    assert!(!b.matches_request(&request("/", &[("x-team", "red")])));
-    // A request that does carry headers by those names is not held to them either.
-    assert!(b.matches_request(&request("/", &[("x-team", "blue"), ("method", "other")])));
-    assert_eq!(config.ignored_header_keys().collect::<Vec<_>>(), ["authority", "method", "scheme", "uri"]);
+    assert!(!b.is_catch_all());
+    assert!(!b.matches_request(&request("/", &[("host", "admin")])));
+    assert!(b.matches_request(&request("/", &[("authority", "admin")])));
+    config.headers.insert("uri".into(), StringMatch::Present);
+    config.headers.insert("x-team".into(), StringMatch::Present);
+    assert_eq!(config.pseudo_header_keys().collect::<Vec<_>>(), ["authority", "uri"]);
 }
 
 /// SEMANTICS 1.5: a catch-all is a path match of `prefix: "/"` or `regex: ".*"` (or none) with
