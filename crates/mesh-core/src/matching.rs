@@ -172,6 +172,15 @@ pub enum InvalidMatch {
         #[source]
         source: regex::Error,
     },
+    /// A regex that RE2 would not accept, in a way the `regex` crate would not notice (a flag
+    /// RE2 lacks, a backreference, an unclosed class).
+    #[error("{field}: invalid regex: {why}")]
+    NotRe2 {
+        /// Where the match sits.
+        field: String,
+        /// What is wrong with it.
+        why: String,
+    },
     /// `prefix: ""` anywhere but `uri`.
     #[error("{field}: an empty prefix is only allowed for `uri`")]
     EmptyPrefix {
@@ -287,7 +296,7 @@ fn compile_full_match(field: &str, pattern: &str) -> Result<Regex, InvalidMatch>
     // translation fails, the original pattern is what to report), then anchor it: RE2
     // full-match semantics.
     let build = |p: &str| RegexBuilder::new(p).size_limit(REGEX_SIZE_LIMIT).build();
-    let translated = re2_to_rust(pattern);
+    let translated = re2_to_rust(pattern).map_err(|why| InvalidMatch::NotRe2 { field: field.into(), why })?;
     if let Err(source) = build(&translated) {
         let source = build(pattern).err().unwrap_or(source);
         return Err(InvalidMatch::Regex { field: field.into(), source });
@@ -295,99 +304,297 @@ fn compile_full_match(field: &str, pattern: &str) -> Result<Regex, InvalidMatch>
     build(&format!("^(?:{translated})$")).map_err(|source| InvalidMatch::Regex { field: field.into(), source })
 }
 
-/// Rewrites an RE2 pattern where the `regex` crate's syntax means something else:
+/// Rewrites an RE2 pattern into the `regex` crate's syntax, with RE2's meaning:
 ///
 /// * `\d`, `\w`, `\s` and their negations are ASCII in RE2 (`[0-9]`, `[0-9A-Za-z_]`,
-///   `[\t\n\f\r ]`) and Unicode-aware in the `regex` crate, which would let `\d` match
-///   `٣` (ARABIC-INDIC DIGIT THREE) or `\s` match a no-break space. `\b` and `\B` are ASCII
-///   word boundaries in RE2 too.
-/// * Inside a bracket class, RE2 has no nesting and no set operations: `[` (other than a POSIX
-///   `[:name:]`), `&` and `~` are literal characters there.
+///   `[\t\n\f\r ]`) and Unicode-aware in the `regex` crate, which would let `\d` match `٣`
+///   (ARABIC-INDIC DIGIT THREE) or `\s` a no-break space. `\b` and `\B` are ASCII too.
+/// * An escaped punctuation character is that character (`\<` is `<`, not a word start).
+/// * Bracket classes are parsed as RE2 parses them, and every literal in them written out
+///   escaped: they do not nest (`[[]` is the class of `[`), have no set operators (`&&`,
+///   `--`, `~~` are characters and ranges), a `]` first is a member, `-` is a range only
+///   between two characters, and POSIX classes need their closing `:]`.
+/// * RE2-only forms are rewritten: octal escapes, `\Q…\E`, `\C`, `\p{^Name}`, and a `{` that
+///   does not start a repetition (a literal in RE2).
+/// * Flags other than RE2's `i`, `m`, `s`, `U` (such as `x`) are refused.
 ///
-/// Everything else is passed through unchanged. (RE2's `\Q…\E` and `\C` have no `regex`
-/// equivalent and fail to compile, with the `regex` crate's error.)
-fn re2_to_rust(pattern: &str) -> Cow<'_, str> {
-    if !pattern.contains(['\\', '[']) {
-        return Cow::Borrowed(pattern);
+/// Anything else is passed through for the `regex` crate to compile or refuse.
+fn re2_to_rust(pattern: &str) -> Result<Cow<'_, str>, String> {
+    if !pattern.contains(['\\', '[', '{', '(']) {
+        return Ok(Cow::Borrowed(pattern));
     }
-    const DIGIT: &str = "0-9";
-    const WORD: &str = "0-9A-Za-z_";
-    const SPACE: &str = r"\t\n\x0C\r ";
+    let p: Vec<char> = pattern.chars().collect();
     let mut out = String::with_capacity(pattern.len() + 16);
-    let mut chars = pattern.chars().peekable();
-    // Inside a bracket class: how many of its members have been seen (a `]` first is one).
-    let mut class: Option<usize> = None;
-    while let Some(c) = chars.next() {
-        match c {
-            '\\' => {
-                let Some(e) = chars.next() else {
-                    out.push('\\');
-                    break;
-                };
-                let set = match e {
-                    'd' | 'D' => Some(DIGIT),
-                    'w' | 'W' => Some(WORD),
-                    's' | 'S' => Some(SPACE),
-                    _ => None,
-                };
-                let negated = e.is_ascii_uppercase();
-                match set {
-                    // Inside brackets, the members themselves.
-                    Some(set) if class.is_some() && !negated => out.push_str(set),
-                    // A class of its own outside brackets, or a nested negated one inside.
-                    Some(set) => {
-                        out.push_str(if negated { "[^" } else { "[" });
-                        out.push_str(set);
-                        out.push(']');
-                    }
-                    None if class.is_none() && matches!(e, 'b' | 'B') => {
-                        out.push_str("(?-u:\\");
-                        out.push(e);
-                        out.push(')');
-                    }
-                    None => {
-                        out.push('\\');
-                        out.push(e);
-                    }
+    let mut i = 0;
+    while i < p.len() {
+        match p[i] {
+            '\\' => escape_outside_class(&p, &mut i, &mut out)?,
+            '[' => class(&p, &mut i, &mut out)?,
+            '{' => {
+                let end = repetition_end(&p, i);
+                match end {
+                    Some(end) => out.extend(&p[i..=end]),
+                    None => out.push_str("\\{"),
                 }
+                i = end.map_or(i + 1, |end| end + 1);
             }
-            '[' if class.is_none() => {
-                out.push('[');
-                if chars.next_if_eq(&'^').is_some() {
-                    out.push('^');
+            '(' if p.get(i + 1) == Some(&'?') => {
+                let flags: String = p[i + 2..].iter().take_while(|c| !matches!(c, ')' | ':')).collect();
+                let named = flags.starts_with("P<")
+                    || (flags.starts_with('<') && !flags.starts_with("<=") && !flags.starts_with("<!"));
+                if !named && let Some(bad) = flags.chars().find(|c| !matches!(c, 'i' | 'm' | 's' | 'U' | '-')) {
+                    return Err(format!("`(?{flags}`: RE2 has only the flags i, m, s and U, not `{bad}`"));
                 }
-                class = Some(0);
-                continue;
+                out.push_str("(?");
+                i += 2;
             }
-            // A POSIX class (`[:alpha:]`) inside brackets: copied through its `:]`.
-            '[' if chars.peek() == Some(&':') => {
-                out.push('[');
-                let mut last = '[';
-                for p in chars.by_ref() {
-                    out.push(p);
-                    if last == ':' && p == ']' {
-                        break;
-                    }
-                    last = p;
-                }
-            }
-            ']' if class == Some(0) => out.push_str("\\]"),
-            ']' if class.is_some() => {
-                out.push(']');
-                class = None;
-                continue;
-            }
-            '[' | '&' | '~' if class.is_some() => {
-                out.push('\\');
+            c => {
                 out.push(c);
+                i += 1;
             }
-            _ => out.push(c),
-        }
-        if let Some(members) = class.as_mut() {
-            *members += 1;
         }
     }
-    Cow::Owned(out)
+    Ok(Cow::Owned(out))
+}
+
+/// If `p[at]` (a `{`) starts a repetition (`{n}`, `{n,}`, `{n,m}`), the index of its `}`.
+fn repetition_end(p: &[char], at: usize) -> Option<usize> {
+    let mut i = at + 1;
+    let digits = |i: &mut usize| {
+        let start = *i;
+        while p.get(*i).is_some_and(char::is_ascii_digit) {
+            *i += 1;
+        }
+        *i > start
+    };
+    if !digits(&mut i) {
+        return None;
+    }
+    if p.get(i) == Some(&',') {
+        i += 1;
+        digits(&mut i);
+    }
+    (p.get(i) == Some(&'}')).then_some(i)
+}
+
+/// The ASCII sets of RE2's Perl classes, for `d`, `w`, `s` (either case).
+fn perl_class(e: char) -> Option<&'static str> {
+    match e.to_ascii_lowercase() {
+        'd' => Some("0-9"),
+        'w' => Some("0-9A-Za-z_"),
+        's' => Some(r"\t\n\x0C\r "),
+        _ => None,
+    }
+}
+
+/// Writes a Perl class as a bracket class of its own (nested, when inside brackets).
+fn push_perl_class(e: char, set: &str, out: &mut String) {
+    out.push_str(if e.is_ascii_uppercase() { "[^" } else { "[" });
+    out.push_str(set);
+    out.push(']');
+}
+
+/// Copies `\p{Name}` / `\pN` at `p[*i]` (the `\`), turning RE2's `\p{^Name}` into `\P{Name}`.
+fn unicode_class(p: &[char], i: &mut usize, out: &mut String) {
+    let mut kind = p[*i + 1];
+    *i += 2;
+    if p.get(*i) == Some(&'{') {
+        let end = p[*i..].iter().position(|&c| c == '}').map_or(p.len(), |n| *i + n);
+        let mut name: String = p[*i + 1..end].iter().collect();
+        if let Some(negated) = name.strip_prefix('^') {
+            kind = if kind == 'p' { 'P' } else { 'p' };
+            name = negated.to_string();
+        }
+        out.push('\\');
+        out.push(kind);
+        out.push('{');
+        out.push_str(&name);
+        out.push('}');
+        *i = (end + 1).min(p.len());
+    } else {
+        out.push('\\');
+        out.push(kind);
+        if let Some(&c) = p.get(*i) {
+            out.push(c);
+            *i += 1;
+        }
+    }
+}
+
+/// Translates the escape at `p[*i]` (a `\`) outside brackets.
+fn escape_outside_class(p: &[char], i: &mut usize, out: &mut String) -> Result<(), String> {
+    let Some(&e) = p.get(*i + 1) else {
+        return Err("the pattern ends with a lone `\\`".into());
+    };
+    if let Some(set) = perl_class(e) {
+        push_perl_class(e, set, out);
+        *i += 2;
+        return Ok(());
+    }
+    match e {
+        'b' | 'B' => {
+            out.push_str("(?-u:\\");
+            out.push(e);
+            out.push(')');
+            *i += 2;
+        }
+        'A' | 'z' => {
+            out.push('\\');
+            out.push(e);
+            *i += 2;
+        }
+        'p' | 'P' => unicode_class(p, i, out),
+        'C' => {
+            out.push_str("(?s-u:.)");
+            *i += 2;
+        }
+        'Q' => {
+            *i += 2;
+            while *i < p.len() && !(p[*i] == '\\' && p.get(*i + 1) == Some(&'E')) {
+                out.push_str(&regex::escape(p[*i].encode_utf8(&mut [0; 4])));
+                *i += 1;
+            }
+            *i = (*i + 2).min(p.len());
+        }
+        _ => {
+            let c = escaped_char(p, i)?;
+            out.push_str(&regex::escape(c.encode_utf8(&mut [0; 4])));
+        }
+    }
+    Ok(())
+}
+
+/// The character an escape at `p[*i]` (a `\`) stands for: `\x41`, `\x{41}`, octal `\101`,
+/// `\n` and the other C escapes, or escaped punctuation. Advances past it.
+fn escaped_char(p: &[char], i: &mut usize) -> Result<char, String> {
+    let e = p[*i + 1];
+    *i += 2;
+    let from = |digits: &[char], radix| -> Option<char> {
+        let s: String = digits.iter().collect();
+        u32::from_str_radix(&s, radix).ok().and_then(char::from_u32)
+    };
+    let bad = || format!("`\\{e}` is not an RE2 escape here");
+    match e {
+        'x' if p.get(*i) == Some(&'{') => {
+            let end = p[*i..].iter().position(|&c| c == '}').map(|n| *i + n).ok_or_else(bad)?;
+            let c = from(&p[*i + 1..end], 16).ok_or_else(bad)?;
+            *i = end + 1;
+            Ok(c)
+        }
+        'x' => {
+            let c = p.get(*i..*i + 2).and_then(|d| from(d, 16)).ok_or_else(bad)?;
+            *i += 2;
+            Ok(c)
+        }
+        // Octal: `\0` and up to two more digits, or `\1`–`\7` followed by at least one (a
+        // lone `\1` would be a backreference, which RE2 does not have).
+        '0'..='7' => {
+            let start = *i - 1;
+            while *i < start + 3 && p.get(*i).is_some_and(|c| ('0'..='7').contains(c)) {
+                *i += 1;
+            }
+            if e != '0' && *i == start + 1 {
+                return Err(format!("`\\{e}`: RE2 has no backreferences"));
+            }
+            from(&p[start..*i], 8).ok_or_else(bad)
+        }
+        'a' => Ok('\x07'),
+        'f' => Ok('\x0C'),
+        'n' => Ok('\n'),
+        'r' => Ok('\r'),
+        't' => Ok('\t'),
+        'v' => Ok('\x0B'),
+        c if c.is_ascii() && !c.is_ascii_alphanumeric() => Ok(c),
+        _ => Err(bad()),
+    }
+}
+
+/// Translates the bracket class at `p[*i]` (its `[`), item by item as RE2 reads it.
+fn class(p: &[char], i: &mut usize, out: &mut String) -> Result<(), String> {
+    out.push('[');
+    *i += 1;
+    if p.get(*i) == Some(&'^') {
+        out.push('^');
+        *i += 1;
+    }
+    let mut first = true;
+    loop {
+        let Some(&c) = p.get(*i) else {
+            return Err("a character class is missing its `]`".into());
+        };
+        if c == ']' && !first {
+            out.push(']');
+            *i += 1;
+            return Ok(());
+        }
+        first = false;
+        // A POSIX class, when its `:]` follows; otherwise the `[` is a member.
+        if c == '['
+            && p.get(*i + 1) == Some(&':')
+            && let Some(n) = p[*i + 2..].windows(2).position(|w| w == [':', ']'])
+        {
+            let end = *i + 2 + n + 2;
+            let name: String = p[*i + 2..end - 2].iter().collect();
+            if !POSIX_CLASSES.contains(&name.strip_prefix('^').unwrap_or(&name)) {
+                return Err(format!("`[:{name}:]` is not a POSIX class"));
+            }
+            out.extend(&p[*i..end]);
+            *i = end;
+            continue;
+        }
+        if c == '\\' {
+            match p.get(*i + 1) {
+                Some(&e) if perl_class(e).is_some() => {
+                    push_perl_class(e, perl_class(e).unwrap_or_default(), out);
+                    *i += 2;
+                    continue;
+                }
+                Some('p' | 'P') => {
+                    unicode_class(p, i, out);
+                    continue;
+                }
+                None => return Err("the pattern ends with a lone `\\`".into()),
+                _ => {}
+            }
+        }
+        let lo = class_char(p, i)?;
+        push_class_literal(lo, out);
+        // `-` makes a range only between two characters: not last, not after a class.
+        if p.get(*i) == Some(&'-') && p.get(*i + 1).is_some_and(|&c| c != ']') {
+            *i += 1;
+            let hi = class_char(p, i)?;
+            out.push('-');
+            push_class_literal(hi, out);
+        }
+    }
+}
+
+/// The POSIX class names RE2 knows (the `regex` crate knows the same ones, but reads an
+/// unknown `[:name:]` as a nested class of its letters).
+const POSIX_CLASSES: [&str; 14] = [
+    "alnum", "alpha", "ascii", "blank", "cntrl", "digit", "graph", "lower", "print", "punct", "space", "upper", "word",
+    "xdigit",
+];
+
+/// One character of a class: a literal or an escape.
+fn class_char(p: &[char], i: &mut usize) -> Result<char, String> {
+    match p.get(*i) {
+        Some('\\') if *i + 1 < p.len() => escaped_char(p, i),
+        Some(&c) => {
+            *i += 1;
+            Ok(c)
+        }
+        None => Err("a character class is missing its `]`".into()),
+    }
+}
+
+/// Writes a class member so that the `regex` crate cannot read it as syntax.
+fn push_class_literal(c: char, out: &mut String) {
+    if c.is_ascii_alphanumeric() || !c.is_ascii() {
+        out.push(c);
+    } else {
+        out.push_str(&format!("\\x{{{:X}}}", u32::from(c)));
+    }
 }
 
 // === HeaderMatch ===

@@ -3,7 +3,7 @@
 use http::{HeaderMap, HeaderValue, Method, Request, Uri};
 use mesh_core::SpiffeId;
 use mesh_core::identity::{InvalidSpiffeId, InvalidSvid, LeafSvid};
-use mesh_core::matching::{HeaderMatch, HttpMatch, HttpMatchRequest, StringMatch, UriMatch};
+use mesh_core::matching::{HeaderMatch, HttpMatch, HttpMatchRequest, StringMatch, StringMatcher, UriMatch};
 
 fn uri_match(m: StringMatch, ignore_case: bool) -> UriMatch {
     UriMatch::new(&m, ignore_case).expect("valid uri match")
@@ -207,8 +207,8 @@ fn v6_absent_header_and_without_headers_table() {
 
 // === the regex dialect is RE2's (SEMANTICS 1.4) ===
 
-fn re(pattern: &str) -> mesh_core::matching::StringMatcher {
-    mesh_core::matching::StringMatcher::new("f", &StringMatch::Regex(pattern.into())).unwrap()
+fn re(pattern: &str) -> StringMatcher {
+    StringMatcher::new("f", &StringMatch::Regex(pattern.into())).unwrap()
 }
 
 #[test]
@@ -256,6 +256,43 @@ fn re2_brackets_do_not_nest_or_combine() {
     assert!(re(r"[[:^alpha:][:digit:]]+").matches(b"1-2"));
     // Unicode classes by name are RE2 too.
     assert!(re(r"\p{Greek}+").matches("αβγ".as_bytes()));
+}
+
+/// From a review of the first rewrite: RE2 patterns whose meaning the `regex` crate's
+/// syntax would change.
+#[test]
+fn re2_escapes_ranges_and_flags() {
+    // An escaped punctuation character is itself (the `regex` crate reads `\<` `\>` as word
+    // boundaries).
+    assert!(re(r#"\<https://api\.x/.*\>; rel="next""#).matches(br#"<https://api.x/p>; rel="next""#));
+    assert!(re(r"[\<>]+").matches(b"<>"));
+    // `-` after a Perl class is a member, not a range operator.
+    assert!(re(r"[\s-x]+").matches(b" -x"));
+    assert!(!re(r"[\s-x]+").matches(b"DROP"));
+    assert!(re(r"[\w-~]+").matches(b"a-~"));
+    assert!(!re(r"[\w-~]+").matches(b"a|b"));
+    assert!(re(r"[\w-.]+").matches(b"a-b.c"));
+    // `--` is a range, never a set difference.
+    assert!(re(r"[0-9--/]+").matches(b"2024-01/01"));
+    assert!(re(r"[--/]+").matches(b"-./"));
+    assert!(re(r"[a-z--]+").matches(b"a-b"));
+    // `[:` without its `:]` is a `[` and a `:`; the rest of the pattern is not swallowed.
+    assert!(re(r"[[:a][\d]]").matches(b"a7]"));
+    assert!(!re(r"[[:a][\d]]").matches("a٣]".as_bytes()));
+    // RE2-only forms.
+    assert!(re(r"\101\012").matches(b"A\n"), "octal");
+    assert!(re(r"\Qa.b*\E+").matches(b"a.b**"));
+    assert!(!re(r"\Qa.b\E").matches(b"axb"));
+    assert!(re(r"\p{^Greek}+").matches(b"abc"));
+    assert!(!re(r"\p{^Greek}+").matches("αβ".as_bytes()));
+    assert!(re(r"a{,2}").matches(b"a{,2}"), "not a repetition: literal");
+    assert!(re(r"a{2}").matches(b"aa"));
+    assert!(re(r"(?i)ab(?U:c+)(?P<n>d)").matches(b"ABccD"));
+    // Refused as RE2 refuses them, with the field named.
+    for bad in [r"(?x)a b", r"a\1", r"[[:foo:]]", r"[a", r"a\"] {
+        let err = StringMatcher::new("headers.x", &StringMatch::Regex(bad.into())).unwrap_err().to_string();
+        assert!(err.starts_with("headers.x: invalid regex"), "{bad}: {err}");
+    }
 }
 
 // === other match fields ===

@@ -64,6 +64,15 @@ proptest! {
         }
     }
 
+    /// Whatever the pattern, compiling it (through the RE2 rewrite) and matching with it never
+    /// panics.
+    #[test]
+    fn any_pattern_compiles_or_is_refused(pattern in r"[\\\[\]\-^:a-dpPQExu0-9{},()?<>|.*+ \x{E9}]{0,16}", input in value()) {
+        if let Ok(m) = StringMatcher::new("f", &StringMatch::Regex(pattern)) {
+            let _ = m.matches(input.as_bytes());
+        }
+    }
+
     /// withoutHeaders is the negation of headers whenever the header is present, with the
     /// values joined by `,` when it is repeated.
     #[test]
