@@ -185,7 +185,7 @@ struct Conn {
 }
 
 /// The longest a new connection may take to show its protocol (and, for h2c, to send its
-/// preface and settings).
+/// connection preface).
 const OPENING_LIMIT: Duration = Duration::from_secs(10);
 
 /// A connection whose protocol is known.
