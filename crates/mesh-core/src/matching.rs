@@ -387,11 +387,14 @@ fn perl_class(e: char) -> Option<&'static str> {
     }
 }
 
-/// Writes a Perl class as a bracket class of its own (nested, when inside brackets).
-fn push_perl_class(e: char, set: &str, out: &mut String) {
+/// If `e` names a Perl class (`\d`, `\W`, …), writes it as a bracket class of its own (nested,
+/// when inside brackets) and returns `true`.
+fn push_perl_class(e: char, out: &mut String) -> bool {
+    let Some(set) = perl_class(e) else { return false };
     out.push_str(if e.is_ascii_uppercase() { "[^" } else { "[" });
     out.push_str(set);
     out.push(']');
+    true
 }
 
 /// Copies `\p{Name}` / `\pN` at `p[*i]` (the `\`), turning RE2's `\p{^Name}` into `\P{Name}`.
@@ -426,8 +429,7 @@ fn escape_outside_class(p: &[char], i: &mut usize, out: &mut String) -> Result<(
     let Some(&e) = p.get(*i + 1) else {
         return Err("the pattern ends with a lone `\\`".into());
     };
-    if let Some(set) = perl_class(e) {
-        push_perl_class(e, set, out);
+    if push_perl_class(e, out) {
         *i += 2;
         return Ok(());
     }
@@ -544,8 +546,7 @@ fn class(p: &[char], i: &mut usize, out: &mut String) -> Result<(), String> {
         }
         if c == '\\' {
             match p.get(*i + 1) {
-                Some(&e) if perl_class(e).is_some() => {
-                    push_perl_class(e, perl_class(e).unwrap_or_default(), out);
+                Some(&e) if push_perl_class(e, out) => {
                     *i += 2;
                     continue;
                 }

@@ -23,17 +23,12 @@ use http::{Method, Request, Response};
 use http_body::{Body, Frame};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
-
-use crate::sniff::Prefixed;
 
 use crate::downstream::{GracefulConn, InFlight};
 use crate::h2body::{H2Recv, SendBody};
 use crate::proxy::{Connected, Forward, ProxyBody, RequestBody};
+use crate::sniff::ClientIo;
 use crate::upstream::BoxError;
-
-/// A client connection, with the bytes protocol sniffing read put back in front.
-pub(crate) type ClientIo = Prefixed<TcpStream>;
 
 /// Streams a client may open at once (hyper's default too).
 const MAX_CONCURRENT_STREAMS: u32 = 200;
@@ -44,7 +39,7 @@ const SEND_BUFFER: usize = 400 << 10;
 /// The largest request head accepted (HPACK-decoded).
 const MAX_HEADER_LIST: u32 = 16 << 10;
 
-/// Reads the client preface and settings and returns the connection to serve.
+/// Reads the client's connection preface and returns the connection to serve.
 pub(crate) async fn handshake(io: ClientIo) -> Result<Connection<ClientIo, Bytes>, h2::Error> {
     h2::server::Builder::new()
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)

@@ -191,8 +191,8 @@ const OPENING_LIMIT: Duration = Duration::from_secs(10);
 /// A connection whose protocol is known.
 #[expect(clippy::large_enum_variant, reason = "made once per connection and taken apart at once")]
 enum Opened {
-    Http1(sniff::Prefixed<TcpStream>),
-    H2c(h2::server::Connection<h2server::ClientIo, Bytes>),
+    Http1(sniff::ClientIo),
+    H2c(h2::server::Connection<sniff::ClientIo, Bytes>),
 }
 
 impl Conn {

@@ -48,6 +48,9 @@ pub(crate) async fn sniff<T: AsyncRead + Unpin>(io: &mut T) -> io::Result<Option
     }
 }
 
+/// A client connection, with the bytes sniffing read put back in front.
+pub(crate) type ClientIo = Prefixed<tokio::net::TcpStream>;
+
 pin_project_lite::pin_project! {
     /// An I/O object whose reads first return `prefix` (the bytes sniffing took), then
     /// whatever `io` reads. Writes go straight to `io`.
