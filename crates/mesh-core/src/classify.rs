@@ -93,9 +93,10 @@ pub enum Failure {
 
 impl Outcome {
     /// Classifies a response head. A `grpc-status` header (a trailers-only gRPC response)
-    /// sets the gRPC status.
+    /// sets the gRPC status; one that is not a number is [`GrpcCode::INVALID`], as Envoy
+    /// reads it (an empty one is absent).
     pub fn from_response(status: StatusCode, headers: &HeaderMap) -> Self {
-        let grpc = headers.get(GRPC_STATUS).and_then(GrpcCode::from_header);
+        let grpc = headers.get(GRPC_STATUS).and_then(GrpcCode::from_header_or_invalid);
         Outcome::Response { status, grpc: grpc.map(|code| GrpcStatus { code, in_head: true }) }
     }
 
@@ -105,7 +106,7 @@ impl Outcome {
     pub fn with_trailers(self, trailers: &HeaderMap) -> Self {
         match self {
             Outcome::Response { status, grpc: None } => {
-                let grpc = trailers.get(GRPC_STATUS).and_then(GrpcCode::from_header);
+                let grpc = trailers.get(GRPC_STATUS).and_then(GrpcCode::from_header_or_invalid);
                 Outcome::Response { status, grpc: grpc.map(|code| GrpcStatus { code, in_head: false }) }
             }
             other => other,
@@ -342,9 +343,13 @@ impl TimeoutError {
 const GRPC_STATUS: &str = "grpc-status";
 
 /// A gRPC status code (the numeric value of `grpc-status`). Codes outside the standard range
-/// are kept as they are.
+/// are kept as they are; a `grpc-status` that is not a number is [`GrpcCode::INVALID`].
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct GrpcCode(u32);
+
+/// The value [`GrpcCode::INVALID`] holds: above any code [`GrpcCode::from_header`] parses
+/// (nine digits at most).
+const INVALID_CODE: u32 = u32::MAX;
 
 macro_rules! grpc_codes {
     ($($name:ident = $n:literal, $text:literal;)*) => {
@@ -386,12 +391,17 @@ grpc_codes! {
 }
 
 impl GrpcCode {
-    /// A code from its number.
+    /// A `grpc-status` that is present but not a code (`"abc"`, `"-1"`, ten digits or more):
+    /// Envoy's `InvalidCode`. It is not `OK`, matches no gRPC retry condition, counts as 500
+    /// for outlier detection, and displays as `-1`, the value Envoy gives it.
+    pub const INVALID: GrpcCode = GrpcCode(INVALID_CODE);
+
+    /// A code from its number (`u32::MAX` is [`GrpcCode::INVALID`]).
     pub const fn new(code: u32) -> Self {
         GrpcCode(code)
     }
 
-    /// The numeric value.
+    /// The numeric value; `u32::MAX` for [`GrpcCode::INVALID`].
     pub const fn as_u32(self) -> u32 {
         self.0
     }
@@ -426,12 +436,22 @@ impl GrpcCode {
         }
         Some(GrpcCode(bytes.iter().fold(0, |n, d| n * 10 + u32::from(d - b'0'))))
     }
+
+    /// As a response's classification reads `grpc-status`: [`from_header`](Self::from_header),
+    /// [`INVALID`](Self::INVALID) if that fails, and `None` (no status) for an empty value.
+    fn from_header_or_invalid(value: &HeaderValue) -> Option<Self> {
+        if value.is_empty() {
+            return None;
+        }
+        Some(Self::from_header(value).unwrap_or(Self::INVALID))
+    }
 }
 
 impl fmt::Debug for GrpcCode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.name() {
             Some(name) => write!(f, "{name}({})", self.0),
+            None if *self == Self::INVALID => f.write_str("INVALID(-1)"),
             None => write!(f, "GrpcCode({})", self.0),
         }
     }
@@ -439,6 +459,9 @@ impl fmt::Debug for GrpcCode {
 
 impl fmt::Display for GrpcCode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if *self == Self::INVALID {
+            return f.write_str("-1");
+        }
         fmt::Display::fmt(&self.0, f)
     }
 }

@@ -43,8 +43,21 @@ fn grpc_status_from_head_and_trailers() {
     assert_eq!(done.grpc_status(), Some(GrpcCode::DEADLINE_EXCEEDED));
     assert!(!done.is_success());
     assert!(pending.with_trailers(&grpc("0")).is_success());
-    // Garbage is not a status.
-    assert_eq!(pending.with_trailers(&grpc("1x")).grpc_status(), None);
+    // A present status that is not a number is Envoy's InvalidCode, in the head or the
+    // trailers: a failure, 500 for outlier detection, no retry condition's code. Empty is
+    // absent.
+    for garbage in ["1x", "-1", " 14", "1234567890", "\u{e9}"] {
+        let bad = pending.with_trailers(&grpc(garbage));
+        assert_eq!(bad.grpc_status(), Some(GrpcCode::INVALID), "{garbage:?}");
+        assert!(!bad.is_success());
+    }
+    let bad_head = Outcome::from_response(StatusCode::OK, &grpc("unavailable"));
+    assert_eq!(bad_head.head_grpc_status(), Some(GrpcCode::INVALID));
+    assert_ne!(bad_head.head_grpc_status(), Some(GrpcCode::UNAVAILABLE));
+    assert_eq!(bad_head.outlier_status(true), Some(StatusCode::INTERNAL_SERVER_ERROR));
+    assert_eq!(pending.with_trailers(&grpc("")).grpc_status(), None);
+    assert_eq!((GrpcCode::INVALID.to_string(), format!("{:?}", GrpcCode::INVALID)), ("-1".into(), "INVALID(-1)".into()));
+    assert_eq!(GrpcCode::new(u32::MAX), GrpcCode::INVALID);
     assert_eq!(GrpcCode::new(99).name(), None);
     assert_eq!(format!("{:?}", GrpcCode::UNAVAILABLE), "UNAVAILABLE(14)");
 }

@@ -288,8 +288,15 @@ fn re2_escapes_ranges_and_flags() {
     assert!(re(r"a{,2}").matches(b"a{,2}"), "not a repetition: literal");
     assert!(re(r"a{2}").matches(b"aa"));
     assert!(re(r"(?i)ab(?U:c+)(?P<n>d)").matches(b"ABccD"));
-    // Refused as RE2 refuses them, with the field named.
-    for bad in [r"(?x)a b", r"a\1", r"[[:foo:]]", r"[a", r"a\"] {
+    // After `\b` a `{` is a repetition or a literal, as anywhere else in RE2 (the `regex`
+    // crate would read `\b{start}` as one assertion of its own).
+    assert!(re(r"a\b{2}").matches(b"a"));
+    assert!(re(r"a\b{start}").matches(b"a{start}"));
+    assert!(!re(r"a\b{start}").matches(b"a"));
+    assert!(re(r"a\B{1,}b").matches(b"ab"));
+    // Refused as RE2 refuses them, with the field named. RE2 knows `\E` only as the end of
+    // a `\Q` quote.
+    for bad in [r"(?x)a b", r"a\1", r"[[:foo:]]", r"[a", r"a\", r"a\E"] {
         let err = StringMatcher::new("headers.x", &StringMatch::Regex(bad.into())).unwrap_err().to_string();
         assert!(err.starts_with("headers.x: invalid regex"), "{bad}: {err}");
     }

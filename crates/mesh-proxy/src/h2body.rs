@@ -77,12 +77,14 @@ pin_project_lite::pin_project! {
         send: SendStream<Bytes>,
         // Data read from `body` and not yet sent for want of window.
         pending: Option<Bytes>,
+        // Whether any data went out yet.
+        started: bool,
     }
 }
 
 impl<B> SendBody<B> {
     pub(crate) fn new(body: B, send: SendStream<Bytes>) -> Self {
-        Self { body, send, pending: None }
+        Self { body, send, pending: None, started: false }
     }
 }
 
@@ -97,6 +99,16 @@ where
         let mut this = self.project();
         loop {
             if let Some(data) = this.pending {
+                if !*this.started && data.len() <= FIRST_UNRESERVED {
+                    *this.started = true;
+                    let end = this.body.is_end_stream();
+                    this.send.send_data(this.pending.take().unwrap_or_default(), end)?;
+                    if end {
+                        return Poll::Ready(Ok(()));
+                    }
+                    continue;
+                }
+                *this.started = true;
                 this.send.reserve_capacity(data.len());
                 match this.send.poll_capacity(cx) {
                     Poll::Ready(Some(Ok(0))) => {} // a spurious wake-up: ask again
@@ -149,6 +161,8 @@ where
         }
     }
 }
+
+const FIRST_UNRESERVED: usize = 16 << 10;
 
 /// While waiting (for the body or for window), a reset from the peer ends the send.
 fn reset_or_pending(send: &mut SendStream<Bytes>, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
