@@ -56,7 +56,10 @@ fn grpc_status_from_head_and_trailers() {
     assert_ne!(bad_head.head_grpc_status(), Some(GrpcCode::UNAVAILABLE));
     assert_eq!(bad_head.outlier_status(true), Some(StatusCode::INTERNAL_SERVER_ERROR));
     assert_eq!(pending.with_trailers(&grpc("")).grpc_status(), None);
-    assert_eq!((GrpcCode::INVALID.to_string(), format!("{:?}", GrpcCode::INVALID)), ("-1".into(), "INVALID(-1)".into()));
+    assert_eq!(
+        (GrpcCode::INVALID.to_string(), format!("{:?}", GrpcCode::INVALID)),
+        ("-1".into(), "INVALID(-1)".into())
+    );
     assert_eq!(GrpcCode::new(u32::MAX), GrpcCode::INVALID);
     assert_eq!(GrpcCode::new(99).name(), None);
     assert_eq!(format!("{:?}", GrpcCode::UNAVAILABLE), "UNAVAILABLE(14)");

@@ -42,9 +42,17 @@ pub struct ProxyConfig {
     /// How long a downstream connection may go without a request (none in flight, none
     /// started) before it is closed gracefully (HTTP/2: GOAWAY), like Envoy's connection
     /// `idle_timeout`. Checked four times per period, so a connection closes after between
-    /// one and one and a quarter periods; this also bounds a request head that never
-    /// completes. `None` keeps idle connections open.
+    /// one and one and a quarter periods. `None` keeps idle connections open.
     pub downstream_idle_timeout: Option<Duration>,
+    /// How long an HTTP/1.x client may take to send a request head, from its first byte to
+    /// its last, like Envoy's `request_headers_timeout`; `None` disables it. A client that
+    /// takes longer (a slow-header attack, or one that stalls half-way) has its connection
+    /// dropped, whether or not there is an idle timeout: between one and one and a quarter
+    /// periods after the head's first byte arrived (it is checked eight times per period).
+    /// Envoy answers 408 first; the proxy just closes, as hyper's header timeout does. Not covered: bytes of the next request that arrive while a response is
+    /// still being sent (pipelining), and HTTP/2, whose streams open only once their headers
+    /// are complete (the idle timeout and the opening limit bound an h2c connection).
+    pub request_headers_timeout: Option<Duration>,
     /// How many idle HTTP/1.1 connections to the upstream are kept at most.
     pub max_idle: usize,
     /// How long in-flight requests may take to finish after SIGTERM / Ctrl-C.
@@ -64,6 +72,7 @@ impl Default for ProxyConfig {
             request_timeout: Some(Duration::from_secs(15)),
             idle_timeout: Duration::from_secs(90),
             downstream_idle_timeout: Some(Duration::from_secs(60)),
+            request_headers_timeout: Some(Duration::from_secs(10)),
             max_idle: 256,
             drain_timeout: Duration::from_secs(5),
             workers: 1,

@@ -18,6 +18,13 @@
 //!   and still waiting a request timeout later is failed (504 `UT`): between one and one and
 //!   an eighth request timeouts after it started.
 //!   HTTP/2 requests, many at once on a connection, each use a timer of their own.
+//! * **Request head timeout (HTTP/1.x).** The client's reads are counted ([`Counted`]), and
+//!   each response's end marks how many bytes had arrived by then. Bytes beyond that mark,
+//!   with no request in flight, are a request head in progress. The first of them wakes a
+//!   lazy watchdog; a head still in progress one head timeout after it was first seen (at
+//!   that wake-up, or at a tick, eight per head timeout) has its connection dropped: between
+//!   one and one and a quarter head timeouts after its first byte. Unlike the idle timeout,
+//!   this does not close connections that merely sit idle.
 //! * **Drain.** The watchdog relays the drain signal to the connection.
 //!
 //! Per-request timers (hyper's header read timeout, a `tokio::time::timeout` per request) cost
@@ -25,12 +32,14 @@
 //! proxy's HTTP/1.1 hot path that was about 2.5% of its CPU.
 
 use std::future::Future;
+use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
@@ -57,8 +66,12 @@ pub(crate) struct ConnState {
     waiting: AtomicU64,
     /// The number of the request the watchdog timed out.
     timed_out: AtomicU64,
-    /// Set while the watchdog ticks at the idle pace; a request that starts waiting then
-    /// wakes it with `hurry`.
+    /// Bytes read from the client (HTTP/1.x, through [`Counted`]).
+    received: AtomicU64,
+    /// `received` when the last response ended: bytes beyond it are the next request head.
+    head_mark: AtomicU64,
+    /// Set while the watchdog ticks at the idle pace; a request that starts waiting, or the
+    /// first bytes of a request head, then wake it with `hurry`.
     lazy: AtomicBool,
     hurry: Notify,
     /// [`OPEN`], [`CLOSE`] (gracefully: idle, or draining) or [`ABORT`] (drop it now).
@@ -79,6 +92,23 @@ impl ConnState {
         let before = self.activity.fetch_add(STARTED, Ordering::Relaxed);
         // Never 0, which means "none" in `waiting`.
         InFlight { state: self.clone(), number: ((before >> 32).wrapping_add(1) & IN_FLIGHT_MASK).max(1) }
+    }
+
+    /// Counts `n` bytes read from the client, waking a lazy watchdog: they may start a head.
+    fn note_received(&self, n: usize) {
+        self.received.fetch_add(n as u64, Ordering::SeqCst);
+        // Pairs with the watchdog's store of `lazy` and check of `in_head`, as for `waiting`.
+        if self.lazy.load(Ordering::SeqCst) {
+            self.hurry.notify_one();
+        }
+    }
+
+    /// Whether bytes arrived after the last response ended, with no request in flight: a
+    /// request head in progress. Also returns the mark they are counted from.
+    fn in_head(&self) -> (bool, u64) {
+        let idle = self.activity.load(Ordering::SeqCst) & IN_FLIGHT_MASK == 0;
+        let mark = self.head_mark.load(Ordering::SeqCst);
+        (idle && self.received.load(Ordering::SeqCst) != mark, mark)
     }
 
     fn wake_server(&self) {
@@ -111,7 +141,10 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.state.activity.fetch_sub(1, Ordering::Relaxed);
+        // The mark first: whoever sees no request in flight sees the new mark too.
+        let received = self.state.received.load(Ordering::Relaxed);
+        self.state.head_mark.store(received, Ordering::Relaxed);
+        self.state.activity.fetch_sub(1, Ordering::Release);
     }
 }
 
@@ -224,6 +257,61 @@ impl<C: GracefulConn> Future for Guarded<C> {
     }
 }
 
+pin_project_lite::pin_project! {
+    /// A client connection's I/O that counts the bytes read from it into its [`ConnState`],
+    /// for the request head timeout.
+    pub(crate) struct Counted<T> {
+        #[pin]
+        io: T,
+        state: Arc<ConnState>,
+    }
+}
+
+impl<T> Counted<T> {
+    pub(crate) fn new(io: T, state: Arc<ConnState>) -> Self {
+        Self { io, state }
+    }
+}
+
+impl<T: AsyncRead> AsyncRead for Counted<T> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let before = buf.filled().len();
+        ready!(this.io.poll_read(cx, buf))?;
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            this.state.note_received(n);
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: AsyncWrite> AsyncWrite for Counted<T> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.project().io.poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.project().io.poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().io.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().io.poll_shutdown(cx)
+    }
+}
+
 /// Serves `conn` to its end, then lets its watchdog go. `None` if it was aborted.
 pub(crate) async fn serve<C: GracefulConn>(conn: C, state: Arc<ConnState>) -> Option<C::Output> {
     let out = Guarded::new(conn, state.clone()).await;
@@ -231,18 +319,30 @@ pub(crate) async fn serve<C: GracefulConn>(conn: C, state: Arc<ConnState>) -> Op
     out
 }
 
-/// Watches one connection (see the module docs): closes it once idle for `idle_timeout`,
-/// times out an HTTP/1.x request waiting longer than `request_timeout` for response headers,
-/// and closes it when `drain` turns true. Holds `drain` until the connection has ended, so the
-/// drain can wait for every connection by waiting for the receivers to go.
-pub(crate) async fn watchdog(
-    state: Arc<ConnState>,
-    mut drain: watch::Receiver<bool>,
-    idle_timeout: Option<Duration>,
-    request_timeout: Option<Duration>,
-) {
+/// What a connection's watchdog enforces; `None` disables each.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Limits {
+    /// Closes a connection without a request for this long.
+    pub(crate) idle: Option<Duration>,
+    /// Fails an HTTP/1.x request waiting this long for response headers.
+    pub(crate) request: Option<Duration>,
+    /// Drops an HTTP/1.x connection whose request head takes this long.
+    pub(crate) headers: Option<Duration>,
+}
+
+/// Watches one connection (see the module docs): closes it once idle for `limits.idle`,
+/// times out an HTTP/1.x request waiting longer than `limits.request` for response headers,
+/// drops it when a request head takes longer than `limits.headers`, and closes it when
+/// `drain` turns true. Holds `drain` until the connection has ended, so the drain can wait for
+/// every connection by waiting for the receivers to go.
+pub(crate) async fn watchdog(state: Arc<ConnState>, mut drain: watch::Receiver<bool>, limits: Limits) {
+    let Limits { idle: idle_timeout, request: request_timeout, headers: head_timeout } = limits;
     let idle_tick = idle_timeout.map(|t| t / IDLE_TICKS);
     let request_tick = request_timeout.map(|t| t / REQUEST_TICKS);
+    // Eight ticks per head timeout: a head first seen at a tick arrived up to a tick before.
+    let head_tick = head_timeout.map(|t| t / REQUEST_TICKS);
+    // Quick ticks while a request may be waiting or a head is arriving, lazy ones while idle.
+    let quick = [request_tick, idle_tick, head_tick].into_iter().flatten().min();
     let mut watching_drain = !*drain.borrow_and_update();
     if !watching_drain {
         state.request_close(CLOSE);
@@ -253,18 +353,22 @@ pub(crate) async fn watchdog(
     let mut closed_idle = false;
     // The request seen waiting at the last tick, and the tick it was first seen waiting at.
     let mut waiting = (0u64, last);
+    // The request head in progress (the mark its bytes count from) and when it was first seen.
+    let mut head: Option<(u64, Instant)> = None;
     loop {
-        // Quick ticks while a request may be waiting, lazy ones while idle.
-        let quick = match (request_tick, idle_tick) {
-            (Some(r), Some(i)) => Some(r.min(i)),
-            (r, i) => r.or(i),
-        };
-        let tick = if idle_since.is_none() { quick } else { idle_tick };
+        let tick = if idle_since.is_none() || head.is_some() { quick } else { idle_tick };
         if tick == idle_tick && tick != quick {
             state.lazy.store(true, Ordering::SeqCst);
             if state.waiting.load(Ordering::SeqCst) != 0 {
                 state.lazy.store(false, Ordering::SeqCst);
                 idle_since = None;
+                continue;
+            }
+            if head_timeout.is_some()
+                && let (true, mark) = state.in_head()
+            {
+                state.lazy.store(false, Ordering::SeqCst);
+                head = Some((mark, Instant::now()));
                 continue;
             }
         }
@@ -278,9 +382,15 @@ pub(crate) async fn watchdog(
                 }
                 continue;
             }
-            () = state.hurry.notified(), if request_tick.is_some() => {
+            () = state.hurry.notified(), if request_tick.is_some() || head_timeout.is_some() => {
                 state.lazy.store(false, Ordering::SeqCst);
-                idle_since = None;
+                // A request waiting for response headers, or the first bytes of a head (which
+                // do not make the connection busy: the idle timeout still counts).
+                if state.waiting.load(Ordering::SeqCst) != 0 {
+                    idle_since = None;
+                } else if head_timeout.is_some() && let (true, mark) = state.in_head() {
+                    head = Some((mark, Instant::now()));
+                }
                 continue;
             }
             () = sleep_or_forever(tick) => {}
@@ -300,6 +410,21 @@ pub(crate) async fn watchdog(
             tracing::debug!(request = w, "request timed out waiting for response headers");
             state.timed_out.store(w, Ordering::SeqCst);
             state.wake_server();
+        }
+
+        // Request head timeout: the same head (bytes beyond the same mark) still in progress
+        // a head timeout after it was first seen.
+        if let Some(limit) = head_timeout {
+            match (state.in_head(), head) {
+                ((true, mark), Some((seen, since))) if seen == mark => {
+                    if now.duration_since(since) >= limit {
+                        tracing::debug!("dropping a downstream connection whose request head took too long");
+                        state.request_close(ABORT);
+                    }
+                }
+                ((true, mark), _) => head = Some((mark, now)),
+                ((false, _), _) => head = None,
+            }
         }
 
         // Idle timeout: idle since the last tick if nothing started and nothing was or is in
@@ -336,6 +461,12 @@ async fn sleep_or_forever(period: Option<Duration>) {
 mod tests {
     use super::*;
 
+    /// Limits in whole seconds.
+    fn limits(idle: Option<u64>, request: Option<u64>, headers: Option<u64>) -> Limits {
+        let secs = |s: Option<u64>| s.map(Duration::from_secs);
+        Limits { idle: secs(idle), request: secs(request), headers: secs(headers) }
+    }
+
     struct Probe {
         shut: bool,
     }
@@ -358,7 +489,7 @@ mod tests {
         let (_tx, rx) = watch::channel(false);
         let start = tokio::time::Instant::now();
         let held = activity(&state);
-        tokio::spawn(watchdog(state.clone(), rx, Some(Duration::from_secs(60)), Some(Duration::from_secs(15))));
+        tokio::spawn(watchdog(state.clone(), rx, limits(Some(60), Some(15), None)));
         let served = tokio::time::timeout(Duration::from_secs(600), serve(Probe { shut: false }, state)).await;
         drop(held);
         served.ok().map(|out| {
@@ -392,7 +523,7 @@ mod tests {
         let state = ConnState::new();
         let (_tx, rx) = watch::channel(false);
         let start = tokio::time::Instant::now();
-        tokio::spawn(watchdog(state.clone(), rx, Some(Duration::from_secs(60)), Some(Duration::from_secs(15))));
+        tokio::spawn(watchdog(state.clone(), rx, limits(Some(60), Some(15), None)));
         let out = tokio::time::timeout(Duration::from_secs(600), serve(Stuck, state)).await.expect("dropped");
         assert_eq!(out, None);
         let after = start.elapsed();
@@ -426,7 +557,11 @@ mod tests {
     ) -> (Result<(), Elapsed>, Duration) {
         let state = ConnState::new();
         let (_tx, rx) = watch::channel(false);
-        tokio::spawn(watchdog(state.clone(), rx, idle_timeout, Some(Duration::from_secs(8))));
+        tokio::spawn(watchdog(
+            state.clone(),
+            rx,
+            Limits { idle: idle_timeout, request: Some(Duration::from_secs(8)), headers: None },
+        ));
         tokio::time::sleep(idle_first).await;
         let in_flight = state.start_request();
         let start = Instant::now();
@@ -474,13 +609,86 @@ mod tests {
         assert_eq!(closes_after(|s| Some(s.start_request())).await, None);
     }
 
+    /// How long after `bytes_at` (when the client's first bytes of a head arrive, after
+    /// `requests` complete requests and an idle spell) a connection with a 10 s head timeout
+    /// and `idle` is dropped; `None` if it is still open an hour later. `trickle` more bytes
+    /// arrive every second meanwhile, as from a slow-header client.
+    async fn head_dropped_after(idle: Option<u64>, requests: usize, bytes_at: u64, trickle: bool) -> Option<Duration> {
+        let state = ConnState::new();
+        let (_tx, rx) = watch::channel(false);
+        tokio::spawn(watchdog(state.clone(), rx, limits(idle, Some(15), Some(10))));
+        for _ in 0..requests {
+            // A head arrives, its request runs and its response ends; the keep-alive
+            // connection then waits, idle, for the next one.
+            state.note_received(80);
+            tokio::time::sleep(Duration::from_millis(3)).await;
+            drop(state.start_request());
+        }
+        let serving = tokio::spawn(serve(Stuck, state.clone()));
+        tokio::time::sleep(Duration::from_secs(bytes_at)).await;
+        let start = Instant::now();
+        state.note_received(5);
+        let trickler = trickle.then(|| {
+            let state = state.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    state.note_received(1);
+                }
+            })
+        });
+        let out = tokio::time::timeout(Duration::from_secs(3600), serving).await;
+        if let Some(t) = trickler {
+            t.abort();
+        }
+        out.ok().map(|served| {
+            assert_eq!(served.unwrap(), None, "dropped, not closed gracefully");
+            start.elapsed()
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_head_that_takes_too_long_is_dropped_even_without_an_idle_timeout() {
+        let within = |after: Option<Duration>, hi: u64| {
+            let after = after.expect("dropped");
+            assert!(after >= Duration::from_secs(10) && after <= Duration::from_millis(hi), "{after:?}");
+        };
+        // No idle timeout: the watchdog sleeps until the head's first bytes wake it.
+        within(head_dropped_after(None, 0, 0, false).await, 12_500);
+        within(head_dropped_after(None, 3, 1000, false).await, 12_500);
+        // A head trickling in byte by byte is timed from its first byte.
+        within(head_dropped_after(None, 3, 1000, true).await, 12_500);
+        // With an idle timeout too, while the watchdog ticks lazily or quickly.
+        within(head_dropped_after(Some(3600), 3, 1000, true).await, 12_500);
+        within(head_dropped_after(Some(20), 1, 2, false).await, 12_500);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_keep_alive_connection_is_not_a_slow_head() {
+        // Complete requests, then nothing: the head timeout does not close it, with no idle
+        // timeout it stays open.
+        let state = ConnState::new();
+        let (_tx, rx) = watch::channel(false);
+        tokio::spawn(watchdog(state.clone(), rx, limits(None, Some(15), Some(10))));
+        for _ in 0..3 {
+            state.note_received(80);
+            let in_flight = state.start_request();
+            // The response takes longer than the head timeout: a request, not a head.
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            drop(in_flight);
+            tokio::time::sleep(Duration::from_secs(100)).await;
+        }
+        let served = tokio::time::timeout(Duration::from_secs(3600), serve(Probe { shut: false }, state)).await;
+        assert!(served.is_err(), "still open");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn drain_closes_every_connection_and_waits_for_them() {
         let (tx, rx) = watch::channel(false);
         let mut served = Vec::new();
         for _ in 0..3 {
             let state = ConnState::new();
-            tokio::spawn(watchdog(state.clone(), rx.clone(), None, None));
+            tokio::spawn(watchdog(state.clone(), rx.clone(), limits(None, None, Some(10))));
             served.push(tokio::spawn(serve(Probe { shut: false }, state)));
         }
         drop(rx);

@@ -114,13 +114,16 @@ impl Server {
         let draining = Arc::new(AtomicBool::new(false));
         let (drain_tx, drain_rx) = watch::channel(false);
         let forward = proxy::Forward::new(&self.config);
-        let idle_timeout = self.config.downstream_idle_timeout;
-        let request_timeout = self.config.request_timeout;
+        let limits = downstream::Limits {
+            idle: self.config.downstream_idle_timeout,
+            request: self.config.request_timeout,
+            headers: self.config.request_headers_timeout,
+        };
 
         let mut http1 = hyper::server::conn::http1::Builder::new();
         // One write per response (head and body copied together): cheaper on TCP than a
-        // vectored write of several small buffers. No header read timeout: the downstream
-        // idle timeout bounds slow request heads without a timer per request.
+        // vectored write of several small buffers. No header read timeout: the connection's
+        // watchdog times request heads without a timer per request.
         http1.writev(false);
 
         if let Some(admin) = self.admin {
@@ -139,13 +142,7 @@ impl Server {
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let conn = Conn {
-                    forward: forward.clone(),
-                    drain: drain_rx.clone(),
-                    idle_timeout,
-                    request_timeout,
-                    http1: http1.clone(),
-                };
+                let conn = Conn { forward: forward.clone(), drain: drain_rx.clone(), limits, http1: http1.clone() };
                 tokio::spawn(conn.serve(stream));
             }
         };
@@ -179,8 +176,7 @@ impl Server {
 struct Conn {
     forward: proxy::Forward,
     drain: watch::Receiver<bool>,
-    idle_timeout: Option<Duration>,
-    request_timeout: Option<Duration>,
+    limits: downstream::Limits,
     http1: hyper::server::conn::http1::Builder,
 }
 
@@ -217,7 +213,8 @@ impl Conn {
                 let service = service_fn(move |req: Request<Incoming>| {
                     forward.clone().call(req.map(proxy::RequestBody::http1), requests.start_request())
                 });
-                let conn = self.http1.serve_connection(TokioIo::new(io), service).with_upgrades();
+                let io = TokioIo::new(downstream::Counted::new(io, state.clone()));
+                let conn = self.http1.serve_connection(io, service).with_upgrades();
                 if let Some(Err(e)) = downstream::serve(conn, state).await {
                     tracing::debug!(error = %e, "HTTP/1.1 downstream connection ended with an error");
                 }
@@ -229,7 +226,7 @@ impl Conn {
     /// that takes longer than the idle timeout (10 s at most, even with no idle timeout) is
     /// dropped, and so is one still opening when a drain starts: it has sent no request yet.
     async fn open(&self, mut stream: TcpStream) -> Option<Opened> {
-        let limit = self.idle_timeout.map_or(OPENING_LIMIT, |idle| idle.min(OPENING_LIMIT));
+        let limit = self.limits.idle.map_or(OPENING_LIMIT, |idle| idle.min(OPENING_LIMIT));
         let opening = async {
             let (protocol, prefix) = match sniff::sniff(&mut stream).await {
                 Ok(Some(sniffed)) => sniffed,
@@ -259,7 +256,7 @@ impl Conn {
     }
 
     fn spawn_watchdog(&self, state: &Arc<downstream::ConnState>) {
-        let watchdog = downstream::watchdog(state.clone(), self.drain.clone(), self.idle_timeout, self.request_timeout);
+        let watchdog = downstream::watchdog(state.clone(), self.drain.clone(), self.limits);
         tokio::spawn(watchdog);
     }
 }

@@ -54,6 +54,10 @@ struct Args {
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
     downstream_idle_timeout: Duration,
 
+    /// Time an HTTP/1.x client has to send a request head, from its first byte; 0 disables it.
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    request_headers_timeout: Duration,
+
     /// Most idle HTTP/1.1 upstream connections kept.
     #[arg(long, value_name = "N", default_value_t = 256)]
     max_idle: usize,
@@ -109,6 +113,7 @@ fn main() -> ExitCode {
     config.request_timeout = (!args.request_timeout.is_zero()).then_some(args.request_timeout);
     config.idle_timeout = args.idle_timeout;
     config.downstream_idle_timeout = (!args.downstream_idle_timeout.is_zero()).then_some(args.downstream_idle_timeout);
+    config.request_headers_timeout = (!args.request_headers_timeout.is_zero()).then_some(args.request_headers_timeout);
     config.max_idle = args.max_idle;
     config.drain_timeout = args.drain_timeout;
     config.workers = usize::from(args.workers);

@@ -834,6 +834,66 @@ async fn idle_and_slow_header_connections_are_closed_and_busy_ones_kept() {
     .expect("the idle h2 connection is closed");
 }
 
+/// With no idle timeout, the request head timeout still drops clients that stall in a head
+/// or trickle it in (slow-header attacks), and leaves idle keep-alive connections alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_request_heads_are_dropped_without_an_idle_timeout() {
+    let upstream = Upstream::start(echo()).await;
+    let proxy = Proxy::start(upstream.addr, &["--downstream-idle-timeout", "0", "--request-headers-timeout", "300ms"]);
+
+    // Idle between requests for more than three head timeouts: kept, and still serving.
+    let mut tx = h1_client(proxy.addr).await;
+    for _ in 0..2 {
+        tx.ready().await.unwrap();
+        let res = tx.send_request(Request::get("/").header("host", "x").body(full("")).unwrap()).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        res.into_body().collect().await.unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert!(!tx.is_closed());
+
+    // A head that stops half-way, on a new connection and after a complete exchange. (Not
+    // covered: half a head pipelined behind a request, arriving before its response ended.)
+    let mut stalled = TcpStream::connect(proxy.addr).await.unwrap();
+    stalled.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ").await.unwrap();
+    let mut second = TcpStream::connect(proxy.addr).await.unwrap();
+    second.write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\nhi").await.unwrap();
+    let mut answered = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        // The echo's chunked body ends with its last chunk.
+        while !answered.ends_with(b"\r\n0\r\n\r\n") {
+            assert_ne!(second.read_buf(&mut answered).await.unwrap(), 0, "closed early");
+        }
+    })
+    .await
+    .expect("the first request is answered");
+    second.write_all(b"GET / HTTP/1.1\r\nHo").await.unwrap();
+    assert_eq!(read_until_closed(&mut stalled).await, b"");
+    assert_eq!(read_until_closed(&mut second).await, b"");
+
+    // A head that keeps coming, a byte every 50 ms (3 s for all of it): dropped part-way,
+    // never answered.
+    let head = b"GET / HTTP/1.1\r\nHost: x\r\nX-Padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n\r\n";
+    let trickle = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut from_proxy, mut to_proxy) = trickle.into_split();
+    let writer = tokio::spawn(async move {
+        for byte in head.chunks(1) {
+            if to_proxy.write_all(byte).await.is_err() {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        true
+    });
+    let mut answer = Vec::new();
+    match tokio::time::timeout(Duration::from_secs(10), from_proxy.read_to_end(&mut answer)).await {
+        Ok(Ok(_)) => assert_eq!(answer, b""),
+        Ok(Err(e)) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset),
+        Err(_) => panic!("the proxy drops a slow-header client"),
+    }
+    writer.abort();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_response_is_not_cut_off_by_the_idle_timeout() {
     // The upstream takes longer than the idle timeout to answer: the request is in flight,
