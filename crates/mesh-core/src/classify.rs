@@ -347,8 +347,7 @@ const GRPC_STATUS: &str = "grpc-status";
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct GrpcCode(u32);
 
-/// The value [`GrpcCode::INVALID`] holds: above any code [`GrpcCode::from_header`] parses
-/// (nine digits at most).
+/// The value [`GrpcCode::INVALID`] holds, which [`GrpcCode::from_header`] never returns.
 const INVALID_CODE: u32 = u32::MAX;
 
 macro_rules! grpc_codes {
@@ -391,7 +390,7 @@ grpc_codes! {
 }
 
 impl GrpcCode {
-    /// A `grpc-status` that is present but not a code (`"abc"`, `"-1"`, ten digits or more):
+    /// A `grpc-status` that is present but not a code (`"abc"`, `"-1"`, `"1x"`):
     /// Envoy's `InvalidCode`. It is not `OK`, matches no gRPC retry condition, counts as 500
     /// for outlier detection, and displays as `-1`, the value Envoy gives it.
     pub const INVALID: GrpcCode = GrpcCode(INVALID_CODE);
@@ -428,13 +427,18 @@ impl GrpcCode {
         StatusCode::from_u16(code).expect("a valid status code")
     }
 
-    /// Parses a `grpc-status` header value (decimal digits only).
+    /// Parses a `grpc-status` header value as Envoy does (`absl::SimpleAtoi`): decimal
+    /// digits, with surrounding whitespace and a leading `+` allowed. `None` for anything
+    /// else, and for a number beyond `u32` (which Envoy would read as a non-standard code; it
+    /// has the same effects as [`INVALID`](Self::INVALID): a failure and 500).
     pub fn from_header(value: &HeaderValue) -> Option<Self> {
-        let bytes = value.as_bytes();
-        if bytes.is_empty() || bytes.len() > 9 || !bytes.iter().all(u8::is_ascii_digit) {
+        let text = value.as_bytes().trim_ascii();
+        let digits = text.strip_prefix(b"+").unwrap_or(text);
+        if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
             return None;
         }
-        Some(GrpcCode(bytes.iter().fold(0, |n, d| n * 10 + u32::from(d - b'0'))))
+        let code = digits.iter().try_fold(0u32, |n, d| n.checked_mul(10)?.checked_add(u32::from(d - b'0')))?;
+        (code != INVALID_CODE).then_some(GrpcCode(code))
     }
 
     /// As a response's classification reads `grpc-status`: [`from_header`](Self::from_header),

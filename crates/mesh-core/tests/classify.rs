@@ -46,7 +46,7 @@ fn grpc_status_from_head_and_trailers() {
     // A present status that is not a number is Envoy's InvalidCode, in the head or the
     // trailers: a failure, 500 for outlier detection, no retry condition's code. Empty is
     // absent.
-    for garbage in ["1x", "-1", " 14", "1234567890", "\u{e9}"] {
+    for garbage in ["1x", "-1", "1 4", "+", "99999999999", "\u{e9}"] {
         let bad = pending.with_trailers(&grpc(garbage));
         assert_eq!(bad.grpc_status(), Some(GrpcCode::INVALID), "{garbage:?}");
         assert!(!bad.is_success());
@@ -56,6 +56,10 @@ fn grpc_status_from_head_and_trailers() {
     assert_ne!(bad_head.head_grpc_status(), Some(GrpcCode::UNAVAILABLE));
     assert_eq!(bad_head.outlier_status(true), Some(StatusCode::INTERNAL_SERVER_ERROR));
     assert_eq!(pending.with_trailers(&grpc("")).grpc_status(), None);
+    // Envoy's number parsing: whitespace around it and a `+` are fine.
+    for lenient in [" 14", "14\t", "+14", "014"] {
+        assert_eq!(pending.with_trailers(&grpc(lenient)).grpc_status(), Some(GrpcCode::UNAVAILABLE), "{lenient:?}");
+    }
     assert_eq!(
         (GrpcCode::INVALID.to_string(), format!("{:?}", GrpcCode::INVALID)),
         ("-1".into(), "INVALID(-1)".into())

@@ -46,12 +46,15 @@ pub struct ProxyConfig {
     pub downstream_idle_timeout: Option<Duration>,
     /// How long an HTTP/1.x client may take to send a request head, from its first byte to
     /// its last, like Envoy's `request_headers_timeout`; `None` disables it. A client that
-    /// takes longer (a slow-header attack, or one that stalls half-way) has its connection
-    /// dropped, whether or not there is an idle timeout: between one and one and a quarter
-    /// periods after the head's first byte arrived (it is checked eight times per period).
-    /// Envoy answers 408 first; the proxy just closes, as hyper's header timeout does. Not covered: bytes of the next request that arrive while a response is
-    /// still being sent (pipelining), and HTTP/2, whose streams open only once their headers
-    /// are complete (the idle timeout and the opening limit bound an h2c connection).
+    /// takes longer (one that stalls half-way, or trickles its head in) has its connection
+    /// closed, whether or not there is an idle timeout: between one and one and a half
+    /// periods after the head's first byte (it is checked eight times per period). Envoy
+    /// answers 408 first; the proxy closes, as hyper's header timeout does.
+    ///
+    /// Not covered: the start of a head that arrives before the previous exchange has ended,
+    /// pipelined (which a client can do on purpose), and HTTP/2, whose streams open only once
+    /// their headers are complete. The idle timeout bounds those; keep one as the backstop.
+    /// The first head also has the opening limit (at most this, 10 s) to show its protocol.
     pub request_headers_timeout: Option<Duration>,
     /// How many idle HTTP/1.1 connections to the upstream are kept at most.
     pub max_idle: usize,

@@ -19,12 +19,21 @@
 //!   an eighth request timeouts after it started.
 //!   HTTP/2 requests, many at once on a connection, each use a timer of their own.
 //! * **Request head timeout (HTTP/1.x).** The client's reads are counted ([`Counted`]), and
-//!   each response's end marks how many bytes had arrived by then. Bytes beyond that mark,
-//!   with no request in flight, are a request head in progress. The first of them wakes a
-//!   lazy watchdog; a head still in progress one head timeout after it was first seen (at
-//!   that wake-up, or at a tick, eight per head timeout) has its connection dropped: between
-//!   one and one and a quarter head timeouts after its first byte. Unlike the idle timeout,
-//!   this does not close connections that merely sit idle.
+//!   the end of each exchange (its response and its request body, [`BodyInFlight`]) marks how
+//!   many bytes had arrived by then. Bytes beyond that mark, with no request in flight, are a
+//!   request head in progress. The first of them wakes a lazy watchdog; a head still in
+//!   progress one head timeout after it was first seen (at that wake-up, or at a tick, eight
+//!   per head timeout) has its connection closed gracefully (hyper closes at once a
+//!   connection between requests), and dropped if still open a tick later: between one and
+//!   one and a half head timeouts after its first byte. Unlike the idle timeout, this does
+//!   not close connections that merely sit idle.
+//!
+//!   The count cannot tell which of the bytes hyper has read it has also parsed: the start
+//!   of a head that arrives before the previous exchange ended (pipelined, even in the same
+//!   packet as the previous request) is not timed, nor is the rest of a request body that
+//!   hyper discards after a response that did not read it (that connection is then closed
+//!   early, one head timeout after the response, rather than after the idle timeout). The
+//!   idle timeout bounds both.
 //! * **Drain.** The watchdog relays the drain signal to the connection.
 //!
 //! Per-request timers (hyper's header read timeout, a `tokio::time::timeout` per request) cost
@@ -68,7 +77,7 @@ pub(crate) struct ConnState {
     timed_out: AtomicU64,
     /// Bytes read from the client (HTTP/1.x, through [`Counted`]).
     received: AtomicU64,
-    /// `received` when the last response ended: bytes beyond it are the next request head.
+    /// `received` when the last exchange ended: bytes beyond it are the next request head.
     head_mark: AtomicU64,
     /// Set while the watchdog ticks at the idle pace; a request that starts waiting, or the
     /// first bytes of a request head, then wake it with `hurry`.
@@ -94,6 +103,25 @@ impl ConnState {
         InFlight { state: self.clone(), number: ((before >> 32).wrapping_add(1) & IN_FLIGHT_MASK).max(1) }
     }
 
+    /// Marks an HTTP/1.x request body as being read: the exchange is in flight until it has
+    /// ended, even after the response has. `None` for a body that has already ended.
+    pub(crate) fn body_in_flight(self: &Arc<Self>, ended: bool) -> Option<BodyInFlight> {
+        if ended {
+            return None;
+        }
+        self.activity.fetch_add(1, Ordering::Relaxed);
+        Some(BodyInFlight { state: self.clone() })
+    }
+
+    /// One part of an exchange ended (its response, or its request body): what the client
+    /// sent so far belongs to it, and the exchange is done with once both have ended.
+    fn end_part(&self) {
+        // The mark first: whoever sees nothing in flight sees the new mark too. (The two
+        // parts may end on different tasks: the mark only grows.)
+        self.head_mark.fetch_max(self.received.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.activity.fetch_sub(1, Ordering::Release);
+    }
+
     /// Counts `n` bytes read from the client, waking a lazy watchdog: they may start a head.
     fn note_received(&self, n: usize) {
         self.received.fetch_add(n as u64, Ordering::SeqCst);
@@ -103,8 +131,8 @@ impl ConnState {
         }
     }
 
-    /// Whether bytes arrived after the last response ended, with no request in flight: a
-    /// request head in progress. Also returns the mark they are counted from.
+    /// Whether bytes arrived after the last exchange ended, with none in flight: a request
+    /// head in progress. Also returns the mark they are counted from.
     fn in_head(&self) -> (bool, u64) {
         let idle = self.activity.load(Ordering::SeqCst) & IN_FLIGHT_MASK == 0;
         let mark = self.head_mark.load(Ordering::SeqCst);
@@ -141,10 +169,19 @@ impl InFlight {
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        // The mark first: whoever sees no request in flight sees the new mark too.
-        let received = self.state.received.load(Ordering::Relaxed);
-        self.state.head_mark.store(received, Ordering::Relaxed);
-        self.state.activity.fetch_sub(1, Ordering::Release);
+        self.state.end_part();
+    }
+}
+
+/// An HTTP/1.x request body still being read ([`ConnState::body_in_flight`]); dropped when it
+/// has ended or was abandoned.
+pub(crate) struct BodyInFlight {
+    state: Arc<ConnState>,
+}
+
+impl Drop for BodyInFlight {
+    fn drop(&mut self) {
+        self.state.end_part();
     }
 }
 
@@ -351,6 +388,7 @@ pub(crate) async fn watchdog(state: Arc<ConnState>, mut drain: watch::Receiver<b
     let mut seen = state.activity.load(Ordering::SeqCst);
     let mut idle_since: Option<Instant> = None;
     let mut closed_idle = false;
+    let mut closed_head = false;
     // The request seen waiting at the last tick, and the tick it was first seen waiting at.
     let mut waiting = (0u64, last);
     // The request head in progress (the mark its bytes count from) and when it was first seen.
@@ -368,7 +406,9 @@ pub(crate) async fn watchdog(state: Arc<ConnState>, mut drain: watch::Receiver<b
                 && let (true, mark) = state.in_head()
             {
                 state.lazy.store(false, Ordering::SeqCst);
-                head = Some((mark, Instant::now()));
+                if head.is_none_or(|(seen, _)| seen != mark) {
+                    head = Some((mark, Instant::now()));
+                }
                 continue;
             }
         }
@@ -388,7 +428,10 @@ pub(crate) async fn watchdog(state: Arc<ConnState>, mut drain: watch::Receiver<b
                 // do not make the connection busy: the idle timeout still counts).
                 if state.waiting.load(Ordering::SeqCst) != 0 {
                     idle_since = None;
-                } else if head_timeout.is_some() && let (true, mark) = state.in_head() {
+                } else if head_timeout.is_some()
+                    && let (true, mark) = state.in_head()
+                    && head.is_none_or(|(seen, _)| seen != mark)
+                {
                     head = Some((mark, Instant::now()));
                 }
                 continue;
@@ -417,9 +460,13 @@ pub(crate) async fn watchdog(state: Arc<ConnState>, mut drain: watch::Receiver<b
         if let Some(limit) = head_timeout {
             match (state.in_head(), head) {
                 ((true, mark), Some((seen, since))) if seen == mark => {
-                    if now.duration_since(since) >= limit {
+                    if closed_head {
                         tracing::debug!("dropping a downstream connection whose request head took too long");
                         state.request_close(ABORT);
+                    } else if now.duration_since(since) >= limit {
+                        tracing::debug!("closing a downstream connection whose request head takes too long");
+                        state.request_close(CLOSE);
+                        closed_head = true;
                     }
                 }
                 ((true, mark), _) => head = Some((mark, now)),
@@ -653,14 +700,15 @@ mod tests {
             let after = after.expect("dropped");
             assert!(after >= Duration::from_secs(10) && after <= Duration::from_millis(hi), "{after:?}");
         };
-        // No idle timeout: the watchdog sleeps until the head's first bytes wake it.
-        within(head_dropped_after(None, 0, 0, false).await, 12_500);
-        within(head_dropped_after(None, 3, 1000, false).await, 12_500);
+        // No idle timeout: bytes before the watchdog's first tick, and bytes that wake it from
+        // its sleep after requests.
+        within(head_dropped_after(None, 0, 0, false).await, 15_000);
+        within(head_dropped_after(None, 3, 1000, false).await, 15_000);
         // A head trickling in byte by byte is timed from its first byte.
-        within(head_dropped_after(None, 3, 1000, true).await, 12_500);
+        within(head_dropped_after(None, 3, 1000, true).await, 15_000);
         // With an idle timeout too, while the watchdog ticks lazily or quickly.
-        within(head_dropped_after(Some(3600), 3, 1000, true).await, 12_500);
-        within(head_dropped_after(Some(20), 1, 2, false).await, 12_500);
+        within(head_dropped_after(Some(3600), 3, 1000, true).await, 15_000);
+        within(head_dropped_after(Some(20), 1, 2, false).await, 15_000);
     }
 
     #[tokio::test(start_paused = true)]
@@ -680,6 +728,32 @@ mod tests {
         }
         let served = tokio::time::timeout(Duration::from_secs(3600), serve(Probe { shut: false }, state)).await;
         assert!(served.is_err(), "still open");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_body_still_arriving_after_the_response_is_not_a_head() {
+        // The upstream answered before reading the upload: the response ends, the body keeps
+        // coming for longer than the head timeout, then ends. Not a head, before or after.
+        let state = ConnState::new();
+        let (_tx, rx) = watch::channel(false);
+        tokio::spawn(watchdog(state.clone(), rx, limits(None, Some(15), Some(10))));
+        state.note_received(100);
+        let in_flight = state.start_request();
+        let body = state.body_in_flight(false);
+        assert!(state.body_in_flight(true).is_none(), "an ended body is not tracked");
+        drop(in_flight);
+        let uploading = async {
+            for _ in 0..30 {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                state.note_received(16 << 10);
+            }
+            drop(body);
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        };
+        tokio::select! {
+            () = uploading => {}
+            _ = serve(Probe { shut: false }, state.clone()) => panic!("closed"),
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -197,7 +197,7 @@ impl Conn {
     async fn serve(self, stream: TcpStream) {
         let Some(opened) = self.open(stream).await else { return };
         let state = downstream::ConnState::new();
-        self.spawn_watchdog(&state);
+        self.spawn_watchdog(&state, matches!(opened, Opened::Http1(_)));
         match opened {
             Opened::H2c(conn) => {
                 let (forward, streams) = (self.forward, state.clone());
@@ -211,7 +211,8 @@ impl Conn {
             Opened::Http1(io) => {
                 let (forward, requests) = (self.forward, state.clone());
                 let service = service_fn(move |req: Request<Incoming>| {
-                    forward.clone().call(req.map(proxy::RequestBody::http1), requests.start_request())
+                    let in_flight = requests.start_request();
+                    forward.clone().call(req.map(|body| proxy::RequestBody::http1(body, &requests)), in_flight)
                 });
                 let io = TokioIo::new(downstream::Counted::new(io, state.clone()));
                 let conn = self.http1.serve_connection(io, service).with_upgrades();
@@ -223,10 +224,11 @@ impl Conn {
     }
 
     /// Finds out which protocol the client speaks and, for h2c, reads its preface. A client
-    /// that takes longer than the idle timeout (10 s at most, even with no idle timeout) is
-    /// dropped, and so is one still opening when a drain starts: it has sent no request yet.
+    /// that takes longer than the idle timeout or the request head timeout (10 s at most, even
+    /// with neither) is dropped, and so is one still opening when a drain starts: it has sent
+    /// no request yet.
     async fn open(&self, mut stream: TcpStream) -> Option<Opened> {
-        let limit = self.limits.idle.map_or(OPENING_LIMIT, |idle| idle.min(OPENING_LIMIT));
+        let limit = [self.limits.idle, self.limits.headers].into_iter().flatten().fold(OPENING_LIMIT, Duration::min);
         let opening = async {
             let (protocol, prefix) = match sniff::sniff(&mut stream).await {
                 Ok(Some(sniffed)) => sniffed,
@@ -255,8 +257,10 @@ impl Conn {
         }
     }
 
-    fn spawn_watchdog(&self, state: &Arc<downstream::ConnState>) {
-        let watchdog = downstream::watchdog(state.clone(), self.drain.clone(), self.limits);
+    fn spawn_watchdog(&self, state: &Arc<downstream::ConnState>, http1: bool) {
+        // HTTP/2 streams open once their headers are complete: no head to time.
+        let limits = downstream::Limits { headers: self.limits.headers.filter(|_| http1), ..self.limits };
+        let watchdog = downstream::watchdog(state.clone(), self.drain.clone(), limits);
         tokio::spawn(watchdog);
     }
 }

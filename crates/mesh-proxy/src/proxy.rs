@@ -60,7 +60,7 @@ use mesh_core::classify::{Failure, Outcome, TimeoutError};
 use mesh_core::matching::join_cookie_crumbs;
 
 use crate::config::{ProxyConfig, UpstreamProtocol};
-use crate::downstream::{Elapsed, InFlight};
+use crate::downstream::{BodyInFlight, ConnState, Elapsed, InFlight};
 use crate::h2body::H2Recv;
 use crate::upstream::{BoxError, Checkout, TunnelGuard, Tunnels, Upstream};
 
@@ -675,15 +675,17 @@ pin_project_lite::pin_project! {
     /// from an h2c client (through the `h2` crate).
     #[project = RequestBodyProj]
     pub(crate) enum RequestBody {
-        Http1 { #[pin] body: Incoming },
+        Http1 { #[pin] body: Incoming, reading: Option<BodyInFlight> },
         H2 { body: H2Recv },
         Empty,
     }
 }
 
 impl RequestBody {
-    pub(crate) fn http1(body: Incoming) -> Self {
-        RequestBody::Http1 { body }
+    /// An HTTP/1.x request's body, in flight on its connection (`conn`) until it has ended.
+    pub(crate) fn http1(body: Incoming, conn: &Arc<ConnState>) -> Self {
+        let reading = conn.body_in_flight(body.is_end_stream());
+        RequestBody::Http1 { body, reading }
     }
 
     pub(crate) fn h2(body: H2Recv) -> Self {
@@ -704,7 +706,13 @@ impl Body for RequestBody {
             Box::new(ClientBodyError(e.into()))
         }
         match self.project() {
-            RequestBodyProj::Http1 { body } => body.poll_frame(cx).map(|f| f.map(|f| f.map_err(client))),
+            RequestBodyProj::Http1 { body, reading } => {
+                let frame = ready!(body.poll_frame(cx));
+                if frame.is_none() {
+                    reading.take();
+                }
+                Poll::Ready(frame.map(|f| f.map_err(client)))
+            }
             RequestBodyProj::H2 { body } => body.poll_frame(cx).map(|f| f.map(|f| f.map_err(client))),
             RequestBodyProj::Empty => Poll::Ready(None),
         }
@@ -712,7 +720,7 @@ impl Body for RequestBody {
 
     fn is_end_stream(&self) -> bool {
         match self {
-            RequestBody::Http1 { body } => body.is_end_stream(),
+            RequestBody::Http1 { body, .. } => body.is_end_stream(),
             RequestBody::H2 { body } => body.is_end_stream(),
             RequestBody::Empty => true,
         }
@@ -720,7 +728,7 @@ impl Body for RequestBody {
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            RequestBody::Http1 { body } => body.size_hint(),
+            RequestBody::Http1 { body, .. } => body.size_hint(),
             RequestBody::H2 { .. } => SizeHint::default(),
             RequestBody::Empty => SizeHint::with_exact(0),
         }
