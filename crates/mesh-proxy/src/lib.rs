@@ -6,7 +6,9 @@
 //! connection. Bodies and trailers stream through; hop-by-hop headers are dropped; HTTP/1.1
 //! upgrades and HTTP/2 extended CONNECT (WebSocket) are tunnelled; upstream failures are
 //! answered as Envoy answers them (see [`proxy`](crate::ProxyBody)); client connections idle
-//! for `downstream_idle_timeout` are closed; an admin server answers `/ready` and `/live`;
+//! for `downstream_idle_timeout` are closed, and HTTP/1.x clients slower than
+//! `request_headers_timeout` to send a request head are dropped; an admin server answers
+//! `/ready` and `/live`;
 //! SIGTERM and Ctrl-C drain in-flight requests before exit. Routing, retries, mTLS and
 //! telemetry arrive as the other crates gain them; configuration from Istio YAML comes with
 //! them.
