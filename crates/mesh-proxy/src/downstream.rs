@@ -18,7 +18,8 @@
 //!   and still waiting a request timeout later is failed (504 `UT`): between one and one and
 //!   an eighth request timeouts after it started.
 //!   HTTP/2 requests, many at once on a connection, each use a timer of their own.
-//! * **Request head timeout (HTTP/1.x).** The client's reads are counted ([`Counted`]), and
+//! * **Request head timeout (HTTP/1.x).** The client's reads are counted
+//!   ([`Prefixed::count_reads`](crate::sniff::Prefixed::count_reads)), and
 //!   the end of each exchange (its response and its request body, [`BodyInFlight`]) marks how
 //!   many bytes had arrived by then. Bytes beyond that mark, with no request in flight, are a
 //!   request head in progress. The first of them wakes a lazy watchdog; a head still in
@@ -41,14 +42,12 @@
 //! proxy's HTTP/1.1 hot path that was about 2.5% of its CPU.
 
 use std::future::Future;
-use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker, ready};
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
@@ -75,7 +74,7 @@ pub(crate) struct ConnState {
     waiting: AtomicU64,
     /// The number of the request the watchdog timed out.
     timed_out: AtomicU64,
-    /// Bytes read from the client (HTTP/1.x, through [`Counted`]).
+    /// Bytes read from the client (HTTP/1.x, counted by its `Prefixed` I/O).
     received: AtomicU64,
     /// `received` when the last exchange ended: bytes beyond it are the next request head.
     head_mark: AtomicU64,
@@ -123,7 +122,7 @@ impl ConnState {
     }
 
     /// Counts `n` bytes read from the client, waking a lazy watchdog: they may start a head.
-    fn note_received(&self, n: usize) {
+    pub(crate) fn note_received(&self, n: usize) {
         self.received.fetch_add(n as u64, Ordering::SeqCst);
         // Pairs with the watchdog's store of `lazy` and check of `in_head`, as for `waiting`.
         if self.lazy.load(Ordering::SeqCst) {
@@ -294,61 +293,6 @@ impl<C: GracefulConn> Future for Guarded<C> {
     }
 }
 
-pin_project_lite::pin_project! {
-    /// A client connection's I/O that counts the bytes read from it into its [`ConnState`],
-    /// for the request head timeout.
-    pub(crate) struct Counted<T> {
-        #[pin]
-        io: T,
-        state: Arc<ConnState>,
-    }
-}
-
-impl<T> Counted<T> {
-    pub(crate) fn new(io: T, state: Arc<ConnState>) -> Self {
-        Self { io, state }
-    }
-}
-
-impl<T: AsyncRead> AsyncRead for Counted<T> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let this = self.project();
-        let before = buf.filled().len();
-        ready!(this.io.poll_read(cx, buf))?;
-        let n = buf.filled().len() - before;
-        if n > 0 {
-            this.state.note_received(n);
-        }
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl<T: AsyncWrite> AsyncWrite for Counted<T> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        self.project().io.poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        self.project().io.poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().io.poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.project().io.poll_shutdown(cx)
-    }
-}
-
 /// Serves `conn` to its end, then lets its watchdog go. `None` if it was aborted.
 pub(crate) async fn serve<C: GracefulConn>(conn: C, state: Arc<ConnState>) -> Option<C::Output> {
     let out = Guarded::new(conn, state.clone()).await;
@@ -459,16 +403,12 @@ pub(crate) async fn watchdog(state: Arc<ConnState>, mut drain: watch::Receiver<b
         // a head timeout after it was first seen.
         if let Some(limit) = head_timeout {
             match (state.in_head(), head) {
-                ((true, mark), Some((seen, since))) if seen == mark => {
-                    if closed_head {
-                        tracing::debug!("dropping a downstream connection whose request head took too long");
-                        state.request_close(ABORT);
-                    } else if now.duration_since(since) >= limit {
-                        tracing::debug!("closing a downstream connection whose request head takes too long");
-                        state.request_close(CLOSE);
-                        closed_head = true;
-                    }
-                }
+                ((true, mark), Some((seen, since))) if seen == mark => close_or_drop(
+                    &state,
+                    &mut closed_head,
+                    now.duration_since(since) >= limit,
+                    "whose request head takes too long",
+                ),
                 ((true, mark), _) => head = Some((mark, now)),
                 ((false, _), _) => head = None,
             }
@@ -483,17 +423,23 @@ pub(crate) async fn watchdog(state: Arc<ConnState>, mut drain: watch::Receiver<b
             idle_since = None;
             closed_idle = false;
         } else if let (since, Some(limit)) = (*idle_since.get_or_insert(last), idle_timeout) {
-            if closed_idle {
-                // Still open and idle after the graceful close: stuck in a request head.
-                tracing::debug!("dropping a downstream connection that sent no complete request head");
-                state.request_close(ABORT);
-            } else if now.duration_since(since) >= limit {
-                tracing::debug!("closing an idle downstream connection");
-                state.request_close(CLOSE);
-                closed_idle = true;
-            }
+            // Still open and idle after the graceful close: stuck in a request head.
+            close_or_drop(&state, &mut closed_idle, now.duration_since(since) >= limit, "that is idle");
         }
         last = now;
+    }
+}
+
+/// Once `due`, asks the connection to close gracefully (and remembers that in `asked`); if it
+/// is still there, in the same state, at a later tick, drops it.
+fn close_or_drop(state: &ConnState, asked: &mut bool, due: bool, why: &str) {
+    if *asked {
+        tracing::debug!("dropping a downstream connection {why}, still open after a graceful close");
+        state.request_close(ABORT);
+    } else if due {
+        tracing::debug!("closing a downstream connection {why}");
+        state.request_close(CLOSE);
+        *asked = true;
     }
 }
 

@@ -103,8 +103,8 @@ where
         let mut this = self.project();
         loop {
             if let Some(data) = this.pending {
-                if !*this.started && data.len() <= FIRST_UNRESERVED {
-                    *this.started = true;
+                let first = !std::mem::replace(this.started, true);
+                if first && data.len() <= FIRST_UNRESERVED {
                     let end = this.body.is_end_stream();
                     this.send.send_data(this.pending.take().unwrap_or_default(), end)?;
                     if end {
@@ -112,7 +112,6 @@ where
                     }
                     continue;
                 }
-                *this.started = true;
                 this.send.reserve_capacity(data.len());
                 match this.send.poll_capacity(cx) {
                     Poll::Ready(Some(Ok(0))) => {} // a spurious wake-up: ask again

@@ -210,14 +210,14 @@ impl Conn {
                     tracing::debug!(error = %e, "h2c downstream connection ended with an error");
                 }
             }
-            Opened::Http1(io) => {
+            Opened::Http1(mut io) => {
                 let (forward, requests) = (self.forward, state.clone());
                 let service = service_fn(move |req: Request<Incoming>| {
                     let in_flight = requests.start_request();
                     forward.clone().call(req.map(|body| proxy::RequestBody::http1(body, &requests)), in_flight)
                 });
-                let io = TokioIo::new(downstream::Counted::new(io, state.clone()));
-                let conn = self.http1.serve_connection(io, service).with_upgrades();
+                io.count_reads(state.clone());
+                let conn = self.http1.serve_connection(TokioIo::new(io), service).with_upgrades();
                 if let Some(Err(e)) = downstream::serve(conn, state).await {
                     tracing::debug!(error = %e, "HTTP/1.1 downstream connection ended with an error");
                 }

@@ -8,10 +8,13 @@
 
 use std::io;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+
+use crate::downstream::ConnState;
 
 /// The HTTP/2 connection preface a prior-knowledge h2c client starts with.
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -53,33 +56,48 @@ pub(crate) type ClientIo = Prefixed<tokio::net::TcpStream>;
 
 pin_project_lite::pin_project! {
     /// An I/O object whose reads first return `prefix` (the bytes sniffing took), then
-    /// whatever `io` reads. Writes go straight to `io`.
-    #[derive(Debug)]
+    /// whatever `io` reads. Writes go straight to `io`. Once [`count_reads`](Self::count_reads)
+    /// is called, what it reads (the prefix included) is counted into a connection's state,
+    /// for the request head timeout.
     pub(crate) struct Prefixed<T> {
         prefix: Bytes,
         #[pin]
         io: T,
+        counter: Option<Arc<ConnState>>,
     }
 }
 
 impl<T> Prefixed<T> {
     pub(crate) fn new(prefix: Bytes, io: T) -> Self {
-        Self { prefix, io }
+        Self { prefix, io, counter: None }
+    }
+
+    /// Counts every byte read from now on into `state`.
+    pub(crate) fn count_reads(&mut self, state: Arc<ConnState>) {
+        self.counter = Some(state);
     }
 }
 
 impl<T: AsyncRead> AsyncRead for Prefixed<T> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.project();
+        let before = buf.filled().len();
         if this.prefix.is_empty() {
-            return this.io.poll_read(cx, buf);
+            ready!(this.io.poll_read(cx, buf))?;
+        } else {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix[..n]);
+            this.prefix.advance(n);
+            if this.prefix.is_empty() {
+                // Let the first read's buffer go.
+                *this.prefix = Bytes::new();
+            }
         }
-        let n = this.prefix.len().min(buf.remaining());
-        buf.put_slice(&this.prefix[..n]);
-        this.prefix.advance(n);
-        if this.prefix.is_empty() {
-            // Let the first read's buffer go.
-            *this.prefix = Bytes::new();
+        let n = buf.filled().len() - before;
+        if let Some(state) = this.counter
+            && n > 0
+        {
+            state.note_received(n);
         }
         Poll::Ready(Ok(()))
     }

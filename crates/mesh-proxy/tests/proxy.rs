@@ -209,6 +209,14 @@ async fn h2_client(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<
     tx
 }
 
+/// A `GET /` on an open HTTP/1.1 connection, answered 200 and read to the end.
+async fn get_on(tx: &mut hyper::client::conn::http1::SendRequest<BoxBody>) {
+    tx.ready().await.unwrap();
+    let res = tx.send_request(Request::get("/").header("host", "x").body(full("")).unwrap()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    res.into_body().collect().await.unwrap();
+}
+
 async fn get(proxy: &Proxy, path: &str) -> (StatusCode, HeaderMap, Bytes) {
     get_owned(proxy.addr, path.to_owned()).await
 }
@@ -812,10 +820,7 @@ async fn idle_and_slow_header_connections_are_closed_and_busy_ones_kept() {
     // across several idle periods.
     let mut tx = h1_client(proxy.addr).await;
     for _ in 0..8 {
-        tx.ready().await.unwrap();
-        let res = tx.send_request(Request::get("/").header("host", "x").body(full("")).unwrap()).await.unwrap();
-        assert_eq!(res.status(), StatusCode::OK);
-        res.into_body().collect().await.unwrap();
+        get_on(&mut tx).await;
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
     assert!(!tx.is_closed());
@@ -844,10 +849,7 @@ async fn slow_request_heads_are_dropped_without_an_idle_timeout() {
     // Idle between requests for more than three head timeouts: kept, and still serving.
     let mut tx = h1_client(proxy.addr).await;
     for _ in 0..2 {
-        tx.ready().await.unwrap();
-        let res = tx.send_request(Request::get("/").header("host", "x").body(full("")).unwrap()).await.unwrap();
-        assert_eq!(res.status(), StatusCode::OK);
-        res.into_body().collect().await.unwrap();
+        get_on(&mut tx).await;
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     assert!(!tx.is_closed());
