@@ -46,10 +46,12 @@ pub struct ProxyConfig {
     pub downstream_idle_timeout: Option<Duration>,
     /// How long an HTTP/1.x client may take to send a request head, from its first byte to
     /// its last, like Envoy's `request_headers_timeout`; `None` disables it. A client that
-    /// takes longer (one that stalls half-way, or trickles its head in) has its connection
-    /// closed, whether or not there is an idle timeout: between one and one and a half
-    /// periods after the head's first byte (it is checked eight times per period). Envoy
-    /// answers 408 first; the proxy closes, as hyper's header timeout does.
+    /// takes longer (one that stalls half-way, or trickles its head in) is answered
+    /// `408 Request Timeout` and its connection closed, as Envoy does, whether or not there is
+    /// an idle timeout: between one and one and a quarter periods after the head's first byte
+    /// (it is checked eight times per period). A connection that cannot take the answer at
+    /// once (its client is not reading an earlier response) is dropped instead, an eighth of a
+    /// period later.
     ///
     /// Not covered: the start of a head that arrives before the previous exchange has ended,
     /// pipelined (which a client can do on purpose), and HTTP/2, whose streams open only once

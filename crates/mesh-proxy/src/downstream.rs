@@ -24,10 +24,13 @@
 //!   many bytes had arrived by then. Bytes beyond that mark, with no request in flight, are a
 //!   request head in progress. The first of them wakes a lazy watchdog; a head still in
 //!   progress one head timeout after it was first seen (at that wake-up, or at a tick, eight
-//!   per head timeout) has its connection closed gracefully (hyper closes at once a
-//!   connection between requests), and dropped if still open a tick later: between one and
-//!   one and a half head timeouts after its first byte. Unlike the idle timeout, this does
-//!   not close connections that merely sit idle.
+//!   per head timeout) is answered `408 Request Timeout` and its connection closed, as Envoy
+//!   does: the watchdog wakes the connection, and its I/O
+//!   ([`Prefixed`](crate::sniff::Prefixed)), asked by hyper for the rest of the head, writes
+//!   the answer instead and reports the end of the stream. A connection still open a tick
+//!   later (it could not be answered) is dropped: between one and one and a half head
+//!   timeouts after the head's first byte. Unlike the idle timeout, this does not close
+//!   connections that merely sit idle.
 //!
 //!   The count cannot tell which of the bytes hyper has read it has also parsed: the start
 //!   of a head that arrives before the previous exchange ended (pipelined, even in the same
@@ -78,6 +81,9 @@ pub(crate) struct ConnState {
     received: AtomicU64,
     /// `received` when the last exchange ended: bytes beyond it are the next request head.
     head_mark: AtomicU64,
+    /// Set by the watchdog when a request head took too long: the client's I/O answers 408
+    /// and ends the connection ([`ConnState::head_timed_out`]).
+    head_timeout: AtomicBool,
     /// Set while the watchdog ticks at the idle pace; a request that starts waiting, or the
     /// first bytes of a request head, then wake it with `hurry`.
     lazy: AtomicBool,
@@ -136,6 +142,19 @@ impl ConnState {
         let idle = self.activity.load(Ordering::SeqCst) & IN_FLIGHT_MASK == 0;
         let mark = self.head_mark.load(Ordering::SeqCst);
         (idle && self.received.load(Ordering::SeqCst) != mark, mark)
+    }
+
+    /// Whether the request head in progress has taken longer than the head timeout: the
+    /// client's I/O then answers it with 408 (Envoy's `request_headers_timeout`) and ends the
+    /// connection, instead of letting hyper wait for the rest of it.
+    pub(crate) fn head_timed_out(&self) -> bool {
+        self.head_timeout.load(Ordering::SeqCst) && self.in_head().0
+    }
+
+    /// Has the head in progress answered 408 (by the client's I/O, woken here).
+    pub(crate) fn answer_head_timeout(&self) {
+        self.head_timeout.store(true, Ordering::SeqCst);
+        self.wake_server();
     }
 
     fn wake_server(&self) {
@@ -408,6 +427,10 @@ pub(crate) async fn watchdog(state: Arc<ConnState>, mut drain: watch::Receiver<b
                     &mut closed_head,
                     now.duration_since(since) >= limit,
                     "whose request head takes too long",
+                    // Not a graceful close: hyper closes at once a connection that has
+                    // completed an exchange, without reading further, so the 408 would
+                    // never go out.
+                    ConnState::answer_head_timeout,
                 ),
                 ((true, mark), _) => head = Some((mark, now)),
                 ((false, _), _) => head = None,
@@ -424,21 +447,23 @@ pub(crate) async fn watchdog(state: Arc<ConnState>, mut drain: watch::Receiver<b
             closed_idle = false;
         } else if let (since, Some(limit)) = (*idle_since.get_or_insert(last), idle_timeout) {
             // Still open and idle after the graceful close: stuck in a request head.
-            close_or_drop(&state, &mut closed_idle, now.duration_since(since) >= limit, "that is idle");
+            close_or_drop(&state, &mut closed_idle, now.duration_since(since) >= limit, "that is idle", |state| {
+                state.request_close(CLOSE)
+            });
         }
         last = now;
     }
 }
 
-/// Once `due`, asks the connection to close gracefully (and remembers that in `asked`); if it
+/// Once `due`, asks the connection to close with `ask` (and remembers that in `asked`); if it
 /// is still there, in the same state, at a later tick, drops it.
-fn close_or_drop(state: &ConnState, asked: &mut bool, due: bool, why: &str) {
+fn close_or_drop(state: &ConnState, asked: &mut bool, due: bool, why: &str, ask: impl FnOnce(&ConnState)) {
     if *asked {
-        tracing::debug!("dropping a downstream connection {why}, still open after a graceful close");
+        tracing::debug!("dropping a downstream connection {why}, still open after being asked to close");
         state.request_close(ABORT);
     } else if due {
         tracing::debug!("closing a downstream connection {why}");
-        state.request_close(CLOSE);
+        ask(state);
         *asked = true;
     }
 }

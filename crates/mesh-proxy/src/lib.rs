@@ -7,9 +7,9 @@
 //! upgrades and HTTP/2 extended CONNECT (WebSocket) are tunnelled; upstream failures are
 //! answered as Envoy answers them (see [`proxy`](crate::ProxyBody)); client connections idle
 //! for `downstream_idle_timeout` are closed, and HTTP/1.x clients slower than
-//! `request_headers_timeout` to send a request head are dropped; an admin server answers
-//! `/ready` and `/live`;
-//! SIGTERM and Ctrl-C drain in-flight requests before exit. Routing, retries, mTLS and
+//! `request_headers_timeout` to send a request head are answered 408 and closed; an admin
+//! server answers `/ready` and `/live`; SIGTERM and Ctrl-C drain in-flight requests before
+//! exit. Routing, retries, mTLS and
 //! telemetry arrive as the other crates gain them; configuration from Istio YAML comes with
 //! them.
 //!

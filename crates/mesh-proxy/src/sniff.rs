@@ -9,7 +9,7 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
@@ -54,22 +54,33 @@ pub(crate) async fn sniff<T: AsyncRead + Unpin>(io: &mut T) -> io::Result<Option
 /// A client connection, with the bytes sniffing read put back in front.
 pub(crate) type ClientIo = Prefixed<tokio::net::TcpStream>;
 
+/// The answer to a request head that took too long (Envoy answers 408 too).
+const REQUEST_TIMEOUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain\r\n\
+    content-length: 16\r\nconnection: close\r\n\r\nrequest timeout\n";
+
 pin_project_lite::pin_project! {
     /// An I/O object whose reads first return `prefix` (the bytes sniffing took), then
-    /// whatever `io` reads. Writes go straight to `io`. Once [`count_reads`](Self::count_reads)
-    /// is called, what it reads (the prefix included) is counted into a connection's state,
-    /// for the request head timeout.
+    /// whatever `io` reads. Writes go straight to `io`.
+    ///
+    /// Once [`count_reads`](Self::count_reads) is called, what it reads (the prefix included)
+    /// is counted into a connection's state, for the request head timeout; and a read that
+    /// would wait while that state says the head in progress has timed out
+    /// ([`ConnState::head_timed_out`]) writes a 408 answer, shuts the write side and reads
+    /// the end of the stream instead. The answer is written only when every earlier write
+    /// went out whole, so it cannot land in the middle of an earlier response.
     pub(crate) struct Prefixed<T> {
         prefix: Bytes,
         #[pin]
         io: T,
         counter: Option<Arc<ConnState>>,
+        // The last write left bytes unwritten (or failed): the writer still holds some.
+        unsent: bool,
     }
 }
 
 impl<T> Prefixed<T> {
     pub(crate) fn new(prefix: Bytes, io: T) -> Self {
-        Self { prefix, io, counter: None }
+        Self { prefix, io, counter: None, unsent: false }
     }
 
     /// Counts every byte read from now on into `state`.
@@ -78,12 +89,20 @@ impl<T> Prefixed<T> {
     }
 }
 
-impl<T: AsyncRead> AsyncRead for Prefixed<T> {
+impl<T: AsyncRead + AsyncWrite> AsyncRead for Prefixed<T> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let this = self.project();
+        let mut this = self.project();
         let before = buf.filled().len();
         if this.prefix.is_empty() {
-            ready!(this.io.poll_read(cx, buf))?;
+            if this.io.as_mut().poll_read(cx, buf)?.is_pending() {
+                match this.counter {
+                    Some(state) if !*this.unsent && state.head_timed_out() => {
+                        answer_timeout(this.io, cx);
+                        return Poll::Ready(Ok(()));
+                    }
+                    _ => return Poll::Pending,
+                }
+            }
         } else {
             let n = this.prefix.len().min(buf.remaining());
             buf.put_slice(&this.prefix[..n]);
@@ -103,9 +122,22 @@ impl<T: AsyncRead> AsyncRead for Prefixed<T> {
     }
 }
 
+/// Writes the 408 answer and shuts the write side, as far as the socket takes them now; the
+/// connection ends either way.
+fn answer_timeout<T: AsyncWrite>(mut io: Pin<&mut T>, cx: &mut Context<'_>) {
+    if let Poll::Ready(Ok(n)) = io.as_mut().poll_write(cx, REQUEST_TIMEOUT)
+        && n == REQUEST_TIMEOUT.len()
+    {
+        let _ = io.poll_shutdown(cx);
+    }
+}
+
 impl<T: AsyncWrite> AsyncWrite for Prefixed<T> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        self.project().io.poll_write(cx, buf)
+        let this = self.project();
+        let written = this.io.poll_write(cx, buf);
+        *this.unsent = !matches!(written, Poll::Ready(Ok(n)) if n == buf.len());
+        written
     }
 
     fn poll_write_vectored(
@@ -113,7 +145,10 @@ impl<T: AsyncWrite> AsyncWrite for Prefixed<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.project().io.poll_write_vectored(cx, bufs)
+        let this = self.project();
+        let written = this.io.poll_write_vectored(cx, bufs);
+        *this.unsent = !matches!(written, Poll::Ready(Ok(n)) if n == bufs.iter().map(|b| b.len()).sum::<usize>());
+        written
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -132,6 +167,7 @@ impl<T: AsyncWrite> AsyncWrite for Prefixed<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
     use tokio::io::AsyncWriteExt;
 
     /// Sends `parts` one write at a time, sniffs, and checks that what sniffing kept is the
@@ -171,6 +207,39 @@ mod tests {
         // Closed before deciding, or before sending anything.
         assert_eq!(sniff_parts(&[b"PR"]).await, None);
         assert_eq!(sniff_parts(&[]).await, None);
+    }
+
+    /// A timed-out head is answered 408 at the next read that would wait, unless an earlier
+    /// write is still incomplete (the answer would land inside it).
+    #[tokio::test(start_paused = true)]
+    async fn a_timed_out_head_is_answered_unless_a_write_is_incomplete() {
+        for incomplete in [false, true] {
+            let (mut client, server) = tokio::io::duplex(256);
+            let state = ConnState::new();
+            let mut io = Prefixed::new(Bytes::new(), server);
+            io.count_reads(state.clone());
+            if incomplete {
+                // More than the pipe holds: the writer keeps the rest.
+                assert_eq!(io.write(&[b'x'; 300]).await.unwrap(), 256);
+            }
+            client.write_all(b"GET / HTTP/1.1\r\nHo").await.unwrap();
+            let mut head = [0u8; 32];
+            assert_eq!(io.read(&mut head).await.unwrap(), 18);
+            // Not timed out: a read waits for the rest of the head.
+            let wait = tokio::time::timeout(Duration::from_millis(20), io.read(&mut head)).await;
+            assert!(wait.is_err(), "the read waits");
+            state.answer_head_timeout();
+            let read = tokio::time::timeout(Duration::from_millis(20), io.read(&mut head)).await;
+            if incomplete {
+                assert!(read.is_err(), "no answer behind an incomplete write");
+                continue;
+            }
+            assert_eq!(read.expect("the read ends").unwrap(), 0, "the end of the stream");
+            drop(io);
+            let mut answer = Vec::new();
+            client.read_to_end(&mut answer).await.unwrap();
+            assert_eq!(answer, REQUEST_TIMEOUT);
+        }
     }
 
     #[tokio::test]
