@@ -35,8 +35,9 @@
 //!   The count cannot tell which of the bytes hyper has read it has also parsed: the start
 //!   of a head that arrives before the previous exchange ended (pipelined, even in the same
 //!   packet as the previous request) is not timed, nor is the rest of a request body that
-//!   hyper discards after a response that did not read it (that connection is then closed
-//!   early, one head timeout after the response, rather than after the idle timeout). The
+//!   hyper discards after a response that did not read it (if the client then sends
+//!   nothing, its connection is answered 408 and closed one head timeout after the response,
+//!   rather than closed after the idle timeout; a client's next request ends that). The
 //!   idle timeout bounds both.
 //! * **Drain.** The watchdog relays the drain signal to the connection.
 //!
@@ -81,9 +82,10 @@ pub(crate) struct ConnState {
     received: AtomicU64,
     /// `received` when the last exchange ended: bytes beyond it are the next request head.
     head_mark: AtomicU64,
-    /// Set by the watchdog when a request head took too long: the client's I/O answers 408
-    /// and ends the connection ([`ConnState::head_timed_out`]).
-    head_timeout: AtomicBool,
+    /// One more than the mark of the request head that took too long (0: none), set by the
+    /// watchdog: the client's I/O answers it 408 and ends the connection
+    /// ([`ConnState::head_timed_out`]).
+    timed_out_head: AtomicU64,
     /// Set while the watchdog ticks at the idle pace; a request that starts waiting, or the
     /// first bytes of a request head, then wake it with `hurry`.
     lazy: AtomicBool,
@@ -147,13 +149,21 @@ impl ConnState {
     /// Whether the request head in progress has taken longer than the head timeout: the
     /// client's I/O then answers it with 408 (Envoy's `request_headers_timeout`) and ends the
     /// connection, instead of letting hyper wait for the rest of it.
+    /// Only that head: one that completed meanwhile, and any that follows, is not answered.
     pub(crate) fn head_timed_out(&self) -> bool {
-        self.head_timeout.load(Ordering::SeqCst) && self.in_head().0
+        let (in_head, mark) = self.in_head();
+        in_head && self.timed_out_head.load(Ordering::SeqCst) == mark.wrapping_add(1)
     }
 
-    /// Has the head in progress answered 408 (by the client's I/O, woken here).
-    pub(crate) fn answer_head_timeout(&self) {
-        self.head_timeout.store(true, Ordering::SeqCst);
+    /// Where the next request head is counted from.
+    #[cfg(test)]
+    pub(crate) fn head_mark(&self) -> u64 {
+        self.head_mark.load(Ordering::SeqCst)
+    }
+
+    /// Has the head counted from `mark` answered 408 (by the client's I/O, woken here).
+    pub(crate) fn answer_head_timeout(&self, mark: u64) {
+        self.timed_out_head.store(mark.wrapping_add(1), Ordering::SeqCst);
         self.wake_server();
     }
 
@@ -370,7 +380,7 @@ pub(crate) async fn watchdog(state: Arc<ConnState>, mut drain: watch::Receiver<b
             {
                 state.lazy.store(false, Ordering::SeqCst);
                 if head.is_none_or(|(seen, _)| seen != mark) {
-                    head = Some((mark, Instant::now()));
+                    (head, closed_head) = (Some((mark, Instant::now())), false);
                 }
                 continue;
             }
@@ -395,7 +405,7 @@ pub(crate) async fn watchdog(state: Arc<ConnState>, mut drain: watch::Receiver<b
                     && let (true, mark) = state.in_head()
                     && head.is_none_or(|(seen, _)| seen != mark)
                 {
-                    head = Some((mark, Instant::now()));
+                    (head, closed_head) = (Some((mark, Instant::now())), false);
                 }
                 continue;
             }
@@ -430,10 +440,12 @@ pub(crate) async fn watchdog(state: Arc<ConnState>, mut drain: watch::Receiver<b
                     // Not a graceful close: hyper closes at once a connection that has
                     // completed an exchange, without reading further, so the 408 would
                     // never go out.
-                    ConnState::answer_head_timeout,
+                    |state| state.answer_head_timeout(mark),
                 ),
-                ((true, mark), _) => head = Some((mark, now)),
-                ((false, _), _) => head = None,
+                // A new head, or none (one asked to close may have completed in time after
+                // all): it starts afresh.
+                ((true, mark), _) => (head, closed_head) = (Some((mark, now)), false),
+                ((false, _), _) => (head, closed_head) = (None, false),
             }
         }
 

@@ -228,7 +228,7 @@ mod tests {
             // Not timed out: a read waits for the rest of the head.
             let wait = tokio::time::timeout(Duration::from_millis(20), io.read(&mut head)).await;
             assert!(wait.is_err(), "the read waits");
-            state.answer_head_timeout();
+            state.answer_head_timeout(state.head_mark());
             let read = tokio::time::timeout(Duration::from_millis(20), io.read(&mut head)).await;
             if incomplete {
                 assert!(read.is_err(), "no answer behind an incomplete write");
@@ -240,6 +240,30 @@ mod tests {
             client.read_to_end(&mut answer).await.unwrap();
             assert_eq!(answer, REQUEST_TIMEOUT);
         }
+    }
+
+    /// A head that completes after it was found too slow, but before the client's I/O could
+    /// answer it, is served; the heads that follow are not answered for it.
+    #[tokio::test(start_paused = true)]
+    async fn a_head_that_completed_meanwhile_leaves_the_next_ones_alone() {
+        let (mut client, server) = tokio::io::duplex(256);
+        let state = ConnState::new();
+        let mut io = Prefixed::new(Bytes::new(), server);
+        io.count_reads(state.clone());
+        let mut buf = [0u8; 64];
+        client.write_all(b"GET / HTTP/1.1\r\nHo").await.unwrap();
+        assert_eq!(io.read(&mut buf).await.unwrap(), 18);
+        state.answer_head_timeout(state.head_mark());
+        // The rest arrives before the next read: read, and the exchange runs and ends.
+        client.write_all(b"st: x\r\n\r\n").await.unwrap();
+        assert_eq!(io.read(&mut buf).await.unwrap(), 9);
+        drop(state.start_request());
+        io.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n").await.unwrap();
+        // The next head arrives in two parts: the read between them waits.
+        client.write_all(b"GET / HTTP/1.1\r\nHo").await.unwrap();
+        assert_eq!(io.read(&mut buf).await.unwrap(), 18);
+        let wait = tokio::time::timeout(Duration::from_secs(1), io.read(&mut buf)).await;
+        assert!(wait.is_err(), "the next head is not answered");
     }
 
     #[tokio::test]
