@@ -49,7 +49,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_util::FutureExt;
 use futures_util::future::Either;
-use http::header::{CONNECTION, CONTENT_TYPE, HOST, TE, TRANSFER_ENCODING, UPGRADE};
+use http::header::{CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, HOST, TE, TRANSFER_ENCODING, UPGRADE};
 use http::uri::{PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
@@ -148,6 +148,7 @@ impl Forward {
             (parts, ProxyBody::h2(H2Recv::new(body)))
         } else {
             to_http1(&mut req, self.upstream.addr().authority())?;
+            frame_http1_body(&mut req);
             let head = req.method() == Method::HEAD;
             let (res, checkout) = self.upstream.send_http1(req).await?;
             let (parts, body) = res.into_parts();
@@ -401,6 +402,20 @@ fn to_http1<B>(req: &mut Request<B>, fallback: &http::uri::Authority) -> Result<
     }
     *req.uri_mut() = parts.path_and_query.unwrap_or_else(|| PathAndQuery::from_static("/")).into();
     Ok(())
+}
+
+/// Makes sure a GET or HEAD request's body of unknown length reaches an HTTP/1.1 upstream.
+/// hyper's client sends such a request with no body at all (`content-length: 0` framing)
+/// unless told otherwise: a chunked HTTP/1.1 body, or an h2c body without `content-length`,
+/// would be dropped. Chunked framing carries it, as Envoy does.
+fn frame_http1_body(req: &mut Request<RequestBody>) {
+    if matches!(*req.method(), Method::GET | Method::HEAD)
+        && !req.body().is_end_stream()
+        && req.body().size_hint().exact().is_none()
+        && !req.headers().contains_key(CONTENT_LENGTH)
+    {
+        req.headers_mut().insert(TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+    }
 }
 
 /// Prepares a request for an h2c upstream: absolute URI with the client's authority.

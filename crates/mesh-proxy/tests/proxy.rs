@@ -349,6 +349,36 @@ async fn translates_between_http1_and_h2c() {
     assert_eq!(res.headers()["x-seen-cookie"], "a=b | user=jason");
 }
 
+/// A GET (or HEAD) with a body of unknown length keeps its body on the way to an HTTP/1.1
+/// upstream: chunked from an HTTP/1.1 client, DATA without `content-length` from an h2c one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn get_bodies_of_unknown_length_reach_an_http1_upstream() {
+    let upstream = Upstream::start(echo()).await;
+    let proxy = Proxy::start(upstream.addr, &["--upstream-protocol", "http1"]);
+
+    let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+    client
+        .write_all(b"GET /_search HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    client.write_all(b"7\r\n{\"q\":1}\r\n0\r\n\r\n").await.unwrap();
+    let answer = String::from_utf8(read_until_closed(&mut client).await).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert!(answer.contains("x-seen-transfer-encoding: 1\r\n"), "{answer}");
+    assert!(answer.contains("\r\n7\r\n{\"q\":1}\r\n0\r\n\r\n"), "the body came back: {answer}");
+
+    let mut tx = h2_client(proxy.addr).await;
+    let body = frames([Frame::data(Bytes::from_static(b"{\"q\":")), Frame::data(Bytes::from_static(b"2}"))].into_iter());
+    let res = tx.send_request(Request::get("http://api.test/_search").body(body).unwrap()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert!(!res.headers().contains_key("x-seen-content-length"));
+    assert_eq!(res.into_body().collect().await.unwrap().to_bytes(), &b"{\"q\":2}"[..]);
+
+    // Without a body, nothing is added.
+    let res = tx.send_request(Request::get("http://api.test/").body(full("")).unwrap()).await.unwrap();
+    assert!(!res.headers().contains_key("x-seen-transfer-encoding"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_100_mb_each_way_without_buffering() {
     const TOTAL: usize = 100 * 1024 * 1024;
