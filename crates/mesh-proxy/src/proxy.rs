@@ -151,6 +151,12 @@ impl Forward {
             frame_http1_body(&mut req);
             let head = req.method() == Method::HEAD;
             let (res, checkout) = self.upstream.send_http1(req).await?;
+            if unsupported_transfer_coding(res.headers()) {
+                // hyper takes off only the chunked framing: the rest of the coding would reach
+                // the client undeclared. A protocol error (502 UPE), as Envoy has it; the
+                // connection, its framing unsure, is not reused.
+                return Err("the upstream's response has a transfer coding other than chunked".into());
+            }
             let (parts, body) = res.into_parts();
             // After HEAD the connection is closed, not pooled: an upstream that sends a body
             // anyway (its `content-length` is the GET body's) would otherwise hand it to the
@@ -175,6 +181,9 @@ impl Forward {
         let mut res = self.upstream.send_upgrade(req).await?;
         if res.status() != StatusCode::SWITCHING_PROTOCOLS {
             // Refused (or ignored): an ordinary response, on a connection nobody reuses.
+            if unsupported_transfer_coding(res.headers()) {
+                return Err("the upstream's response has a transfer coding other than chunked".into());
+            }
             let (mut parts, body) = res.into_parts();
             strip_hop_by_hop(&mut parts.headers);
             parts.version = Version::HTTP_11;
@@ -575,9 +584,10 @@ pub(crate) fn strip_trailers(trailers: &mut HeaderMap) {
     }
 }
 
-/// A request's `Transfer-Encoding` other than plain `chunked` (RFC 9112 section 6.1). hyper
-/// frames `gzip, chunked` as chunked and hands on the still-gzipped bytes; forwarded without
-/// the coding, they would reach the upstream as a different body. Answered 501.
+/// A `Transfer-Encoding` other than plain `chunked` (RFC 9112 section 6.1). hyper frames
+/// `gzip, chunked` as chunked and hands on the still-gzipped bytes; forwarded without the
+/// coding, they would arrive as a different body. A request's is answered 501, a response's
+/// 502.
 fn unsupported_transfer_coding(headers: &HeaderMap) -> bool {
     if !headers.contains_key(TRANSFER_ENCODING) {
         return false;

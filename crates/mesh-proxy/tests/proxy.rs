@@ -368,7 +368,8 @@ async fn get_bodies_of_unknown_length_reach_an_http1_upstream() {
     assert!(answer.contains("\r\n7\r\n{\"q\":1}\r\n0\r\n\r\n"), "the body came back: {answer}");
 
     let mut tx = h2_client(proxy.addr).await;
-    let body = frames([Frame::data(Bytes::from_static(b"{\"q\":")), Frame::data(Bytes::from_static(b"2}"))].into_iter());
+    let body =
+        frames([Frame::data(Bytes::from_static(b"{\"q\":")), Frame::data(Bytes::from_static(b"2}"))].into_iter());
     let res = tx.send_request(Request::get("http://api.test/_search").body(body).unwrap()).await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     assert!(!res.headers().contains_key("x-seen-content-length"));
@@ -462,6 +463,13 @@ async fn raw_upstream(behaviour: &'static str) -> SocketAddr {
                     "garbage" => {
                         let _ = stream.write_all(b"this is not HTTP\r\n\r\n").await;
                     }
+                    // A transfer coding besides chunked: hyper would unchunk it and hand on
+                    // the gzip bytes as if they were the body.
+                    "gzip-chunked" => {
+                        let answer = "HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
+                        let _ = stream.write_all(answer.as_bytes()).await;
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                    }
                     // Agrees to a WebSocket upgrade without answering the key.
                     "bad-accept" => {
                         let head = "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\
@@ -526,6 +534,13 @@ async fn upstream_failures_get_envoy_style_answers() {
         let proxy = Proxy::start(raw_upstream("garbage").await, &args(&[]));
         let (status, _, body) = get(&proxy, "/").await;
         assert_eq!(status, StatusCode::BAD_GATEWAY, "{protocol}: {body:?}");
+        // An HTTP/1.1 response in a transfer coding the proxy cannot pass on: 502 (UPE).
+        if protocol == "http1" {
+            let proxy = Proxy::start(raw_upstream("gzip-chunked").await, &args(&[]));
+            let (status, _, body) = get(&proxy, "/").await;
+            assert_eq!(status, StatusCode::BAD_GATEWAY, "{body:?}");
+            assert_eq!(body, "upstream protocol error\n");
+        }
 
         // Unroutable connect (a port nobody listens on) is 503 (UF); covered above with a
         // killed upstream as well.
