@@ -124,6 +124,7 @@ pub(crate) async fn serve_stream(
         // (moved into the connection's set of streams) larger.
         return Box::pin(connect(forward, req, respond, in_flight)).await;
     }
+    let head = req.method() == Method::HEAD;
     // The client may give up (RST_STREAM) while the upstream has not answered yet: then stop,
     // which cancels the upstream request too. The call is scoped so that its state and the
     // response's do not both take room in this future.
@@ -141,13 +142,15 @@ pub(crate) async fn serve_stream(
         .await
     };
     let Some(res) = answered else { return };
-    respond_with(respond, res).await;
+    respond_with(respond, res, head).await;
 }
 
-/// Sends `res` on the stream: its head, then its body within the client's window.
-async fn respond_with(mut respond: SendResponse<Bytes>, res: Response<ProxyBody>) {
+/// Sends `res` on the stream: its head, then its body within the client's window. The
+/// answer to a HEAD request ends with its head: any body (the proxy's own replies have one)
+/// is not sent (RFC 9110 section 9.3.2).
+async fn respond_with(mut respond: SendResponse<Bytes>, res: Response<ProxyBody>, head: bool) {
     let (parts, body) = res.into_parts();
-    let end = body.is_end_stream();
+    let end = head || body.is_end_stream();
     let send = match respond.send_response(Response::from_parts(parts, ()), end) {
         Ok(send) => send,
         Err(e) => {
@@ -165,12 +168,12 @@ async fn respond_with(mut respond: SendResponse<Bytes>, res: Response<ProxyBody>
 /// plain CONNECT is refused.
 async fn connect(forward: Forward, req: Request<RecvStream>, respond: SendResponse<Bytes>, in_flight: InFlight) {
     let Some(protocol) = req.extensions().get::<Protocol>().cloned() else {
-        return respond_with(respond, crate::proxy::connect_refused()).await;
+        return respond_with(respond, crate::proxy::connect_refused(), false).await;
     };
     let (parts, recv) = req.into_parts();
     let (head, upstream) = match forward.extended_connect(parts, protocol.as_str()).await {
         Connected::Tunnel(head, upstream) => (head, upstream),
-        Connected::Answer(res) => return respond_with(respond, res).await,
+        Connected::Answer(res) => return respond_with(respond, res, false).await,
     };
     let mut respond = respond;
     let send = match respond.send_response(Response::from_parts(head, ()), false) {

@@ -549,6 +549,13 @@ async fn upstream_failures_get_envoy_style_answers() {
         let (status, _, body) = get(&proxy, "/").await;
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{protocol}");
         assert!(String::from_utf8_lossy(&body).contains("upstream connect error"), "{protocol}: {body:?}");
+        // The answer to an h2c HEAD is its head alone: no DATA, which the client would take
+        // for a protocol error.
+        let res = h2_client(proxy.addr).await.send_request(Request::head("http://x/").body(full("")).unwrap());
+        let (parts, body) = res.await.unwrap().into_parts();
+        assert_eq!(parts.status, StatusCode::SERVICE_UNAVAILABLE, "{protocol}");
+        assert!(http_body::Body::is_end_stream(&body), "{protocol}: a HEAD answer with a body");
+        assert_eq!(body.collect().await.unwrap().to_bytes(), "", "{protocol}");
     }
 }
 
