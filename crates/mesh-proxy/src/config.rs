@@ -58,6 +58,20 @@ pub struct ProxyConfig {
     /// their headers are complete. The idle timeout bounds those; keep one as the backstop.
     /// The first head also has the opening limit (at most this, 10 s) to show its protocol.
     pub request_headers_timeout: Option<Duration>,
+    /// How long a client connection with a request in flight may go without a byte moving
+    /// either way on it, like Envoy's `stream_idle_timeout` (5 minutes by default there too);
+    /// `None` disables it. It ends exchanges whose client stopped reading, or vanished without
+    /// closing, and whose upstream went silent mid-body, which would otherwise hold the
+    /// connection, and the upstream connection or stream behind it, for ever. Such a
+    /// connection is dropped; an HTTP/1.x request still waiting for response headers is
+    /// answered 504 instead. Checked eight times per period: it acts between one and one and
+    /// an eighth periods after the last byte moved (later by up to a quarter idle timeout
+    /// when the connection had been idle before).
+    ///
+    /// Envoy times each HTTP/2 stream; this times the connection. A client that keeps one
+    /// h2c stream's window shut while other streams on the same connection move is not
+    /// caught: at most the stream's send buffer waits for it.
+    pub stream_idle_timeout: Option<Duration>,
     /// How many idle HTTP/1.1 connections to the upstream are kept at most.
     pub max_idle: usize,
     /// How long in-flight requests may take to finish after SIGTERM / Ctrl-C.
@@ -78,6 +92,7 @@ impl Default for ProxyConfig {
             idle_timeout: Duration::from_secs(90),
             downstream_idle_timeout: Some(Duration::from_secs(60)),
             request_headers_timeout: Some(Duration::from_secs(10)),
+            stream_idle_timeout: Some(Duration::from_secs(300)),
             max_idle: 256,
             drain_timeout: Duration::from_secs(5),
             workers: 1,

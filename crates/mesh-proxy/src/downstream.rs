@@ -1,5 +1,6 @@
 //! Downstream connections: serving one, closing it once idle, timing out its HTTP/1.x
-//! requests, and draining on shutdown, all without a timer per request.
+//! requests and stalled exchanges, and draining on shutdown, all without a timer per
+//! request.
 //!
 //! Each connection has a [`ConnState`] that its requests update with a few atomic operations
 //! ([`ConnState::start_request`], [`InFlight`], [`HeadersDeadline`]), and a small watchdog task
@@ -19,7 +20,7 @@
 //!   an eighth request timeouts after it started.
 //!   HTTP/2 requests, many at once on a connection, each use a timer of their own.
 //! * **Request head timeout (HTTP/1.x).** The client's reads are counted
-//!   ([`Prefixed::count_reads`](crate::sniff::Prefixed::count_reads)), and
+//!   ([`Prefixed::count_io`](crate::sniff::Prefixed::count_io)), and
 //!   the end of each exchange (its response and its request body, [`BodyInFlight`]) marks how
 //!   many bytes had arrived by then. Bytes beyond that mark, with no request in flight, are a
 //!   request head in progress. The first of them wakes a lazy watchdog; a head still in
@@ -39,6 +40,13 @@
 //!   nothing, its connection is answered 408 and closed one head timeout after the response,
 //!   rather than closed after the idle timeout; a client's next request ends that). The
 //!   idle timeout bounds both.
+//! * **Stream idle timeout.** The same I/O counts the bytes written too. A connection with
+//!   a request in flight on which no byte has moved either way for the stream idle timeout
+//!   (a client that stopped reading or vanished, an upstream silent mid-body) is dropped; an
+//!   HTTP/1.x request still waiting for response headers is answered 504 instead. Checked at
+//!   the quick pace (eight ticks per period at most); a watchdog that was idling notices the
+//!   exchange up to a quarter idle timeout late. This times the connection, where Envoy times
+//!   each stream: on h2c, one stream kept without window while others move is not caught.
 //! * **Drain.** The watchdog relays the drain signal to the connection.
 //!
 //! Per-request timers (hyper's header read timeout, a `tokio::time::timeout` per request) cost
@@ -78,8 +86,10 @@ pub(crate) struct ConnState {
     waiting: AtomicU64,
     /// The number of the request the watchdog timed out.
     timed_out: AtomicU64,
-    /// Bytes read from the client (HTTP/1.x, counted by its `Prefixed` I/O).
+    /// Bytes read from the client (counted by its `Prefixed` I/O).
     received: AtomicU64,
+    /// Bytes written to the client (the same).
+    sent: AtomicU64,
     /// `received` when the last exchange ended: bytes beyond it are the next request head.
     head_mark: AtomicU64,
     /// One more than the mark of the request head that took too long (0: none), set by the
@@ -136,6 +146,16 @@ impl ConnState {
         if self.lazy.load(Ordering::SeqCst) {
             self.hurry.notify_one();
         }
+    }
+
+    /// Counts `n` bytes written to the client.
+    pub(crate) fn note_sent(&self, n: usize) {
+        self.sent.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Bytes moved either way so far.
+    fn moved(&self) -> u64 {
+        self.received.load(Ordering::Relaxed).wrapping_add(self.sent.load(Ordering::Relaxed))
     }
 
     /// Whether bytes arrived after the last exchange ended, with none in flight: a request
@@ -338,6 +358,8 @@ pub(crate) struct Limits {
     pub(crate) request: Option<Duration>,
     /// Drops an HTTP/1.x connection whose request head takes this long.
     pub(crate) headers: Option<Duration>,
+    /// Drops a connection with a request in flight on which no byte moved for this long.
+    pub(crate) stream_idle: Option<Duration>,
 }
 
 /// Watches one connection (see the module docs): closes it once idle for `limits.idle`,
@@ -346,13 +368,14 @@ pub(crate) struct Limits {
 /// `drain` turns true. Holds `drain` until the connection has ended, so the drain can wait for
 /// every connection by waiting for the receivers to go.
 pub(crate) async fn watchdog(state: Arc<ConnState>, mut drain: watch::Receiver<bool>, limits: Limits) {
-    let Limits { idle: idle_timeout, request: request_timeout, headers: head_timeout } = limits;
+    let Limits { idle: idle_timeout, request: request_timeout, headers: head_timeout, stream_idle } = limits;
     let idle_tick = idle_timeout.map(|t| t / IDLE_TICKS);
     let request_tick = request_timeout.map(|t| t / REQUEST_TICKS);
     // Eight ticks per head timeout: a head first seen at a tick arrived up to a tick before.
     let head_tick = head_timeout.map(|t| t / REQUEST_TICKS);
     // Quick ticks while a request may be waiting or a head is arriving, lazy ones while idle.
-    let quick = [request_tick, idle_tick, head_tick].into_iter().flatten().min();
+    let stream_tick = stream_idle.map(|t| t / REQUEST_TICKS);
+    let quick = [request_tick, idle_tick, head_tick, stream_tick].into_iter().flatten().min();
     let mut watching_drain = !*drain.borrow_and_update();
     if !watching_drain {
         state.request_close(CLOSE);
@@ -366,6 +389,9 @@ pub(crate) async fn watchdog(state: Arc<ConnState>, mut drain: watch::Receiver<b
     let mut waiting = (0u64, last);
     // The request head in progress (the mark its bytes count from) and when it was first seen.
     let mut head: Option<(u64, Instant)> = None;
+    // Bytes moved on the connection at the last tick, and since when that count has stood
+    // while a request was in flight.
+    let mut moved = (state.moved(), last);
     loop {
         let tick = if idle_since.is_none() || head.is_some() { quick } else { idle_tick };
         if tick == idle_tick && tick != quick {
@@ -449,6 +475,28 @@ pub(crate) async fn watchdog(state: Arc<ConnState>, mut drain: watch::Receiver<b
             }
         }
 
+        // Stream idle timeout: a request in flight, and no byte moved for the limit.
+        if let Some(limit) = stream_idle {
+            let now_moved = state.moved();
+            let busy = state.activity.load(Ordering::SeqCst) & IN_FLIGHT_MASK != 0;
+            if !busy || now_moved != moved.0 {
+                moved = (now_moved, now);
+            } else if now.duration_since(moved.1) >= limit {
+                let w = state.waiting.load(Ordering::SeqCst);
+                if w != 0 {
+                    // Still waiting for response headers: answered 504, as by the request
+                    // timeout; the answer moves bytes, and the count starts again.
+                    tracing::debug!(request = w, "request idle too long waiting for response headers");
+                    state.timed_out.store(w, Ordering::SeqCst);
+                    state.wake_server();
+                    moved.1 = now;
+                } else {
+                    tracing::debug!("dropping a downstream connection on which nothing moved for too long");
+                    state.request_close(ABORT);
+                }
+            }
+        }
+
         // Idle timeout: idle since the last tick if nothing started and nothing was or is in
         // flight.
         let activity = state.activity.load(Ordering::SeqCst);
@@ -494,7 +542,7 @@ mod tests {
     /// Limits in whole seconds.
     fn limits(idle: Option<u64>, request: Option<u64>, headers: Option<u64>) -> Limits {
         let secs = |s: Option<u64>| s.map(Duration::from_secs);
-        Limits { idle: secs(idle), request: secs(request), headers: secs(headers) }
+        Limits { idle: secs(idle), request: secs(request), headers: secs(headers), stream_idle: None }
     }
 
     struct Probe {
@@ -548,6 +596,58 @@ mod tests {
         fn graceful_shutdown(self: Pin<&mut Self>) {}
     }
 
+    /// How long after the start a connection with a request in flight (an exchange whose
+    /// response is streaming, none waiting for headers) is dropped by a 300 s stream idle
+    /// timeout, when bytes move every `every` seconds until `moving_for`, then stop. The
+    /// connection first sits idle for 100 s, and idle and request timeouts are set as well.
+    async fn stalled_exchange_dropped_after(every: u64, moving_for: u64) -> Option<Duration> {
+        let state = ConnState::new();
+        let (_tx, rx) = watch::channel(false);
+        let start = tokio::time::Instant::now();
+        let limits = Limits { stream_idle: Some(Duration::from_secs(300)), ..limits(Some(3600), Some(15), Some(10)) };
+        tokio::spawn(watchdog(state.clone(), rx, limits));
+        let traffic = {
+            let state = state.clone();
+            async move {
+                tokio::time::sleep(Duration::from_secs(100)).await;
+                // The request arrives, and its response streams (the head goes out first).
+                state.note_received(40);
+                let in_flight = state.start_request();
+                let mut elapsed = 0;
+                while elapsed < moving_for {
+                    state.note_sent(1000);
+                    tokio::time::sleep(Duration::from_secs(every)).await;
+                    elapsed += every;
+                }
+                std::future::pending::<()>().await;
+                drop(in_flight);
+            }
+        };
+        let served = tokio::select! {
+            out = tokio::time::timeout(Duration::from_secs(3600), serve(Stuck, state)) => out,
+            () = traffic => unreachable!(),
+        };
+        served.ok().map(|out| {
+            assert_eq!(out, None, "dropped");
+            start.elapsed()
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_exchange_on_which_nothing_moves_is_dropped_after_the_stream_idle_timeout() {
+        let within = |after: Option<Duration>, from: u64, to: u64| {
+            let after = after.expect("dropped");
+            assert!(after >= Duration::from_secs(from) && after <= Duration::from_secs(to), "{after:?}");
+        };
+        // Stalled from the start (its only bytes, the request, at 100 s): the watchdog, idling
+        // on a quarter idle timeout (900 s) from those bytes, sees the exchange at 1000 s, and
+        // drops it a stream idle timeout (300 s) later, to the tick (37.5 s).
+        within(stalled_exchange_dropped_after(1, 0).await, 1300, 1338);
+        // Moving every 60 s for 30 minutes (the last bytes at 1840 s): kept all that time,
+        // then dropped a stream idle timeout after the last bytes.
+        within(stalled_exchange_dropped_after(60, 1800).await, 2140, 2178);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_connection_stuck_in_a_request_head_is_dropped_one_tick_later() {
         let state = ConnState::new();
@@ -590,7 +690,7 @@ mod tests {
         tokio::spawn(watchdog(
             state.clone(),
             rx,
-            Limits { idle: idle_timeout, request: Some(Duration::from_secs(8)), headers: None },
+            Limits { idle: idle_timeout, request: Some(Duration::from_secs(8)), headers: None, stream_idle: None },
         ));
         tokio::time::sleep(idle_first).await;
         let in_flight = state.start_request();

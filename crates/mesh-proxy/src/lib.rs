@@ -120,6 +120,7 @@ impl Server {
             idle: self.config.downstream_idle_timeout,
             request: self.config.request_timeout,
             headers: self.config.request_headers_timeout,
+            stream_idle: self.config.stream_idle_timeout,
         };
 
         let mut http1 = hyper::server::conn::http1::Builder::new();
@@ -197,8 +198,8 @@ impl Conn {
     /// Serves HTTP/1.x (through hyper) or h2c (prior knowledge, through the `h2` crate),
     /// whichever the client speaks, with a watchdog for idle time, request timeouts and drain.
     async fn serve(self, stream: TcpStream) {
-        let Some(opened) = self.open(stream).await else { return };
         let state = downstream::ConnState::new();
+        let Some(opened) = self.open(stream, &state).await else { return };
         self.spawn_watchdog(&state, matches!(opened, Opened::Http1(_)));
         match opened {
             Opened::H2c(conn) => {
@@ -210,13 +211,12 @@ impl Conn {
                     tracing::debug!(error = %e, "h2c downstream connection ended with an error");
                 }
             }
-            Opened::Http1(mut io) => {
+            Opened::Http1(io) => {
                 let (forward, requests) = (self.forward, state.clone());
                 let service = service_fn(move |req: Request<Incoming>| {
                     let in_flight = requests.start_request();
                     forward.clone().call(req.map(|body| proxy::RequestBody::http1(body, &requests)), in_flight)
                 });
-                io.count_reads(state.clone());
                 let conn = self.http1.serve_connection(TokioIo::new(io), service).with_upgrades();
                 if let Some(Err(e)) = downstream::serve(conn, state).await {
                     tracing::debug!(error = %e, "HTTP/1.1 downstream connection ended with an error");
@@ -229,7 +229,7 @@ impl Conn {
     /// that takes longer than the idle timeout or the request head timeout (10 s at most, even
     /// with neither) is dropped, and so is one still opening when a drain starts: it has sent
     /// no request yet.
-    async fn open(&self, mut stream: TcpStream) -> Option<Opened> {
+    async fn open(&self, mut stream: TcpStream, state: &Arc<downstream::ConnState>) -> Option<Opened> {
         let limit = [self.limits.idle, self.limits.headers].into_iter().flatten().fold(OPENING_LIMIT, Duration::min);
         let opening = async {
             let (protocol, prefix) = match sniff::sniff(&mut stream).await {
@@ -240,7 +240,10 @@ impl Conn {
                     return None;
                 }
             };
-            let io = sniff::Prefixed::new(prefix, stream);
+            let mut io = sniff::Prefixed::new(prefix, stream);
+            // Counted from the start, both protocols: for the stream idle timeout, and for
+            // HTTP/1.x also the request head timeout.
+            io.count_io(state.clone());
             match protocol {
                 sniff::Protocol::Http1 => Some(Opened::Http1(io)),
                 sniff::Protocol::H2c => match h2server::handshake(io).await {

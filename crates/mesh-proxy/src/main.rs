@@ -59,6 +59,11 @@ struct Args {
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     request_headers_timeout: Duration,
 
+    /// Time a client connection with a request in flight may go without a byte moving on it
+    /// (a client that stopped reading, a silent upstream) before it is dropped; 0 disables it.
+    #[arg(long, value_name = "DURATION", default_value = "300s", value_parser = parse_duration)]
+    stream_idle_timeout: Duration,
+
     /// Most idle HTTP/1.1 upstream connections kept.
     #[arg(long, value_name = "N", default_value_t = 256)]
     max_idle: usize,
@@ -115,6 +120,7 @@ fn main() -> ExitCode {
     config.idle_timeout = args.idle_timeout;
     config.downstream_idle_timeout = (!args.downstream_idle_timeout.is_zero()).then_some(args.downstream_idle_timeout);
     config.request_headers_timeout = (!args.request_headers_timeout.is_zero()).then_some(args.request_headers_timeout);
+    config.stream_idle_timeout = (!args.stream_idle_timeout.is_zero()).then_some(args.stream_idle_timeout);
     config.max_idle = args.max_idle;
     config.drain_timeout = args.drain_timeout;
     config.workers = usize::from(args.workers);

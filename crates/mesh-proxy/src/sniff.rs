@@ -62,8 +62,9 @@ pin_project_lite::pin_project! {
     /// An I/O object whose reads first return `prefix` (the bytes sniffing took), then
     /// whatever `io` reads. Writes go straight to `io`.
     ///
-    /// Once [`count_reads`](Self::count_reads) is called, what it reads (the prefix included)
-    /// is counted into a connection's state, for the request head timeout; and a read that
+    /// Once [`count_io`](Self::count_io) is called, what it reads (the prefix included)
+    /// and writes is counted into a connection's state, for the request head and stream idle
+    /// timeouts; and a read that
     /// would wait while that state says the head in progress has timed out
     /// ([`ConnState::head_timed_out`]) writes a 408 answer, shuts the write side and reads
     /// the end of the stream instead. The answer is written only when every earlier write
@@ -83,8 +84,8 @@ impl<T> Prefixed<T> {
         Self { prefix, io, counter: None, unsent: false }
     }
 
-    /// Counts every byte read from now on into `state`.
-    pub(crate) fn count_reads(&mut self, state: Arc<ConnState>) {
+    /// Counts every byte read and written from now on into `state`.
+    pub(crate) fn count_io(&mut self, state: Arc<ConnState>) {
         self.counter = Some(state);
     }
 }
@@ -122,6 +123,12 @@ impl<T: AsyncRead + AsyncWrite> AsyncRead for Prefixed<T> {
     }
 }
 
+fn note_sent(counter: &Option<Arc<ConnState>>, written: &Poll<io::Result<usize>>) {
+    if let (Some(state), Poll::Ready(Ok(n))) = (counter, written) {
+        state.note_sent(*n);
+    }
+}
+
 /// Writes the 408 answer and shuts the write side, as far as the socket takes them now; the
 /// connection ends either way.
 fn answer_timeout<T: AsyncWrite>(mut io: Pin<&mut T>, cx: &mut Context<'_>) {
@@ -137,6 +144,7 @@ impl<T: AsyncWrite> AsyncWrite for Prefixed<T> {
         let this = self.project();
         let written = this.io.poll_write(cx, buf);
         *this.unsent = !matches!(written, Poll::Ready(Ok(n)) if n == buf.len());
+        note_sent(this.counter, &written);
         written
     }
 
@@ -148,6 +156,7 @@ impl<T: AsyncWrite> AsyncWrite for Prefixed<T> {
         let this = self.project();
         let written = this.io.poll_write_vectored(cx, bufs);
         *this.unsent = !matches!(written, Poll::Ready(Ok(n)) if n == bufs.iter().map(|b| b.len()).sum::<usize>());
+        note_sent(this.counter, &written);
         written
     }
 
@@ -217,7 +226,7 @@ mod tests {
             let (mut client, server) = tokio::io::duplex(256);
             let state = ConnState::new();
             let mut io = Prefixed::new(Bytes::new(), server);
-            io.count_reads(state.clone());
+            io.count_io(state.clone());
             if incomplete {
                 // More than the pipe holds: the writer keeps the rest.
                 assert_eq!(io.write(&[b'x'; 300]).await.unwrap(), 256);
@@ -249,7 +258,7 @@ mod tests {
         let (mut client, server) = tokio::io::duplex(256);
         let state = ConnState::new();
         let mut io = Prefixed::new(Bytes::new(), server);
-        io.count_reads(state.clone());
+        io.count_io(state.clone());
         let mut buf = [0u8; 64];
         client.write_all(b"GET / HTTP/1.1\r\nHo").await.unwrap();
         assert_eq!(io.read(&mut buf).await.unwrap(), 18);

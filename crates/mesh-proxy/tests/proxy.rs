@@ -1428,6 +1428,55 @@ async fn a_client_that_stops_reading_does_not_stall_the_shared_upstream_connecti
     drop(held);
 }
 
+/// A client that stops reading a response, over HTTP/1.1 or h2c, has its connection dropped
+/// once nothing has moved on it for the stream idle timeout, instead of holding it (and the
+/// upstream connection or stream behind it) for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_dropped_after_the_stream_idle_timeout() {
+    const BIG: usize = 64 << 20;
+    let big = Bytes::from(vec![b'x'; BIG]);
+    let upstream = Upstream::start(Arc::new(move |_req: Request<Incoming>| {
+        let big = big.clone();
+        Box::pin(async move { Response::new(full(big)) })
+    }))
+    .await;
+    let args = ["--stream-idle-timeout", "300ms", "--downstream-idle-timeout", "1s"];
+
+    // HTTP/1.1: reads the head, then nothing for 2 s. The proxy fills the socket's buffers,
+    // then nothing moves; it drops the connection, and the client gets what was buffered.
+    let proxy = Proxy::start(upstream.addr, &args);
+    let mut client = TcpStream::connect(proxy.addr).await.unwrap();
+    client.write_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let mut head = [0u8; 17];
+    client.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200 OK\r\n");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut rest)).await;
+    match read.expect("the connection ends") {
+        Ok(_) => {}
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset),
+    }
+    assert!(rest.len() < BIG, "the whole body arrived: the connection was kept");
+
+    // h2c, over both upstream protocols: a client that opens no window for the response.
+    for protocol in ["http1", "h2"] {
+        let proxy = Proxy::start(upstream.addr, &[&args[..], &["--upstream-protocol", protocol]].concat());
+        let io = TcpStream::connect(proxy.addr).await.unwrap();
+        let (client, conn) = h2::client::Builder::new().initial_window_size(0).handshake::<_, Bytes>(io).await.unwrap();
+        let conn = tokio::spawn(conn);
+        let mut tx = client.ready().await.unwrap();
+        let (response, _) = tx.send_request(Request::get("http://app.test/big").body(()).unwrap(), true).unwrap();
+        let response = tokio::time::timeout(Duration::from_secs(10), response).await.unwrap().unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        // The connection ends, and with it the response.
+        let ended = tokio::time::timeout(Duration::from_secs(10), conn).await;
+        ended.expect("the h2c connection is dropped").unwrap().ok();
+        let mut body = response.into_body();
+        assert!(matches!(body.data().await, Some(Err(_)) | None), "{protocol}");
+    }
+}
+
 /// A request that times out (504) while its body is still streaming to an h2c upstream is
 /// cancelled there (RST_STREAM), not left open holding a stream and its window.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
