@@ -244,6 +244,15 @@ impl Forward {
             *req.headers_mut() = headers;
             let mut res = self.upstream.send_upgrade(req).await?;
             if res.status() != StatusCode::SWITCHING_PROTOCOLS {
+                // A refusal goes back as it came. A success that is not 101 (the upstream
+                // ignored the upgrade and served a page) cannot: a 2xx to the client's CONNECT
+                // says the tunnel is open (RFC 9113 section 8.5).
+                if res.status().is_success() {
+                    return Err(format!("the upstream answered an upgrade with {}, not 101", res.status()).into());
+                }
+                if unsupported_transfer_coding(res.headers()) {
+                    return Err("the upstream's response has a transfer coding other than chunked".into());
+                }
                 let (mut parts, body) = res.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
                 return Ok(Connected::Answer(Response::from_parts(parts, ProxyBody::upstream(body, None))));

@@ -470,6 +470,11 @@ async fn raw_upstream(behaviour: &'static str) -> SocketAddr {
                         let _ = stream.write_all(answer.as_bytes()).await;
                         tokio::time::sleep(Duration::from_secs(5)).await;
                     }
+                    // Ignores an upgrade: serves a page instead.
+                    "ignore-upgrade" => {
+                        let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\npage").await;
+                        tokio::time::sleep(Duration::from_secs(5)).await;
+                    }
                     // Agrees to a WebSocket upgrade without answering the key.
                     "bad-accept" => {
                         let head = "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: websocket\r\n\
@@ -1388,6 +1393,14 @@ async fn websockets_over_http2_extended_connect_are_tunnelled() {
         text.extend_from_slice(&data.unwrap());
     }
     assert_eq!(text, b"upstream protocol error\n");
+
+    // An upstream that ignores the upgrade and answers 200 with a page: a 200 to CONNECT
+    // would tell the client its tunnel is open, and the page would be read as WebSocket
+    // frames. An upstream protocol error instead.
+    let proxy = Proxy::start(raw_upstream("ignore-upgrade").await, &[]);
+    let mut client = extended_connect_client(proxy.addr).await;
+    let (response, _send) = client.send_request(connect("/chat"), false).unwrap();
+    assert_eq!(response.await.unwrap().status(), StatusCode::BAD_GATEWAY);
 }
 
 /// The h2c connection to the upstream is shared by every client. A client that stops reading
