@@ -457,6 +457,11 @@ async fn raw_upstream(behaviour: &'static str) -> SocketAddr {
                 let _ = stream.read(&mut buf).await;
                 match behaviour {
                     "close" => drop(stream),
+                    // Closed with a reset (RST), not a FIN.
+                    "reset" => {
+                        let _ = stream.set_zero_linger();
+                        drop(stream);
+                    }
                     "hang" => {
                         tokio::time::sleep(Duration::from_secs(30)).await;
                     }
@@ -1150,6 +1155,39 @@ async fn an_upstream_outage_does_not_flood_the_log() {
     let warnings = log.lines().filter(|l| l.contains("upstream request failed")).count();
     // The first failure is logged, the rest summarised at most once a second.
     assert!((1..=seconds + 2).contains(&warnings), "{warnings} warnings in {seconds} s:\n{log}");
+}
+
+/// Each kind of upstream failure is logged with its Envoy response flag (what access logs and
+/// metrics will report), over both upstream protocols.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_failures_are_logged_with_their_response_flags() {
+    let unroutable = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let cases = [
+        ("close", "UC", StatusCode::SERVICE_UNAVAILABLE),
+        ("reset", "UC", StatusCode::SERVICE_UNAVAILABLE),
+        ("hang", "UT", StatusCode::GATEWAY_TIMEOUT),
+        ("garbage", "UPE", StatusCode::BAD_GATEWAY),
+        ("unroutable", "UF", StatusCode::SERVICE_UNAVAILABLE),
+    ];
+    for protocol in ["http1", "h2"] {
+        for (behaviour, flag, status) in cases {
+            let upstream = match behaviour {
+                "unroutable" => unroutable,
+                _ => raw_upstream(behaviour).await,
+            };
+            let log_path = std::env::temp_dir()
+                .join(format!("mesh-proxy-flags-{}-{protocol}-{behaviour}.log", std::process::id()));
+            let args = ["--upstream-protocol", protocol, "--request-timeout", "300ms"];
+            let proxy = Proxy::start_logging_to(upstream, &args, std::fs::File::create(&log_path).unwrap().into());
+            assert_eq!(get(&proxy, "/").await.0, status, "{protocol} {behaviour}");
+            drop(proxy);
+            let log = std::fs::read_to_string(&log_path).unwrap();
+            let _ = std::fs::remove_file(&log_path);
+            let line = log.lines().find(|l| l.contains("upstream request failed"));
+            let line = line.unwrap_or_else(|| panic!("{protocol} {behaviour}: nothing logged:\n{log}"));
+            assert!(line.contains(&format!("flags={flag} ")), "{protocol} {behaviour}: {line}");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
