@@ -169,6 +169,7 @@ impl ConnState {
     /// Whether the request head in progress has taken longer than the head timeout: the
     /// client's I/O then answers it with 408 (Envoy's `request_headers_timeout`) and ends the
     /// connection, instead of letting hyper wait for the rest of it.
+    ///
     /// Only that head: one that completed meanwhile, and any that follows, is not answered.
     pub(crate) fn head_timed_out(&self) -> bool {
         let (in_head, mark) = self.in_head();
