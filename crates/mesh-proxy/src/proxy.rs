@@ -151,12 +151,8 @@ impl Forward {
             frame_http1_body(&mut req);
             let head = req.method() == Method::HEAD;
             let (res, checkout) = self.upstream.send_http1(req).await?;
-            if unsupported_transfer_coding(res.headers()) {
-                // hyper takes off only the chunked framing: the rest of the coding would reach
-                // the client undeclared. A protocol error (502 UPE), as Envoy has it; the
-                // connection, its framing unsure, is not reused.
-                return Err("the upstream's response has a transfer coding other than chunked".into());
-            }
+            // On failure the connection, its framing unsure, is not reused.
+            check_response_coding(res.headers())?;
             let (parts, body) = res.into_parts();
             // After HEAD the connection is closed, not pooled: an upstream that sends a body
             // anyway (its `content-length` is the GET body's) would otherwise hand it to the
@@ -181,9 +177,7 @@ impl Forward {
         let mut res = self.upstream.send_upgrade(req).await?;
         if res.status() != StatusCode::SWITCHING_PROTOCOLS {
             // Refused (or ignored): an ordinary response, on a connection nobody reuses.
-            if unsupported_transfer_coding(res.headers()) {
-                return Err("the upstream's response has a transfer coding other than chunked".into());
-            }
+            check_response_coding(res.headers())?;
             let (mut parts, body) = res.into_parts();
             strip_hop_by_hop(&mut parts.headers);
             parts.version = Version::HTTP_11;
@@ -250,9 +244,7 @@ impl Forward {
                 if res.status().is_success() {
                     return Err(format!("the upstream answered an upgrade with {}, not 101", res.status()).into());
                 }
-                if unsupported_transfer_coding(res.headers()) {
-                    return Err("the upstream's response has a transfer coding other than chunked".into());
-                }
+                check_response_coding(res.headers())?;
                 let (mut parts, body) = res.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
                 return Ok(Connected::Answer(Response::from_parts(parts, ProxyBody::upstream(body, None))));
@@ -608,6 +600,16 @@ fn unsupported_transfer_coding(headers: &HeaderMap) -> bool {
         .map(<[u8]>::trim_ascii)
         .filter(|coding| !coding.is_empty());
     !matches!((codings.next(), codings.next()), (Some(c), None) if c.eq_ignore_ascii_case(b"chunked"))
+}
+
+/// Refuses an upstream response in a transfer coding besides chunked: hyper takes off only
+/// the chunked framing, and the rest of the coding would reach the client undeclared. A
+/// protocol error (502 UPE), as Envoy has it.
+fn check_response_coding(headers: &HeaderMap) -> Result<(), BoxError> {
+    if unsupported_transfer_coding(headers) {
+        return Err("the upstream's response has a transfer coding other than chunked".into());
+    }
+    Ok(())
 }
 
 fn is_hop_by_hop(name: &HeaderName) -> bool {
