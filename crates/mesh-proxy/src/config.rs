@@ -68,9 +68,12 @@ pub struct ProxyConfig {
     /// an eighth periods after the last byte moved (later by up to a quarter idle timeout
     /// when the connection had been idle before).
     ///
-    /// Envoy times each HTTP/2 stream; this times the connection. A client that keeps one
-    /// h2c stream's window shut while other streams on the same connection move is not
-    /// caught: at most the stream's send buffer waits for it.
+    /// Tunnels (HTTP/1.1 upgrades and HTTP/2 extended CONNECT, i.e. WebSocket) are timed each
+    /// on its own: one on which nothing has moved either way for this long is closed.
+    ///
+    /// Envoy times each HTTP/2 stream; for requests this times the connection. A client that
+    /// keeps one h2c stream's window shut while other streams on the same connection move is
+    /// not caught: at most the stream's send buffer waits for it.
     pub stream_idle_timeout: Option<Duration>,
     /// How many idle HTTP/1.1 connections to the upstream are kept at most.
     pub max_idle: usize,

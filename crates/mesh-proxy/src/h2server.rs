@@ -12,6 +12,8 @@
 
 use std::future::Future;
 use std::pin::{Pin, pin};
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Bytes, BytesMut};
@@ -28,6 +30,7 @@ use crate::downstream::{GracefulConn, InFlight};
 use crate::h2body::{H2Recv, SendBody};
 use crate::proxy::{Connected, Forward, ProxyBody, RequestBody};
 use crate::sniff::ClientIo;
+use crate::tunnel::{Counted, idle};
 use crate::upstream::BoxError;
 
 /// Streams a client may open at once (hyper's default too).
@@ -180,7 +183,12 @@ async fn connect(forward: Forward, req: Request<RecvStream>, respond: SendRespon
         Ok(send) => send,
         Err(e) => return tracing::debug!(error = %e, "could not answer an extended CONNECT"),
     };
-    let (from_upstream, mut to_upstream) = tokio::io::split(TokioIo::new(upstream));
+    // Progress is counted on the upstream side: reads there are the response direction
+    // moving, writes the request direction (see `crate::tunnel`).
+    let moved = Arc::new(AtomicU64::new(0));
+    let idle_limit = forward.tunnel_idle_limit();
+    let upstream = Counted::new(TokioIo::new(upstream), moved.clone());
+    let (from_upstream, mut to_upstream) = tokio::io::split(upstream);
     let up = async {
         let mut recv = recv;
         while let Some(data) = recv.data().await {
@@ -193,10 +201,14 @@ async fn connect(forward: Forward, req: Request<RecvStream>, respond: SendRespon
         Ok::<_, BoxError>(())
     };
     let down = SendBody::new(ReadBody::new(from_upstream), send);
-    // Either direction failing (a reset stream, a broken connection) ends both.
-    match tokio::try_join!(up, down) {
-        Ok(_) => tracing::debug!("extended CONNECT tunnel closed"),
-        Err(e) => tracing::debug!(error = %e, "extended CONNECT tunnel failed"),
+    // Either direction failing (a reset stream, a broken connection) ends both; so does
+    // idleness, which resets the stream (CANCEL, when `send` is dropped unfinished).
+    tokio::select! {
+        copied = async { tokio::try_join!(up, down) } => match copied {
+            Ok(_) => tracing::debug!("extended CONNECT tunnel closed"),
+            Err(e) => tracing::debug!(error = %e, "extended CONNECT tunnel failed"),
+        },
+        () = idle(&moved, idle_limit) => tracing::debug!("extended CONNECT tunnel idle for the stream idle timeout: closed"),
     }
     drop(in_flight);
 }

@@ -55,6 +55,7 @@ mod h2body;
 mod h2server;
 mod proxy;
 mod sniff;
+mod tunnel;
 mod upstream;
 
 pub use config::{ProxyConfig, UpstreamAddr, UpstreamProtocol};

@@ -59,8 +59,9 @@ struct Args {
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     request_headers_timeout: Duration,
 
-    /// Time a client connection with a request in flight may go without a byte moving on it
-    /// (a client that stopped reading, a silent upstream) before it is dropped; 0 disables it.
+    /// Time a client connection with a request in flight, or a WebSocket tunnel, may go
+    /// without a byte moving on it (a client that stopped reading, a silent upstream) before
+    /// it is dropped; 0 disables it.
     #[arg(long, value_name = "DURATION", default_value = "300s", value_parser = parse_duration)]
     stream_idle_timeout: Duration,
 

@@ -54,7 +54,6 @@ use http::uri::{PathAndQuery, Scheme};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
 use mesh_core::ResponseFlags;
 use mesh_core::classify::{Failure, Outcome, TimeoutError};
 use mesh_core::matching::join_cookie_crumbs;
@@ -62,7 +61,7 @@ use mesh_core::matching::join_cookie_crumbs;
 use crate::config::{ProxyConfig, UpstreamProtocol};
 use crate::downstream::{BodyInFlight, ConnState, Elapsed, InFlight};
 use crate::h2body::H2Recv;
-use crate::upstream::{BoxError, Checkout, TunnelGuard, Tunnels, Upstream};
+use crate::upstream::{BoxError, Checkout, Tunnels, Upstream};
 
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
@@ -75,6 +74,7 @@ pub(crate) struct Forward {
     upstream: Arc<Upstream>,
     protocol: UpstreamProtocol,
     request_timeout: Option<Duration>,
+    stream_idle: Option<Duration>,
 }
 
 impl Forward {
@@ -83,12 +83,18 @@ impl Forward {
             upstream: Upstream::new(config),
             protocol: config.upstream_protocol,
             request_timeout: config.request_timeout,
+            stream_idle: config.stream_idle_timeout,
         }
     }
 
     /// The upgraded connections that are still open.
     pub(crate) fn tunnels(&self) -> &Arc<Tunnels> {
         self.upstream.tunnels()
+    }
+
+    /// How long a tunnel may go without a byte moving either way (the stream idle timeout).
+    pub(crate) fn tunnel_idle_limit(&self) -> Option<Duration> {
+        self.stream_idle
     }
 
     /// Forwards one request. Never fails: upstream failures become local replies. `in_flight`
@@ -190,7 +196,7 @@ impl Forward {
         if let Some(protocol) = agreed {
             set_upgrade(&mut parts.headers, protocol);
         }
-        tokio::spawn(tunnel(downstream, upstream, self.upstream.tunnels().open()));
+        tokio::spawn(crate::tunnel::tunnel(downstream, upstream, self.stream_idle, self.upstream.tunnels().open()));
         Ok(Response::from_parts(parts, ProxyBody::empty()))
     }
 }
@@ -366,23 +372,6 @@ fn requested_upgrade<B>(req: &Request<B>) -> Option<HeaderValue> {
 fn set_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
     headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
     headers.insert(UPGRADE, protocol);
-}
-
-/// Copies bytes both ways between the upgraded downstream and upstream connections.
-async fn tunnel(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade, open: TunnelGuard) {
-    let (downstream, upstream) = match tokio::try_join!(downstream, upstream) {
-        Ok(both) => both,
-        Err(e) => {
-            tracing::debug!(error = %e, "upgrade did not complete");
-            return;
-        }
-    };
-    let (mut downstream, mut upstream) = (TokioIo::new(downstream), TokioIo::new(upstream));
-    match tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
-        Ok((up, down)) => tracing::debug!(bytes_up = up, bytes_down = down, "upgraded connection closed"),
-        Err(e) => tracing::debug!(error = %e, "upgraded connection failed"),
-    }
-    drop(open);
 }
 
 /// Prepares a request for an HTTP/1.1 upstream: origin-form target, `host` header, and an

@@ -1441,6 +1441,82 @@ async fn websockets_over_http2_extended_connect_are_tunnelled() {
     assert_eq!(response.await.unwrap().status(), StatusCode::BAD_GATEWAY);
 }
 
+/// A WebSocket tunnel on which nothing moves either way for the stream idle timeout is
+/// closed, over an HTTP/1.1 upgrade and over HTTP/2 extended CONNECT; one that keeps moving
+/// stays open well past it. Over HTTP/2 the tunnel is timed on its own: it is reset while
+/// other streams keep its connection busy, and the connection goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_websocket_tunnels_are_closed_after_the_stream_idle_timeout() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    const LIMIT: Duration = Duration::from_millis(400);
+    let upstream = websocket_echo_upstream().await;
+    let proxy = Proxy::start(upstream, &["--stream-idle-timeout", "400ms"]);
+
+    // HTTP/1.1 upgrade: a message every 100 ms for three limits, then silence.
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(format!("ws://{}/chat", proxy.addr), stream).await.unwrap();
+    for i in 0..12 {
+        ws.send(Message::text(format!("{i}"))).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap(), Message::text(format!("{i}")), "kept while moving");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let silent = tokio::time::Instant::now();
+    let end = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.expect("the idle tunnel is closed");
+    assert!(!matches!(end, Some(Ok(Message::Text(_) | Message::Binary(_)))), "{end:?}");
+    assert!(silent.elapsed() >= LIMIT - Duration::from_millis(100), "closed after {:?}", silent.elapsed());
+
+    // HTTP/2 extended CONNECT: the same, while ordinary requests keep the connection moving.
+    let mut client = extended_connect_client(proxy.addr).await;
+    let connect = Request::builder()
+        .method("CONNECT")
+        .uri("http://app.test/chat")
+        .extension(h2::ext::Protocol::from_static("websocket"))
+        .header("sec-websocket-version", "13")
+        .body(())
+        .unwrap();
+    let (response, mut send) = client.send_request(connect, false).unwrap();
+    let res = response.await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let mut recv = res.into_body();
+    let mut buf = Vec::new();
+    for i in 0..12u8 {
+        send.send_data(ws_client_frame(0x1, &[b'0' + i % 10]), false).unwrap();
+        assert_eq!(ws_server_frame(&mut recv, &mut buf).await, (0x1, vec![b'0' + i % 10]), "kept while moving");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let silent = tokio::time::Instant::now();
+    let mut other = client.clone();
+    let busy = async {
+        // The echo upstream serves no plain requests; any answer moves bytes on the connection.
+        loop {
+            other = other.ready().await.unwrap();
+            let (response, _) =
+                other.send_request(Request::get("http://app.test/plain").body(()).unwrap(), true).unwrap();
+            let mut body = response.await.unwrap().into_body();
+            while let Some(Ok(_)) = body.data().await {}
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        tokio::select! {
+            () = busy => unreachable!(),
+            data = recv.data() => data,
+        }
+    })
+    .await
+    .expect("the idle tunnel's stream is ended");
+    match ended {
+        Some(Err(e)) => assert_eq!(e.reason(), Some(h2::Reason::CANCEL), "{e}"),
+        other => panic!("expected a reset stream, got {other:?}"),
+    }
+    assert!(silent.elapsed() >= LIMIT - Duration::from_millis(100), "closed after {:?}", silent.elapsed());
+    let client = client.ready().await.expect("the connection is still open");
+    let (response, _) =
+        client.clone().send_request(Request::get("http://app.test/plain").body(()).unwrap(), true).unwrap();
+    response.await.expect("and still serves");
+}
+
 /// The h2c connection to the upstream is shared by every client. A client that stops reading
 /// must not use up that connection's flow-control window: the data buffered for its streams
 /// would then stop every other client's responses on the connection.

@@ -1,0 +1,209 @@
+//! Tunnels: the byte streams an upgrade (HTTP/1.1 `Upgrade`, HTTP/2 extended CONNECT) turns an
+//! exchange into, and the stream idle timeout that bounds them.
+//!
+//! A tunnel on which no byte has moved either way for the stream idle timeout is closed, as
+//! Envoy's `stream_idle_timeout` closes an idle WebSocket: a peer that vanished without
+//! closing, or that stopped reading, would otherwise hold both connections for ever. Progress
+//! is counted on one side of the tunnel only, which sees both directions: a read there is
+//! the one direction moving, a write there the other. A direction stalled on the far side
+//! stops the reads or writes on this side too, once the copy's buffer is full.
+//!
+//! Tunnels are rare next to requests, so each has a timer of its own; it samples the count
+//! eight times per period, so a tunnel closes between one and one and an eighth periods
+//! after its last byte moved.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::upstream::TunnelGuard;
+
+/// How many times per stream idle timeout a tunnel's progress is sampled.
+const CHECKS: u32 = 8;
+
+/// Copies bytes both ways between the upgraded downstream and upstream connections of an
+/// HTTP/1.1 upgrade, until either side closes or the tunnel has been idle for `idle_limit`.
+pub(crate) async fn tunnel(
+    downstream: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    idle_limit: Option<Duration>,
+    open: TunnelGuard,
+) {
+    let (downstream, upstream) = match tokio::try_join!(downstream, upstream) {
+        Ok(both) => both,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade did not complete");
+            return;
+        }
+    };
+    let moved = Arc::new(AtomicU64::new(0));
+    let mut downstream = Counted::new(TokioIo::new(downstream), moved.clone());
+    let mut upstream = TokioIo::new(upstream);
+    tokio::select! {
+        copied = tokio::io::copy_bidirectional(&mut downstream, &mut upstream) => match copied {
+            Ok((up, down)) => tracing::debug!(bytes_up = up, bytes_down = down, "upgraded connection closed"),
+            Err(e) => tracing::debug!(error = %e, "upgraded connection failed"),
+        },
+        () = idle(&moved, idle_limit) => tracing::debug!("upgraded connection idle for the stream idle timeout: closed"),
+    }
+    drop(open);
+}
+
+pin_project_lite::pin_project! {
+    /// I/O that counts its reads and writes that moved bytes (end of stream and flushes
+    /// count too: they are progress of the exchange).
+    pub(crate) struct Counted<T> {
+        #[pin]
+        io: T,
+        moved: Arc<AtomicU64>,
+    }
+}
+
+impl<T> Counted<T> {
+    pub(crate) fn new(io: T, moved: Arc<AtomicU64>) -> Self {
+        Self { io, moved }
+    }
+}
+
+impl<T: AsyncRead> AsyncRead for Counted<T> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let result = this.io.poll_read(cx, buf);
+        if result.is_ready() {
+            this.moved.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+}
+
+impl<T: AsyncWrite> AsyncWrite for Counted<T> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let result = this.io.poll_write(cx, buf);
+        if result.is_ready() {
+            this.moved.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let result = this.io.poll_write_vectored(cx, bufs);
+        if result.is_ready() {
+            this.moved.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().io.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.project();
+        let result = this.io.poll_shutdown(cx);
+        if result.is_ready() {
+            this.moved.fetch_add(1, Ordering::Relaxed);
+        }
+        result
+    }
+}
+
+/// Completes once `moved` has stood still for `limit`: at the first of [`CHECKS`] samples per
+/// period that finds it unchanged for a whole period, so between one and one and an eighth
+/// periods after it last changed. Never completes without a limit.
+pub(crate) async fn idle(moved: &AtomicU64, limit: Option<Duration>) {
+    let Some(limit) = limit else { return std::future::pending().await };
+    let tick = limit / CHECKS;
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + tick, tick);
+    // After a stall of the runtime, sample at the pace again rather than in a burst (a burst
+    // would count the stall as several idle samples).
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last = moved.load(Ordering::Relaxed);
+    let mut still = 0;
+    loop {
+        ticks.tick().await;
+        let now = moved.load(Ordering::Relaxed);
+        if now == last {
+            still += 1;
+            if still >= CHECKS {
+                return;
+            }
+        } else {
+            last = now;
+            still = 0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::future::Future;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::time::Instant;
+
+    /// A tunnel closes between one and one and an eighth stream idle timeouts after its last
+    /// byte moved, and one that keeps moving, however slowly, stays open.
+    #[tokio::test(start_paused = true)]
+    async fn a_tunnel_closes_once_nothing_has_moved_for_the_limit() {
+        let limit = Duration::from_secs(300);
+        let moved = Arc::new(AtomicU64::new(0));
+        let (near, mut far) = tokio::io::duplex(64);
+        let mut near = Counted::new(near, moved.clone());
+
+        // A byte each way every 60 s, for half an hour: kept.
+        let start = Instant::now();
+        let talk = async {
+            for _ in 0..30 {
+                tokio::time::sleep(Duration::from_secs(60)).await;
+                far.write_all(b"x").await.unwrap();
+                let mut byte = [0; 1];
+                near.read_exact(&mut byte).await.unwrap();
+                near.write_all(b"y").await.unwrap();
+                far.read_exact(&mut byte).await.unwrap();
+            }
+        };
+        tokio::select! {
+            () = talk => {}
+            () = idle(&moved, Some(limit)) => panic!("closed after {:?} although bytes moved", start.elapsed()),
+        }
+
+        // Then silence: closed a limit after the last byte, to the sample (37.5 s).
+        let last = Instant::now();
+        idle(&moved, Some(limit)).await;
+        let after = last.elapsed();
+        assert!(after >= limit && after <= limit + limit / CHECKS, "closed {after:?} after the last byte");
+
+        // A direction blocked on a full buffer is not progress: writes that wait do not count.
+        let before = moved.load(Ordering::Relaxed);
+        let mut waiting = std::pin::pin!(near.write_all(&[0; 1024]));
+        let pending = std::future::poll_fn(|cx| Poll::Ready(waiting.as_mut().poll(cx).is_pending())).await;
+        assert!(pending, "a 1 KiB write does not fit a 64-byte pipe");
+        let counted = moved.load(Ordering::Relaxed) - before;
+        assert_eq!(counted, 1, "one write filled the buffer; the one that waits is not counted");
+    }
+
+    /// Without a limit a tunnel is never closed for idleness.
+    #[tokio::test(start_paused = true)]
+    async fn no_limit_never_closes() {
+        let moved = AtomicU64::new(0);
+        let waited = tokio::time::timeout(Duration::from_secs(365 * 24 * 3600), idle(&moved, None)).await;
+        assert!(waited.is_err());
+    }
+}
