@@ -69,7 +69,9 @@ pub struct ProxyConfig {
     /// when the connection had been idle before).
     ///
     /// Tunnels (HTTP/1.1 upgrades and HTTP/2 extended CONNECT, i.e. WebSocket) are timed each
-    /// on its own: one on which nothing has moved either way for this long is closed.
+    /// on its own: one on which nothing has moved either way for this long is closed. An
+    /// HTTP/2 tunnel alone on its connection is timed by the connection too, so either its
+    /// stream is reset or the whole connection dropped, whichever notices first.
     ///
     /// Envoy times each HTTP/2 stream; for requests this times the connection. A client that
     /// keeps one h2c stream's window shut while other streams on the same connection move is

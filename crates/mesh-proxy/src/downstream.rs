@@ -363,6 +363,9 @@ pub(crate) struct Limits {
     pub(crate) stream_idle: Option<Duration>,
 }
 
+/// The shortest tick of a watchdog.
+const MIN_TICK: Duration = Duration::from_millis(1);
+
 /// Watches one connection (see the module docs): closes it once idle for `limits.idle`,
 /// times out an HTTP/1.x request waiting longer than `limits.request` for response headers,
 /// drops it when a request head takes longer than `limits.headers`, and closes it when
@@ -376,7 +379,10 @@ pub(crate) async fn watchdog(state: Arc<ConnState>, mut drain: watch::Receiver<b
     let head_tick = head_timeout.map(|t| t / REQUEST_TICKS);
     // Quick ticks while a request may be waiting or a head is arriving, lazy ones while idle.
     let stream_tick = stream_idle.map(|t| t / REQUEST_TICKS);
-    let quick = [request_tick, idle_tick, head_tick, stream_tick].into_iter().flatten().min();
+    // Limits set through the library may be tiny: a tick is a millisecond at least, or the
+    // watchdog would spin.
+    let idle_tick = idle_tick.map(|t| t.max(MIN_TICK));
+    let quick = [request_tick, idle_tick, head_tick, stream_tick].into_iter().flatten().min().map(|t| t.max(MIN_TICK));
     let mut watching_drain = !*drain.borrow_and_update();
     if !watching_drain {
         state.request_close(CLOSE);

@@ -13,7 +13,7 @@
 use std::future::Future;
 use std::pin::{Pin, pin};
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 
 use bytes::{Bytes, BytesMut};
@@ -183,8 +183,8 @@ async fn connect(forward: Forward, req: Request<RecvStream>, respond: SendRespon
         Ok(send) => send,
         Err(e) => return tracing::debug!(error = %e, "could not answer an extended CONNECT"),
     };
-    // Progress is counted on the upstream side: reads there are the response direction
-    // moving, writes the request direction (see `crate::tunnel`).
+    // Progress: reads and writes on the upstream connection, and data frames from the client
+    // (see `crate::tunnel`).
     let moved = Arc::new(AtomicU64::new(0));
     let idle_limit = forward.tunnel_idle_limit();
     let upstream = Counted::new(TokioIo::new(upstream), moved.clone());
@@ -193,6 +193,7 @@ async fn connect(forward: Forward, req: Request<RecvStream>, respond: SendRespon
         let mut recv = recv;
         while let Some(data) = recv.data().await {
             let data = data?;
+            moved.fetch_add(1, Ordering::Relaxed);
             to_upstream.write_all(&data).await?;
             // Written on: the client may send as much again.
             let _ = recv.flow_control().release_capacity(data.len());

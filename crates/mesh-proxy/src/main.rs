@@ -59,9 +59,9 @@ struct Args {
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     request_headers_timeout: Duration,
 
-    /// Time a client connection with a request in flight, or a WebSocket tunnel, may go
-    /// without a byte moving on it (a client that stopped reading, a silent upstream) before
-    /// it is dropped; 0 disables it.
+    /// Time a client connection with a request in flight, or an upgraded connection
+    /// (WebSocket), may go without a byte moving on it (a client that stopped reading, a
+    /// silent upstream) before it is dropped; 0 disables it.
     #[arg(long, value_name = "DURATION", default_value = "300s", value_parser = parse_duration)]
     stream_idle_timeout: Duration,
 
@@ -103,8 +103,14 @@ fn parse_admin(s: &str) -> Result<AdminAddr, String> {
         .map_err(|_| format!("`{s}` is neither an address like 127.0.0.1:15000 nor `off`"))
 }
 
+/// An Istio duration (`10s`, `250ms`, `1.5s`); 0 or at least a millisecond, as Istio requires of
+/// its timeouts (the watchdogs sample a few times per period, which a shorter one would spin).
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    mesh_core::config::Duration::parse(s).map(|d| d.get()).map_err(|e| e.to_string())
+    let d = mesh_core::config::Duration::parse(s).map(|d| d.get()).map_err(|e| e.to_string())?;
+    if !d.is_zero() && d < Duration::from_millis(1) {
+        return Err(format!("{s:?} is shorter than 1ms (0 disables where that is allowed)"));
+    }
+    Ok(d)
 }
 
 fn main() -> ExitCode {

@@ -3,10 +3,15 @@
 //!
 //! A tunnel on which no byte has moved either way for the stream idle timeout is closed, as
 //! Envoy's `stream_idle_timeout` closes an idle WebSocket: a peer that vanished without
-//! closing, or that stopped reading, would otherwise hold both connections for ever. Progress
-//! is counted on one side of the tunnel only, which sees both directions: a read there is
-//! the one direction moving, a write there the other. A direction stalled on the far side
-//! stops the reads or writes on this side too, once the copy's buffer is full.
+//! closing, or that stopped reading, would otherwise hold both connections for ever.
+//!
+//! Progress is the count of completed reads and writes. An HTTP/1.1 upgrade counts both of
+//! its connections. An HTTP/2 tunnel counts its upstream connection and the data frames
+//! received from the client; what it sends the client shows as the next read from the
+//! upstream, once the chunk before (16 KiB at most) has gone out. So a client that opens its
+//! window by less than 16 KiB per timeout (55 bytes a second at the 5-minute default) counts
+//! as idle. A direction stalled on one side stops the reads or writes on the other too, once
+//! the copy's buffer is full, so a stall anywhere is seen.
 //!
 //! Tunnels are rare next to requests, so each has a timer of its own; it samples the count
 //! eight times per period, so a tunnel closes between one and one and an eighth periods
@@ -44,7 +49,7 @@ pub(crate) async fn tunnel(
     };
     let moved = Arc::new(AtomicU64::new(0));
     let mut downstream = Counted::new(TokioIo::new(downstream), moved.clone());
-    let mut upstream = TokioIo::new(upstream);
+    let mut upstream = Counted::new(TokioIo::new(upstream), moved.clone());
     tokio::select! {
         copied = tokio::io::copy_bidirectional(&mut downstream, &mut upstream) => match copied {
             Ok((up, down)) => tracing::debug!(bytes_up = up, bytes_down = down, "upgraded connection closed"),
@@ -56,8 +61,8 @@ pub(crate) async fn tunnel(
 }
 
 pin_project_lite::pin_project! {
-    /// I/O that counts its reads and writes that moved bytes (end of stream and flushes
-    /// count too: they are progress of the exchange).
+    /// I/O that counts its reads and writes that completed (an end of stream, a shutdown or
+    /// an error counts too; a flush does not), for an idle timeout.
     pub(crate) struct Counted<T> {
         #[pin]
         io: T,
@@ -128,7 +133,9 @@ impl<T: AsyncWrite> AsyncWrite for Counted<T> {
 /// periods after it last changed. Never completes without a limit.
 pub(crate) async fn idle(moved: &AtomicU64, limit: Option<Duration>) {
     let Some(limit) = limit else { return std::future::pending().await };
-    let tick = limit / CHECKS;
+    // A millisecond at least: a limit set through the library may be tiny, and a zero period
+    // would panic.
+    let tick = (limit / CHECKS).max(Duration::from_millis(1));
     let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + tick, tick);
     // After a stall of the runtime, sample at the pace again rather than in a burst (a burst
     // would count the stall as several idle samples).
@@ -166,12 +173,14 @@ mod tests {
         let moved = Arc::new(AtomicU64::new(0));
         let (near, mut far) = tokio::io::duplex(64);
         let mut near = Counted::new(near, moved.clone());
+        // One watch throughout, as a tunnel has: its samples fall where they fall relative to
+        // the last byte.
+        let mut watch = std::pin::pin!(idle(&moved, Some(limit)));
 
-        // A byte each way every 60 s, for half an hour: kept.
-        let start = Instant::now();
+        // A byte each way every 61 s (off the 37.5 s sampling pace), for half an hour: kept.
         let talk = async {
             for _ in 0..30 {
-                tokio::time::sleep(Duration::from_secs(60)).await;
+                tokio::time::sleep(Duration::from_secs(61)).await;
                 far.write_all(b"x").await.unwrap();
                 let mut byte = [0; 1];
                 near.read_exact(&mut byte).await.unwrap();
@@ -179,14 +188,15 @@ mod tests {
                 far.read_exact(&mut byte).await.unwrap();
             }
         };
+        let start = Instant::now();
         tokio::select! {
             () = talk => {}
-            () = idle(&moved, Some(limit)) => panic!("closed after {:?} although bytes moved", start.elapsed()),
+            () = &mut watch => panic!("closed after {:?} although bytes moved", start.elapsed()),
         }
 
         // Then silence: closed a limit after the last byte, to the sample (37.5 s).
         let last = Instant::now();
-        idle(&moved, Some(limit)).await;
+        watch.await;
         let after = last.elapsed();
         assert!(after >= limit && after <= limit + limit / CHECKS, "closed {after:?} after the last byte");
 
@@ -197,6 +207,16 @@ mod tests {
         assert!(pending, "a 1 KiB write does not fit a 64-byte pipe");
         let counted = moved.load(Ordering::Relaxed) - before;
         assert_eq!(counted, 1, "one write filled the buffer; the one that waits is not counted");
+    }
+
+    /// A limit too short to sample eight times is sampled every millisecond (a zero period
+    /// would panic).
+    #[tokio::test(start_paused = true)]
+    async fn a_tiny_limit_does_not_spin_or_panic() {
+        let moved = AtomicU64::new(0);
+        let start = Instant::now();
+        idle(&moved, Some(Duration::from_nanos(3))).await;
+        assert_eq!(start.elapsed(), Duration::from_millis(8));
     }
 
     /// Without a limit a tunnel is never closed for idleness.
