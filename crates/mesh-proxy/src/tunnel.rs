@@ -76,25 +76,25 @@ impl<T> Counted<T> {
     }
 }
 
+/// Passes `result` on, counting it if it completed.
+fn counted<R>(moved: &AtomicU64, result: Poll<R>) -> Poll<R> {
+    if result.is_ready() {
+        moved.fetch_add(1, Ordering::Relaxed);
+    }
+    result
+}
+
 impl<T: AsyncRead> AsyncRead for Counted<T> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.project();
-        let result = this.io.poll_read(cx, buf);
-        if result.is_ready() {
-            this.moved.fetch_add(1, Ordering::Relaxed);
-        }
-        result
+        counted(this.moved, this.io.poll_read(cx, buf))
     }
 }
 
 impl<T: AsyncWrite> AsyncWrite for Counted<T> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.project();
-        let result = this.io.poll_write(cx, buf);
-        if result.is_ready() {
-            this.moved.fetch_add(1, Ordering::Relaxed);
-        }
-        result
+        counted(this.moved, this.io.poll_write(cx, buf))
     }
 
     fn poll_write_vectored(
@@ -103,11 +103,7 @@ impl<T: AsyncWrite> AsyncWrite for Counted<T> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.project();
-        let result = this.io.poll_write_vectored(cx, bufs);
-        if result.is_ready() {
-            this.moved.fetch_add(1, Ordering::Relaxed);
-        }
-        result
+        counted(this.moved, this.io.poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -120,11 +116,7 @@ impl<T: AsyncWrite> AsyncWrite for Counted<T> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.project();
-        let result = this.io.poll_shutdown(cx);
-        if result.is_ready() {
-            this.moved.fetch_add(1, Ordering::Relaxed);
-        }
-        result
+        counted(this.moved, this.io.poll_shutdown(cx))
     }
 }
 
