@@ -1,0 +1,474 @@
+//! Policy types in Istio's shape: what a VirtualService's `http` rules, a DestinationRule's
+//! `subsets` and `loadBalancer`, and an SMI TrafficSplit's `backends` say.
+//!
+//! With the `serde` feature (on by default) they deserialize from the field names Istio uses
+//! (camelCase, durations like `"2s"`), so a service author and mesh-proxy read the same YAML
+//! into the same model. Fields this crate does not act on (`retries`, `fault`, `corsPolicy`,
+//! `connectionPool`, …) are accepted as [`NotEnforced`] so that a loader can say which are
+//! present; the layers that enforce them arrive with mesh-resilience and mesh-tls.
+//!
+//! Nothing here is checked until it is compiled: [`RouteTable::new`](crate::RouteTable::new)
+//! validates and reports the field path of the first error.
+//!
+//! ```
+//! # #[cfg(feature = "serde")] {
+//! use mesh_routing::model::VirtualServiceSpec;
+//!
+//! let spec: VirtualServiceSpec = serde_json::from_str(r#"{
+//!   "hosts": ["reviews"],
+//!   "http": [{"route": [{"destination": {"host": "reviews", "subset": "v1"}, "weight": 90},
+//!                       {"destination": {"host": "reviews", "subset": "v2"}, "weight": 10}]}]
+//! }"#).unwrap();
+//! assert_eq!(spec.http[0].route[1].weight, Some(10));
+//! # }
+//! ```
+
+use std::collections::BTreeMap;
+
+use mesh_core::config::{Duration, Percent};
+use mesh_core::matching::{HttpMatchRequest, StringMatch};
+
+/// A field that is accepted, and recorded as present, but not acted on yet.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct NotEnforced;
+
+#[cfg(feature = "serde")]
+impl<'de> serde::Deserialize<'de> for NotEnforced {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        serde::de::IgnoredAny::deserialize(d).map(|_| NotEnforced)
+    }
+}
+
+#[cfg(feature = "serde")]
+impl serde::Serialize for NotEnforced {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("(not enforced)")
+    }
+}
+
+macro_rules! model {
+    ($(#[$m:meta])* pub struct $name:ident { $($body:tt)* }) => {
+        $(#[$m])*
+        #[derive(Clone, Debug, Default, PartialEq)]
+        #[cfg_attr(feature = "serde", derive(serde::Deserialize, serde::Serialize))]
+        #[cfg_attr(feature = "serde", serde(default, rename_all = "camelCase"))]
+        #[non_exhaustive]
+        pub struct $name { $($body)* }
+    };
+}
+
+// === VirtualService ===
+
+model! {
+    /// A VirtualService's `spec`.
+    pub struct VirtualServiceSpec {
+        /// The hosts whose traffic these routes apply to (short names resolve in the
+        /// resource's namespace; `*.example.com` wildcards; `*` for all).
+        pub hosts: Vec<String>,
+        /// Gateways and sidecars the routes apply to; empty means `["mesh"]`.
+        pub gateways: Vec<String>,
+        /// HTTP routes, in order: the first that matches wins.
+        pub http: Vec<HttpRoute>,
+        /// TLS routes (not enforced).
+        #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+        pub tls: Option<NotEnforced>,
+        /// TCP routes (not enforced).
+        #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+        pub tcp: Option<NotEnforced>,
+        /// Visibility (accepted; one proxy sees every namespace it loads).
+        pub export_to: Vec<String>,
+    }
+}
+
+model! {
+    /// One `HTTPRoute`: match blocks (OR-ed) and what to do with a matching request.
+    pub struct HttpRoute {
+        /// The route's name, used in logs, stats and [`RouteDecision`](mesh_core::RouteDecision).
+        pub name: Option<String>,
+        /// Match blocks, OR-ed; empty matches every request.
+        #[cfg_attr(feature = "serde", serde(rename = "match"))]
+        pub matches: Vec<HttpMatchRequest>,
+        /// Weighted destinations.
+        pub route: Vec<HttpRouteDestination>,
+        /// Answer with a redirect instead of forwarding.
+        pub redirect: Option<HttpRedirect>,
+        /// Answer with a fixed response instead of forwarding.
+        pub direct_response: Option<HttpDirectResponse>,
+        /// Rewrite the path or authority before forwarding.
+        pub rewrite: Option<HttpRewrite>,
+        /// Route timeout; unset means none (Istio's default).
+        pub timeout: Option<Duration>,
+        /// Header operations on the request and the response.
+        pub headers: Option<Headers>,
+        /// Send a copy of each request here too (fire and forget).
+        pub mirror: Option<Destination>,
+        /// Share of requests mirrored to `mirror`; unset is 100 %.
+        pub mirror_percentage: Option<Percent>,
+        /// Several mirrors, each with its own percentage.
+        pub mirrors: Vec<HttpMirrorPolicy>,
+        /// Retries (enforced by mesh-resilience, not yet).
+        #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+        pub retries: Option<NotEnforced>,
+        /// Fault injection (enforced by mesh-resilience, not yet).
+        #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+        pub fault: Option<NotEnforced>,
+        /// CORS (not enforced).
+        #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+        pub cors_policy: Option<NotEnforced>,
+        /// Delegation to another VirtualService (not supported).
+        #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+        pub delegate: Option<NotEnforced>,
+    }
+}
+
+model! {
+    /// One weighted destination of a route.
+    pub struct HttpRouteDestination {
+        /// Where to send the request.
+        pub destination: Destination,
+        /// Relative weight; with several destinations an omitted weight is 0 (dropped).
+        pub weight: Option<i64>,
+        /// Header operations applied when this destination is chosen.
+        pub headers: Option<Headers>,
+    }
+}
+
+model! {
+    /// A service host, optionally narrowed to a subset and a port.
+    pub struct Destination {
+        /// The service host (short names resolve in the resource's namespace).
+        pub host: String,
+        /// A subset named in the host's DestinationRule.
+        pub subset: Option<String>,
+        /// The service port, when the service has several.
+        pub port: Option<PortSelector>,
+    }
+}
+
+model! {
+    /// A port, by number.
+    pub struct PortSelector {
+        /// The port number.
+        pub number: u32,
+    }
+}
+
+model! {
+    /// Header operations for requests and responses.
+    pub struct Headers {
+        /// Applied to the request before it is forwarded.
+        pub request: Option<HeaderOperations>,
+        /// Applied to the response before it is returned.
+        pub response: Option<HeaderOperations>,
+    }
+}
+
+model! {
+    /// `set` overwrites, `add` appends, `remove` deletes (applied in the order remove, set, add).
+    pub struct HeaderOperations {
+        /// Headers to overwrite.
+        pub set: BTreeMap<String, String>,
+        /// Headers to append.
+        pub add: BTreeMap<String, String>,
+        /// Headers to remove.
+        pub remove: Vec<String>,
+    }
+}
+
+model! {
+    /// Rewrites applied before forwarding.
+    pub struct HttpRewrite {
+        /// Replaces the matched prefix (or, for exact and regex matches, the whole path).
+        pub uri: Option<String>,
+        /// Replaces the authority (`Host`).
+        pub authority: Option<String>,
+        /// Replaces every match of a regex in the path.
+        pub uri_regex_rewrite: Option<RegexRewrite>,
+    }
+}
+
+model! {
+    /// `uriRegexRewrite`: RE2 `match` and a `rewrite` with `\1`-style references.
+    pub struct RegexRewrite {
+        /// The pattern.
+        #[cfg_attr(feature = "serde", serde(rename = "match"))]
+        pub pattern: String,
+        /// The replacement.
+        pub rewrite: String,
+    }
+}
+
+model! {
+    /// A redirect answered by the router itself.
+    pub struct HttpRedirect {
+        /// Replaces the whole path.
+        pub uri: Option<String>,
+        /// Replaces the authority.
+        pub authority: Option<String>,
+        /// Replaces the port.
+        pub port: Option<u32>,
+        /// `FROM_PROTOCOL_DEFAULT` or `FROM_REQUEST_PORT`.
+        pub derive_port: Option<String>,
+        /// `http` or `https`.
+        pub scheme: Option<String>,
+        /// 301 (default), 302, 303, 307 or 308.
+        pub redirect_code: Option<u32>,
+    }
+}
+
+model! {
+    /// A fixed response answered by the router itself.
+    pub struct HttpDirectResponse {
+        /// The status (200–600).
+        pub status: u32,
+        /// The body.
+        pub body: Option<HttpBody>,
+    }
+}
+
+model! {
+    /// A direct response's body, as text or base64 bytes.
+    pub struct HttpBody {
+        /// Text.
+        pub string: Option<String>,
+        /// Bytes, base64 in YAML.
+        pub bytes: Option<String>,
+    }
+}
+
+model! {
+    /// One mirror with its percentage.
+    pub struct HttpMirrorPolicy {
+        /// Where copies go.
+        pub destination: Destination,
+        /// Share of requests mirrored; unset is 100 %.
+        pub percentage: Option<Percent>,
+    }
+}
+
+// === DestinationRule ===
+
+model! {
+    /// A DestinationRule's `spec`: a host's subsets and traffic policy.
+    pub struct DestinationRuleSpec {
+        /// The service host.
+        pub host: String,
+        /// Policy for the whole host.
+        pub traffic_policy: Option<TrafficPolicy>,
+        /// Named label sets.
+        pub subsets: Vec<Subset>,
+        /// Visibility (accepted).
+        pub export_to: Vec<String>,
+        /// Which workloads the rule applies to (not enforced).
+        #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+        pub workload_selector: Option<NotEnforced>,
+    }
+}
+
+model! {
+    /// A subset: endpoints whose labels include all of `labels`.
+    pub struct Subset {
+        /// The subset's name, referred to by routes.
+        pub name: String,
+        /// Labels an endpoint must carry.
+        pub labels: BTreeMap<String, String>,
+        /// Overrides the host's policy for this subset, block by block.
+        pub traffic_policy: Option<TrafficPolicy>,
+    }
+}
+
+model! {
+    /// A traffic policy. Only `loadBalancer` is enforced by this crate.
+    pub struct TrafficPolicy {
+        /// How endpoints are chosen.
+        pub load_balancer: Option<LoadBalancerSettings>,
+        /// Connection-pool limits (mesh-resilience, not yet).
+        #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+        pub connection_pool: Option<NotEnforced>,
+        /// Outlier detection (mesh-resilience, not yet).
+        #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+        pub outlier_detection: Option<NotEnforced>,
+        /// Upstream TLS (mesh-tls, not yet).
+        #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+        pub tls: Option<NotEnforced>,
+        /// Per-port policies (not yet).
+        #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+        pub port_level_settings: Option<NotEnforced>,
+        /// Retry budget (mesh-resilience, not yet).
+        #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+        pub retry_budget: Option<NotEnforced>,
+        /// Tunnel settings (not supported).
+        #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+        pub tunnel: Option<NotEnforced>,
+        /// PROXY protocol (not supported).
+        #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+        pub proxy_protocol: Option<NotEnforced>,
+    }
+}
+
+model! {
+    /// `loadBalancer`: a simple policy or consistent hashing.
+    pub struct LoadBalancerSettings {
+        /// `ROUND_ROBIN`, `LEAST_REQUEST` (`LEAST_CONN`), `RANDOM`, `PASSTHROUGH`, `UNSPECIFIED`.
+        pub simple: Option<String>,
+        /// Consistent hashing.
+        pub consistent_hash: Option<ConsistentHash>,
+        /// Locality weighting (not enforced).
+        #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+        pub locality_lb_setting: Option<NotEnforced>,
+        /// Slow start (not enforced).
+        #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+        pub warmup: Option<NotEnforced>,
+    }
+}
+
+model! {
+    /// `consistentHash`: the key (one of four) and the ring.
+    pub struct ConsistentHash {
+        /// Hash this header.
+        pub http_header_name: Option<String>,
+        /// Hash this cookie (set it when absent and a `ttl` is given).
+        pub http_cookie: Option<HttpCookie>,
+        /// Hash the client's IP.
+        pub use_source_ip: Option<bool>,
+        /// Hash this query parameter.
+        pub http_query_parameter_name: Option<String>,
+        /// Ring hash settings.
+        pub ring_hash: Option<RingHashSettings>,
+        /// Maglev settings.
+        pub maglev: Option<MaglevSettings>,
+        /// Deprecated form of `ringHash.minimumRingSize`.
+        pub minimum_ring_size: Option<u64>,
+    }
+}
+
+model! {
+    /// Istio's `httpCookie`.
+    pub struct HttpCookie {
+        /// The cookie's name.
+        pub name: String,
+        /// The cookie's path, when the proxy sets it.
+        pub path: Option<String>,
+        /// Lifetime of a cookie the proxy sets; unset means the proxy never sets one.
+        pub ttl: Option<Duration>,
+    }
+}
+
+model! {
+    /// Ring hash settings.
+    pub struct RingHashSettings {
+        /// Smallest ring (default 1024).
+        pub minimum_ring_size: Option<u64>,
+    }
+}
+
+model! {
+    /// Maglev settings.
+    pub struct MaglevSettings {
+        /// Lookup table size, a prime (default 65537).
+        pub table_size: Option<u64>,
+    }
+}
+
+// === SMI TrafficSplit ===
+
+model! {
+    /// An SMI TrafficSplit's `spec`: the apex service and its weighted backends.
+    pub struct TrafficSplitSpec {
+        /// The apex service clients call.
+        pub service: String,
+        /// Backends and their weights.
+        pub backends: Vec<TrafficSplitBackend>,
+    }
+}
+
+model! {
+    /// One backend of a TrafficSplit.
+    pub struct TrafficSplitBackend {
+        /// The backend service.
+        pub service: String,
+        /// Its relative weight.
+        pub weight: i64,
+    }
+}
+
+impl TrafficSplitSpec {
+    /// The split as the one route Istio would need for it: every request to `service` is
+    /// shared among the backends by weight.
+    pub fn to_route(&self) -> HttpRoute {
+        HttpRoute {
+            name: Some(format!("split-{}", self.service)),
+            route: self
+                .backends
+                .iter()
+                .map(|b| HttpRouteDestination {
+                    destination: Destination { host: b.service.clone(), ..Destination::default() },
+                    weight: Some(b.weight),
+                    headers: None,
+                })
+                .collect(),
+            ..HttpRoute::default()
+        }
+    }
+}
+
+// === builders for code ===
+
+impl HttpRoute {
+    /// A route named `name` with no match blocks (a catch-all) and no action yet.
+    pub fn named(name: impl Into<String>) -> Self {
+        Self { name: Some(name.into()), ..Self::default() }
+    }
+
+    /// Adds a match block (blocks are OR-ed).
+    pub fn matching(mut self, block: HttpMatchRequest) -> Self {
+        self.matches.push(block);
+        self
+    }
+
+    /// Adds a weighted destination `host` / `subset`.
+    pub fn to(mut self, host: impl Into<String>, subset: Option<&str>, weight: i64) -> Self {
+        self.route.push(HttpRouteDestination {
+            destination: Destination { host: host.into(), subset: subset.map(Into::into), port: None },
+            weight: Some(weight),
+            headers: None,
+        });
+        self
+    }
+}
+
+impl HttpMatchRequestExt for HttpMatchRequest {
+    fn header(mut self, name: &str, m: StringMatch) -> Self {
+        self.headers.insert(name.into(), m);
+        self
+    }
+
+    fn uri(mut self, m: StringMatch) -> Self {
+        self.uri = Some(m);
+        self
+    }
+
+    fn cookie(mut self, name: &str, m: StringMatch) -> Self {
+        self.cookies.insert(name.into(), m);
+        self
+    }
+}
+
+/// Builder methods for match blocks written in code.
+///
+/// ```
+/// use mesh_core::matching::{HttpMatchRequest, StringMatch};
+/// use mesh_routing::model::HttpMatchRequestExt;
+///
+/// let block = HttpMatchRequest::default().header("x-canary", StringMatch::Exact("true".into()));
+/// assert_eq!(block.headers.len(), 1);
+/// ```
+pub trait HttpMatchRequestExt: Sized {
+    /// Requires header `name` to match.
+    fn header(self, name: &str, m: StringMatch) -> Self;
+    /// Requires the path to match.
+    fn uri(self, m: StringMatch) -> Self;
+    /// Requires cookie `name` to match (by name, not by regex over the header).
+    fn cookie(self, name: &str, m: StringMatch) -> Self;
+}
