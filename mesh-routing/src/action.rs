@@ -196,9 +196,11 @@ impl Rewrite {
     }
 }
 
-/// Applies a path rewrite, keeping the old path in `x-envoy-original-path`.
+/// Applies a path rewrite, keeping the old path in `x-envoy-original-path` (with its query, as
+/// Envoy copies the whole `:path`).
 pub(crate) fn set_path<B>(req: &mut Request<B>, pq: PathAndQuery) {
-    if let Ok(original) = HeaderValue::from_str(req.uri().path()) {
+    let original = req.uri().path_and_query().map_or_else(|| req.uri().path(), PathAndQuery::as_str);
+    if let Ok(original) = HeaderValue::from_str(original) {
         req.headers_mut().insert(ORIGINAL_PATH, original);
     }
     let mut parts = req.uri().clone().into_parts();

@@ -310,7 +310,7 @@ impl RouteTable {
                 routes: routes.into(),
             });
         }
-        suffixes.sort_by(|a: &(Box<str>, usize), b| b.0.len().cmp(&a.0.len()));
+        suffixes.sort_by_key(|(suffix, _): &(Box<str>, usize)| std::cmp::Reverse(suffix.len()));
         Ok(Self {
             hosts: compiled.into(),
             exact,
@@ -423,7 +423,8 @@ impl RouteTable {
         let authority = match req.uri().authority() {
             Some(a) => a.host(),
             None => {
-                let host = req.headers().get(HOST)?.to_str().ok()?;
+                // No authority at all: only a `*` host answers.
+                let Some(host) = req.headers().get(HOST).and_then(|h| h.to_str().ok()) else { return self.any };
                 host.strip_prefix('[').map_or_else(
                     || host.rsplit_once(':').map_or(host, |(h, p)| if p.bytes().all(|b| b.is_ascii_digit()) { h } else { host }),
                     |v6| v6.split(']').next().unwrap_or(v6),

@@ -28,36 +28,34 @@ impl Ring {
     /// would pass [`MAXIMUM_RING_SIZE`], entries are scaled down to fit (as in Envoy, a very
     /// light endpoint may then get none).
     pub(super) fn new(endpoints: &[Endpoint], minimum_ring_size: u64) -> Self {
-        let weights = || endpoints.iter().map(|e| u128::from(e.weight()));
-        let total: u128 = weights().sum();
-        let least = weights().min().unwrap_or(1);
-        let size = |c: u128| -> u128 { weights().map(|w| (w * c).div_ceil(least)).sum() };
-        let mut c = (least * u128::from(minimum_ring_size)).div_ceil(total).max(1).next_power_of_two();
-        while c > 1 && size(c) > u128::from(MAXIMUM_RING_SIZE) {
-            c /= 2;
-        }
-        let entries: Vec<u64> = if size(c) <= u128::from(MAXIMUM_RING_SIZE) {
-            weights().map(|w| (w * c).div_ceil(least) as u64).collect()
-        } else {
-            weights().map(|w| (w * u128::from(MAXIMUM_RING_SIZE) / total) as u64).collect()
-        };
+        let entries = entries(endpoints.iter().map(Endpoint::weight), minimum_ring_size);
 
-        let mut points = Vec::with_capacity(entries.iter().sum::<u64>() as usize);
+        // Ties (two equal points) break by address, so the ring does not depend on the order
+        // of the endpoint list: points sort as (hash, rank of the address).
+        let mut by_address: Vec<u32> = (0..endpoints.len() as u32).collect();
+        by_address.sort_unstable_by_key(|&i| endpoints[i as usize].address());
+        let mut rank = vec![0u32; endpoints.len()];
+        for (r, &i) in by_address.iter().enumerate() {
+            rank[i as usize] = r as u32;
+        }
+
+        let mut points: Vec<(u64, u32)> = Vec::with_capacity(entries.iter().sum::<u64>() as usize);
         let mut name = String::new();
-        for (host, (endpoint, &n)) in endpoints.iter().zip(&entries).enumerate() {
+        for ((endpoint, &n), &r) in endpoints.iter().zip(&entries).zip(&rank) {
+            name.clear();
+            name.push_str(endpoint.address());
+            name.push('_');
+            let prefix = name.len();
             for j in 0..n {
-                name.clear();
-                let _ = write!(name, "{}_{j}", endpoint.address());
-                points.push((xxh64(name.as_bytes(), 0), host as u32));
+                name.truncate(prefix);
+                let _ = write!(name, "{j}");
+                points.push((xxh64(name.as_bytes(), 0), r));
             }
         }
-        // Ties (two equal points) break by address, so the ring does not depend on the order
-        // of the endpoint list.
-        points.sort_unstable_by(|a, b| {
-            a.0.cmp(&b.0).then_with(|| endpoints[a.1 as usize].address().cmp(endpoints[b.1 as usize].address()))
-        });
-        let (hashes, hosts) = points.into_iter().unzip::<_, _, Vec<_>, Vec<_>>();
-        Self { hashes: hashes.into(), hosts: hosts.into() }
+        points.sort_unstable();
+        let hashes = points.iter().map(|&(hash, _)| hash).collect();
+        let hosts = points.iter().map(|&(_, r)| by_address[r as usize]).collect();
+        Self { hashes, hosts }
     }
 
     /// The number of entries.
@@ -74,6 +72,23 @@ impl Ring {
     /// The endpoint owning entry `position`.
     pub(super) fn host(&self, position: usize) -> usize {
         self.hosts[position] as usize
+    }
+}
+
+/// The number of points of each endpoint of weight `weights[i]` (see [`Ring::new`]).
+pub(super) fn entries(weights: impl Iterator<Item = u32> + Clone, minimum_ring_size: u64) -> Vec<u64> {
+    let weights = || weights.clone().map(u128::from);
+    let total: u128 = weights().sum();
+    let least = weights().min().unwrap_or(1);
+    let size = |c: u128| -> u128 { weights().map(|w| (w * c).div_ceil(least)).sum() };
+    let mut c = (least * u128::from(minimum_ring_size)).div_ceil(total).max(1).next_power_of_two();
+    while c > 1 && size(c) > u128::from(MAXIMUM_RING_SIZE) {
+        c /= 2;
+    }
+    if size(c) <= u128::from(MAXIMUM_RING_SIZE) {
+        weights().map(|w| (w * c).div_ceil(least) as u64).collect()
+    } else {
+        weights().map(|w| (w * u128::from(MAXIMUM_RING_SIZE) / total) as u64).collect()
     }
 }
 
