@@ -83,6 +83,11 @@ pub struct ProxyConfig {
     pub drain_timeout: Duration,
     /// Worker threads; 1 runs everything on the calling thread (a sidecar's budget).
     pub workers: usize,
+    /// Configuration files and directories (Istio / SMI / `MeshProxy` YAML). Empty: forward
+    /// everything to `upstream`, unrouted.
+    pub config_paths: Vec<std::path::PathBuf>,
+    /// How often the configuration files are checked for changes.
+    pub reload_interval: Duration,
 }
 
 impl Default for ProxyConfig {
@@ -101,6 +106,8 @@ impl Default for ProxyConfig {
             max_idle: 256,
             drain_timeout: Duration::from_secs(5),
             workers: 1,
+            config_paths: Vec::new(),
+            reload_interval: Duration::from_secs(1),
         }
     }
 }

@@ -41,19 +41,23 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use http::Request;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+mod admin;
 pub mod config;
 mod downstream;
 mod h2body;
 mod h2server;
+pub mod loader;
 mod proxy;
+mod reload;
+mod routes;
+pub mod snapshot;
 mod sniff;
 mod tunnel;
 mod upstream;
@@ -72,16 +76,55 @@ pub struct BindError {
 }
 
 /// A bound proxy, ready to [`serve`](Server::serve).
-#[derive(Debug)]
 pub struct Server {
     config: ProxyConfig,
     listener: TcpListener,
     admin: Option<TcpListener>,
+    routes: Option<Arc<routes::Routes>>,
+    tunnels: Arc<upstream::Tunnels>,
+}
+
+impl std::fmt::Debug for Server {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Server").field("config", &self.config).field("routed", &self.routes.is_some()).finish()
+    }
+}
+
+/// Loads and compiles the configuration in `paths`: the snapshot and the warnings, or every
+/// error.
+pub fn load_snapshot(
+    paths: &[std::path::PathBuf],
+) -> Result<(snapshot::Snapshot, Vec<loader::Diagnostic>), Vec<loader::Diagnostic>> {
+    let loaded = loader::load(paths);
+    if loaded.has_errors() {
+        return Err(loaded.diagnostics);
+    }
+    let file = paths.first().cloned().unwrap_or_default();
+    match snapshot::compile(loaded.resources) {
+        Ok(snapshot) => Ok((snapshot, loaded.diagnostics)),
+        Err(e) => Err(vec![loader::Diagnostic {
+            severity: loader::Severity::Error,
+            file,
+            line: None,
+            column: None,
+            resource: Some(e.resource),
+            field: None,
+            message: e.message,
+        }]),
+    }
 }
 
 impl Server {
-    /// Opens the proxy and admin listeners. Must run inside a tokio runtime.
+    /// Opens the proxy and admin listeners and forwards everything to `config.upstream`.
+    /// Must run inside a tokio runtime.
     pub async fn bind(config: ProxyConfig) -> Result<Self, BindError> {
+        Self::bind_routed(config, None).await
+    }
+
+    /// Opens the listeners and routes by `snapshot` (compiled from `config.config_paths`,
+    /// which are then watched for changes), or forwards everything to `config.upstream`
+    /// without one.
+    pub async fn bind_routed(config: ProxyConfig, snapshot: Option<snapshot::Snapshot>) -> Result<Self, BindError> {
         let bind = |addr: SocketAddr, what| async move {
             TcpListener::bind(addr).await.map_err(|source| BindError { addr, what, source })
         };
@@ -90,7 +133,9 @@ impl Server {
             Some(addr) => Some(bind(addr, "admin listener").await?),
             None => None,
         };
-        Ok(Self { config, listener, admin })
+        let tunnels: Arc<upstream::Tunnels> = Arc::default();
+        let routes = snapshot.map(|s| Arc::new(routes::Routes::new(s, &config)));
+        Ok(Self { config, listener, admin, routes, tunnels })
     }
 
     /// The address the proxy listens on.
@@ -116,7 +161,12 @@ impl Server {
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
         let draining = Arc::new(AtomicBool::new(false));
         let (drain_tx, drain_rx) = watch::channel(false);
-        let forward = proxy::Forward::new(&self.config);
+        let forward = proxy::Forward::new(&self.config, self.routes.clone(), self.tunnels.clone());
+        if let Some(routes) = &self.routes
+            && !self.config.config_paths.is_empty()
+        {
+            tokio::spawn(reload::watch(self.config.config_paths.clone(), self.config.reload_interval, Arc::downgrade(routes)));
+        }
         let limits = downstream::Limits {
             idle: self.config.downstream_idle_timeout,
             request: self.config.request_timeout,
@@ -131,7 +181,7 @@ impl Server {
         http1.writev(false);
 
         if let Some(admin) = self.admin {
-            tokio::spawn(serve_admin(admin, draining.clone()));
+            tokio::spawn(admin::serve(admin, draining.clone(), self.routes.clone()));
         }
 
         let accept = async {
@@ -271,45 +321,3 @@ impl Conn {
     }
 }
 
-// === admin ===
-
-async fn serve_admin(listener: TcpListener, draining: Arc<AtomicBool>) {
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
-        };
-        let draining = draining.clone();
-        tokio::spawn(serve_admin_conn(stream, draining));
-    }
-}
-
-async fn serve_admin_conn(stream: TcpStream, draining: Arc<AtomicBool>) {
-    let service = service_fn(move |req: Request<Incoming>| {
-        let draining = draining.load(Ordering::Acquire);
-        async move { Ok::<_, std::convert::Infallible>(admin_response(&req, draining)) }
-    });
-    let conn = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(10))
-        .serve_connection(TokioIo::new(stream), service);
-    let _ = conn.await;
-}
-
-fn admin_response(req: &Request<Incoming>, draining: bool) -> Response<Full<Bytes>> {
-    let (status, body) = match (req.method(), req.uri().path()) {
-        (&Method::GET | &Method::HEAD, "/live") => (StatusCode::OK, "live\n"),
-        (&Method::GET | &Method::HEAD, "/ready") if draining => (StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
-        (&Method::GET | &Method::HEAD, "/ready") => (StatusCode::OK, "ready\n"),
-        (&Method::GET | &Method::HEAD, "/") => (
-            StatusCode::OK,
-            "mesh-proxy admin\n  /ready  200 while serving, 503 while draining\n  /live   200 while the process runs\n",
-        ),
-        (&Method::GET | &Method::HEAD, _) => (StatusCode::NOT_FOUND, "not found; try /\n"),
-        _ => (StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n"),
-    };
-    let mut res = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
-    *res.status_mut() = status;
-    res.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain"));
-    res
-}

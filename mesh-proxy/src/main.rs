@@ -1,6 +1,7 @@
 //! The `mesh-proxy` binary. Run `mesh-proxy --help`.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -22,9 +23,19 @@ use mesh_proxy::{ProxyConfig, Server, UpstreamAddr, UpstreamProtocol};
 #[derive(Debug, Parser)]
 #[command(name = "mesh-proxy", version, about, long_about, after_help = AFTER_HELP)]
 struct Args {
-    /// Address to serve HTTP/1.1 and h2c on.
-    #[arg(short, long, value_name = "ADDR", env = "MESH_PROXY_LISTEN", default_value = DEFAULT_LISTEN)]
-    listen: SocketAddr,
+    #[command(subcommand)]
+    command: Option<Command>,
+
+    /// Configuration: a YAML file or a directory of them (repeatable). VirtualService,
+    /// DestinationRule, ServiceEntry, SMI TrafficSplit and the proxy's own MeshProxy kind;
+    /// requests are then routed by their Host / :authority. Reloaded when the files change.
+    #[arg(short, long, value_name = "PATH", env = "MESH_PROXY_CONFIG", value_delimiter = ',')]
+    config: Vec<PathBuf>,
+
+    /// Address to serve HTTP/1.1 and h2c on (the outbound listener); overrides MeshProxy's
+    /// `listen` [default: 127.0.0.1:15001].
+    #[arg(short, long, value_name = "ADDR", env = "MESH_PROXY_LISTEN")]
+    listen: Option<SocketAddr>,
 
     /// Upstream to forward every request to, as HOST:PORT (a name is resolved per connection).
     #[arg(short, long, value_name = "HOST:PORT", env = "MESH_PROXY_UPSTREAM", default_value = DEFAULT_UPSTREAM)]
@@ -34,9 +45,10 @@ struct Args {
     #[arg(long, value_name = "PROTO", env = "MESH_PROXY_UPSTREAM_PROTOCOL", default_value = "downstream")]
     upstream_protocol: UpstreamProtocol,
 
-    /// Admin address serving /ready and /live, or `off`.
-    #[arg(short, long, value_name = "ADDR|off", env = "MESH_PROXY_ADMIN", default_value = DEFAULT_ADMIN, value_parser = parse_admin)]
-    admin: AdminAddr,
+    /// Admin address serving /ready, /live (and with --config /config_dump, /routes,
+    /// /clusters, /stats), or `off`; overrides MeshProxy's `admin` [default: 127.0.0.1:15000].
+    #[arg(short, long, value_name = "ADDR|off", env = "MESH_PROXY_ADMIN", value_parser = parse_admin)]
+    admin: Option<AdminAddr>,
 
     /// Upstream TCP connect timeout (e.g. 250ms, 2s).
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
@@ -82,6 +94,17 @@ struct Args {
     log: String,
 }
 
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Checks configuration files offline: every error with file:line:column and field path,
+    /// every unsupported field or kind as a warning. Exit status 1 on errors.
+    Validate {
+        /// Files or directories of YAML.
+        #[arg(required = true, value_name = "PATH")]
+        paths: Vec<PathBuf>,
+    },
+}
+
 const AFTER_HELP: &str = "\
 Durations: a number and a unit, combinable: 500ms, 2s, 1.5s, 1m30s.
 Exit status: 0 after a clean drain, 1 when a listener cannot be opened, 2 for bad arguments.
@@ -89,7 +112,9 @@ Exit status: 0 after a clean drain, 1 when a listener cannot be opened, 2 for ba
 Examples:
   mesh-proxy                                         # the embedded default
   mesh-proxy --listen 0.0.0.0:8000 --upstream app:8080
-  mesh-proxy -l 127.0.0.1:15001 -u 127.0.0.1:9000 --upstream-protocol h2 --admin off";
+  mesh-proxy -l 127.0.0.1:15001 -u 127.0.0.1:9000 --upstream-protocol h2 --admin off
+  mesh-proxy --config /etc/mesh/                    # route by Istio YAML, reloaded on change
+  mesh-proxy validate mesh.yaml                      # check files offline";
 
 #[derive(Debug, Clone, Copy)]
 struct AdminAddr(Option<SocketAddr>);
@@ -115,13 +140,57 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Some(Command::Validate { paths }) = &args.command {
+        return validate(paths);
+    }
     init_logging(&args.log);
 
     let mut config = ProxyConfig::default();
-    config.listen = args.listen;
+    config.listen = DEFAULT_LISTEN.parse().expect("valid default");
+    config.admin = Some(DEFAULT_ADMIN.parse().expect("valid default"));
+    let mut snapshot = None;
+    if !args.config.is_empty() {
+        match mesh_proxy::load_snapshot(&args.config) {
+            Ok((loaded, warnings)) => {
+                for w in &warnings {
+                    tracing::warn!("{w}");
+                }
+                for note in &loaded.notes {
+                    tracing::info!("config: {note}");
+                }
+                if let Some(mp) = &loaded.resources.mesh_proxy {
+                    if let Some(listen) = &mp.spec.listen {
+                        match listen.parse() {
+                            Ok(a) => config.listen = a,
+                            Err(_) => return config_error(&mp.file, "spec.listen", listen),
+                        }
+                    }
+                    match mp.spec.admin.as_deref().map(parse_admin) {
+                        Some(Ok(a)) => config.admin = a.0,
+                        Some(Err(_)) => return config_error(&mp.file, "spec.admin", mp.spec.admin.as_deref().unwrap_or("")),
+                        None => {}
+                    }
+                }
+                snapshot = Some(loaded);
+            }
+            Err(errors) => {
+                for e in &errors {
+                    eprintln!("{e}");
+                }
+                eprintln!("mesh-proxy: the configuration has {} error(s); not starting", errors.len());
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+    if let Some(listen) = args.listen {
+        config.listen = listen;
+    }
+    if let Some(admin) = args.admin {
+        config.admin = admin.0;
+    }
+    config.config_paths = args.config.clone();
     config.upstream = args.upstream;
     config.upstream_protocol = args.upstream_protocol;
-    config.admin = args.admin.0;
     config.connect_timeout = args.connect_timeout;
     config.request_timeout = (!args.request_timeout.is_zero()).then_some(args.request_timeout);
     config.idle_timeout = args.idle_timeout;
@@ -145,7 +214,8 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        let server = match Server::bind(config).await {
+        let routed = snapshot.is_some();
+        let server = match Server::bind_routed(config, snapshot).await {
             Ok(server) => server,
             Err(e) => {
                 eprintln!("mesh-proxy: {e}");
@@ -153,6 +223,14 @@ fn main() -> ExitCode {
             }
         };
         let c = server.config();
+        if routed {
+            println!(
+                "mesh-proxy {}: listening on http://{} (HTTP/1.1 and h2c), routing by {} (reloaded on change)",
+                env!("CARGO_PKG_VERSION"),
+                server.local_addr(),
+                c.config_paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
+            );
+        } else {
         println!(
             "mesh-proxy {}: listening on http://{} (HTTP/1.1 and h2c), forwarding to {} (upstream protocol: {}, {} worker{})",
             env!("CARGO_PKG_VERSION"),
@@ -162,13 +240,45 @@ fn main() -> ExitCode {
             c.workers,
             if c.workers == 1 { "" } else { "s" },
         );
+        }
         match server.admin_addr() {
+            Some(admin) if routed => {
+                println!("mesh-proxy: admin on http://{admin} (/ready, /live, /config_dump, /routes, /clusters, /stats)")
+            }
             Some(admin) => println!("mesh-proxy: admin on http://{admin} (/ready, /live)"),
             None => println!("mesh-proxy: admin server off"),
         }
         server.serve(shutdown_signal()).await;
         ExitCode::SUCCESS
     })
+}
+
+fn config_error(file: &std::path::Path, field: &str, value: &str) -> ExitCode {
+    eprintln!("{}: error: MeshProxy: {field}: `{value}` is not an address like 127.0.0.1:15001", file.display());
+    ExitCode::FAILURE
+}
+
+/// `mesh-proxy validate`: prints every diagnostic and a summary; 1 when there are errors.
+fn validate(paths: &[PathBuf]) -> ExitCode {
+    let files = mesh_proxy::loader::expand(paths).map(|f| f.len()).unwrap_or(0);
+    let mut diagnostics = match mesh_proxy::load_snapshot(paths) {
+        Ok((_, warnings)) => warnings,
+        Err(errors) => errors,
+    };
+    // Errors found while loading stop compilation: show warnings from the load as well.
+    let loaded = mesh_proxy::loader::load(paths);
+    for d in loaded.diagnostics {
+        if !diagnostics.contains(&d) {
+            diagnostics.push(d);
+        }
+    }
+    diagnostics.sort_by(|a, b| (&a.file, a.line).cmp(&(&b.file, b.line)));
+    let errors = diagnostics.iter().filter(|d| d.severity == mesh_proxy::loader::Severity::Error).count();
+    for d in &diagnostics {
+        println!("{d}");
+    }
+    println!("{files} file(s): {errors} error(s), {} warning(s)", diagnostics.len() - errors);
+    if errors > 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS }
 }
 
 fn init_logging(filter: &str) {

@@ -61,6 +61,7 @@ use mesh_core::matching::join_cookie_crumbs;
 use crate::config::{ProxyConfig, UpstreamProtocol};
 use crate::downstream::{BodyInFlight, ConnState, Elapsed, InFlight};
 use crate::h2body::H2Recv;
+use crate::routes::Routes;
 use crate::upstream::{BoxError, Checkout, Tunnels, Upstream};
 
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
@@ -72,15 +73,20 @@ const SEC_WEBSOCKET_ACCEPT: HeaderName = HeaderName::from_static("sec-websocket-
 #[derive(Clone)]
 pub(crate) struct Forward {
     upstream: Arc<Upstream>,
+    /// With a configuration: the routes, which choose each request's upstream.
+    routes: Option<Arc<Routes>>,
+    tunnels: Arc<Tunnels>,
     protocol: UpstreamProtocol,
     request_timeout: Option<Duration>,
     stream_idle: Option<Duration>,
 }
 
 impl Forward {
-    pub(crate) fn new(config: &ProxyConfig) -> Self {
+    pub(crate) fn new(config: &ProxyConfig, routes: Option<Arc<Routes>>, tunnels: Arc<Tunnels>) -> Self {
         Self {
-            upstream: Upstream::new(config),
+            upstream: Upstream::for_addr(config.upstream.clone(), config),
+            routes,
+            tunnels,
             protocol: config.upstream_protocol,
             request_timeout: config.request_timeout,
             stream_idle: config.stream_idle_timeout,
@@ -89,7 +95,7 @@ impl Forward {
 
     /// The upgraded connections that are still open.
     pub(crate) fn tunnels(&self) -> &Arc<Tunnels> {
-        self.upstream.tunnels()
+        &self.tunnels
     }
 
     /// How long a tunnel may go without a byte moving either way (the stream idle timeout).
@@ -123,11 +129,50 @@ impl Forward {
         Ok(res)
     }
 
-    async fn exchange(&self, mut req: Request<RequestBody>) -> Result<Response<ProxyBody>, BoxError> {
+    async fn exchange(&self, req: Request<RequestBody>) -> Result<Response<ProxyBody>, BoxError> {
         if req.method() == Method::CONNECT {
             return Ok(connect_refused());
         }
         check_host(&req)?;
+        match &self.routes {
+            // Boxed: the routed path's state stays out of the plain forwarding future.
+            Some(routes) => Box::pin(self.routed(req, routes)).await,
+            None => self.send(req, &self.upstream).await,
+        }
+    }
+
+    /// Routes a request by the configuration, then forwards it to the chosen endpoint.
+    async fn routed(&self, mut req: Request<RequestBody>, routes: &Routes) -> Result<Response<ProxyBody>, BoxError> {
+        let selection = match routes.select(&mut req) {
+            Ok(selection) => selection,
+            Err(answer) => return Ok(answer),
+        };
+        if !selection.mirrors.is_empty() && req.body().is_end_stream() {
+            for pool in &selection.mirrors {
+                let mut copy = crate::routes::mirror_copy(&req);
+                let pool = pool.clone();
+                // Fire and forget: the copy's fate never touches the original.
+                tokio::spawn(async move {
+                    remove_hop_by_hop(copy.headers_mut());
+                    if to_http1(&mut copy, pool.addr().authority()).is_ok()
+                        && let Err(e) = pool.send_http1(copy).await
+                    {
+                        tracing::debug!(error = %e, "mirrored request failed");
+                    }
+                });
+            }
+        }
+        let send = self.send(req, &selection.upstream);
+        let mut res = match selection.timeout() {
+            Some(limit) => tokio::time::timeout(limit, send).await.unwrap_or_else(|_| Err(Box::new(TimeoutError::new())))?,
+            None => send.await?,
+        };
+        selection.finish_response(res.headers_mut());
+        Ok(res)
+    }
+
+    /// Forwards a request to `upstream`.
+    async fn send(&self, mut req: Request<RequestBody>, upstream: &Arc<Upstream>) -> Result<Response<ProxyBody>, BoxError> {
         // Most requests carry no hop-by-hop header at all, so no `upgrade` either.
         if has_hop_by_hop(req.headers()) {
             if unsupported_transfer_coding(req.headers()) {
@@ -140,7 +185,7 @@ impl Forward {
             let upgrade = requested_upgrade(&req);
             remove_hop_by_hop(req.headers_mut());
             if let Some(protocol) = upgrade {
-                return Box::pin(self.upgrade(req, protocol)).await;
+                return Box::pin(self.upgrade(req, protocol, upstream)).await;
             }
         }
         let h2 = match self.protocol {
@@ -149,14 +194,14 @@ impl Forward {
             UpstreamProtocol::Downstream => req.version() == Version::HTTP_2,
         };
         let (mut parts, body) = if h2 {
-            to_h2(&mut req, self.upstream.addr().authority())?;
-            let (parts, body) = self.upstream.send_h2(req).await?.into_parts();
+            to_h2(&mut req, upstream.addr().authority())?;
+            let (parts, body) = upstream.send_h2(req).await?.into_parts();
             (parts, ProxyBody::h2(H2Recv::new(body)))
         } else {
-            to_http1(&mut req, self.upstream.addr().authority())?;
+            to_http1(&mut req, upstream.addr().authority())?;
             frame_http1_body(&mut req);
             let head = req.method() == Method::HEAD;
-            let (res, checkout) = self.upstream.send_http1(req).await?;
+            let (res, checkout) = upstream.send_http1(req).await?;
             // On failure the connection, its framing unsure, is not reused.
             check_response_coding(res.headers())?;
             let (parts, body) = res.into_parts();
@@ -176,11 +221,12 @@ impl Forward {
         &self,
         mut req: Request<RequestBody>,
         protocol: HeaderValue,
+        upstream: &Arc<Upstream>,
     ) -> Result<Response<ProxyBody>, BoxError> {
         let downstream = hyper::upgrade::on(&mut req);
-        to_http1(&mut req, self.upstream.addr().authority())?;
+        to_http1(&mut req, upstream.addr().authority())?;
         set_upgrade(req.headers_mut(), protocol);
-        let mut res = self.upstream.send_upgrade(req).await?;
+        let mut res = upstream.send_upgrade(req).await?;
         if res.status() != StatusCode::SWITCHING_PROTOCOLS {
             // Refused (or ignored): an ordinary response, on a connection nobody reuses.
             check_response_coding(res.headers())?;
@@ -196,7 +242,7 @@ impl Forward {
         if let Some(protocol) = agreed {
             set_upgrade(&mut parts.headers, protocol);
         }
-        tokio::spawn(crate::tunnel::tunnel(downstream, upstream, self.stream_idle, self.upstream.tunnels().open()));
+        tokio::spawn(crate::tunnel::tunnel(downstream, upstream, self.stream_idle, self.tunnels.open()));
         Ok(Response::from_parts(parts, ProxyBody::empty()))
     }
 }
@@ -220,6 +266,18 @@ impl Forward {
     /// `200` for the client, without the `Sec-WebSocket-Accept` that answers our key. That
     /// answer is checked: a `101` with a wrong or missing one fails the handshake (502 `UPE`).
     pub(crate) async fn extended_connect(&self, parts: http::request::Parts, protocol: &str) -> Connected {
+        // Routed like any request (its route's rewrites apply); the tunnel itself is not timed
+        // by the route timeout.
+        let (parts, upstream) = match &self.routes {
+            None => (parts, self.upstream.clone()),
+            Some(routes) => {
+                let mut probe = Request::from_parts(parts, ());
+                match routes.select(&mut probe) {
+                    Ok(selection) => (probe.into_parts().0, selection.upstream.clone()),
+                    Err(answer) => return Connected::Answer(answer),
+                }
+            }
+        };
         let exchange = async {
             let mut headers = parts.headers;
             strip_hop_by_hop(&mut headers);
@@ -227,7 +285,7 @@ impl Forward {
             let authority = match parts.uri.authority() {
                 Some(authority) if is_valid_host(authority.as_str().as_bytes()) => authority,
                 Some(_) => return Err(BadRequest("invalid :authority").into()),
-                None => self.upstream.addr().authority(),
+                None => upstream.addr().authority(),
             };
             headers.insert(HOST, HeaderValue::from_str(authority.as_str())?);
             set_upgrade(&mut headers, HeaderValue::from_str(protocol).map_err(|_| BadRequest("invalid :protocol"))?);
@@ -242,7 +300,7 @@ impl Forward {
             let mut req = Request::new(RequestBody::empty());
             *req.uri_mut() = path.into();
             *req.headers_mut() = headers;
-            let mut res = self.upstream.send_upgrade(req).await?;
+            let mut res = upstream.send_upgrade(req).await?;
             if res.status() != StatusCode::SWITCHING_PROTOCOLS {
                 // A refusal goes back as it came. A success that is not 101 (the upstream
                 // ignored the upgrade and served a page) cannot: a 2xx to the client's CONNECT

@@ -92,21 +92,19 @@ pub(crate) struct Upstream {
     epoch: AtomicU64,
     h2: Mutex<Option<H2Conn>>,
     h2_connecting: tokio::sync::Mutex<()>,
-    tunnels: Arc<Tunnels>,
 }
 
 impl Upstream {
-    /// A pool for `config.upstream`, with a task that closes expired idle connections.
-    pub(crate) fn new(config: &ProxyConfig) -> Arc<Self> {
+    /// A pool for one endpoint, `addr`, with a task that closes expired idle connections.
+    pub(crate) fn for_addr(addr: UpstreamAddr, config: &ProxyConfig) -> Arc<Self> {
         let pool = Arc::new(Self {
-            addr: config.upstream.clone(),
+            addr,
             connect_timeout: config.connect_timeout,
             max_idle: config.max_idle,
             idle: Mutex::new(VecDeque::new()),
             epoch: AtomicU64::new(0),
             h2: Mutex::new(None),
             h2_connecting: tokio::sync::Mutex::new(()),
-            tunnels: Arc::default(),
         });
         tokio::spawn(reap_idle(Arc::downgrade(&pool), config.idle_timeout));
         pool
@@ -114,11 +112,6 @@ impl Upstream {
 
     pub(crate) fn addr(&self) -> &UpstreamAddr {
         &self.addr
-    }
-
-    /// The upgraded connections to this upstream that are still open.
-    pub(crate) fn tunnels(&self) -> &Arc<Tunnels> {
-        &self.tunnels
     }
 
     // === HTTP/1.1 ===

@@ -1,0 +1,158 @@
+//! The admin server: `/ready`, `/live`, and with a configuration `/config_dump`, `/routes`,
+//! `/clusters` and `/stats`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use mesh_routing::Action;
+use serde_json::json;
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::routes::Routes;
+
+pub(crate) async fn serve(listener: TcpListener, draining: Arc<AtomicBool>, routes: Option<Arc<Routes>>) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        tokio::spawn(serve_conn(stream, draining.clone(), routes.clone()));
+    }
+}
+
+async fn serve_conn(stream: TcpStream, draining: Arc<AtomicBool>, routes: Option<Arc<Routes>>) {
+    let service = service_fn(move |req: Request<Incoming>| {
+        let draining = draining.load(Ordering::Acquire);
+        let res = respond(&req, draining, routes.as_deref());
+        async move { Ok::<_, Infallible>(res) }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10))
+        .serve_connection(TokioIo::new(stream), service);
+    let _ = conn.await;
+}
+
+const INDEX: &str = "mesh-proxy admin
+  /ready        200 while serving, 503 while draining
+  /live         200 while the process runs
+  /config_dump  the resources the running configuration was compiled from (JSON)
+  /routes       virtual hosts and routes (JSON)
+  /clusters     destinations, their endpoints, labels and health (JSON)
+  /stats        configuration reloads and reload failures
+";
+
+fn respond(req: &Request<Incoming>, draining: bool, routes: Option<&Routes>) -> Response<Full<Bytes>> {
+    if !matches!(*req.method(), Method::GET | Method::HEAD) {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n".into());
+    }
+    let configured = |f: fn(&Routes) -> serde_json::Value| match routes {
+        Some(r) => {
+            let mut body = serde_json::to_string_pretty(&f(r)).unwrap_or_default();
+            body.push('\n');
+            let mut res = text(StatusCode::OK, body);
+            res.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+            res
+        }
+        None => text(StatusCode::NOT_FOUND, "no configuration loaded (run with --config)\n".into()),
+    };
+    match req.uri().path() {
+        "/live" => text(StatusCode::OK, "live\n".into()),
+        "/ready" if draining => text(StatusCode::SERVICE_UNAVAILABLE, "draining\n".into()),
+        "/ready" => text(StatusCode::OK, "ready\n".into()),
+        "/" => text(StatusCode::OK, INDEX.into()),
+        "/config_dump" => configured(config_dump),
+        "/routes" => configured(route_dump),
+        "/clusters" => configured(cluster_dump),
+        "/stats" => match routes {
+            Some(r) => text(
+                StatusCode::OK,
+                format!(
+                    "config_reloads {}\nconfig_reload_failures {}\n",
+                    r.reloads.load(Ordering::Relaxed),
+                    r.reload_failures.load(Ordering::Relaxed)
+                ),
+            ),
+            None => text(StatusCode::OK, "config_reloads 0\nconfig_reload_failures 0\n".into()),
+        },
+        _ => text(StatusCode::NOT_FOUND, "not found; try /\n".into()),
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut res = Response::new(Full::new(Bytes::from(body)));
+    *res.status_mut() = status;
+    res.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain"));
+    res
+}
+
+fn config_dump(routes: &Routes) -> serde_json::Value {
+    let snapshot = routes.snapshot();
+    json!({ "resources": &snapshot.resources, "notes": &snapshot.notes })
+}
+
+fn route_dump(routes: &Routes) -> serde_json::Value {
+    let snapshot = routes.snapshot();
+    let hosts: Vec<_> = snapshot
+        .table
+        .virtual_hosts()
+        .map(|(name, domains, routes)| {
+            let routes: Vec<_> = routes
+                .iter()
+                .map(|r| {
+                    let action = match r.action() {
+                        Action::Forward(split) => json!({
+                            "forward": split.targets().iter().map(|t| json!({
+                                "cluster": t.key().to_string(), "weight": t.weight(),
+                            })).collect::<Vec<_>>(),
+                        }),
+                        Action::Redirect(_) => json!("redirect"),
+                        Action::Direct(_) => json!("directResponse"),
+                        _ => json!("other"),
+                    };
+                    json!({ "name": &**r.name(), "action": action, "timeout": r.timeout().map(|t| format!("{t:?}")) })
+                })
+                .collect();
+            json!({ "name": name, "domains": domains, "routes": routes })
+        })
+        .collect();
+    json!({ "virtualHosts": hosts })
+}
+
+fn cluster_dump(routes: &Routes) -> serde_json::Value {
+    let snapshot = routes.snapshot();
+    let pooled = routes.pooled();
+    let mut clusters: Vec<_> = snapshot.clusters.values().collect();
+    clusters.sort_by(|a, b| a.key.cmp(&b.key));
+    let clusters: Vec<_> = clusters
+        .into_iter()
+        .map(|c| {
+            let endpoints: Vec<_> = c
+                .balancer
+                .endpoints()
+                .iter()
+                .map(|e| {
+                    json!({
+                        "address": &**e.address(),
+                        "labels": e.labels(),
+                        "weight": e.weight(),
+                        // Outlier detection will mark endpoints unhealthy; until then all are.
+                        "health": "healthy",
+                        "activeRequests": c.balancer.active_requests(e.address()),
+                        "pooled": pooled.contains(e.address()),
+                    })
+                })
+                .collect();
+            json!({ "name": c.key.to_string(), "policy": format!("{:?}", c.balancer.policy()), "endpoints": endpoints })
+        })
+        .collect();
+    json!({ "clusters": clusters })
+}

@@ -1,0 +1,708 @@
+//! Reading configuration files: multi-document YAML of Istio, SMI and the proxy's own kinds.
+//!
+//! [`load`] reads files and directories (every `*.yaml` / `*.yml` / `*.json` in a directory,
+//! not recursing, in name order) into [`Resources`], and reports every problem as a
+//! [`Diagnostic`] with file, line, column and field path. Errors make the whole set
+//! unusable (a reload keeps the previous snapshot); warnings name what is accepted but not
+//! acted on: unknown fields, kinds that later work will enforce, unknown kinds.
+//!
+//! | kind | group | what the proxy does with it |
+//! |---|---|---|
+//! | `VirtualService` | networking.istio.io | routes (`http`) |
+//! | `DestinationRule` | networking.istio.io | subsets, load balancer |
+//! | `ServiceEntry` | networking.istio.io | services and their endpoints (static addresses with labels, or DNS names) |
+//! | `TrafficSplit` | split.smi-spec.io | a weighted split of a service among backends |
+//! | `MeshProxy` | proxy.mesh.dev | the proxy's own settings: listener, admin, workload |
+//! | `PeerAuthentication`, `AuthorizationPolicy`, `RequestAuthentication`, `Telemetry`, `EnvoyFilter`, `ServiceProfile`, `Gateway`, `Sidecar`, `ProxyConfig`, `WorkloadEntry` | | parsed, warned about as not enforced yet |
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use mesh_routing::model::{DestinationRuleSpec, TrafficSplitSpec, VirtualServiceSpec};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+// === diagnostics ===
+
+/// How bad a [`Diagnostic`] is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    /// The configuration cannot be used.
+    Error,
+    /// Accepted, but something in it is ignored.
+    Warning,
+}
+
+/// One problem found in a file.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Diagnostic {
+    /// Error or warning.
+    pub severity: Severity,
+    /// The file.
+    pub file: PathBuf,
+    /// 1-based line, when known.
+    pub line: Option<usize>,
+    /// 1-based column, when known.
+    pub column: Option<usize>,
+    /// The resource, as `Kind namespace/name`, when known.
+    pub resource: Option<String>,
+    /// The field path, like `spec.http[1].route[0].weight`, when known.
+    pub field: Option<String>,
+    /// What is wrong.
+    pub message: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+            if let Some(column) = self.column {
+                write!(f, ":{column}")?;
+            }
+        }
+        let severity = match self.severity {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        };
+        write!(f, ": {severity}: ")?;
+        if let Some(r) = &self.resource {
+            write!(f, "{r}: ")?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, "{field}: ")?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+// === resources ===
+
+/// `metadata` of a resource.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, rename_all = "camelCase")]
+pub struct Metadata {
+    /// The resource's name.
+    pub name: String,
+    /// Its namespace; unset is the proxy's namespace.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Labels.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Annotations. `mesh.dev/sticky-split: header:NAME` or `cookie:NAME` on a
+    /// VirtualService makes its weighted choices sticky by that header or cookie.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// A resource as read: where it came from, its metadata and its typed spec.
+#[derive(Clone, Debug, Serialize)]
+pub struct Resource<T> {
+    /// The file it was read from.
+    pub file: PathBuf,
+    /// The line its document starts on.
+    pub line: usize,
+    /// Its metadata.
+    pub metadata: Metadata,
+    /// Its spec.
+    pub spec: T,
+}
+
+impl<T> Resource<T> {
+    /// Its namespace, or `default_ns`.
+    pub fn namespace<'a>(&'a self, default_ns: &'a str) -> &'a str {
+        self.metadata.namespace.as_deref().filter(|n| !n.is_empty()).unwrap_or(default_ns)
+    }
+}
+
+/// Everything read from the configuration files.
+#[derive(Clone, Debug, Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Resources {
+    /// VirtualServices.
+    pub virtual_services: Vec<Resource<VirtualServiceSpec>>,
+    /// DestinationRules.
+    pub destination_rules: Vec<Resource<DestinationRuleSpec>>,
+    /// ServiceEntries.
+    pub service_entries: Vec<Resource<ServiceEntrySpec>>,
+    /// SMI TrafficSplits.
+    pub traffic_splits: Vec<Resource<TrafficSplitSpec>>,
+    /// The proxy's own settings (the last one read wins).
+    pub mesh_proxy: Option<Resource<MeshProxySpec>>,
+}
+
+/// A ServiceEntry's `spec` (the fields the proxy uses).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, rename_all = "camelCase")]
+pub struct ServiceEntrySpec {
+    /// The service's host names (taken as written: not expanded with the namespace).
+    pub hosts: Vec<String>,
+    /// Virtual IPs (accepted, unused).
+    pub addresses: Vec<String>,
+    /// The service's ports.
+    pub ports: Vec<ServicePort>,
+    /// `MESH_INTERNAL` or `MESH_EXTERNAL` (accepted).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub location: Option<String>,
+    /// `NONE`, `STATIC`, `DNS` or `DNS_ROUND_ROBIN`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub resolution: Option<String>,
+    /// The endpoints.
+    pub endpoints: Vec<WorkloadEntry>,
+    /// Visibility (accepted).
+    pub export_to: Vec<String>,
+    /// Selects workloads instead of listing endpoints (not supported).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workload_selector: Option<mesh_routing::model::NotEnforced>,
+    /// Subject alternative names (mesh-tls, not yet).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub subject_alt_names: Vec<String>,
+}
+
+/// A port of a ServiceEntry.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, rename_all = "camelCase")]
+pub struct ServicePort {
+    /// The service port.
+    pub number: u32,
+    /// `HTTP`, `HTTP2`, `GRPC`, `TCP`, … (accepted).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+    /// The port's name, which endpoints' `ports` refer to.
+    pub name: String,
+    /// The port on the endpoints, when it differs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_port: Option<u32>,
+}
+
+/// An endpoint of a ServiceEntry.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, rename_all = "camelCase")]
+pub struct WorkloadEntry {
+    /// An IP address or a DNS name.
+    pub address: String,
+    /// Port overrides by service port name.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub ports: BTreeMap<String, u32>,
+    /// Labels, which subsets select on.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Load-balancing weight (default 1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
+    /// Network (accepted).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network: Option<String>,
+    /// Locality (accepted).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub locality: Option<String>,
+    /// Service account (mesh-tls, not yet).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service_account: Option<String>,
+}
+
+/// The `MeshProxy` kind's `spec`: the proxy's own settings.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, rename_all = "camelCase")]
+pub struct MeshProxySpec {
+    /// The outbound listener (`--listen` overrides it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
+    /// The admin listener, or `off` (`--admin` overrides it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin: Option<String>,
+    /// The local application's address (for the inbound side, later).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub app: Option<String>,
+    /// The workload this proxy runs beside.
+    pub workload: Workload,
+    /// The DNS domain suffix of the cluster (default `cluster.local`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub domain_suffix: Option<String>,
+}
+
+/// The workload a proxy runs beside.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, rename_all = "camelCase")]
+pub struct Workload {
+    /// Its name.
+    pub name: String,
+    /// Its namespace (default `default`): the namespace of resources that name none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Its labels (for `sourceLabels`).
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Kinds that are recognised and parsed but not enforced yet, with their API groups.
+const NOT_ENFORCED: &[(&str, &str)] = &[
+    ("PeerAuthentication", "security.istio.io"),
+    ("AuthorizationPolicy", "security.istio.io"),
+    ("RequestAuthentication", "security.istio.io"),
+    ("Telemetry", "telemetry.istio.io"),
+    ("EnvoyFilter", "networking.istio.io"),
+    ("Gateway", "networking.istio.io"),
+    ("Sidecar", "networking.istio.io"),
+    ("ProxyConfig", "networking.istio.io"),
+    ("WorkloadEntry", "networking.istio.io"),
+    ("WorkloadGroup", "networking.istio.io"),
+    ("ServiceProfile", "linkerd.io"),
+];
+
+// === loading ===
+
+/// What [`load`] found: the resources, and every diagnostic.
+#[derive(Debug, Default)]
+pub struct Loaded {
+    /// The resources read.
+    pub resources: Resources,
+    /// Errors and warnings, in file order.
+    pub diagnostics: Vec<Diagnostic>,
+}
+
+impl Loaded {
+    /// Whether any diagnostic is an error.
+    pub fn has_errors(&self) -> bool {
+        self.diagnostics.iter().any(|d| d.severity == Severity::Error)
+    }
+
+    /// The errors.
+    pub fn errors(&self) -> impl Iterator<Item = &Diagnostic> {
+        self.diagnostics.iter().filter(|d| d.severity == Severity::Error)
+    }
+
+    pub(crate) fn error(&mut self, file: &Path, line: Option<usize>, resource: Option<String>, field: Option<String>, message: String) {
+        self.diagnostics.push(Diagnostic { severity: Severity::Error, file: file.into(), line, column: None, resource, field, message });
+    }
+
+    pub(crate) fn warn(&mut self, file: &Path, line: Option<usize>, resource: Option<String>, field: Option<String>, message: String) {
+        self.diagnostics.push(Diagnostic { severity: Severity::Warning, file: file.into(), line, column: None, resource, field, message });
+    }
+}
+
+/// The files `paths` stand for: files as given, directories' `*.yaml`, `*.yml` and `*.json`
+/// files in name order.
+pub fn expand(paths: &[PathBuf]) -> Result<Vec<PathBuf>, Diagnostic> {
+    let mut files = Vec::new();
+    for path in paths {
+        let io_error = |e: std::io::Error| Diagnostic {
+            severity: Severity::Error,
+            file: path.clone(),
+            line: None,
+            column: None,
+            resource: None,
+            field: None,
+            message: format!("cannot read: {e}"),
+        };
+        if std::fs::metadata(path).map_err(io_error)?.is_dir() {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(path)
+                .map_err(io_error)?
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| {
+                    // Kubernetes volume internals (`..data`, `..2024_…`) are skipped.
+                    let hidden = p.file_name().and_then(|n| n.to_str()).is_none_or(|n| n.starts_with('.'));
+                    let yaml = p.extension().and_then(|e| e.to_str()).is_some_and(|e| matches!(e, "yaml" | "yml" | "json"));
+                    !hidden && yaml && p.is_file()
+                })
+                .collect();
+            found.sort();
+            files.extend(found);
+        } else {
+            files.push(path.clone());
+        }
+    }
+    Ok(files)
+}
+
+/// Reads every file of `paths` (see [`expand`]).
+pub fn load(paths: &[PathBuf]) -> Loaded {
+    let mut loaded = Loaded::default();
+    let files = match expand(paths) {
+        Ok(files) => files,
+        Err(d) => {
+            loaded.diagnostics.push(d);
+            return loaded;
+        }
+    };
+    for file in files {
+        match std::fs::read_to_string(&file) {
+            Ok(text) => load_text(&file, &text, &mut loaded),
+            Err(e) => loaded.error(&file, None, None, None, format!("cannot read: {e}")),
+        }
+    }
+    loaded
+}
+
+/// The header every document must have.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Header {
+    #[serde(default)]
+    api_version: Option<String>,
+    #[serde(default)]
+    kind: Option<String>,
+    #[serde(default)]
+    metadata: Metadata,
+}
+
+/// A whole document of one kind.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Document<T> {
+    #[serde(rename = "apiVersion")]
+    _api_version: Option<serde::de::IgnoredAny>,
+    #[serde(rename = "kind")]
+    _kind: Option<serde::de::IgnoredAny>,
+    metadata: Metadata,
+    #[serde(default)]
+    spec: T,
+    #[serde(default, rename = "status")]
+    _status: Option<serde::de::IgnoredAny>,
+}
+
+/// Reads the documents of one file's text.
+pub fn load_text(file: &Path, text: &str, loaded: &mut Loaded) {
+    // The first pass checks the YAML and reads each document's header; a file with any
+    // syntax error contributes nothing.
+    let mut headers = Vec::new();
+    for de in yaml_serde::Deserializer::from_str(text) {
+        match Option::<yaml_serde::Value>::deserialize(de) {
+            Ok(None) => headers.push(None),
+            Ok(Some(value)) => headers.push(Some(value)),
+            Err(e) => {
+                let (line, column) = e.location().map_or((None, None), |l| (Some(l.line()), Some(l.column())));
+                loaded.diagnostics.push(Diagnostic {
+                    severity: Severity::Error,
+                    file: file.into(),
+                    line,
+                    column,
+                    resource: None,
+                    field: None,
+                    message: format!("invalid YAML: {}", strip_location(&e.to_string())),
+                });
+                return;
+            }
+        }
+    }
+    let starts = document_lines(text);
+    for (i, value) in headers.into_iter().enumerate() {
+        let Some(value) = value else { continue };
+        let line = starts.get(i).copied().unwrap_or(1);
+        let header: Header = match yaml_serde::from_value(value) {
+            Ok(h) => h,
+            Err(e) => {
+                loaded.error(file, Some(line), None, None, format!("not a Kubernetes-style resource: {e}"));
+                continue;
+            }
+        };
+        let Some(kind) = header.kind.clone() else {
+            loaded.error(file, Some(line), None, Some("kind".into()), "every document needs a `kind`".into());
+            continue;
+        };
+        let api = header.api_version.clone().unwrap_or_default();
+        let group = api.split('/').next().unwrap_or("");
+        let name = match &header.metadata.namespace {
+            Some(ns) => format!("{kind} {ns}/{}", header.metadata.name),
+            None => format!("{kind} {}", header.metadata.name),
+        };
+        if header.api_version.is_none() {
+            loaded.warn(file, Some(line), Some(name.clone()), Some("apiVersion".into()), "missing".into());
+        }
+        let doc = || yaml_serde::Deserializer::from_str(text).nth(i).expect("the document was read once already");
+        let mut ctx = Ctx { file, text, line, name: &name, loaded };
+        match (kind.as_str(), group) {
+            ("VirtualService", "networking.istio.io") => {
+                if let Some(r) = ctx.typed(doc()) {
+                    let r: Resource<VirtualServiceSpec> = r;
+                    ctx.check_virtual_service(&r);
+                    ctx.loaded.resources.virtual_services.push(r);
+                }
+            }
+            ("DestinationRule", "networking.istio.io") => {
+                if let Some(r) = ctx.typed::<DestinationRuleSpec>(doc()) {
+                    if r.spec.host.is_empty() {
+                        ctx.error_at("spec.host", "a DestinationRule needs a `host`");
+                    }
+                    ctx.loaded.resources.destination_rules.push(r);
+                }
+            }
+            ("ServiceEntry", "networking.istio.io") => {
+                if let Some(r) = ctx.typed::<ServiceEntrySpec>(doc()) {
+                    ctx.check_service_entry(&r);
+                    ctx.loaded.resources.service_entries.push(r);
+                }
+            }
+            ("TrafficSplit", "split.smi-spec.io") => {
+                if let Some(r) = ctx.typed::<TrafficSplitSpec>(doc()) {
+                    if r.spec.service.is_empty() {
+                        ctx.error_at("spec.service", "a TrafficSplit needs a `service`");
+                    }
+                    ctx.loaded.resources.traffic_splits.push(r);
+                }
+            }
+            ("MeshProxy", "proxy.mesh.dev") => {
+                if let Some(r) = ctx.typed::<MeshProxySpec>(doc()) {
+                    ctx.loaded.resources.mesh_proxy = Some(r);
+                }
+            }
+            (k, g) if NOT_ENFORCED.iter().any(|(nk, ng)| *nk == k && *ng == g) => {
+                ctx.loaded.warn(file, Some(line), Some(name.clone()), None, "parsed, but not enforced yet".into());
+            }
+            (k, g) => {
+                let what = if NOT_ENFORCED.iter().any(|(nk, _)| *nk == k)
+                    || ["VirtualService", "DestinationRule", "ServiceEntry", "TrafficSplit", "MeshProxy"].contains(&k)
+                {
+                    format!("unknown API group `{g}` for kind {k}; ignored")
+                } else {
+                    format!("unknown kind `{k}` ({api}); ignored")
+                };
+                ctx.loaded.warn(file, Some(line), Some(name.clone()), None, what);
+            }
+        }
+    }
+}
+
+/// The 1-based line each document starts on (after `---` separators).
+fn document_lines(text: &str) -> Vec<usize> {
+    let mut starts = Vec::new();
+    let mut pending = Some(1);
+    for (n, line) in text.lines().enumerate() {
+        let trimmed = line.trim_end();
+        if trimmed == "---" || trimmed.starts_with("--- ") {
+            pending = Some(n + 2);
+            continue;
+        }
+        let content = !trimmed.trim_start().is_empty() && !trimmed.trim_start().starts_with('#');
+        if content && let Some(start) = pending.take() {
+            starts.push(start.max(n + 1));
+        }
+    }
+    starts
+}
+
+/// `spec.http.0.route` as `spec.http[0].route`.
+fn bracket_indices(path: &str) -> String {
+    let mut out = String::with_capacity(path.len() + 4);
+    for (i, part) in path.split('.').enumerate() {
+        if !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()) {
+            out.push('[');
+            out.push_str(part);
+            out.push(']');
+        } else {
+            if i > 0 {
+                out.push('.');
+            }
+            out.push_str(part);
+        }
+    }
+    out
+}
+
+/// `… at line 3 column 5` is said by the diagnostic's position already.
+fn strip_location(message: &str) -> &str {
+    match message.rfind(" at line ") {
+        Some(i) => &message[..i],
+        None => message,
+    }
+}
+
+struct Ctx<'a> {
+    file: &'a Path,
+    text: &'a str,
+    line: usize,
+    name: &'a str,
+    loaded: &'a mut Loaded,
+}
+
+impl Ctx<'_> {
+    /// Deserializes a document as `Document<T>`, reporting type errors with their position
+    /// and path, and ignored fields as warnings.
+    fn typed<T: DeserializeOwned + Default>(&mut self, de: yaml_serde::Deserializer<'_>) -> Option<Resource<T>> {
+        let mut ignored = Vec::new();
+        let result: Result<Document<T>, _> = serde_ignored::deserialize(de, |path| ignored.push(path.to_string()));
+        match result {
+            Ok(doc) => {
+                // `?` is inside a field accepted as a whole (a not-enforced block, the header).
+                for path in ignored.iter().filter(|p| !p.contains('?')).map(|p| bracket_indices(p)) {
+                    let line = self.line_of(&path);
+                    if path.ends_with(".destination.weight") {
+                        // Istio refuses unknown fields; this one is a common slip worth naming.
+                        let message = "unknown field: `weight` belongs beside `destination`, not inside it";
+                        self.loaded.error(self.file, line, Some(self.name.into()), Some(path), message.into());
+                        continue;
+                    }
+                    self.loaded.warn(self.file, line, Some(self.name.into()), Some(path), "unknown field, ignored".into());
+                }
+                self.note_not_enforced_later();
+                Some(Resource { file: self.file.into(), line: self.line, metadata: doc.metadata, spec: doc.spec })
+            }
+            Err(e) => {
+                let (line, column) = e.location().map_or((None, None), |l| (Some(l.line()), Some(l.column())));
+                let message = strip_location(&e.to_string()).to_owned();
+                // yaml_serde says `spec.http[1].route[0].weight: invalid type: …`.
+                let (field, message) = match message.split_once(": ") {
+                    Some((path, rest)) if !path.contains(' ') => (Some(path.to_owned()), rest.to_owned()),
+                    _ => (None, message),
+                };
+                self.loaded.diagnostics.push(Diagnostic {
+                    severity: Severity::Error,
+                    file: self.file.into(),
+                    line: line.or(Some(self.line)),
+                    column,
+                    resource: Some(self.name.into()),
+                    field,
+                    message,
+                });
+                None
+            }
+        }
+    }
+
+    fn error_at(&mut self, field: &str, message: &str) {
+        let line = self.line_of(field);
+        self.loaded.error(self.file, line, Some(self.name.into()), Some(field.into()), message.into());
+    }
+
+    fn warn_at(&mut self, field: &str, message: &str) {
+        let line = self.line_of(field);
+        self.loaded.warn(self.file, line, Some(self.name.into()), Some(field.into()), message.into());
+    }
+
+    /// The line of `field` (its last key) in this document, found by looking for the key
+    /// from the document's start; the document's line when not found.
+    fn line_of(&self, field: &str) -> Option<usize> {
+        let key = field.rsplit('.').next().unwrap_or(field);
+        let key = key.split('[').next().unwrap_or(key);
+        let needle = format!("{key}:");
+        self.text
+            .lines()
+            .enumerate()
+            .skip(self.line.saturating_sub(1))
+            .find(|(_, l)| {
+                let t = l.trim_start().trim_start_matches("- ");
+                t.starts_with(&needle) || t.starts_with(&format!("\"{key}\":"))
+            })
+            .map(|(n, _)| n + 1)
+            .or(Some(self.line))
+    }
+
+    /// Warns about fields present in the document that are accepted but not enforced yet.
+    fn note_not_enforced_later(&mut self) {
+        let end = {
+            let rest = &self.text.lines().skip(self.line).position(|l| l.trim_end() == "---");
+            rest.map_or(usize::MAX, |n| self.line + n)
+        };
+        const LATER: &[(&str, &str)] = &[
+            ("retries:", "retries (mesh-resilience)"),
+            ("fault:", "fault injection (mesh-resilience)"),
+            ("corsPolicy:", "CORS"),
+            ("connectionPool:", "connection-pool limits (mesh-resilience)"),
+            ("outlierDetection:", "outlier detection (mesh-resilience)"),
+            ("tls:", "TLS settings (mesh-tls)"),
+            ("portLevelSettings:", "port-level settings"),
+            ("retryBudget:", "retry budgets (mesh-resilience)"),
+            ("localityLbSetting:", "locality load balancing"),
+            ("warmup:", "slow start"),
+            ("delegate:", "delegation"),
+            ("workloadSelector:", "workload selectors"),
+        ];
+        let mut found = Vec::new();
+        for (n, l) in self.text.lines().enumerate().skip(self.line.saturating_sub(1)) {
+            if n + 1 >= end {
+                break;
+            }
+            let t = l.trim_start().trim_start_matches("- ");
+            for (key, what) in LATER {
+                if t.starts_with(key) && !found.iter().any(|(k, _)| k == key) {
+                    found.push((*key, n + 1));
+                    let _ = what;
+                }
+            }
+        }
+        for (key, line) in found {
+            let what = LATER.iter().find(|(k, _)| *k == key).map_or("", |(_, w)| w);
+            self.loaded.warn(
+                self.file,
+                Some(line),
+                Some(self.name.into()),
+                Some(key.trim_end_matches(':').into()),
+                format!("{what}: parsed, but not enforced yet"),
+            );
+        }
+    }
+
+    fn check_virtual_service(&mut self, r: &Resource<VirtualServiceSpec>) {
+        if r.spec.hosts.is_empty() {
+            let hosts: std::collections::BTreeSet<&str> = r
+                .spec
+                .http
+                .iter()
+                .flat_map(|h| h.route.iter().map(|d| d.destination.host.as_str()))
+                .collect();
+            let hint = match hosts.len() {
+                1 => format!(" (all its routes go to `{0}`: add `hosts: [{0}]`)", hosts.first().expect("one host")),
+                _ => String::new(),
+            };
+            let line = self.line_of("spec");
+            self.loaded.error(
+                self.file,
+                line,
+                Some(self.name.into()),
+                Some("spec.hosts".into()),
+                format!("a VirtualService needs at least one host, as Istio requires{hint}"),
+            );
+        }
+        if !r.spec.gateways.is_empty() && !r.spec.gateways.iter().any(|g| g == "mesh") {
+            self.warn_at("spec.gateways", "bound to gateways only (no `mesh`): a sidecar does not apply it");
+        }
+        for (i, route) in r.spec.http.iter().enumerate() {
+            for (j, m) in route.matches.iter().enumerate() {
+                for key in m.pseudo_header_keys() {
+                    self.warn_at(
+                        &format!("spec.http[{i}].match[{j}].headers.{key}"),
+                        "matches a header of this literal name (as Istio does); use the match field of this name instead",
+                    );
+                }
+            }
+        }
+        // Compiling the routes finds the rest (weights, rewrites, regexes…), with field paths.
+        let host = mesh_routing::VirtualHostConfig::new(self.name, vec!["*".into()], r.spec.http.clone());
+        if let Err(e) = mesh_routing::RouteTable::new(&[host], &mesh_routing::RouteContext::default()) {
+            let field = format!("spec.{}", e.field());
+            self.error_at(&field, e.reason());
+        }
+    }
+
+    fn check_service_entry(&mut self, r: &Resource<ServiceEntrySpec>) {
+        if r.spec.hosts.is_empty() {
+            self.error_at("spec.hosts", "a ServiceEntry needs at least one host");
+        }
+        match r.spec.resolution.as_deref() {
+            None | Some("NONE" | "STATIC" | "DNS" | "DNS_ROUND_ROBIN") => {}
+            Some(other) => self.error_at(
+                "spec.resolution",
+                &format!("`{other}` is not one of NONE, STATIC, DNS, DNS_ROUND_ROBIN"),
+            ),
+        }
+        for (i, p) in r.spec.ports.iter().enumerate() {
+            if p.number == 0 || p.number > 65535 {
+                self.error_at(&format!("spec.ports[{i}].number"), "must be a port from 1 to 65535");
+            }
+        }
+        for (i, e) in r.spec.endpoints.iter().enumerate() {
+            if e.address.is_empty() {
+                self.error_at(&format!("spec.endpoints[{i}].address"), "an endpoint needs an address");
+            }
+            if e.weight == Some(0) {
+                self.error_at(&format!("spec.endpoints[{i}].weight"), "must be at least 1");
+            }
+        }
+        if r.spec.ports.is_empty() {
+            self.error_at("spec.ports", "a ServiceEntry needs at least one port");
+        }
+    }
+}

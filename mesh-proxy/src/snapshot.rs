@@ -1,0 +1,345 @@
+//! The compiled configuration: one immutable [`Snapshot`] built from [`Resources`], swapped
+//! in whole on reload.
+//!
+//! Names resolve as Istio resolves them: a short host (no dot) in a resource of namespace
+//! `ns` is `host.ns.svc.cluster.local` (the suffix comes from `MeshProxy`'s `domainSuffix`);
+//! a name with a dot is taken as written. ServiceEntry hosts are resolved the same way, so a
+//! ServiceEntry for `reviews` and a route to `reviews` in one namespace meet.
+//!
+//! Every VirtualService becomes a virtual host answering to its hosts and, for cluster-local
+//! names, to the short forms a client in the proxy's namespace uses (`reviews`,
+//! `reviews.default`, `reviews.default.svc`). Every service of a ServiceEntry or TrafficSplit
+//! that no VirtualService covers gets a default virtual host sending everything to it.
+//! Destinations (host, subset, port) become clusters: the service's endpoints whose labels
+//! include the subset's, balanced by the DestinationRule's `loadBalancer` (the subset's own
+//! when it has one; least request by default, as Istio). A destination whose host no
+//! ServiceEntry describes is sent to the host name itself (resolved by DNS at connect time,
+//! port 80 unless the route names one), as Istio's `resolution: DNS` would.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use mesh_routing::balance::{Balancer, Endpoint, HashKey, LbPolicy};
+use mesh_routing::model::{DestinationRuleSpec, HttpRoute, LoadBalancerSettings, TrafficPolicy};
+use mesh_routing::{DestinationKey, RouteContext, RouteTable, SplitKey, VirtualHostConfig};
+
+use crate::loader::{Resource, Resources, ServiceEntrySpec};
+
+/// The annotation that makes a VirtualService's splits sticky: `header:NAME` or `cookie:NAME`.
+pub const STICKY_ANNOTATION: &str = "mesh.dev/sticky-split";
+
+/// One compiled configuration. See the module docs.
+#[derive(Debug)]
+pub struct Snapshot {
+    /// The route table.
+    pub table: RouteTable,
+    /// Clusters by destination.
+    pub clusters: HashMap<DestinationKey, Arc<Cluster>>,
+    /// What the snapshot was compiled from (for `/config_dump`).
+    pub resources: Resources,
+    /// Findings worth a warning (unreachable routes, unknown subsets, …).
+    pub notes: Vec<String>,
+}
+
+/// The endpoints of one destination and how to choose among them.
+#[derive(Debug)]
+pub struct Cluster {
+    /// The destination.
+    pub key: DestinationKey,
+    /// The balancer over its endpoints.
+    pub balancer: Balancer,
+    /// The consistent-hash key, when the policy hashes.
+    pub hash_key: Option<HashKey>,
+}
+
+/// A configuration that cannot be compiled.
+#[derive(Debug, thiserror::Error)]
+#[error("{resource}: {message}")]
+pub struct CompileError {
+    /// `Kind namespace/name`, and the file and line it came from.
+    pub resource: String,
+    /// What is wrong, with the field path.
+    pub message: String,
+}
+
+struct Service<'a> {
+    entry: &'a Resource<ServiceEntrySpec>,
+}
+
+/// Compiles `resources`.
+pub fn compile(resources: Resources) -> Result<Snapshot, CompileError> {
+    let proxy = resources.mesh_proxy.as_ref().map(|r| &r.spec);
+    let default_ns = proxy.and_then(|p| p.workload.namespace.clone()).unwrap_or_else(|| "default".into());
+    let suffix = proxy.and_then(|p| p.domain_suffix.clone()).unwrap_or_else(|| "cluster.local".into());
+    let fqdn = |name: &str, ns: &str| resolve(name, ns, &suffix);
+    let mut notes = Vec::new();
+
+    // Services.
+    let mut services: BTreeMap<String, Service<'_>> = BTreeMap::new();
+    for se in &resources.service_entries {
+        let ns = se.namespace(&default_ns);
+        for host in &se.spec.hosts {
+            services.insert(fqdn(host, ns), Service { entry: se });
+        }
+    }
+    // Destination rules, by resolved host (a later one replaces an earlier one).
+    let mut rules: BTreeMap<String, &Resource<DestinationRuleSpec>> = BTreeMap::new();
+    for dr in &resources.destination_rules {
+        if rules.insert(fqdn(&dr.spec.host, dr.namespace(&default_ns)), dr).is_some() {
+            notes.push(format!("DestinationRule {}: replaces an earlier rule for the same host", dr.metadata.name));
+        }
+    }
+
+    // Virtual hosts.
+    let mut hosts = Vec::new();
+    let mut covered = std::collections::BTreeSet::new();
+    let mut split_key = SplitKey::PerRequest;
+    for vs in &resources.virtual_services {
+        let ns = vs.namespace(&default_ns);
+        let spec = &vs.spec;
+        if !spec.gateways.is_empty() && !spec.gateways.iter().any(|g| g == "mesh") {
+            continue;
+        }
+        let name = format!("{ns}/{}", vs.metadata.name);
+        let err = |message: String| CompileError {
+            resource: format!("VirtualService {name} ({}:{})", vs.file.display(), vs.line),
+            message,
+        };
+        if spec.hosts.is_empty() {
+            return Err(err("spec.hosts: a VirtualService needs at least one host".into()));
+        }
+        let routes: Vec<HttpRoute> = spec
+            .http
+            .iter()
+            .map(|r| {
+                let mut r = r.clone();
+                for d in &mut r.route {
+                    d.destination.host = fqdn(&d.destination.host, ns);
+                }
+                if let Some(m) = &mut r.mirror {
+                    m.host = fqdn(&m.host, ns);
+                }
+                for m in &mut r.mirrors {
+                    m.destination.host = fqdn(&m.destination.host, ns);
+                }
+                r
+            })
+            .collect();
+        let mut domains = Vec::new();
+        for host in &spec.hosts {
+            let full = fqdn(host, ns);
+            covered.insert(full.clone());
+            domains.extend(aliases(&full, &default_ns, &suffix));
+        }
+        if let Some(sticky) = vs.metadata.annotations.get(STICKY_ANNOTATION) {
+            split_key = match sticky.split_once(':') {
+                Some(("header", h)) => SplitKey::Header(
+                    h.trim().parse().map_err(|_| err(format!("metadata.annotations.{STICKY_ANNOTATION}: `{h}` is not a header name")))?,
+                ),
+                Some(("cookie", c)) => SplitKey::Cookie(c.trim().to_owned()),
+                _ => {
+                    return Err(err(format!(
+                        "metadata.annotations.{STICKY_ANNOTATION}: expected `header:NAME` or `cookie:NAME`"
+                    )));
+                }
+            };
+        }
+        hosts.push(VirtualHostConfig::new(name, domains, routes));
+    }
+    for ts in &resources.traffic_splits {
+        let ns = ts.namespace(&default_ns);
+        let apex = fqdn(&ts.spec.service, ns);
+        if !covered.insert(apex.clone()) {
+            notes.push(format!("TrafficSplit {ns}/{}: a VirtualService already routes {apex}; the split is ignored", ts.metadata.name));
+            continue;
+        }
+        let mut route = ts.spec.to_route();
+        for d in &mut route.route {
+            d.destination.host = fqdn(&d.destination.host, ns);
+        }
+        hosts.push(VirtualHostConfig::new(format!("{ns}/{}", ts.metadata.name), aliases(&apex, &default_ns, &suffix), vec![route]));
+    }
+    for host in services.keys() {
+        if covered.contains(host) || host.starts_with('*') {
+            continue;
+        }
+        let route = HttpRoute::named(format!("default-{host}")).to(host.clone(), None, 1);
+        hosts.push(VirtualHostConfig::new(format!("default/{host}"), aliases(host, &default_ns, &suffix), vec![route]));
+    }
+
+    let mut context = RouteContext::default();
+    context.namespace = Some(default_ns.clone());
+    context.labels = proxy.map(|p| p.workload.labels.clone()).unwrap_or_default();
+    let table = RouteTable::new(&hosts, &context)
+        .map_err(|e| CompileError { resource: format!("VirtualService {}", vhost_of(&hosts, &e)), message: e.to_string() })?
+        .with_split_key(split_key);
+    notes.extend(table.notes().iter().cloned());
+
+    // Clusters.
+    let mut clusters = HashMap::new();
+    for key in table.destinations() {
+        let rule = rules.get(&*key.host).copied();
+        let subset = match (&key.subset, rule) {
+            (None, _) => None,
+            (Some(name), Some(dr)) => match dr.spec.subsets.iter().find(|s| s.name == **name) {
+                Some(s) => Some(s),
+                None => {
+                    notes.push(format!("{key}: no subset `{name}` in DestinationRule {}; requests get 503 NC", dr.metadata.name));
+                    continue;
+                }
+            },
+            (Some(name), None) => {
+                notes.push(format!("{key}: no DestinationRule defines subset `{name}`; requests get 503 NC"));
+                continue;
+            }
+        };
+        let endpoints = match services.get(&*key.host) {
+            Some(service) => endpoints_of(service.entry, key.port, subset.map(|s| &s.labels), &mut notes, &key),
+            None => {
+                let port = key.port.unwrap_or(80);
+                notes.push(format!("{key}: no ServiceEntry describes {}; sent to {}:{port} by name", key.host, key.host));
+                vec![Endpoint::new(format!("{}:{port}", key.host))]
+            }
+        };
+        let lb = subset
+            .and_then(|s| s.traffic_policy.as_ref())
+            .and_then(|p| p.load_balancer.as_ref())
+            .or_else(|| rule.and_then(|r| r.spec.traffic_policy.as_ref()).and_then(|p: &TrafficPolicy| p.load_balancer.as_ref()));
+        let (policy, hash_key) = lb_policy(lb).map_err(|message| CompileError {
+            resource: format!("DestinationRule for {}", key.host),
+            message,
+        })?;
+        let balancer = Balancer::new(policy, endpoints)
+            .map_err(|e| CompileError { resource: format!("cluster {key}"), message: e.to_string() })?;
+        clusters.insert((*key).clone(), Arc::new(Cluster { key: (*key).clone(), balancer, hash_key }));
+    }
+    Ok(Snapshot { table, clusters, resources, notes })
+}
+
+fn vhost_of(hosts: &[VirtualHostConfig], e: &mesh_routing::InvalidRoute) -> String {
+    let _ = e;
+    hosts.iter().map(|h| h.name.as_str()).collect::<Vec<_>>().join(", ")
+}
+
+/// `name` in namespace `ns` as Istio resolves it.
+pub fn resolve(name: &str, ns: &str, suffix: &str) -> String {
+    let name = name.trim().to_ascii_lowercase();
+    if name.contains('.') || name == "*" || name.starts_with('*') {
+        name
+    } else {
+        format!("{name}.{ns}.svc.{suffix}")
+    }
+}
+
+/// The names a client reaches `fqdn` by: for `name.ns.svc.suffix`, also `name.ns.svc` and
+/// `name.ns`, and `name` when `ns` is the proxy's namespace.
+fn aliases(fqdn: &str, proxy_ns: &str, suffix: &str) -> Vec<String> {
+    let mut out = vec![fqdn.to_owned()];
+    if let Some(rest) = fqdn.strip_suffix(&format!(".svc.{suffix}")) {
+        out.push(format!("{rest}.svc"));
+        if let Some((name, ns)) = rest.split_once('.') {
+            out.push(rest.to_owned());
+            if ns == proxy_ns {
+                out.push(name.to_owned());
+            }
+        }
+    }
+    out
+}
+
+fn endpoints_of(
+    se: &Resource<ServiceEntrySpec>,
+    port: Option<u16>,
+    selector: Option<&BTreeMap<String, String>>,
+    notes: &mut Vec<String>,
+    key: &DestinationKey,
+) -> Vec<Endpoint> {
+    let spec = &se.spec;
+    let service_port = match port {
+        Some(p) => spec.ports.iter().find(|sp| sp.number == u32::from(p)),
+        None => spec.ports.first(),
+    };
+    let Some(service_port) = service_port else {
+        notes.push(format!("{key}: the ServiceEntry has no such port"));
+        return Vec::new();
+    };
+    let number = service_port.number;
+    let target = service_port.target_port.unwrap_or(number);
+    if spec.endpoints.is_empty() {
+        // DNS resolution of the host itself.
+        return spec.hosts.first().map(|h| vec![Endpoint::new(format!("{h}:{target}"))]).unwrap_or_default();
+    }
+    spec.endpoints
+        .iter()
+        .filter(|e| selector.is_none_or(|sel| sel.iter().all(|(k, v)| e.labels.get(k) == Some(v))))
+        .map(|e| {
+            let p = e.ports.get(&service_port.name).copied().unwrap_or(target);
+            let address = if e.address.contains(':') && !e.address.starts_with('[') {
+                format!("[{}]:{p}", e.address)
+            } else {
+                format!("{}:{p}", e.address)
+            };
+            Endpoint::new(address).with_labels(e.labels.clone()).with_weight(e.weight.unwrap_or(1).max(1))
+        })
+        .collect()
+}
+
+/// The balancer policy and hash key of a `loadBalancer` block.
+fn lb_policy(lb: Option<&LoadBalancerSettings>) -> Result<(LbPolicy, Option<HashKey>), String> {
+    let Some(lb) = lb else { return Ok((LbPolicy::LeastRequest, None)) };
+    if let Some(ch) = &lb.consistent_hash {
+        let keys = usize::from(ch.http_header_name.is_some())
+            + usize::from(ch.http_cookie.is_some())
+            + usize::from(ch.use_source_ip == Some(true))
+            + usize::from(ch.http_query_parameter_name.is_some());
+        if keys != 1 {
+            return Err("trafficPolicy.loadBalancer.consistentHash: set exactly one of httpHeaderName, httpCookie, useSourceIp, httpQueryParameterName".into());
+        }
+        let key = if let Some(h) = &ch.http_header_name {
+            HashKey::Header(h.parse().map_err(|_| format!("consistentHash.httpHeaderName: `{h}` is not a header name"))?)
+        } else if let Some(c) = &ch.http_cookie {
+            HashKey::Cookie { name: c.name.clone(), ttl: c.ttl.map(|t| t.get()), path: c.path.clone() }
+        } else if let Some(q) = &ch.http_query_parameter_name {
+            HashKey::QueryParam(q.clone())
+        } else {
+            HashKey::SourceIp
+        };
+        let policy = match &ch.maglev {
+            Some(m) => LbPolicy::Maglev { table_size: m.table_size.unwrap_or(LbPolicy::DEFAULT_MAGLEV_TABLE_SIZE) },
+            None => LbPolicy::RingHash {
+                minimum_ring_size: ch
+                    .ring_hash
+                    .as_ref()
+                    .and_then(|r| r.minimum_ring_size)
+                    .or(ch.minimum_ring_size)
+                    .unwrap_or(LbPolicy::DEFAULT_MINIMUM_RING_SIZE),
+            },
+        };
+        return Ok((policy, Some(key)));
+    }
+    let policy = match lb.simple.as_deref() {
+        None | Some("UNSPECIFIED" | "LEAST_REQUEST" | "LEAST_CONN") => LbPolicy::LeastRequest,
+        Some("ROUND_ROBIN") => LbPolicy::RoundRobin,
+        Some("RANDOM") => LbPolicy::Random,
+        Some("PASSTHROUGH") => return Err("trafficPolicy.loadBalancer.simple: PASSTHROUGH is not supported".into()),
+        Some(other) => return Err(format!("trafficPolicy.loadBalancer.simple: unknown policy `{other}`")),
+    };
+    Ok((policy, None))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_names_resolve_in_their_namespace() {
+        assert_eq!(resolve("reviews", "default", "cluster.local"), "reviews.default.svc.cluster.local");
+        assert_eq!(resolve("Reviews.prod.svc.cluster.local", "default", "cluster.local"), "reviews.prod.svc.cluster.local");
+        assert_eq!(resolve("api.example.com", "default", "cluster.local"), "api.example.com");
+        assert_eq!(
+            aliases("reviews.default.svc.cluster.local", "default", "cluster.local"),
+            ["reviews.default.svc.cluster.local", "reviews.default.svc", "reviews.default", "reviews"]
+        );
+        assert_eq!(aliases("reviews.prod.svc.cluster.local", "default", "cluster.local").len(), 3);
+    }
+}
