@@ -165,7 +165,11 @@ impl Server {
         if let Some(routes) = &self.routes
             && !self.config.config_paths.is_empty()
         {
-            tokio::spawn(reload::watch(self.config.config_paths.clone(), self.config.reload_interval, Arc::downgrade(routes)));
+            tokio::spawn(reload::watch(
+                self.config.config_paths.clone(),
+                self.config.reload_interval,
+                Arc::downgrade(routes),
+            ));
         }
         let limits = downstream::Limits {
             idle: self.config.downstream_idle_timeout,
@@ -320,4 +324,3 @@ impl Conn {
         tokio::spawn(watchdog);
     }
 }
-

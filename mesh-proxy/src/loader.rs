@@ -274,12 +274,42 @@ impl Loaded {
         self.diagnostics.iter().filter(|d| d.severity == Severity::Error)
     }
 
-    pub(crate) fn error(&mut self, file: &Path, line: Option<usize>, resource: Option<String>, field: Option<String>, message: String) {
-        self.diagnostics.push(Diagnostic { severity: Severity::Error, file: file.into(), line, column: None, resource, field, message });
+    pub(crate) fn error(
+        &mut self,
+        file: &Path,
+        line: Option<usize>,
+        resource: Option<String>,
+        field: Option<String>,
+        message: String,
+    ) {
+        self.diagnostics.push(Diagnostic {
+            severity: Severity::Error,
+            file: file.into(),
+            line,
+            column: None,
+            resource,
+            field,
+            message,
+        });
     }
 
-    pub(crate) fn warn(&mut self, file: &Path, line: Option<usize>, resource: Option<String>, field: Option<String>, message: String) {
-        self.diagnostics.push(Diagnostic { severity: Severity::Warning, file: file.into(), line, column: None, resource, field, message });
+    pub(crate) fn warn(
+        &mut self,
+        file: &Path,
+        line: Option<usize>,
+        resource: Option<String>,
+        field: Option<String>,
+        message: String,
+    ) {
+        self.diagnostics.push(Diagnostic {
+            severity: Severity::Warning,
+            file: file.into(),
+            line,
+            column: None,
+            resource,
+            field,
+            message,
+        });
     }
 }
 
@@ -305,7 +335,8 @@ pub fn expand(paths: &[PathBuf]) -> Result<Vec<PathBuf>, Diagnostic> {
                 .filter(|p| {
                     // Kubernetes volume internals (`..data`, `..2024_…`) are skipped.
                     let hidden = p.file_name().and_then(|n| n.to_str()).is_none_or(|n| n.starts_with('.'));
-                    let yaml = p.extension().and_then(|e| e.to_str()).is_some_and(|e| matches!(e, "yaml" | "yml" | "json"));
+                    let yaml =
+                        p.extension().and_then(|e| e.to_str()).is_some_and(|e| matches!(e, "yaml" | "yml" | "json"));
                     !hidden && yaml && p.is_file()
                 })
                 .collect();
@@ -535,7 +566,13 @@ impl Ctx<'_> {
                         self.loaded.error(self.file, line, Some(self.name.into()), Some(path), message.into());
                         continue;
                     }
-                    self.loaded.warn(self.file, line, Some(self.name.into()), Some(path), "unknown field, ignored".into());
+                    self.loaded.warn(
+                        self.file,
+                        line,
+                        Some(self.name.into()),
+                        Some(path),
+                        "unknown field, ignored".into(),
+                    );
                 }
                 self.note_not_enforced_later();
                 Some(Resource { file: self.file.into(), line: self.line, metadata: doc.metadata, spec: doc.spec })
@@ -637,12 +674,8 @@ impl Ctx<'_> {
 
     fn check_virtual_service(&mut self, r: &Resource<VirtualServiceSpec>) {
         if r.spec.hosts.is_empty() {
-            let hosts: std::collections::BTreeSet<&str> = r
-                .spec
-                .http
-                .iter()
-                .flat_map(|h| h.route.iter().map(|d| d.destination.host.as_str()))
-                .collect();
+            let hosts: std::collections::BTreeSet<&str> =
+                r.spec.http.iter().flat_map(|h| h.route.iter().map(|d| d.destination.host.as_str())).collect();
             let hint = match hosts.len() {
                 1 => format!(" (all its routes go to `{0}`: add `hosts: [{0}]`)", hosts.first().expect("one host")),
                 _ => String::new(),
@@ -683,10 +716,9 @@ impl Ctx<'_> {
         }
         match r.spec.resolution.as_deref() {
             None | Some("NONE" | "STATIC" | "DNS" | "DNS_ROUND_ROBIN") => {}
-            Some(other) => self.error_at(
-                "spec.resolution",
-                &format!("`{other}` is not one of NONE, STATIC, DNS, DNS_ROUND_ROBIN"),
-            ),
+            Some(other) => {
+                self.error_at("spec.resolution", &format!("`{other}` is not one of NONE, STATIC, DNS, DNS_ROUND_ROBIN"))
+            }
         }
         for (i, p) in r.spec.ports.iter().enumerate() {
             if p.number == 0 || p.number > 65535 {

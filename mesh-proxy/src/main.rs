@@ -167,7 +167,9 @@ fn main() -> ExitCode {
                     }
                     match mp.spec.admin.as_deref().map(parse_admin) {
                         Some(Ok(a)) => config.admin = a.0,
-                        Some(Err(_)) => return config_error(&mp.file, "spec.admin", mp.spec.admin.as_deref().unwrap_or("")),
+                        Some(Err(_)) => {
+                            return config_error(&mp.file, "spec.admin", mp.spec.admin.as_deref().unwrap_or(""));
+                        }
                         None => {}
                     }
                 }

@@ -164,7 +164,9 @@ impl Forward {
         }
         let send = self.send(req, &selection.upstream);
         let mut res = match selection.timeout() {
-            Some(limit) => tokio::time::timeout(limit, send).await.unwrap_or_else(|_| Err(Box::new(TimeoutError::new())))?,
+            Some(limit) => {
+                tokio::time::timeout(limit, send).await.unwrap_or_else(|_| Err(Box::new(TimeoutError::new())))?
+            }
             None => send.await?,
         };
         selection.finish_response(res.headers_mut());
@@ -172,7 +174,11 @@ impl Forward {
     }
 
     /// Forwards a request to `upstream`.
-    async fn send(&self, mut req: Request<RequestBody>, upstream: &Arc<Upstream>) -> Result<Response<ProxyBody>, BoxError> {
+    async fn send(
+        &self,
+        mut req: Request<RequestBody>,
+        upstream: &Arc<Upstream>,
+    ) -> Result<Response<ProxyBody>, BoxError> {
         // Most requests carry no hop-by-hop header at all, so no `upgrade` either.
         if has_hop_by_hop(req.headers()) {
             if unsupported_transfer_coding(req.headers()) {

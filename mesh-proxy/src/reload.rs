@@ -57,7 +57,10 @@ pub(crate) async fn watch(paths: Vec<PathBuf>, every: Duration, routes: Weak<Rou
             }
             Err(errors) => {
                 routes.reload_failures.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(errors = errors.len(), "configuration change refused; the previous configuration keeps serving");
+                tracing::warn!(
+                    errors = errors.len(),
+                    "configuration change refused; the previous configuration keeps serving"
+                );
                 for e in &errors {
                     tracing::warn!("{e}");
                 }

@@ -114,7 +114,11 @@ impl Routes {
             return Ok(p.clone());
         }
         let addr: UpstreamAddr = address.parse().map_err(|_| {
-            reply(StatusCode::SERVICE_UNAVAILABLE, "endpoint address is not HOST:PORT\n", ResponseFlags::NO_HEALTHY_UPSTREAM)
+            reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "endpoint address is not HOST:PORT\n",
+                ResponseFlags::NO_HEALTHY_UPSTREAM,
+            )
         })?;
         let _writing = self.writing.lock().unwrap_or_else(|p| p.into_inner());
         let current = self.pools.load();
@@ -142,7 +146,13 @@ impl Routes {
             Action::Redirect(r) => return Err(r.respond(req).map(ProxyBody::local)),
             Action::Direct(d) => return Err(d.respond().map(ProxyBody::local)),
             Action::Forward(split) => split,
-            _ => return Err(reply(StatusCode::INTERNAL_SERVER_ERROR, "unsupported route action\n", ResponseFlags::NO_ROUTE_FOUND)),
+            _ => {
+                return Err(reply(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "unsupported route action\n",
+                    ResponseFlags::NO_ROUTE_FOUND,
+                ));
+            }
         };
         let target = split.pick_index(snapshot.table.draw(req));
         let chosen = &split.targets()[target];
@@ -163,7 +173,11 @@ impl Routes {
             })
         });
         let Some(picked) = cluster.balancer.pick(hash, &()) else {
-            return Err(reply(StatusCode::SERVICE_UNAVAILABLE, "no healthy upstream\n", ResponseFlags::NO_HEALTHY_UPSTREAM));
+            return Err(reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no healthy upstream\n",
+                ResponseFlags::NO_HEALTHY_UPSTREAM,
+            ));
         };
         let upstream = self.pool(picked.endpoint().address())?;
         let mut mirrors = Vec::new();

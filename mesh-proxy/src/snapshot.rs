@@ -133,9 +133,9 @@ pub fn compile(resources: Resources) -> Result<Snapshot, CompileError> {
         }
         if let Some(sticky) = vs.metadata.annotations.get(STICKY_ANNOTATION) {
             split_key = match sticky.split_once(':') {
-                Some(("header", h)) => SplitKey::Header(
-                    h.trim().parse().map_err(|_| err(format!("metadata.annotations.{STICKY_ANNOTATION}: `{h}` is not a header name")))?,
-                ),
+                Some(("header", h)) => SplitKey::Header(h.trim().parse().map_err(|_| {
+                    err(format!("metadata.annotations.{STICKY_ANNOTATION}: `{h}` is not a header name"))
+                })?),
                 Some(("cookie", c)) => SplitKey::Cookie(c.trim().to_owned()),
                 _ => {
                     return Err(err(format!(
@@ -150,14 +150,21 @@ pub fn compile(resources: Resources) -> Result<Snapshot, CompileError> {
         let ns = ts.namespace(&default_ns);
         let apex = fqdn(&ts.spec.service, ns);
         if !covered.insert(apex.clone()) {
-            notes.push(format!("TrafficSplit {ns}/{}: a VirtualService already routes {apex}; the split is ignored", ts.metadata.name));
+            notes.push(format!(
+                "TrafficSplit {ns}/{}: a VirtualService already routes {apex}; the split is ignored",
+                ts.metadata.name
+            ));
             continue;
         }
         let mut route = ts.spec.to_route();
         for d in &mut route.route {
             d.destination.host = fqdn(&d.destination.host, ns);
         }
-        hosts.push(VirtualHostConfig::new(format!("{ns}/{}", ts.metadata.name), aliases(&apex, &default_ns, &suffix), vec![route]));
+        hosts.push(VirtualHostConfig::new(
+            format!("{ns}/{}", ts.metadata.name),
+            aliases(&apex, &default_ns, &suffix),
+            vec![route],
+        ));
     }
     for host in services.keys() {
         if covered.contains(host) || host.starts_with('*') {
@@ -171,7 +178,10 @@ pub fn compile(resources: Resources) -> Result<Snapshot, CompileError> {
     context.namespace = Some(default_ns.clone());
     context.labels = proxy.map(|p| p.workload.labels.clone()).unwrap_or_default();
     let table = RouteTable::new(&hosts, &context)
-        .map_err(|e| CompileError { resource: format!("VirtualService {}", vhost_of(&hosts, &e)), message: e.to_string() })?
+        .map_err(|e| CompileError {
+            resource: format!("VirtualService {}", vhost_of(&hosts, &e)),
+            message: e.to_string(),
+        })?
         .with_split_key(split_key);
     notes.extend(table.notes().iter().cloned());
 
@@ -184,7 +194,10 @@ pub fn compile(resources: Resources) -> Result<Snapshot, CompileError> {
             (Some(name), Some(dr)) => match dr.spec.subsets.iter().find(|s| s.name == **name) {
                 Some(s) => Some(s),
                 None => {
-                    notes.push(format!("{key}: no subset `{name}` in DestinationRule {}; requests get 503 NC", dr.metadata.name));
+                    notes.push(format!(
+                        "{key}: no subset `{name}` in DestinationRule {}; requests get 503 NC",
+                        dr.metadata.name
+                    ));
                     continue;
                 }
             },
@@ -197,18 +210,18 @@ pub fn compile(resources: Resources) -> Result<Snapshot, CompileError> {
             Some(service) => endpoints_of(service.entry, key.port, subset.map(|s| &s.labels), &mut notes, &key),
             None => {
                 let port = key.port.unwrap_or(80);
-                notes.push(format!("{key}: no ServiceEntry describes {}; sent to {}:{port} by name", key.host, key.host));
+                notes.push(format!(
+                    "{key}: no ServiceEntry describes {}; sent to {}:{port} by name",
+                    key.host, key.host
+                ));
                 vec![Endpoint::new(format!("{}:{port}", key.host))]
             }
         };
-        let lb = subset
-            .and_then(|s| s.traffic_policy.as_ref())
-            .and_then(|p| p.load_balancer.as_ref())
-            .or_else(|| rule.and_then(|r| r.spec.traffic_policy.as_ref()).and_then(|p: &TrafficPolicy| p.load_balancer.as_ref()));
-        let (policy, hash_key) = lb_policy(lb).map_err(|message| CompileError {
-            resource: format!("DestinationRule for {}", key.host),
-            message,
-        })?;
+        let lb = subset.and_then(|s| s.traffic_policy.as_ref()).and_then(|p| p.load_balancer.as_ref()).or_else(|| {
+            rule.and_then(|r| r.spec.traffic_policy.as_ref()).and_then(|p: &TrafficPolicy| p.load_balancer.as_ref())
+        });
+        let (policy, hash_key) = lb_policy(lb)
+            .map_err(|message| CompileError { resource: format!("DestinationRule for {}", key.host), message })?;
         let balancer = Balancer::new(policy, endpoints)
             .map_err(|e| CompileError { resource: format!("cluster {key}"), message: e.to_string() })?;
         clusters.insert((*key).clone(), Arc::new(Cluster { key: (*key).clone(), balancer, hash_key }));
@@ -224,11 +237,7 @@ fn vhost_of(hosts: &[VirtualHostConfig], e: &mesh_routing::InvalidRoute) -> Stri
 /// `name` in namespace `ns` as Istio resolves it.
 pub fn resolve(name: &str, ns: &str, suffix: &str) -> String {
     let name = name.trim().to_ascii_lowercase();
-    if name.contains('.') || name == "*" || name.starts_with('*') {
-        name
-    } else {
-        format!("{name}.{ns}.svc.{suffix}")
-    }
+    if name.contains('.') || name == "*" || name.starts_with('*') { name } else { format!("{name}.{ns}.svc.{suffix}") }
 }
 
 /// The names a client reaches `fqdn` by: for `name.ns.svc.suffix`, also `name.ns.svc` and
@@ -296,7 +305,9 @@ fn lb_policy(lb: Option<&LoadBalancerSettings>) -> Result<(LbPolicy, Option<Hash
             return Err("trafficPolicy.loadBalancer.consistentHash: set exactly one of httpHeaderName, httpCookie, useSourceIp, httpQueryParameterName".into());
         }
         let key = if let Some(h) = &ch.http_header_name {
-            HashKey::Header(h.parse().map_err(|_| format!("consistentHash.httpHeaderName: `{h}` is not a header name"))?)
+            HashKey::Header(
+                h.parse().map_err(|_| format!("consistentHash.httpHeaderName: `{h}` is not a header name"))?,
+            )
         } else if let Some(c) = &ch.http_cookie {
             HashKey::Cookie { name: c.name.clone(), ttl: c.ttl.map(|t| t.get()), path: c.path.clone() }
         } else if let Some(q) = &ch.http_query_parameter_name {
@@ -334,7 +345,10 @@ mod tests {
     #[test]
     fn short_names_resolve_in_their_namespace() {
         assert_eq!(resolve("reviews", "default", "cluster.local"), "reviews.default.svc.cluster.local");
-        assert_eq!(resolve("Reviews.prod.svc.cluster.local", "default", "cluster.local"), "reviews.prod.svc.cluster.local");
+        assert_eq!(
+            resolve("Reviews.prod.svc.cluster.local", "default", "cluster.local"),
+            "reviews.prod.svc.cluster.local"
+        );
         assert_eq!(resolve("api.example.com", "default", "cluster.local"), "api.example.com");
         assert_eq!(
             aliases("reviews.default.svc.cluster.local", "default", "cluster.local"),

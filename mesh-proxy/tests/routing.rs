@@ -260,7 +260,11 @@ async fn routes_by_header_and_weight_and_reloads_without_failing_a_request() {
     assert_eq!(count_v2(&mut client, 200, &[]).await, 200, "after the reload everything goes to v2");
 
     // A broken file is refused; the routes that were loaded keep serving.
-    write_atomically(&dir, "routes.yaml", "apiVersion: networking.istio.io/v1\nkind: VirtualService\nspec:\n  hosts: [reviews\n");
+    write_atomically(
+        &dir,
+        "routes.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nspec:\n  hosts: [reviews\n",
+    );
     wait_for_stat(proxy.admin, "config_reload_failures", 1).await;
     assert_eq!(count_v2(&mut client, 100, &[]).await, 100, "the previous routes keep serving");
     // So is one that parses but does not validate (weights summing to 0).
@@ -281,10 +285,8 @@ async fn routes_by_header_and_weight_and_reloads_without_failing_a_request() {
 async fn wait_for_stat(admin_addr: SocketAddr, name: &str, at_least: u64) {
     for _ in 0..100 {
         let stats = admin(admin_addr, "/stats").await;
-        let value = stats
-            .lines()
-            .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse::<u64>().ok()))
-            .unwrap_or(0);
+        let value =
+            stats.lines().find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse::<u64>().ok())).unwrap_or(0);
         if value >= at_least {
             return;
         }
@@ -308,7 +310,10 @@ async fn a_bad_configuration_stops_the_start_with_file_line_and_field() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("routes.yaml:10:15: error: VirtualService r: spec.http[0].route[0].weight: invalid type"), "{err}");
+    assert!(
+        err.contains("routes.yaml:10:15: error: VirtualService r: spec.http[0].route[0].weight: invalid type"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -320,7 +325,10 @@ fn validate_the_seed_resources() {
     let text = String::from_utf8_lossy(&out.stdout);
     let errors: Vec<&str> = text.lines().filter(|l| l.contains(": error: ")).collect();
     // The two malformed files, with line and column.
-    for f in ["004_3d2bbe7e826deccf.invalid-1.yaml:19:19: error: invalid YAML", "004_3d2bbe7e826deccf.invalid-2.yaml:19:19: error: invalid YAML"] {
+    for f in [
+        "004_3d2bbe7e826deccf.invalid-1.yaml:19:19: error: invalid YAML",
+        "004_3d2bbe7e826deccf.invalid-2.yaml:19:19: error: invalid YAML",
+    ] {
         assert!(errors.iter().any(|l| l.contains(f)), "{f} in {text}");
     }
     // The VirtualService without hosts, with the fix suggested.
@@ -337,6 +345,8 @@ fn validate_the_seed_resources() {
     assert_eq!(errors.iter().filter(|l| l.contains("001_")).count(), 1, "{text}");
     assert!(text.contains("AuthorizationPolicy ecommerce/deny-delete: parsed, but not enforced yet"), "{text}");
     // 004's `weight` written inside `destination` is refused, as Istio refuses the unknown field.
-    assert!(text.contains("spec.http[0].route[0].destination.weight: unknown field: `weight` belongs beside `destination`"));
+    assert!(
+        text.contains("spec.http[0].route[0].destination.weight: unknown field: `weight` belongs beside `destination`")
+    );
     assert!(text.lines().last().unwrap().starts_with("7 file(s): "), "{text}");
 }

@@ -39,8 +39,8 @@ impl HeaderOps {
             let mut out = Vec::with_capacity(map.len());
             for (k, v) in map {
                 let field = format!("{path}.{section}.{k}");
-                let value = HeaderValue::from_str(v)
-                    .map_err(|_| InvalidRoute::new(&field, "not a valid header value"))?;
+                let value =
+                    HeaderValue::from_str(v).map_err(|_| InvalidRoute::new(&field, "not a valid header value"))?;
                 if k.eq_ignore_ascii_case("host") || k == ":authority" {
                     if !allow_authority {
                         return Err(InvalidRoute::new(&field, "the authority can only be rewritten on requests"));
@@ -104,7 +104,8 @@ impl HeaderRules {
     pub(crate) fn new(headers: Option<&Headers>, path: &str) -> Result<Self, InvalidRoute> {
         let (request, authority) =
             HeaderOps::new(headers.and_then(|h| h.request.as_ref()), &format!("{path}.request"), true)?;
-        let (response, _) = HeaderOps::new(headers.and_then(|h| h.response.as_ref()), &format!("{path}.response"), false)?;
+        let (response, _) =
+            HeaderOps::new(headers.and_then(|h| h.response.as_ref()), &format!("{path}.response"), false)?;
         Ok(Self { request, response, authority })
     }
 }

@@ -46,7 +46,10 @@ pub mod random;
 pub mod table;
 
 pub use action::{DirectResponse, HeaderOps, ORIGINAL_PATH, Redirect};
-pub use layer::{Dispatch, MakeDestination, ResponseFuture, RoutingBody, DispatchLayer, MirrorTo, RouteTimeout, Routing, RoutingLayer, SharedRouteTable};
+pub use layer::{
+    Dispatch, DispatchLayer, MakeDestination, MirrorTo, ResponseFuture, RouteTimeout, Routing, RoutingBody,
+    RoutingLayer, SharedRouteTable,
+};
 pub use table::{
     Action, DestinationKey, InvalidRoute, Route, RouteContext, RouteTable, Split, SplitKey, Target, VirtualHostConfig,
 };

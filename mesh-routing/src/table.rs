@@ -287,7 +287,10 @@ impl RouteTable {
                 let path = format!("http[{i}]");
                 let compiled_route = Route::new(route, i, &path, context)?;
                 if !reachable {
-                    notes.push(format!("{}: {path} is unreachable: an earlier route matches every request", config.name));
+                    notes.push(format!(
+                        "{}: {path} is unreachable: an earlier route matches every request",
+                        config.name
+                    ));
                     continue;
                 }
                 let Some((compiled_route, catch_all)) = compiled_route else { continue };
@@ -378,7 +381,8 @@ impl RouteTable {
     pub fn find<B>(&self, req: &Request<B>) -> Option<(&Arc<Route>, usize)> {
         let host = &self.hosts[self.host_for(req)?];
         let cookies_joined;
-        let headers = if req.version() >= http::Version::HTTP_2 && req.headers().get_all(COOKIE).iter().nth(1).is_some() {
+        let headers = if req.version() >= http::Version::HTTP_2 && req.headers().get_all(COOKIE).iter().nth(1).is_some()
+        {
             let mut joined = req.headers().clone();
             mesh_core::matching::join_cookie_crumbs(&mut joined);
             cookies_joined = joined;
@@ -426,7 +430,10 @@ impl RouteTable {
                 // No authority at all: only a `*` host answers.
                 let Some(host) = req.headers().get(HOST).and_then(|h| h.to_str().ok()) else { return self.any };
                 host.strip_prefix('[').map_or_else(
-                    || host.rsplit_once(':').map_or(host, |(h, p)| if p.bytes().all(|b| b.is_ascii_digit()) { h } else { host }),
+                    || {
+                        host.rsplit_once(':')
+                            .map_or(host, |(h, p)| if p.bytes().all(|b| b.is_ascii_digit()) { h } else { host })
+                    },
                     |v6| v6.split(']').next().unwrap_or(v6),
                 )
             }
@@ -568,7 +575,10 @@ impl Route {
 
     /// The mirrors chosen for one request (each by its own percentage).
     pub fn mirrors_for(&self, random: &Random) -> impl Iterator<Item = &Arc<DestinationKey>> {
-        self.mirrors.iter().filter(|m| m.per_million >= 1_000_000 || random.below(1_000_000) < m.per_million).map(|m| &m.key)
+        self.mirrors
+            .iter()
+            .filter(|m| m.per_million >= 1_000_000 || random.below(1_000_000) < m.per_million)
+            .map(|m| &m.key)
     }
 
     /// Rewrites `req` as the route and `target` say: the path (keeping the old one in
@@ -577,7 +587,9 @@ impl Route {
     pub fn prepare_request<B>(&self, block: usize, target: Option<&Target>, req: &mut Request<B>) {
         if self.rewrite.rewrites_path() {
             let b = self.blocks.get(block);
-            if let Some(pq) = self.rewrite.path(req.uri(), b.and_then(|b| b.uri.as_ref()), b.is_some_and(|b| b.ignore_case)) {
+            if let Some(pq) =
+                self.rewrite.path(req.uri(), b.and_then(|b| b.uri.as_ref()), b.is_some_and(|b| b.ignore_case))
+            {
                 action::set_path(req, pq);
             }
         }
@@ -713,6 +725,9 @@ impl Target {
 
 impl Mirror {
     fn new(d: &Destination, percent: f64, path: &str) -> Result<Self, InvalidRoute> {
-        Ok(Self { key: Arc::new(DestinationKey::from_model(d, path)?), per_million: (percent * 10_000.0).round() as u64 })
+        Ok(Self {
+            key: Arc::new(DestinationKey::from_model(d, path)?),
+            per_million: (percent * 10_000.0).round() as u64,
+        })
     }
 }
