@@ -315,17 +315,19 @@ impl Loaded {
 
 /// The files `paths` stand for: files as given, directories' `*.yaml`, `*.yml` and `*.json`
 /// files in name order.
-pub fn expand(paths: &[PathBuf]) -> Result<Vec<PathBuf>, Diagnostic> {
+pub fn expand(paths: &[PathBuf]) -> Result<Vec<PathBuf>, Box<Diagnostic>> {
     let mut files = Vec::new();
     for path in paths {
-        let io_error = |e: std::io::Error| Diagnostic {
-            severity: Severity::Error,
-            file: path.clone(),
-            line: None,
-            column: None,
-            resource: None,
-            field: None,
-            message: format!("cannot read: {e}"),
+        let io_error = |e: std::io::Error| {
+            Box::new(Diagnostic {
+                severity: Severity::Error,
+                file: path.clone(),
+                line: None,
+                column: None,
+                resource: None,
+                field: None,
+                message: format!("cannot read: {e}"),
+            })
         };
         if std::fs::metadata(path).map_err(io_error)?.is_dir() {
             let mut found: Vec<PathBuf> = std::fs::read_dir(path)
@@ -355,7 +357,7 @@ pub fn load(paths: &[PathBuf]) -> Loaded {
     let files = match expand(paths) {
         Ok(files) => files,
         Err(d) => {
-            loaded.diagnostics.push(d);
+            loaded.diagnostics.push(*d);
             return loaded;
         }
     };

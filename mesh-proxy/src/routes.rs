@@ -109,6 +109,7 @@ impl Routes {
     }
 
     /// The pool of endpoint `address`, made on first use.
+    #[expect(clippy::result_large_err, reason = "the answer is made once per refused request and returned at once")]
     fn pool(&self, address: &Arc<str>) -> Result<Arc<Upstream>, Response<ProxyBody>> {
         if let Some(p) = self.pools.load().get(address) {
             return Ok(p.clone());
@@ -133,6 +134,7 @@ impl Routes {
     }
 
     /// Routes `req` (rewriting it as its route says), or answers it.
+    #[expect(clippy::result_large_err, reason = "the answer is made once per refused request and returned at once")]
     pub(crate) fn select<B>(&self, req: &mut Request<B>) -> Result<Selection, Response<ProxyBody>> {
         let snapshot = self.snapshot.load();
         let Some((route, block)) = snapshot.table.find(req) else {
