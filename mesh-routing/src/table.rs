@@ -26,7 +26,7 @@
 //!
 //! let req = http::Request::get("/").header("x-canary", "true").body(())?;
 //! let (route, target) = table.decide(&req).expect("a route matches");
-//! assert_eq!(&*route.name(), "canary");
+//! assert_eq!(&**route.name(), "canary");
 //! assert_eq!(target.key().subset.as_deref(), Some("v2"));
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
