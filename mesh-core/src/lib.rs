@@ -10,7 +10,7 @@
 //! | [`classify`] | [`Outcome`]: what became of a request (success, 5xx, gateway error, connect failure, reset, refused stream, timeout, gRPC status) |
 //! | [`flags`] | [`ResponseFlags`]: Envoy's short response flags (`UF`, `UT`, `NR`, …) carried as a response extension |
 //! | [`identity`] | [`SpiffeId`] and [`TrustDomain`], validated as the SPIFFE standard says, Istio principals, the X.509-SVID leaf rules and the [`PeerIdentity`] request extension |
-//! | [`route`] | [`RouteDecision`], the request extension that records which route and destination were chosen |
+//! | [`route`] | [`RouteDecision`], the request extension that records which route and destination were chosen, and [`ClientConnection`], the one that says which client connection a request came on |
 //! | [`config`] | serde types for Istio durations (`"2s"`, `"250ms"`, `"1.5s"`) and percentages |
 //!
 //! The crate does no I/O and depends on no networking runtime.
@@ -45,4 +45,4 @@ pub mod route;
 pub use classify::{Failure, GrpcCode, GrpcStatus, Outcome};
 pub use flags::ResponseFlags;
 pub use identity::{PeerIdentity, SpiffeId, TrustDomain};
-pub use route::RouteDecision;
+pub use route::{ClientConnection, RouteDecision};

@@ -60,3 +60,43 @@ impl RouteDecision {
         extensions.get::<RouteDecision>()
     }
 }
+
+/// Request extension: the client connection a request arrived on, for rate-limit keys,
+/// `ipBlocks`, source-IP hashing and access logs.
+///
+/// ```
+/// use mesh_core::route::ClientConnection;
+///
+/// let conn = ClientConnection::new("10.0.0.7:51000".parse().unwrap(), "10.0.0.1:15001".parse().unwrap());
+/// let mut request = http::Request::new(());
+/// request.extensions_mut().insert(conn);
+/// assert_eq!(ClientConnection::of(request.extensions()).unwrap().peer.port(), 51000);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ClientConnection {
+    /// The client's address.
+    pub peer: std::net::SocketAddr,
+    /// The local address the connection was accepted on (its port is the listener's).
+    pub local: std::net::SocketAddr,
+    /// The TLS server name the client asked for, when the connection is TLS.
+    pub sni: Option<Arc<str>>,
+}
+
+impl ClientConnection {
+    /// A plaintext connection from `peer` to `local`.
+    pub fn new(peer: std::net::SocketAddr, local: std::net::SocketAddr) -> Self {
+        Self { peer, local, sni: None }
+    }
+
+    /// Sets the TLS server name.
+    pub fn with_sni(mut self, sni: Arc<str>) -> Self {
+        self.sni = Some(sni);
+        self
+    }
+
+    /// The connection recorded in a request's extensions, if any.
+    pub fn of(extensions: &http::Extensions) -> Option<&ClientConnection> {
+        extensions.get::<ClientConnection>()
+    }
+}

@@ -19,7 +19,7 @@ use bytes::Bytes;
 use h2::{Reason, RecvStream, SendStream};
 use http_body::{Body, Frame};
 
-use crate::upstream::BoxError;
+use crate::error::BoxError;
 
 /// A received HTTP/2 stream's body: its data frames, then its trailers if any.
 pub(crate) struct H2Recv {
@@ -145,7 +145,7 @@ where
                     Ok(data) => *this.pending = Some(data),
                     Err(frame) => {
                         if let Ok(mut trailers) = frame.into_trailers() {
-                            crate::proxy::strip_trailers(&mut trailers);
+                            crate::headers::strip_trailers(&mut trailers);
                             this.send.send_trailers(trailers)?;
                             return Poll::Ready(Ok(()));
                         }

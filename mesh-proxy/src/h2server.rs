@@ -26,9 +26,10 @@ use http_body::{Body, Frame};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 
+use crate::body::{ProxyBody, RequestBody};
 use crate::downstream::{GracefulConn, InFlight};
 use crate::h2body::{H2Recv, SendBody};
-use crate::proxy::{Connected, Forward, ProxyBody, RequestBody};
+use crate::proxy::{Connected, Forward};
 use crate::sniff::ClientIo;
 use crate::tunnel::{Counted, idle};
 use crate::upstream::BoxError;
@@ -171,7 +172,7 @@ async fn respond_with(mut respond: SendResponse<Bytes>, res: Response<ProxyBody>
 /// plain CONNECT is refused.
 async fn connect(forward: Forward, req: Request<RecvStream>, respond: SendResponse<Bytes>, in_flight: InFlight) {
     let Some(protocol) = req.extensions().get::<Protocol>().cloned() else {
-        return respond_with(respond, crate::proxy::connect_refused(), false).await;
+        return respond_with(respond, crate::reply::connect_refused(), false).await;
     };
     let (parts, recv) = req.into_parts();
     let (head, upstream) = match forward.extended_connect(parts, protocol.as_str()).await {

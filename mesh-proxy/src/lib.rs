@@ -49,21 +49,26 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 mod admin;
+mod body;
 pub mod config;
 mod downstream;
+mod error;
 mod h2body;
 mod h2server;
+mod headers;
 pub mod loader;
 mod proxy;
 mod reload;
+mod reply;
 mod routes;
 pub mod snapshot;
 mod sniff;
+mod stack;
 mod tunnel;
 mod upstream;
 
+pub use body::ProxyBody;
 pub use config::{ProxyConfig, UpstreamAddr, UpstreamProtocol};
-pub use proxy::ProxyBody;
 
 /// The listeners could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -190,7 +195,7 @@ impl Server {
 
         let accept = async {
             loop {
-                let (stream, _peer) = match self.listener.accept().await {
+                let (stream, peer) = match self.listener.accept().await {
                     Ok(accepted) => accepted,
                     Err(e) => {
                         // Out of descriptors and the like: back off instead of spinning.
@@ -200,7 +205,11 @@ impl Server {
                     }
                 };
                 let _ = stream.set_nodelay(true);
-                let conn = Conn { forward: forward.clone(), drain: drain_rx.clone(), limits, http1: http1.clone() };
+                let forward = match stream.local_addr() {
+                    Ok(local) => forward.for_client(mesh_core::ClientConnection::new(peer, local)),
+                    Err(_) => forward.clone(),
+                };
+                let conn = Conn { forward, drain: drain_rx.clone(), limits, http1: http1.clone() };
                 tokio::spawn(conn.serve(stream));
             }
         };
@@ -270,7 +279,7 @@ impl Conn {
                 let (forward, requests) = (self.forward, state.clone());
                 let service = service_fn(move |req: Request<Incoming>| {
                     let in_flight = requests.start_request();
-                    forward.clone().call(req.map(|body| proxy::RequestBody::http1(body, &requests)), in_flight)
+                    forward.clone().call(req.map(|body| body::RequestBody::http1(body, &requests)), in_flight)
                 });
                 let conn = self.http1.serve_connection(TokioIo::new(io), service).with_upgrades();
                 if let Some(Err(e)) = downstream::serve(conn, state).await {

@@ -15,20 +15,23 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::header::SET_COOKIE;
 use http::{HeaderValue, Request, Response, StatusCode};
 use mesh_core::ResponseFlags;
-use mesh_routing::balance::{HashKey, Picked};
-use mesh_routing::{Action, Route};
+use mesh_routing::{Action, SharedRouteTable};
 
+use crate::body::ProxyBody;
 use crate::config::{ProxyConfig, UpstreamAddr};
-use crate::proxy::{ProxyBody, RequestBody};
+use crate::error::{BoxError, NoHealthyUpstream};
 use crate::snapshot::Snapshot;
 use crate::upstream::Upstream;
 
 /// The routing state shared by every connection.
 pub(crate) struct Routes {
     snapshot: ArcSwap<Snapshot>,
+    /// The snapshot's route table, as the routing layer reads it.
+    table: SharedRouteTable,
+    /// Called with each new snapshot (the dispatch cache retires destinations that left).
+    hooks: Mutex<Vec<Box<dyn Fn(&Snapshot) + Send + Sync>>>,
     pools: ArcSwap<HashMap<Arc<str>, Arc<Upstream>>>,
     writing: Mutex<()>,
     config: ProxyConfig,
@@ -37,39 +40,11 @@ pub(crate) struct Routes {
     pub(crate) reload_failures: AtomicU64,
 }
 
-/// Where a routed request goes, and what to do to its response.
-pub(crate) struct Selection {
-    pub(crate) upstream: Arc<Upstream>,
-    route: Arc<Route>,
-    target: usize,
-    /// Counts as an active request on its endpoint (least request) while held.
-    _picked: Picked,
-    set_cookie: Option<HeaderValue>,
-    /// Pools to send a copy of the request to.
-    pub(crate) mirrors: Vec<Arc<Upstream>>,
-}
-
-impl Selection {
-    /// The route's timeout.
-    pub(crate) fn timeout(&self) -> Option<std::time::Duration> {
-        self.route.timeout()
-    }
-
-    /// Applies the route's and the destination's response header operations, and sets the
-    /// hash cookie the balancer generated.
-    pub(crate) fn finish_response(&self, headers: &mut http::HeaderMap) {
-        if let Action::Forward(split) = self.route.action() {
-            self.route.prepare_response(split.targets().get(self.target), headers);
-        }
-        if let Some(cookie) = &self.set_cookie {
-            headers.append(SET_COOKIE, cookie.clone());
-        }
-    }
-}
-
 impl Routes {
     pub(crate) fn new(snapshot: Snapshot, config: &ProxyConfig) -> Self {
         Self {
+            table: SharedRouteTable::from_shared(snapshot.table.clone()),
+            hooks: Mutex::new(Vec::new()),
             snapshot: ArcSwap::from_pointee(snapshot),
             pools: ArcSwap::from_pointee(HashMap::new()),
             writing: Mutex::new(()),
@@ -91,6 +66,10 @@ impl Routes {
             .values()
             .flat_map(|c| c.balancer.endpoints().iter().map(|e| e.address().clone()).collect::<Vec<_>>())
             .collect();
+        self.table.store_shared(snapshot.table.clone());
+        for hook in self.hooks.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            hook(&snapshot);
+        }
         self.snapshot.store(Arc::new(snapshot));
         self.reloads.fetch_add(1, Ordering::Relaxed);
         let _writing = self.writing.lock().unwrap_or_else(|p| p.into_inner());
@@ -101,6 +80,16 @@ impl Routes {
         }
     }
 
+    /// The route table the routing layer reads, swapped on each reload.
+    pub(crate) fn route_table(&self) -> SharedRouteTable {
+        self.table.clone()
+    }
+
+    /// Calls `hook` with every snapshot stored from now on.
+    pub(crate) fn on_store(&self, hook: Box<dyn Fn(&Snapshot) + Send + Sync>) {
+        self.hooks.lock().unwrap_or_else(|p| p.into_inner()).push(hook);
+    }
+
     /// Addresses with an open pool.
     pub(crate) fn pooled(&self) -> Vec<Arc<str>> {
         let mut all: Vec<_> = self.pools.load().keys().cloned().collect();
@@ -109,18 +98,13 @@ impl Routes {
     }
 
     /// The pool of endpoint `address`, made on first use.
-    #[expect(clippy::result_large_err, reason = "the answer is made once per refused request and returned at once")]
-    fn pool(&self, address: &Arc<str>) -> Result<Arc<Upstream>, Response<ProxyBody>> {
+    pub(crate) fn pool(&self, address: &Arc<str>) -> Result<Arc<Upstream>, BoxError> {
         if let Some(p) = self.pools.load().get(address) {
             return Ok(p.clone());
         }
-        let addr: UpstreamAddr = address.parse().map_err(|_| {
-            reply(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "endpoint address is not HOST:PORT\n",
-                ResponseFlags::NO_HEALTHY_UPSTREAM,
-            )
-        })?;
+        let addr: UpstreamAddr = address
+            .parse()
+            .map_err(|_| NoHealthyUpstream(format!("{address} (the endpoint address is not HOST:PORT)")))?;
         let _writing = self.writing.lock().unwrap_or_else(|p| p.into_inner());
         let current = self.pools.load();
         if let Some(p) = current.get(address) {
@@ -133,47 +117,27 @@ impl Routes {
         Ok(pool)
     }
 
-    /// Routes `req` (rewriting it as its route says), or answers it.
+    /// The endpoint pool an extended CONNECT (a WebSocket over HTTP/2) goes to, with its
+    /// route's rewrites applied to `req`; or the answer when it goes nowhere. Other requests
+    /// are routed by the stack ([`crate::stack`]).
     #[expect(clippy::result_large_err, reason = "the answer is made once per refused request and returned at once")]
-    pub(crate) fn select<B>(&self, req: &mut Request<B>) -> Result<Selection, Response<ProxyBody>> {
+    pub(crate) fn select_tunnel<B>(&self, req: &mut Request<B>) -> Result<Arc<Upstream>, Response<ProxyBody>> {
         let snapshot = self.snapshot.load();
         let Some((route, block)) = snapshot.table.find(req) else {
-            let mut res = Response::new(ProxyBody::local(Bytes::new()));
-            *res.status_mut() = StatusCode::NOT_FOUND;
-            ResponseFlags::record(res.extensions_mut(), ResponseFlags::NO_ROUTE_FOUND);
-            return Err(res);
+            return Err(reply(StatusCode::NOT_FOUND, "", ResponseFlags::NO_ROUTE_FOUND));
         };
-        let route = route.clone();
         let split = match route.action() {
             Action::Redirect(r) => return Err(r.respond(req).map(ProxyBody::local)),
             Action::Direct(d) => return Err(d.respond().map(ProxyBody::local)),
             Action::Forward(split) => split,
-            _ => {
-                return Err(reply(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "unsupported route action\n",
-                    ResponseFlags::NO_ROUTE_FOUND,
-                ));
-            }
+            _ => return Err(reply(StatusCode::NOT_FOUND, "", ResponseFlags::NO_ROUTE_FOUND)),
         };
-        let target = split.pick_index(snapshot.table.draw(req));
-        let chosen = &split.targets()[target];
-        route.prepare_request(block, Some(chosen), req);
-        let decision = route.decision(block, chosen);
-        let Some(cluster) = snapshot.clusters.get(&**chosen.key()) else {
+        let target = split.pick(snapshot.table.draw(req));
+        route.prepare_request(block, Some(target), req);
+        let Some(cluster) = snapshot.clusters.get(&**target.key()) else {
             return Err(reply(StatusCode::SERVICE_UNAVAILABLE, "cluster not found\n", ResponseFlags::NO_CLUSTER_FOUND));
         };
-        let mut set_cookie = None;
-        let hash = cluster.hash_key.as_ref().and_then(|key| {
-            key.hash(req, None).or_else(|| match key {
-                HashKey::Cookie { ttl: Some(_), .. } => {
-                    let (hash, cookie) = key.cookie_to_set(snapshot.table.random(), None)?;
-                    set_cookie = Some(cookie);
-                    Some(hash)
-                }
-                _ => None,
-            })
-        });
+        let hash = cluster.hash_key.as_ref().and_then(|key| key.hash(req, None));
         let Some(picked) = cluster.balancer.pick(hash, &()) else {
             return Err(reply(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -181,17 +145,7 @@ impl Routes {
                 ResponseFlags::NO_HEALTHY_UPSTREAM,
             ));
         };
-        let upstream = self.pool(picked.endpoint().address())?;
-        let mut mirrors = Vec::new();
-        for key in route.mirrors_for(snapshot.table.random()) {
-            if let Some(p) = snapshot.clusters.get(&**key).and_then(|c| c.balancer.pick(None, &()))
-                && let Ok(pool) = self.pool(p.endpoint().address())
-            {
-                mirrors.push(pool);
-            }
-        }
-        req.extensions_mut().insert(decision);
-        Ok(Selection { upstream, route, target, _picked: picked, set_cookie, mirrors })
+        self.pool(picked.endpoint().address()).map_err(|e| crate::reply::local_reply(&*e, false))
     }
 }
 
@@ -201,14 +155,4 @@ fn reply(status: StatusCode, body: &'static str, flags: ResponseFlags) -> Respon
     res.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     ResponseFlags::record(res.extensions_mut(), flags);
     res
-}
-
-/// A copy of `req`'s head with an empty body, for a mirror.
-pub(crate) fn mirror_copy(req: &Request<RequestBody>) -> Request<RequestBody> {
-    let mut copy = Request::new(RequestBody::empty());
-    *copy.method_mut() = req.method().clone();
-    *copy.uri_mut() = req.uri().clone();
-    *copy.version_mut() = req.version();
-    *copy.headers_mut() = req.headers().clone();
-    copy
 }

@@ -32,7 +32,7 @@ pub const STICKY_ANNOTATION: &str = "mesh.dev/sticky-split";
 #[derive(Debug)]
 pub struct Snapshot {
     /// The route table.
-    pub table: RouteTable,
+    pub table: Arc<RouteTable>,
     /// Clusters by destination.
     pub clusters: HashMap<DestinationKey, Arc<Cluster>>,
     /// What the snapshot was compiled from (for `/config_dump`).
@@ -226,7 +226,7 @@ pub fn compile(resources: Resources) -> Result<Snapshot, CompileError> {
             .map_err(|e| CompileError { resource: format!("cluster {key}"), message: e.to_string() })?;
         clusters.insert((*key).clone(), Arc::new(Cluster { key: (*key).clone(), balancer, hash_key }));
     }
-    Ok(Snapshot { table, clusters, resources, notes })
+    Ok(Snapshot { table: Arc::new(table), clusters, resources, notes })
 }
 
 fn vhost_of(hosts: &[VirtualHostConfig], e: &mesh_routing::InvalidRoute) -> String {

@@ -16,7 +16,6 @@
 //! been sent it is not replayed.
 
 use std::collections::VecDeque;
-use std::error::Error as StdError;
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -32,11 +31,12 @@ use hyper_util::rt::TokioIo;
 use mesh_core::classify::ConnectError;
 use tokio::net::TcpStream;
 
+use crate::body::RequestBody;
 use crate::config::{ProxyConfig, UpstreamAddr};
+use crate::error::ClientBodyError;
 use crate::h2body::SendBody;
-use crate::proxy::{ClientBodyError, RequestBody};
 
-pub(crate) type BoxError = Box<dyn StdError + Send + Sync>;
+pub(crate) use crate::error::BoxError;
 
 /// A connection checked out of the HTTP/1.1 pool; goes back with [`Checkout::release`].
 pub(crate) struct Checkout {

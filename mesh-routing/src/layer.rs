@@ -91,6 +91,16 @@ impl SharedRouteTable {
     pub fn store(&self, table: RouteTable) {
         self.0.store(Arc::new(table));
     }
+
+    /// Replaces the table with one that is shared with its owner (a config snapshot).
+    pub fn store_shared(&self, table: Arc<RouteTable>) {
+        self.0.store(table);
+    }
+
+    /// Shares a table its owner keeps too.
+    pub fn from_shared(table: Arc<RouteTable>) -> Self {
+        Self(Arc::new(ArcSwap::new(table)))
+    }
 }
 
 impl fmt::Debug for SharedRouteTable {
@@ -268,6 +278,14 @@ pin_project_lite::pin_project! {
 }
 
 impl<B> RoutingBody<B> {
+    /// The inner service's body, or the local reply's bytes (`None` when empty).
+    pub fn into_inner(self) -> Result<B, Option<Bytes>> {
+        match self.inner {
+            BodyInner::Inner { body } => Ok(body),
+            BodyInner::Local { data } => Err(data),
+        }
+    }
+
     fn local(data: Bytes) -> Self {
         Self { inner: BodyInner::Local { data: Some(data).filter(|d| !d.is_empty()) } }
     }

@@ -1,0 +1,214 @@
+//! The bodies of the forwarding path: [`RequestBody`] (what a client sends, or any body a
+//! layer substitutes) and [`ProxyBody`] (the upstream's response, or a local reply).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+
+use crate::downstream::{BodyInFlight, ConnState, InFlight};
+use crate::error::{BoxError, ClientBodyError};
+use crate::h2body::H2Recv;
+use crate::upstream::Checkout;
+
+// === RequestBody ===
+
+pin_project_lite::pin_project! {
+    /// The body of a request being forwarded: from an HTTP/1.1 client (through hyper) or
+    /// from an h2c client (through the `h2` crate).
+    #[project = RequestBodyProj]
+    pub(crate) enum RequestBody {
+        Http1 { #[pin] body: Incoming, reading: Option<BodyInFlight> },
+        H2 { body: H2Recv },
+        Boxed { #[pin] body: http_body_util::combinators::BoxBody<Bytes, BoxError> },
+        Empty,
+    }
+}
+
+impl RequestBody {
+    /// An HTTP/1.x request's body, in flight on its connection (`conn`) until it has ended.
+    pub(crate) fn http1(body: Incoming, conn: &Arc<ConnState>) -> Self {
+        let reading = conn.body_in_flight(body.is_end_stream());
+        RequestBody::Http1 { body, reading }
+    }
+
+    pub(crate) fn h2(body: H2Recv) -> Self {
+        RequestBody::H2 { body }
+    }
+
+    pub(crate) fn empty() -> Self {
+        RequestBody::Empty
+    }
+
+    /// Any other body (a layer's replay buffer, a test's body).
+    #[cfg_attr(not(test), expect(dead_code, reason = "retries will replay bodies through it"))]
+    pub(crate) fn new<B>(body: B) -> Self
+    where
+        B: Body<Data = Bytes> + Send + Sync + 'static,
+        B::Error: Into<BoxError>,
+    {
+        RequestBody::Boxed { body: http_body_util::BodyExt::boxed(http_body_util::BodyExt::map_err(body, Into::into)) }
+    }
+}
+
+impl Default for RequestBody {
+    fn default() -> Self {
+        RequestBody::Empty
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        fn client(e: impl Into<BoxError>) -> BoxError {
+            Box::new(ClientBodyError(e.into()))
+        }
+        match self.project() {
+            RequestBodyProj::Http1 { body, reading } => {
+                let frame = ready!(body.poll_frame(cx));
+                if frame.is_none() {
+                    reading.take();
+                }
+                Poll::Ready(frame.map(|f| f.map_err(client)))
+            }
+            RequestBodyProj::H2 { body } => body.poll_frame(cx).map(|f| f.map(|f| f.map_err(client))),
+            RequestBodyProj::Boxed { body } => body.poll_frame(cx),
+            RequestBodyProj::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Http1 { body, .. } => body.is_end_stream(),
+            RequestBody::H2 { body } => body.is_end_stream(),
+            RequestBody::Boxed { body } => body.is_end_stream(),
+            RequestBody::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Http1 { body, .. } => body.size_hint(),
+            RequestBody::H2 { .. } => SizeHint::default(),
+            RequestBody::Boxed { body } => body.size_hint(),
+            RequestBody::Empty => SizeHint::with_exact(0),
+        }
+    }
+}
+
+// === ProxyBody ===
+
+pin_project_lite::pin_project! {
+    /// The body of a proxied response: the upstream's, streamed frame by frame, or a short
+    /// local reply.
+    pub struct ProxyBody {
+        #[pin]
+        inner: Inner,
+        pub(crate) in_flight: Option<InFlight>,
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = InnerProj]
+    enum Inner {
+        // Streams the upstream's body; returns its HTTP/1.1 connection to the pool at the end.
+        Upstream {
+            #[pin]
+            body: Incoming,
+            checkout: Option<Checkout>,
+        },
+        // Streams an h2c upstream's response body.
+        H2 { body: H2Recv },
+        Local { data: Option<Bytes> },
+    }
+}
+
+impl ProxyBody {
+    pub(crate) fn upstream(body: Incoming, mut checkout: Option<Checkout>) -> Self {
+        if body.is_end_stream() {
+            // hyper will not poll an empty body: the connection is free now.
+            if let Some(c) = checkout.take() {
+                c.release();
+            }
+        }
+        ProxyBody { inner: Inner::Upstream { body, checkout }, in_flight: None }
+    }
+
+    pub(crate) fn h2(body: H2Recv) -> Self {
+        ProxyBody { inner: Inner::H2 { body }, in_flight: None }
+    }
+
+    /// A local reply's text, if this is one.
+    pub(crate) fn local_text(&self) -> Option<String> {
+        match &self.inner {
+            Inner::Local { data } => data.as_ref().map(|d| String::from_utf8_lossy(d).into_owned()),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn local(data: Bytes) -> Self {
+        ProxyBody { inner: Inner::Local { data: Some(data) }, in_flight: None }
+    }
+
+    pub(crate) fn empty() -> Self {
+        ProxyBody { inner: Inner::Local { data: None }, in_flight: None }
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.project().inner.project() {
+            InnerProj::Upstream { mut body, checkout } => {
+                let frame = ready!(body.as_mut().poll_frame(cx));
+                match &frame {
+                    Some(Ok(_)) if !body.is_end_stream() => {}
+                    // A broken body leaves its connection in an unknown state: close it.
+                    Some(Err(_)) => *checkout = None,
+                    _ => {
+                        if let Some(c) = checkout.take() {
+                            c.release();
+                        }
+                    }
+                }
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
+            InnerProj::H2 { body } => body.poll_frame(cx).map(|f| f.map(|f| f.map_err(Into::into))),
+            InnerProj::Local { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            Inner::Upstream { body, .. } => body.is_end_stream(),
+            Inner::H2 { body } => body.is_end_stream(),
+            Inner::Local { data } => data.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Inner::Upstream { body, .. } => body.size_hint(),
+            Inner::H2 { .. } => SizeHint::default(),
+            Inner::Local { data } => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+        }
+    }
+}
+
+impl std::fmt::Debug for ProxyBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.inner {
+            Inner::Upstream { .. } | Inner::H2 { .. } => f.write_str("ProxyBody::Upstream"),
+            Inner::Local { data } => {
+                f.debug_struct("ProxyBody::Local").field("len", &data.as_ref().map(Bytes::len)).finish()
+            }
+        }
+    }
+}
