@@ -693,6 +693,11 @@ impl QueryParamMatch {
         Ok(Self { name: name.into(), matcher })
     }
 
+    /// Evaluates the match against a request's parsed query ([`RequestView`]).
+    fn matches_view(&self, view: &RequestView<'_>) -> bool {
+        view.query_param(&self.name).is_some_and(|v| self.matcher.matches(v.as_bytes()))
+    }
+
     /// Evaluates the match against a query string (without the `?`), if there is one.
     pub fn matches(&self, query: Option<&str>) -> bool {
         query
@@ -752,6 +757,83 @@ impl CookieMatch {
     pub fn matches(&self, headers: &HeaderMap) -> bool {
         self.find(headers).is_some_and(|v| self.matcher.matches(v)) != self.invert
     }
+
+    fn matches_view(&self, view: &RequestView<'_>) -> bool {
+        view.cookie(&self.name).is_some_and(|v| self.matcher.matches(v)) != self.invert
+    }
+}
+
+// === RequestView ===
+
+/// A request's parts as match blocks read them, with the cookies and the query parsed once,
+/// on first use, however many blocks look at them: a route table evaluating many blocks
+/// against one request uses one view ([`HttpMatch::matches_view`]).
+///
+/// ```
+/// use mesh_core::matching::{HttpMatch, HttpMatchRequest, RequestView, StringMatch};
+///
+/// let mut config = HttpMatchRequest::default();
+/// config.cookies.insert("user".into(), StringMatch::Exact("jason".into()));
+/// let block = HttpMatch::new(&config).unwrap();
+/// let req = http::Request::get("/?a=1").header("cookie", "a=b; user=jason").body(()).unwrap();
+/// let view = RequestView::new(req.method(), req.uri(), req.headers());
+/// assert!(block.matches_view(&view));
+/// ```
+#[derive(Debug)]
+pub struct RequestView<'a> {
+    method: &'a Method,
+    uri: &'a Uri,
+    headers: &'a HeaderMap,
+    /// `(name, value)` sorted by name, stable (the first of equal names first).
+    cookies: std::cell::OnceCell<Vec<(&'a [u8], &'a [u8])>>,
+    query: std::cell::OnceCell<Vec<(&'a str, &'a str)>>,
+}
+
+impl<'a> RequestView<'a> {
+    /// A view of a request's parts.
+    pub fn new(method: &'a Method, uri: &'a Uri, headers: &'a HeaderMap) -> Self {
+        Self { method, uri, headers, cookies: std::cell::OnceCell::new(), query: std::cell::OnceCell::new() }
+    }
+
+    /// The value of the first cookie named `name`.
+    pub fn cookie(&self, name: &str) -> Option<&'a [u8]> {
+        let cookies = self.cookies.get_or_init(|| {
+            let mut pairs: Vec<(&[u8], &[u8])> = self
+                .headers
+                .get_all(COOKIE)
+                .iter()
+                .flat_map(|line| line.as_bytes().split(|&b| b == b';'))
+                .filter_map(|pair| {
+                    let pair = pair.trim_ascii();
+                    let eq = pair.iter().position(|&b| b == b'=')?;
+                    Some((pair[..eq].trim_ascii(), pair[eq + 1..].trim_ascii()))
+                })
+                .collect();
+            pairs.sort_by(|a, b| a.0.cmp(b.0));
+            pairs
+        });
+        first_of(cookies, name.as_bytes())
+    }
+
+    /// The value of the first query parameter named `name` (`?key` has the empty value).
+    pub fn query_param(&self, name: &str) -> Option<&'a str> {
+        let query = self.query.get_or_init(|| {
+            let mut pairs: Vec<(&str, &str)> = self
+                .uri
+                .query()
+                .map(|q| q.split('&').map(|pair| pair.split_once('=').unwrap_or((pair, ""))).collect())
+                .unwrap_or_default();
+            pairs.sort_by(|a, b| a.0.cmp(b.0));
+            pairs
+        });
+        first_of(query, name)
+    }
+}
+
+/// The value of the first pair named `name` in pairs sorted stably by name.
+fn first_of<'a, K: Ord + ?Sized, V: ?Sized>(pairs: &[(&'a K, &'a V)], name: &K) -> Option<&'a V> {
+    let i = pairs.partition_point(|(k, _)| *k < name);
+    pairs.get(i).filter(|(k, _)| *k == name).map(|(_, v)| *v)
 }
 
 // === UriMatch ===
@@ -939,6 +1021,23 @@ impl HttpMatch {
             && self.headers.iter().all(|h| h.matches(headers))
             && self.query_params.iter().all(|q| q.matches(uri.query()))
             && self.cookies.iter().all(|c| c.matches(headers))
+    }
+
+    /// Evaluates the block against a [`RequestView`] (whose cookies and query are parsed once
+    /// for all the blocks that read them). Same semantics as [`matches`](Self::matches).
+    pub fn matches_view(&self, view: &RequestView<'_>) -> bool {
+        let (method, uri, headers) = (view.method, view.uri, view.headers);
+        let authority = || match uri.authority() {
+            Some(a) => Some(a.as_str().as_bytes()),
+            None => headers.get(HOST).map(|h| h.as_bytes()),
+        };
+        self.uri.as_ref().is_none_or(|m| m.matches(uri))
+            && self.method.as_ref().is_none_or(|m| m.matches(method.as_str().as_bytes()))
+            && self.scheme.as_ref().is_none_or(|m| m.matches(uri.scheme_str().unwrap_or("http").as_bytes()))
+            && self.authority.as_ref().is_none_or(|m| authority().is_some_and(|a| m.matches(a)))
+            && self.headers.iter().all(|h| h.matches(headers))
+            && self.query_params.iter().all(|q| q.matches_view(view))
+            && self.cookies.iter().all(|c| c.matches_view(view))
     }
 
     /// Evaluates the block against a request. An HTTP/2 (or later) request's cookie crumbs

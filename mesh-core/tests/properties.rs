@@ -127,3 +127,37 @@ proptest! {
         prop_assert_eq!(flags.to_string().parse::<ResponseFlags>().unwrap(), flags);
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    /// A block evaluated through a `RequestView` (cookies and query parsed once, sorted, looked
+    /// up by binary search) decides exactly as the block evaluated directly: first occurrence
+    /// of a repeated name, `?key` as the empty value, cookies across several lines.
+    #[test]
+    fn request_view_agrees_with_direct_matching(
+        names in proptest::collection::vec("[a-d]{1,2}", 1..6),
+        values in proptest::collection::vec("[x-z]{0,2}", 6),
+        cookie_lines in proptest::collection::vec("[a-d]{1,2}=[x-z]{0,2}(; ?[a-d]{1,2}=[x-z]{0,2}){0,3}", 0..3),
+        query in "([a-d]{1,2}(=[x-z]{0,2})?)(&[a-d]{1,2}(=[x-z]{0,2})?){0,4}",
+    ) {
+        use mesh_core::matching::{HttpMatch, HttpMatchRequest, RequestView};
+        let mut config = HttpMatchRequest::default();
+        for (i, name) in names.iter().enumerate() {
+            let m = StringMatch::Exact(values[i].clone());
+            if i % 2 == 0 {
+                config.cookies.insert(name.clone(), m);
+            } else {
+                config.query_params.insert(name.clone(), m);
+            }
+        }
+        let Ok(block) = HttpMatch::new(&config) else { return Ok(()) };
+        let mut builder = http::Request::get(format!("/p?{query}"));
+        for line in &cookie_lines {
+            builder = builder.header("cookie", line.as_str());
+        }
+        let req = builder.body(()).unwrap();
+        let view = RequestView::new(req.method(), req.uri(), req.headers());
+        prop_assert_eq!(block.matches_view(&view), block.matches(req.method(), req.uri(), req.headers()));
+    }
+}

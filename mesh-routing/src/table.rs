@@ -39,7 +39,7 @@ use std::time::Duration;
 use http::header::{COOKIE, HOST};
 use http::{HeaderName, Request};
 use mesh_core::RouteDecision;
-use mesh_core::matching::{HttpMatch, HttpMatchRequest, StringMatch};
+use mesh_core::matching::{HttpMatch, HttpMatchRequest, RequestView, StringMatch};
 
 use crate::action::{self, DirectResponse, HeaderRules, Redirect, Rewrite};
 use crate::model::{Destination, HttpRoute};
@@ -390,12 +390,10 @@ impl RouteTable {
         } else {
             req.headers()
         };
+        // Cookies and the query are parsed once for all the blocks that read them.
+        let view = RequestView::new(req.method(), req.uri(), headers);
         host.routes.iter().find_map(|route| {
-            route
-                .blocks
-                .iter()
-                .position(|b| b.matcher.matches(req.method(), req.uri(), headers))
-                .map(|block| (route, block))
+            route.blocks.iter().position(|b| b.matcher.matches_view(&view)).map(|block| (route, block))
         })
     }
 
