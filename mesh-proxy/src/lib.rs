@@ -1,17 +1,26 @@
 //! `mesh-proxy`: the reference sidecar, assembled from the mesh crates.
 //!
-//! **Status:** a forwarding reverse proxy. It serves HTTP/1.1 and h2c (prior knowledge) on
-//! one port, told apart by the first bytes a client sends, and forwards every request to one
-//! configured upstream over pooled keep-alive HTTP/1.1 connections or one multiplexed h2c
-//! connection. Bodies and trailers stream through; hop-by-hop headers are dropped; HTTP/1.1
-//! upgrades and HTTP/2 extended CONNECT (WebSocket) are tunnelled; upstream failures are
-//! answered as Envoy answers them (see [`proxy`](crate::ProxyBody)); client connections idle
-//! for `downstream_idle_timeout` are closed, and HTTP/1.x clients slower than
-//! `request_headers_timeout` to send a request head are answered 408 and closed; an admin
-//! server answers `/ready` and `/live`; SIGTERM and Ctrl-C drain in-flight requests before
-//! exit. Routing, retries, mTLS and
-//! telemetry arrive as the other crates gain them; configuration from Istio YAML comes with
-//! them.
+//! **Status:** a routing reverse proxy. It serves HTTP/1.1 and h2c (prior knowledge) on one
+//! port, told apart by the first bytes a client sends. With configuration files
+//! ([`ProxyConfig::config_paths`], `--config`: VirtualService, DestinationRule, ServiceEntry,
+//! SMI TrafficSplit and the proxy's own `MeshProxy` kind, read by [`loader`] and compiled by
+//! [`snapshot`]) it routes each request by its `Host` / `:authority` through a tower stack of
+//! mesh-routing's layers to one pool per endpoint, and reloads the files when they change
+//! (a change that does not validate is refused and counted; the running routes keep
+//! serving). Without them it forwards every request to one configured upstream. Pools speak
+//! keep-alive HTTP/1.1 or one multiplexed h2c connection. Bodies and trailers stream
+//! through; hop-by-hop headers are dropped; HTTP/1.1 upgrades and HTTP/2 extended CONNECT
+//! (WebSocket) are routed and tunnelled; failures are answered as Envoy answers them (see
+//! [`ProxyBody`]); client connections idle for `downstream_idle_timeout` are closed, and
+//! HTTP/1.x clients slower than `request_headers_timeout` to send a request head are answered
+//! 408 and closed; an admin server answers `/ready` and `/live`, and with a configuration
+//! `/config_dump`, `/routes`, `/clusters` and `/stats`; SIGTERM and Ctrl-C drain in-flight
+//! requests before exit. Retries, mTLS and telemetry arrive as the other crates gain them.
+//!
+//! The request path (see `stack.rs`): the per-connection servers hand each request to the
+//! stack; routing, the route timeout, per-destination dispatch and the cluster's balancer are
+//! `tower` services; the innermost service is one endpoint's pool. Failures travel as errors
+//! up to the server adapter, which answers them (`reply.rs`).
 //!
 //! HTTP/1.1 is served and spoken by hyper. HTTP/2 is served and spoken with the `h2` crate
 //! directly: a client connection's streams are polled by the connection's own task rather

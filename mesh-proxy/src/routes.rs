@@ -32,6 +32,7 @@ pub(crate) struct Routes {
     table: SharedRouteTable,
     /// Called with each new snapshot (the dispatch cache retires destinations that left).
     hooks: Mutex<Vec<Box<dyn Fn(&Snapshot) + Send + Sync>>>,
+    random: mesh_routing::random::Random,
     pools: ArcSwap<HashMap<Arc<str>, Arc<Upstream>>>,
     writing: Mutex<()>,
     config: ProxyConfig,
@@ -45,6 +46,7 @@ impl Routes {
         Self {
             table: SharedRouteTable::from_shared(snapshot.table.clone()),
             hooks: Mutex::new(Vec::new()),
+            random: mesh_routing::random::Random::from_entropy(),
             snapshot: ArcSwap::from_pointee(snapshot),
             pools: ArcSwap::from_pointee(HashMap::new()),
             writing: Mutex::new(()),
@@ -66,11 +68,14 @@ impl Routes {
             .values()
             .flat_map(|c| c.balancer.endpoints().iter().map(|e| e.address().clone()).collect::<Vec<_>>())
             .collect();
+        // The snapshot first (destination services are made from it), then the table that
+        // routes to them, then the hooks (which retire services made from the old one).
+        let snapshot = Arc::new(snapshot);
+        self.snapshot.store(snapshot.clone());
         self.table.store_shared(snapshot.table.clone());
         for hook in self.hooks.lock().unwrap_or_else(|p| p.into_inner()).iter() {
             hook(&snapshot);
         }
-        self.snapshot.store(Arc::new(snapshot));
         self.reloads.fetch_add(1, Ordering::Relaxed);
         let _writing = self.writing.lock().unwrap_or_else(|p| p.into_inner());
         let pools = self.pools.load();
@@ -78,6 +83,11 @@ impl Routes {
             let next = pools.iter().filter(|(k, _)| keep.contains(*k)).map(|(k, v)| (k.clone(), v.clone())).collect();
             self.pools.store(Arc::new(next));
         }
+    }
+
+    /// A random source for the balancers' generated hash cookies.
+    pub(crate) fn random(&self) -> &mesh_routing::random::Random {
+        &self.random
     }
 
     /// The route table the routing layer reads, swapped on each reload.

@@ -278,7 +278,9 @@ fn endpoints_of(
         // DNS resolution of the host itself.
         return spec.hosts.first().map(|h| vec![Endpoint::new(format!("{h}:{target}"))]).unwrap_or_default();
     }
-    spec.endpoints
+    let mut seen = std::collections::HashSet::new();
+    let endpoints: Vec<Endpoint> = spec
+        .endpoints
         .iter()
         .filter(|e| selector.is_none_or(|sel| sel.iter().all(|(k, v)| e.labels.get(k) == Some(v))))
         .map(|e| {
@@ -290,7 +292,21 @@ fn endpoints_of(
             };
             Endpoint::new(address).with_labels(e.labels.clone()).with_weight(e.weight.unwrap_or(1).max(1))
         })
-        .collect()
+        // One address is one endpoint (its pool, its active count): a repeat is dropped.
+        .filter(|e| seen.insert(e.address().clone()))
+        .collect();
+    let listed = spec
+        .endpoints
+        .iter()
+        .filter(|e| selector.is_none_or(|sel| sel.iter().all(|(k, v)| e.labels.get(k) == Some(v))))
+        .count();
+    if listed > endpoints.len() {
+        notes.push(format!(
+            "{key}: {} endpoint(s) repeat an address listed before and are ignored",
+            listed - endpoints.len()
+        ));
+    }
+    endpoints
 }
 
 /// The balancer policy and hash key of a `loadBalancer` block.

@@ -38,6 +38,8 @@ use crate::body::{ProxyBody, RequestBody};
 use crate::error::{BoxError, NoCluster, NoHealthyUpstream};
 use crate::proxy::{Endpoint, EndpointSettings};
 use crate::routes::Routes;
+use crate::snapshot::Cluster;
+use crate::upstream::Upstream;
 
 type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, BoxError>> + Send>>;
 
@@ -59,7 +61,9 @@ impl Stack {
     pub(crate) fn routed(routes: Arc<Routes>, settings: Arc<EndpointSettings>) -> Self {
         let dispatch = Dispatch::new(MakeCluster { routes: routes.clone(), settings });
         let cache = dispatch.clone();
-        routes.on_store(Box::new(move |snapshot| cache.retain(|key| snapshot.clusters.contains_key(key))));
+        // Each destination's service holds its cluster and pools as of the snapshot it was
+        // made from: a new snapshot retires them all, and they are made again on first use.
+        routes.on_store(Box::new(move |_| cache.retain(|_| false)));
         let stack = RoutingLayer::shared(routes.route_table()).layer(RouteTimeoutService(dispatch));
         Stack::Routed(stack)
     }
@@ -157,17 +161,48 @@ impl MakeDestination for MakeCluster {
     type Service = ClusterService;
 
     fn make(&self, key: &DestinationKey) -> ClusterService {
-        ClusterService { key: Arc::new(key.clone()), routes: self.routes.clone(), settings: self.settings.clone() }
+        let cluster = self.routes.snapshot().clusters.get(key).cloned();
+        let pools = cluster.as_ref().map_or_else(Vec::new, |c| {
+            c.balancer
+                .endpoints()
+                .iter()
+                .filter_map(|e| Some((e.address().clone(), self.routes.pool(e.address()).ok()?)))
+                .collect()
+        });
+        ClusterService {
+            key: Arc::new(key.clone()),
+            cluster,
+            pools: pools.into(),
+            routes: self.routes.clone(),
+            settings: self.settings.clone(),
+        }
     }
 }
 
-/// One destination: its balancer picks an endpoint (from the current snapshot) for each
-/// request, whose [`Endpoint`] forwards it.
+/// One destination: its balancer picks an endpoint for each request, whose [`Endpoint`]
+/// forwards it. Made from one snapshot (the dispatch cache is emptied on reload).
 #[derive(Clone)]
 pub(crate) struct ClusterService {
     key: Arc<DestinationKey>,
+    cluster: Option<Arc<Cluster>>,
+    /// The pool of each endpoint, by address (few: scanned by pointer, then by value).
+    pools: Arc<[(Arc<str>, Arc<Upstream>)]>,
     routes: Arc<Routes>,
     settings: Arc<EndpointSettings>,
+}
+
+impl ClusterService {
+    fn pool(&self, address: &Arc<str>) -> Result<Arc<Upstream>, BoxError> {
+        let found = self
+            .pools
+            .iter()
+            .find(|(a, _)| Arc::ptr_eq(a, address))
+            .or_else(|| self.pools.iter().find(|(a, _)| a == address));
+        match found {
+            Some((_, pool)) => Ok(pool.clone()),
+            None => self.routes.pool(address),
+        }
+    }
 }
 
 impl Service<Request<RequestBody>> for ClusterService {
@@ -180,8 +215,7 @@ impl Service<Request<RequestBody>> for ClusterService {
     }
 
     fn call(&mut self, req: Request<RequestBody>) -> BoxFuture {
-        let snapshot = self.routes.snapshot();
-        let Some(cluster) = snapshot.clusters.get(&*self.key) else {
+        let Some(cluster) = &self.cluster else {
             return Box::pin(std::future::ready(Err(NoCluster(self.key.to_string()).into())));
         };
         let peer = ClientConnection::of(req.extensions()).map(|c| c.peer);
@@ -189,7 +223,7 @@ impl Service<Request<RequestBody>> for ClusterService {
         let hash = cluster.hash_key.as_ref().and_then(|key| {
             key.hash(&req, peer).or_else(|| match key {
                 HashKey::Cookie { ttl: Some(_), .. } => {
-                    let (hash, cookie) = key.cookie_to_set(snapshot.table.random(), peer)?;
+                    let (hash, cookie) = key.cookie_to_set(self.routes.random(), peer)?;
                     set_cookie = Some(cookie);
                     Some(hash)
                 }
@@ -199,7 +233,7 @@ impl Service<Request<RequestBody>> for ClusterService {
         let Some(picked) = cluster.balancer.pick(hash, &()) else {
             return Box::pin(std::future::ready(Err(NoHealthyUpstream(self.key.to_string()).into())));
         };
-        let pool = match self.routes.pool(picked.endpoint().address()) {
+        let pool = match self.pool(picked.endpoint().address()) {
             Ok(pool) => pool,
             Err(e) => return Box::pin(std::future::ready(Err(e))),
         };
@@ -213,5 +247,189 @@ impl Service<Request<RequestBody>> for ClusterService {
             }
             Ok(res)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The stack in process, with `ServiceExt::oneshot` on its services and a real backend on
+    //! 127.0.0.1: what each layer answers, and that failures reach the edge as errors.
+
+    use std::convert::Infallible;
+    use std::net::SocketAddr;
+    use std::path::Path;
+
+    use bytes::Bytes;
+    use http::StatusCode;
+    use http_body_util::{BodyExt, Full};
+    use hyper::body::Incoming;
+    use hyper_util::rt::TokioIo;
+    use mesh_core::ResponseFlags;
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::config::{ProxyConfig, UpstreamProtocol};
+    use crate::upstream::Tunnels;
+
+    /// A backend answering `NAME METHOD PATH BODY`; `/slow` answers after 10 s.
+    async fn backend(name: &'static str) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| async move {
+                    if req.uri().path() == "/slow" {
+                        tokio::time::sleep(Duration::from_secs(10)).await;
+                    }
+                    let (parts, body) = req.into_parts();
+                    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                    let text =
+                        format!("{name} {} {} {}", parts.method, parts.uri.path(), String::from_utf8_lossy(&body));
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(text))))
+                });
+                tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc));
+            }
+        });
+        addr
+    }
+
+    fn stack(yaml: &str) -> Stack {
+        let mut loaded = crate::loader::Loaded::default();
+        crate::loader::load_text(Path::new("test.yaml"), yaml, &mut loaded);
+        assert!(!loaded.has_errors(), "{:?}", loaded.diagnostics);
+        let snapshot = crate::snapshot::compile(loaded.resources).unwrap();
+        let mut config = ProxyConfig::default();
+        config.upstream_protocol = UpstreamProtocol::Http1;
+        let routes = Arc::new(Routes::new(snapshot, &config));
+        let settings = Arc::new(EndpointSettings {
+            protocol: UpstreamProtocol::Http1,
+            stream_idle: None,
+            tunnels: Arc::new(Tunnels::default()),
+        });
+        Stack::routed(routes, settings)
+    }
+
+    fn config(v1: SocketAddr) -> String {
+        format!(
+            r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: reviews}}
+spec:
+  hosts: [reviews]
+  ports: [{{number: 9080, name: http}}]
+  endpoints:
+  - {{address: 127.0.0.1, ports: {{http: {port}}}, labels: {{version: v1}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: reviews}}
+spec:
+  host: reviews
+  subsets:
+  - {{name: v1, labels: {{version: v1}}}}
+  - {{name: v2, labels: {{version: v2}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: reviews}}
+spec:
+  hosts: [reviews]
+  http:
+  - name: empty-subset
+    match: [{{headers: {{x-to: {{exact: v2}}}}}}]
+    route: [{{destination: {{host: reviews, subset: v2}}}}]
+  - name: unknown-subset
+    match: [{{headers: {{x-to: {{exact: v9}}}}}}]
+    route: [{{destination: {{host: reviews, subset: v9}}}}]
+  - name: slow
+    match: [{{uri: {{prefix: /slow}}}}]
+    timeout: 50ms
+    route: [{{destination: {{host: reviews, subset: v1}}}}]
+  - name: rest
+    rewrite: {{uri: /v1/}}
+    headers: {{response: {{set: {{x-routed: "yes"}}}}}}
+    route: [{{destination: {{host: reviews, subset: v1}}}}]
+"#,
+            port = v1.port()
+        )
+    }
+
+    fn get(host: &str, path: &str, header: Option<(&str, &str)>) -> Request<RequestBody> {
+        let mut req = Request::get(path).header("host", host);
+        if let Some((k, v)) = header {
+            req = req.header(k, v);
+        }
+        req.body(RequestBody::empty()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_routed_request_is_rewritten_forwarded_and_its_response_decorated() {
+        let stack = stack(&config(backend("v1").await));
+        let res = stack.call(get("reviews", "/reviews/1", None)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(res.headers()["x-routed"], "yes");
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "v1 GET /v1/reviews/1 ");
+    }
+
+    #[tokio::test]
+    async fn unmatched_requests_are_answered_404_nr_by_the_routing_layer() {
+        let stack = stack(&config(backend("v1").await));
+        let res = stack.call(get("ratings", "/", None)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::NOT_FOUND);
+        assert!(ResponseFlags::of(res.extensions()).contains(ResponseFlags::NO_ROUTE_FOUND));
+    }
+
+    #[tokio::test]
+    async fn failures_travel_as_errors_to_the_edge() {
+        let stack = stack(&config(backend("v1").await));
+        // A subset with no endpoint: no healthy upstream.
+        let err = stack.call(get("reviews", "/", Some(("x-to", "v2")))).await.unwrap_err();
+        assert!(err.is::<NoHealthyUpstream>(), "{err}");
+        let reply = crate::reply::local_reply(&*err, false);
+        assert_eq!(reply.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(ResponseFlags::of(reply.extensions()).contains(ResponseFlags::NO_HEALTHY_UPSTREAM));
+        // gRPC clients get a trailers-only answer with grpc-status UNAVAILABLE.
+        let grpc = crate::reply::local_reply(&*err, true);
+        assert_eq!(grpc.status(), StatusCode::OK);
+        assert_eq!(grpc.headers()["grpc-status"], "14");
+        // A subset no DestinationRule defines: no cluster.
+        let err = stack.call(get("reviews", "/", Some(("x-to", "v9")))).await.unwrap_err();
+        assert!(err.is::<NoCluster>(), "{err}");
+        let reply = crate::reply::local_reply(&*err, false);
+        assert!(ResponseFlags::of(reply.extensions()).contains(ResponseFlags::NO_CLUSTER_FOUND));
+    }
+
+    #[tokio::test]
+    async fn the_route_timeout_ends_the_exchange_as_a_timeout() {
+        let stack = stack(&config(backend("v1").await));
+        let err = tokio::time::timeout(Duration::from_secs(5), stack.call(get("reviews", "/slow", None)))
+            .await
+            .expect("the route timeout (50ms) fires first")
+            .unwrap_err();
+        let reply = crate::reply::local_reply(&*err, false);
+        assert_eq!(reply.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert!(ResponseFlags::of(reply.extensions()).contains(ResponseFlags::UPSTREAM_REQUEST_TIMEOUT));
+    }
+
+    #[tokio::test]
+    async fn an_endpoint_takes_any_request_body() {
+        let addr = backend("plain").await;
+        let mut config = ProxyConfig::default();
+        config.upstream = addr.to_string().parse().unwrap();
+        let settings = Arc::new(EndpointSettings {
+            protocol: UpstreamProtocol::Http1,
+            stream_idle: None,
+            tunnels: Arc::new(Tunnels::default()),
+        });
+        let endpoint = Endpoint::new(crate::upstream::Upstream::for_addr(config.upstream.clone(), &config), settings);
+        let req = Request::post("/echo")
+            .header("host", "app")
+            .body(RequestBody::new(Full::new(Bytes::from_static(b"replayed"))))
+            .unwrap();
+        let res = endpoint.oneshot(req).await.unwrap();
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "plain POST /echo replayed");
     }
 }

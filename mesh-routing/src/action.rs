@@ -308,8 +308,12 @@ impl Redirect {
             PortRule::Set(p) => Some(p),
             PortRule::FromRequest => request_port,
             PortRule::ProtocolDefault => None,
-            // A scheme change drops the old scheme's port.
-            PortRule::Keep if self.scheme.is_some() => None,
+            // A scheme change drops the old scheme's default port (`:80` going to https), as
+            // Envoy does; any other port stays.
+            PortRule::Keep if self.scheme.is_some() => {
+                let old = req.uri().scheme().cloned().unwrap_or(Scheme::HTTP);
+                own_port.filter(|p| !(*p == 80 && old == Scheme::HTTP || *p == 443 && old == Scheme::HTTPS))
+            }
             PortRule::Keep => own_port,
         };
         let port = port.filter(|p| !(*p == 80 && scheme == Scheme::HTTP || *p == 443 && scheme == Scheme::HTTPS));

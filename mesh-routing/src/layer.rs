@@ -163,9 +163,14 @@ where
             return ResponseFuture::local(not_found());
         };
         let route = route.clone();
+        // The route's response header operations apply to its own answers too (Envoy).
+        let answer = |mut res: Response<Bytes>| {
+            route.prepare_response(None, res.headers_mut());
+            ResponseFuture::local(res)
+        };
         match route.action() {
-            Action::Redirect(r) => ResponseFuture::local(r.respond(&req)),
-            Action::Direct(d) => ResponseFuture::local(d.respond()),
+            Action::Redirect(r) => answer(r.respond(&req)),
+            Action::Direct(d) => answer(d.respond()),
             Action::Forward(split) => {
                 let index = split.pick_index(table.draw(&req));
                 let target = &split.targets()[index];

@@ -423,7 +423,8 @@ impl RouteTable {
             return Some(0);
         }
         let authority = match req.uri().authority() {
-            Some(a) => a.host(),
+            // `[::1]` as the Host header's form is read below: without brackets.
+            Some(a) => a.host().trim_start_matches('[').trim_end_matches(']'),
             None => {
                 // No authority at all: only a `*` host answers.
                 let Some(host) = req.headers().get(HOST).and_then(|h| h.to_str().ok()) else { return self.any };
@@ -493,6 +494,9 @@ impl Route {
         if route.redirect.is_some() && route.rewrite.is_some() {
             return Err(InvalidRoute::new(path, "`redirect` and `rewrite` are mutually exclusive"));
         }
+        if route.redirect.is_some() && route.fault.is_some() {
+            return Err(InvalidRoute::new(path, "`redirect` and `fault` are mutually exclusive"));
+        }
         if route.mirror.is_some() && !route.mirrors.is_empty() {
             return Err(InvalidRoute::new(path, "`mirror` and `mirrors` are mutually exclusive"));
         }
@@ -532,6 +536,9 @@ impl Route {
         let timeout = match route.timeout {
             Some(t) if t.get() < Duration::from_millis(1) => {
                 return Err(InvalidRoute::new(&format!("{path}.timeout"), "must be at least 1ms"));
+            }
+            Some(t) if !t.get().subsec_nanos().is_multiple_of(1_000_000) => {
+                return Err(InvalidRoute::new(&format!("{path}.timeout"), "must be a whole number of milliseconds"));
             }
             t => t.map(|t| t.get()),
         };
