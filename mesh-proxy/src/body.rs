@@ -54,6 +54,7 @@ impl RequestBody {
     }
 }
 
+#[expect(clippy::derivable_impls, reason = "pin-project-lite's enum takes no #[default]")]
 impl Default for RequestBody {
     fn default() -> Self {
         RequestBody::Empty

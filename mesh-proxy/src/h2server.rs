@@ -29,7 +29,7 @@ use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use crate::body::{ProxyBody, RequestBody};
 use crate::downstream::{GracefulConn, InFlight};
 use crate::h2body::{H2Recv, SendBody};
-use crate::proxy::{Connected, Forward};
+use crate::proxy::{Forward, UpstreamTunnel};
 use crate::sniff::ClientIo;
 use crate::tunnel::{Counted, idle};
 use crate::upstream::BoxError;
@@ -171,14 +171,22 @@ async fn respond_with(mut respond: SendResponse<Bytes>, res: Response<ProxyBody>
 /// An extended CONNECT (RFC 8441) becomes a tunnel to an upgraded upstream connection; a
 /// plain CONNECT is refused.
 async fn connect(forward: Forward, req: Request<RecvStream>, respond: SendResponse<Bytes>, in_flight: InFlight) {
-    let Some(protocol) = req.extensions().get::<Protocol>().cloned() else {
+    if req.extensions().get::<Protocol>().is_none() {
         return respond_with(respond, crate::reply::connect_refused(), false).await;
-    };
+    }
+    // The request goes through the stack like any other (routed, its failures answered); the
+    // client's stream stays here, to be joined to the upstream connection the stack opens.
     let (parts, recv) = req.into_parts();
-    let (head, upstream) = match forward.extended_connect(parts, protocol.as_str()).await {
-        Connected::Tunnel(head, upstream) => (head, upstream),
-        Connected::Answer(res) => return respond_with(respond, res, false).await,
+    let mut res = match forward.clone().call(Request::from_parts(parts, RequestBody::empty()), in_flight).await {
+        Ok(res) => res,
+        Err(never) => match never {},
     };
+    let in_flight = res.body_mut().in_flight.take();
+    let Some(upstream) = res.extensions().get::<UpstreamTunnel>().and_then(UpstreamTunnel::take) else {
+        return respond_with(respond, res, false).await;
+    };
+    let (mut head, _) = res.into_parts();
+    head.extensions.remove::<UpstreamTunnel>();
     let mut respond = respond;
     let send = match respond.send_response(Response::from_parts(head, ()), false) {
         Ok(send) => send,

@@ -17,7 +17,8 @@
 //!   them (a byte tunnel cannot be asked to finish).
 //! * HTTP/2 extended CONNECT (RFC 8441: WebSocket over HTTP/2) is forwarded the same way, as
 //!   an HTTP/1.1 upgrade, and tunnelled between the client's stream and the upstream
-//!   connection ([`Forward::extended_connect`]). A plain CONNECT (a TCP tunnel to any
+//!   connection (`Endpoint::extended_connect`), through the stack like any request (so it
+//!   is routed). A plain CONNECT (a TCP tunnel to any
 //!   address) is refused with 405: a sidecar is not a forward proxy.
 //! * HTTP/2 requests forwarded over HTTP/1.1 get a `host` header from their `:authority`;
 //!   HTTP/1.1 requests forwarded over h2c get an `:authority` from their `host` header.
@@ -89,8 +90,6 @@ pub(crate) struct Forward {
     stack: crate::stack::Stack,
     /// The endpoint of `--upstream` (unrouted), and the settings every endpoint shares.
     plain: Endpoint,
-    /// With a configuration: the routes (extended CONNECT is routed by them directly).
-    routes: Option<Arc<Routes>>,
     request_timeout: Option<Duration>,
     client: Option<ClientConnection>,
 }
@@ -107,7 +106,7 @@ impl Forward {
             Some(routes) => crate::stack::Stack::routed(routes.clone(), settings),
             None => crate::stack::Stack::Plain(plain.clone()),
         };
-        Self { stack, plain, routes, request_timeout: config.request_timeout, client: None }
+        Self { stack, plain, request_timeout: config.request_timeout, client: None }
     }
 
     /// The same, for requests from `client`.
@@ -161,7 +160,7 @@ impl Forward {
         &self,
         req: Request<RequestBody>,
     ) -> impl Future<Output = Result<Response<ProxyBody>, BoxError>> + use<> {
-        let refused = if req.method() == Method::CONNECT {
+        let refused = if req.method() == Method::CONNECT && req.extensions().get::<h2::ext::Protocol>().is_none() {
             Some(Ok(connect_refused()))
         } else {
             check_host(&req).err().map(|e| Err(e.into()))
@@ -180,6 +179,10 @@ impl Endpoint {
 
     /// Forwards a request to the endpoint.
     pub(crate) async fn send(self, mut req: Request<RequestBody>) -> Result<Response<ProxyBody>, BoxError> {
+        if let Some(protocol) = req.extensions().get::<h2::ext::Protocol>().cloned() {
+            // Boxed: tunnels are rare.
+            return Box::pin(self.extended_connect(req, protocol.as_str())).await;
+        }
         let upstream = &self.upstream;
         // Most requests carry no hop-by-hop header at all, so no `upgrade` either.
         if has_hop_by_hop(req.headers()) {
@@ -256,90 +259,86 @@ impl Endpoint {
     }
 }
 
-/// What an extended CONNECT led to.
-pub(crate) enum Connected {
-    /// The upstream switched protocols: the response head for the client (200) and the
-    /// upstream connection to tunnel to.
-    Tunnel(http::response::Parts, hyper::upgrade::Upgraded),
-    /// Anything else (a refusal, a failure): answer the client with this.
-    Answer(Response<ProxyBody>),
+/// Response extension: the upstream connection of an extended CONNECT that the upstream
+/// accepted, for the server adapter to join to the client's stream.
+#[derive(Clone)]
+pub(crate) struct UpstreamTunnel(Arc<std::sync::Mutex<Option<hyper::upgrade::Upgraded>>>);
+
+impl UpstreamTunnel {
+    /// Takes the connection (once).
+    pub(crate) fn take(&self) -> Option<hyper::upgrade::Upgraded> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
 }
 
-impl Forward {
+impl Endpoint {
     /// Forwards an HTTP/2 extended CONNECT (RFC 8441, e.g. WebSocket over HTTP/2) as an
     /// HTTP/1.1 upgrade (RFC 6455 for WebSocket) on an upstream connection of its own.
     ///
     /// The client's headers go along (hop-by-hop ones dropped), with `host` from
     /// `:authority`, `Connection: upgrade` and `Upgrade: <:protocol>`; a WebSocket request also
     /// gets the `Sec-WebSocket-Key` that HTTP/2 clients do not send. The upstream's `101` becomes
-    /// `200` for the client, without the `Sec-WebSocket-Accept` that answers our key. That
-    /// answer is checked: a `101` with a wrong or missing one fails the handshake (502 `UPE`).
-    pub(crate) async fn extended_connect(&self, parts: http::request::Parts, protocol: &str) -> Connected {
-        // Routed like any request (its route's rewrites apply); the tunnel itself is not timed
-        // by the route timeout.
-        let (parts, upstream) = match &self.routes {
-            None => (parts, self.plain.upstream.clone()),
-            Some(routes) => {
-                let mut probe = Request::from_parts(parts, ());
-                match routes.select_tunnel(&mut probe) {
-                    Ok(upstream) => (probe.into_parts().0, upstream),
-                    Err(answer) => return Connected::Answer(answer),
-                }
-            }
+    /// `200` for the client, without the `Sec-WebSocket-Accept` that answers our key, and with
+    /// the upgraded connection as an [`UpstreamTunnel`] extension. That answer is checked: a
+    /// `101` with a wrong or missing one fails the handshake (502 `UPE`).
+    async fn extended_connect(
+        &self,
+        req: Request<RequestBody>,
+        protocol: &str,
+    ) -> Result<Response<ProxyBody>, BoxError> {
+        let upstream = &self.upstream;
+        let (parts, _empty) = req.into_parts();
+        let mut headers = parts.headers;
+        strip_hop_by_hop(&mut headers);
+        join_cookie_crumbs(&mut headers);
+        let authority = match parts.uri.authority() {
+            Some(authority) if is_valid_host(authority.as_str().as_bytes()) => authority,
+            Some(_) => return Err(BadRequest("invalid :authority").into()),
+            None => upstream.addr().authority(),
         };
-        let exchange = async {
-            let mut headers = parts.headers;
-            strip_hop_by_hop(&mut headers);
-            join_cookie_crumbs(&mut headers);
-            let authority = match parts.uri.authority() {
-                Some(authority) if is_valid_host(authority.as_str().as_bytes()) => authority,
-                Some(_) => return Err(BadRequest("invalid :authority").into()),
-                None => upstream.addr().authority(),
-            };
-            headers.insert(HOST, HeaderValue::from_str(authority.as_str())?);
-            set_upgrade(&mut headers, HeaderValue::from_str(protocol).map_err(|_| BadRequest("invalid :protocol"))?);
-            // The handshake the proxy makes itself, it checks (RFC 6455 section 4.1).
-            let mut our_key = None;
-            if protocol.eq_ignore_ascii_case("websocket") && !headers.contains_key(SEC_WEBSOCKET_KEY) {
-                let key = websocket_key();
-                headers.insert(SEC_WEBSOCKET_KEY, key.clone());
-                our_key = Some(key);
+        headers.insert(HOST, HeaderValue::from_str(authority.as_str())?);
+        set_upgrade(&mut headers, HeaderValue::from_str(protocol).map_err(|_| BadRequest("invalid :protocol"))?);
+        // The handshake the proxy makes itself, it checks (RFC 6455 section 4.1).
+        let mut our_key = None;
+        if protocol.eq_ignore_ascii_case("websocket") && !headers.contains_key(SEC_WEBSOCKET_KEY) {
+            let key = websocket_key();
+            headers.insert(SEC_WEBSOCKET_KEY, key.clone());
+            our_key = Some(key);
+        }
+        let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let mut req = Request::new(RequestBody::empty());
+        *req.uri_mut() = path.into();
+        *req.headers_mut() = headers;
+        let mut res = upstream.send_upgrade(req).await?;
+        if res.status() != StatusCode::SWITCHING_PROTOCOLS {
+            // A refusal goes back as it came. A success that is not 101 (the upstream
+            // ignored the upgrade and served a page) cannot: a 2xx to the client's CONNECT
+            // says the tunnel is open (RFC 9113 section 8.5).
+            if res.status().is_success() {
+                return Err(format!("the upstream answered an upgrade with {}, not 101", res.status()).into());
             }
-            let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
-            let mut req = Request::new(RequestBody::empty());
-            *req.uri_mut() = path.into();
-            *req.headers_mut() = headers;
-            let mut res = upstream.send_upgrade(req).await?;
-            if res.status() != StatusCode::SWITCHING_PROTOCOLS {
-                // A refusal goes back as it came. A success that is not 101 (the upstream
-                // ignored the upgrade and served a page) cannot: a 2xx to the client's CONNECT
-                // says the tunnel is open (RFC 9113 section 8.5).
-                if res.status().is_success() {
-                    return Err(format!("the upstream answered an upgrade with {}, not 101", res.status()).into());
-                }
-                check_response_coding(res.headers())?;
-                let (mut parts, body) = res.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
-                return Ok(Connected::Answer(Response::from_parts(parts, ProxyBody::upstream(body, None))));
-            }
-            if let Some(key) = our_key {
-                let expected = websocket_accept(key.as_bytes());
-                if res.headers().get(SEC_WEBSOCKET_ACCEPT).map(HeaderValue::as_bytes) != Some(expected.as_bytes()) {
-                    return Err(
-                        "the upstream's Sec-WebSocket-Accept does not answer the proxy's Sec-WebSocket-Key".into()
-                    );
-                }
-            }
-            let upgraded = hyper::upgrade::on(&mut res).await?;
-            let (mut parts, _empty) = res.into_parts();
+            check_response_coding(res.headers())?;
+            let (mut parts, body) = res.into_parts();
             strip_hop_by_hop(&mut parts.headers);
-            parts.headers.remove(SEC_WEBSOCKET_ACCEPT);
-            parts.status = StatusCode::OK;
-            Ok::<_, BoxError>(Connected::Tunnel(parts, upgraded))
-        };
-        self.timed(exchange).await.unwrap_or_else(|e| Connected::Answer(local_reply(&*e, false)))
+            return Ok(Response::from_parts(parts, ProxyBody::upstream(body, None)));
+        }
+        if let Some(key) = our_key {
+            let expected = websocket_accept(key.as_bytes());
+            if res.headers().get(SEC_WEBSOCKET_ACCEPT).map(HeaderValue::as_bytes) != Some(expected.as_bytes()) {
+                return Err("the upstream's Sec-WebSocket-Accept does not answer the proxy's Sec-WebSocket-Key".into());
+            }
+        }
+        let upgraded = hyper::upgrade::on(&mut res).await?;
+        let (mut parts, _empty) = res.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        parts.headers.remove(SEC_WEBSOCKET_ACCEPT);
+        parts.status = StatusCode::OK;
+        parts.extensions.insert(UpstreamTunnel(Arc::new(std::sync::Mutex::new(Some(upgraded)))));
+        Ok(Response::from_parts(parts, ProxyBody::empty()))
     }
+}
 
+impl Forward {
     /// `exchange` bounded by the request timeout with a timer of its own (HTTP/2 streams and
     /// tunnels; HTTP/1.x requests use the connection's watchdog instead).
     ///

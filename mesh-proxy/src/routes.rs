@@ -1,11 +1,9 @@
 //! Routing on the request path: the current [`Snapshot`], and one connection pool per
 //! endpoint.
 //!
-//! Each request reads the snapshot with one atomic load, takes its route from the snapshot's
-//! table (404 `NR` when none matches; redirects and direct responses are answered here), has
-//! its weighted destination chosen and the route's rewrites applied (all by mesh-routing), and
-//! then gets an endpoint from its destination's balancer (503 `NC` for an unknown
-//! destination, 503 `UH` when it has no endpoint). The endpoint's pool is made on first use
+//! The routing itself is the request stack's (`stack.rs`); this is the state it reads: the
+//! snapshot, its route table (swapped on reload) and the endpoint pools. The endpoint's pool
+//! is made on first use
 //! and kept across reloads while the endpoint stays in the configuration; a reload drops the
 //! pools of endpoints that left it (their connections close once their last request ends).
 
@@ -14,16 +12,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
-use bytes::Bytes;
-use http::{HeaderValue, Request, Response, StatusCode};
-use mesh_core::ResponseFlags;
-use mesh_routing::{Action, SharedRouteTable};
+use mesh_routing::SharedRouteTable;
 
-use crate::body::ProxyBody;
 use crate::config::{ProxyConfig, UpstreamAddr};
 use crate::error::{BoxError, NoHealthyUpstream};
 use crate::snapshot::Snapshot;
 use crate::upstream::Upstream;
+
+/// Called with each new snapshot.
+pub(crate) type Hook = Box<dyn Fn(&Snapshot) + Send + Sync>;
 
 /// The routing state shared by every connection.
 pub(crate) struct Routes {
@@ -31,7 +28,7 @@ pub(crate) struct Routes {
     /// The snapshot's route table, as the routing layer reads it.
     table: SharedRouteTable,
     /// Called with each new snapshot (the dispatch cache retires destinations that left).
-    hooks: Mutex<Vec<Box<dyn Fn(&Snapshot) + Send + Sync>>>,
+    hooks: Mutex<Vec<Hook>>,
     random: mesh_routing::random::Random,
     pools: ArcSwap<HashMap<Arc<str>, Arc<Upstream>>>,
     writing: Mutex<()>,
@@ -96,7 +93,7 @@ impl Routes {
     }
 
     /// Calls `hook` with every snapshot stored from now on.
-    pub(crate) fn on_store(&self, hook: Box<dyn Fn(&Snapshot) + Send + Sync>) {
+    pub(crate) fn on_store(&self, hook: Hook) {
         self.hooks.lock().unwrap_or_else(|p| p.into_inner()).push(hook);
     }
 
@@ -126,43 +123,4 @@ impl Routes {
         self.pools.store(Arc::new(next));
         Ok(pool)
     }
-
-    /// The endpoint pool an extended CONNECT (a WebSocket over HTTP/2) goes to, with its
-    /// route's rewrites applied to `req`; or the answer when it goes nowhere. Other requests
-    /// are routed by the stack ([`crate::stack`]).
-    #[expect(clippy::result_large_err, reason = "the answer is made once per refused request and returned at once")]
-    pub(crate) fn select_tunnel<B>(&self, req: &mut Request<B>) -> Result<Arc<Upstream>, Response<ProxyBody>> {
-        let snapshot = self.snapshot.load();
-        let Some((route, block)) = snapshot.table.find(req) else {
-            return Err(reply(StatusCode::NOT_FOUND, "", ResponseFlags::NO_ROUTE_FOUND));
-        };
-        let split = match route.action() {
-            Action::Redirect(r) => return Err(r.respond(req).map(ProxyBody::local)),
-            Action::Direct(d) => return Err(d.respond().map(ProxyBody::local)),
-            Action::Forward(split) => split,
-            _ => return Err(reply(StatusCode::NOT_FOUND, "", ResponseFlags::NO_ROUTE_FOUND)),
-        };
-        let target = split.pick(snapshot.table.draw(req));
-        route.prepare_request(block, Some(target), req);
-        let Some(cluster) = snapshot.clusters.get(&**target.key()) else {
-            return Err(reply(StatusCode::SERVICE_UNAVAILABLE, "cluster not found\n", ResponseFlags::NO_CLUSTER_FOUND));
-        };
-        let hash = cluster.hash_key.as_ref().and_then(|key| key.hash(req, None));
-        let Some(picked) = cluster.balancer.pick(hash, &()) else {
-            return Err(reply(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "no healthy upstream\n",
-                ResponseFlags::NO_HEALTHY_UPSTREAM,
-            ));
-        };
-        self.pool(picked.endpoint().address()).map_err(|e| crate::reply::local_reply(&*e, false))
-    }
-}
-
-fn reply(status: StatusCode, body: &'static str, flags: ResponseFlags) -> Response<ProxyBody> {
-    let mut res = Response::new(ProxyBody::local(Bytes::from_static(body.as_bytes())));
-    *res.status_mut() = status;
-    res.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-    ResponseFlags::record(res.extensions_mut(), flags);
-    res
 }

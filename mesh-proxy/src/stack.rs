@@ -298,8 +298,7 @@ mod tests {
         crate::loader::load_text(Path::new("test.yaml"), yaml, &mut loaded);
         assert!(!loaded.has_errors(), "{:?}", loaded.diagnostics);
         let snapshot = crate::snapshot::compile(loaded.resources).unwrap();
-        let mut config = ProxyConfig::default();
-        config.upstream_protocol = UpstreamProtocol::Http1;
+        let config = ProxyConfig { upstream_protocol: UpstreamProtocol::Http1, ..ProxyConfig::default() };
         let routes = Arc::new(Routes::new(snapshot, &config));
         let settings = Arc::new(EndpointSettings {
             protocol: UpstreamProtocol::Http1,
@@ -416,8 +415,7 @@ spec:
     #[tokio::test]
     async fn an_endpoint_takes_any_request_body() {
         let addr = backend("plain").await;
-        let mut config = ProxyConfig::default();
-        config.upstream = addr.to_string().parse().unwrap();
+        let config = ProxyConfig { upstream: addr.to_string().parse().unwrap(), ..ProxyConfig::default() };
         let settings = Arc::new(EndpointSettings {
             protocol: UpstreamProtocol::Http1,
             stream_idle: None,

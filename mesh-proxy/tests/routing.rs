@@ -350,3 +350,54 @@ fn validate_the_seed_resources() {
     );
     assert!(text.lines().last().unwrap().starts_with("7 file(s): "), "{text}");
 }
+
+/// A WebSocket server that answers each text message with `NAME: message`.
+async fn websocket_backend(name: &'static str) -> SocketAddr {
+    use futures_util::{SinkExt, StreamExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else { return };
+                while let Some(Ok(msg)) = ws.next().await {
+                    if let Ok(text) = msg.to_text() {
+                        let _ = ws.send(tokio_tungstenite::tungstenite::Message::text(format!("{name}: {text}"))).await;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_upgrades_are_routed_like_any_request() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let (v1, v2) = (websocket_backend("ws-v1").await, websocket_backend("ws-v2").await);
+    let dir = config_dir("websocket");
+    write_atomically(&dir, "services.yaml", &services(v1, v2));
+    write_atomically(&dir, "routes.yaml", &routes(100, 0));
+    let proxy = Proxy::start(&dir);
+    for (canary, expected) in [(true, "ws-v2: hello"), (false, "ws-v1: hello")] {
+        let mut request = format!("ws://{}/chat", proxy.addr).into_client_request().unwrap();
+        request.headers_mut().insert("host", "reviews".parse().unwrap());
+        if canary {
+            request.headers_mut().insert("x-canary", "true".parse().unwrap());
+        }
+        let stream = TcpStream::connect(proxy.addr).await.unwrap();
+        let (mut ws, res) =
+            tokio::time::timeout(Duration::from_secs(10), tokio_tungstenite::client_async(request, stream))
+                .await
+                .expect("handshake in time")
+                .expect("the WebSocket handshake succeeds through the routed proxy");
+        assert_eq!(res.status(), StatusCode::SWITCHING_PROTOCOLS);
+        ws.send(Message::text("hello")).await.unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.unwrap().unwrap().unwrap();
+        assert_eq!(answer, Message::text(expected));
+        ws.close(None).await.unwrap();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
