@@ -319,7 +319,7 @@ async fn a_bad_configuration_stops_the_start_with_file_line_and_field() {
 
 #[test]
 fn validate_the_seed_resources() {
-    let seeds = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/seeds");
+    let seeds = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/seeds");
     let out = Command::new(env!("CARGO_BIN_EXE_mesh-proxy")).arg("validate").arg(&seeds).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     let text = String::from_utf8_lossy(&out.stdout);

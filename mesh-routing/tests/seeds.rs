@@ -1,4 +1,4 @@
-//! The seed resources of `shared/fixtures/seeds/`: every document parses, every VirtualService
+//! The seed resources of `fixtures/seeds/`: every document parses, every VirtualService
 //! and TrafficSplit compiles into a route table (or fails with the precise field Istio's own
 //! validation would name), and the scenarios their source documents describe route as they say.
 
@@ -27,7 +27,7 @@ struct Doc {
 }
 
 fn seeds_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures/seeds")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/seeds")
 }
 
 /// The seed files, sorted by name: `(file name, contents)`.
