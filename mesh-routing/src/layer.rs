@@ -283,6 +283,10 @@ pin_project_lite::pin_project! {
 }
 
 impl<B> RoutingBody<B> {
+    pub(crate) fn inner(body: B) -> Self {
+        Self { inner: BodyInner::Inner { body } }
+    }
+
     /// The inner service's body, or the local reply's bytes (`None` when empty).
     pub fn into_inner(self) -> Result<B, Option<Bytes>> {
         match self.inner {
@@ -291,7 +295,7 @@ impl<B> RoutingBody<B> {
         }
     }
 
-    fn local(data: Bytes) -> Self {
+    pub(crate) fn local(data: Bytes) -> Self {
         Self { inner: BodyInner::Local { data: Some(data).filter(|d| !d.is_empty()) } }
     }
 }

@@ -49,6 +49,13 @@
 //! key whose endpoint is available never moves. `pick` returns `None` when the set is empty or
 //! no endpoint is available.
 //!
+//! # As a tower service
+//!
+//! [`Balance`] sends each request to the endpoint its balancer picks, through a service per
+//! endpoint made on first use (a hyper-util client for that address, say): under a
+//! [`DispatchLayer`](crate::DispatchLayer), one `Balance` per destination gives a client
+//! routing, subsets and load balancing.
+//!
 //! # Example
 //!
 //! ```
@@ -90,6 +97,7 @@ mod endpoint;
 mod hash_key;
 mod maglev;
 mod ring;
+mod service;
 #[cfg(test)]
 mod tests;
 mod weighted;
@@ -104,6 +112,7 @@ pub use self::endpoint::{Endpoint, HealthView};
 pub use self::hash_key::HashKey;
 use self::maglev::Maglev;
 use self::ring::Ring;
+pub use self::service::{Balance, BalanceFuture, MakeEndpoint};
 use self::weighted::Weights;
 use crate::random::Random;
 

@@ -584,3 +584,90 @@ fn cookie_to_set_format() {
     assert!(no_ttl.cookie_to_set(&random, peer).is_none());
     assert!(HashKey::SourceIp.cookie_to_set(&random, peer).is_none());
 }
+
+mod service {
+    //! `Balance` as a tower service, in process.
+
+    use std::convert::Infallible;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use bytes::Bytes;
+    use http::{Request, Response, StatusCode};
+    use http_body_util::{BodyExt, Full};
+    use mesh_core::ResponseFlags;
+    use tower::{ServiceExt, service_fn};
+
+    use crate::balance::{Balance, Balancer, Endpoint, HashKey, LbPolicy};
+
+    fn echo_address(
+        made: Arc<AtomicUsize>,
+    ) -> impl Fn(&Endpoint) -> tower::util::BoxCloneSyncService<Request<()>, Response<Full<Bytes>>, Infallible> {
+        move |e: &Endpoint| {
+            made.fetch_add(1, Ordering::SeqCst);
+            let address = e.address().to_string();
+            tower::util::BoxCloneSyncService::new(service_fn(move |_req: Request<()>| {
+                let address = address.clone();
+                async move { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(address)))) }
+            }))
+        }
+    }
+
+    async fn body<B: http_body::Body<Data = Bytes>>(res: Response<B>) -> String
+    where
+        B::Error: std::fmt::Debug,
+    {
+        String::from_utf8(res.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn round_robin_through_services_made_once_per_endpoint() {
+        let made = Arc::new(AtomicUsize::new(0));
+        let balancer = Balancer::new(LbPolicy::RoundRobin, vec![Endpoint::new("a:1"), Endpoint::new("b:1")]).unwrap();
+        let svc = Balance::new(balancer, echo_address(made.clone()));
+        let mut seen = Vec::new();
+        for _ in 0..6 {
+            seen.push(body(svc.clone().oneshot(Request::new(())).await.unwrap()).await);
+        }
+        assert_eq!(seen.iter().filter(|a| *a == "a:1").count(), 3);
+        assert_eq!(seen.iter().filter(|a| *a == "b:1").count(), 3);
+        assert_eq!(made.load(Ordering::SeqCst), 2, "one service per endpoint, shared by clones");
+        // The set changes: the departed endpoint's service is retired, the new one made.
+        svc.balancer().update(vec![Endpoint::new("b:1"), Endpoint::new("c:1")]).unwrap();
+        svc.retire_departed();
+        for _ in 0..4 {
+            let _ = svc.clone().oneshot(Request::new(())).await.unwrap();
+        }
+        assert_eq!(made.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn nowhere_to_go_is_503_uh_and_a_missing_hash_cookie_is_set() {
+        let made = Arc::new(AtomicUsize::new(0));
+        let balancer = Balancer::new(LbPolicy::RoundRobin, vec![Endpoint::new("a:1")]).unwrap();
+        let down = Balance::new(balancer, echo_address(made.clone())).with_health(Arc::new(|_: &Endpoint| false));
+        let res = down.oneshot(Request::new(())).await.unwrap();
+        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(ResponseFlags::of(res.extensions()).contains(ResponseFlags::NO_HEALTHY_UPSTREAM));
+
+        let ring = Balancer::new(
+            LbPolicy::RingHash { minimum_ring_size: 64 },
+            vec![Endpoint::new("a:1"), Endpoint::new("b:1")],
+        )
+        .unwrap();
+        let key = HashKey::Cookie { name: "session".into(), ttl: Some(std::time::Duration::from_secs(60)), path: None };
+        let svc = Balance::new(ring, echo_address(made)).with_hash_key(key);
+        let res = svc.clone().oneshot(Request::new(())).await.unwrap();
+        let cookie = res.headers()["set-cookie"].to_str().unwrap().to_owned();
+        assert!(cookie.starts_with("session="), "{cookie}");
+        let first = body(res).await;
+        // Sent back, the cookie keeps the client on its endpoint.
+        let pair = cookie.split(';').next().unwrap().to_owned();
+        for _ in 0..5 {
+            let req = Request::builder().header("cookie", pair.as_str()).body(()).unwrap();
+            let res = svc.clone().oneshot(req).await.unwrap();
+            assert!(res.headers().get("set-cookie").is_none());
+            assert_eq!(body(res).await, first);
+        }
+    }
+}
