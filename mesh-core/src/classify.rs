@@ -250,6 +250,7 @@ fn classify_one(e: &(dyn StdError + 'static)) -> Option<Failure> {
     if e.is::<TimeoutError>() {
         return Some(Failure::Timeout);
     }
+    #[cfg(feature = "hyper")]
     if let Some(e) = e.downcast_ref::<h2::Error>() {
         if let Some(io) = e.get_io() {
             // h2 does not expose its io::Error as a source: classify it here.
@@ -270,6 +271,7 @@ fn classify_one(e: &(dyn StdError + 'static)) -> Option<Failure> {
             None => None,
         };
     }
+    #[cfg(feature = "hyper")]
     if let Some(e) = e.downcast_ref::<hyper::Error>() {
         if e.is_timeout() {
             return Some(Failure::Timeout);

@@ -16,43 +16,15 @@ pub(crate) const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-c
 pub(crate) const SEC_WEBSOCKET_KEY: HeaderName = HeaderName::from_static("sec-websocket-key");
 pub(crate) const SEC_WEBSOCKET_ACCEPT: HeaderName = HeaderName::from_static("sec-websocket-accept");
 
-/// A fresh `Sec-WebSocket-Key`: 16 unpredictable bytes, base64 (RFC 6455 section 4.1). It
-/// only has to differ between handshakes; std's randomly seeded hasher provides that.
+/// A fresh `Sec-WebSocket-Key`: 16 random bytes, base64 (RFC 6455 section 4.1), from
+/// tungstenite.
 pub(crate) fn websocket_key() -> HeaderValue {
-    use std::hash::{BuildHasher, Hasher};
-    let state = std::collections::hash_map::RandomState::new();
-    let mut bytes = [0u8; 16];
-    for (i, half) in bytes.chunks_mut(8).enumerate() {
-        let mut h = state.build_hasher();
-        h.write_usize(i);
-        h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
-        half.copy_from_slice(&h.finish().to_le_bytes());
-    }
-    HeaderValue::from_str(&base64(&bytes)).expect("base64 is a valid header value")
+    HeaderValue::from_str(&tungstenite::handshake::client::generate_key()).expect("base64 is a valid header value")
 }
 
-/// The `Sec-WebSocket-Accept` that answers `key` (RFC 6455 section 4.2.2).
+/// The `Sec-WebSocket-Accept` that answers `key` (RFC 6455 section 4.2.2), from tungstenite.
 pub(crate) fn websocket_accept(key: &[u8]) -> String {
-    use sha1::Digest;
-    const GUID: &[u8] = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
-    base64(&sha1::Sha1::new().chain_update(key).chain_update(GUID).finalize())
-}
-
-/// Standard base64 with padding (RFC 4648), for the one short value above.
-pub(crate) fn base64(bytes: &[u8]) -> String {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let n = chunk.iter().enumerate().fold(0u32, |n, (i, &b)| n | u32::from(b) << (16 - 8 * i));
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(char::from(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize]));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+    tungstenite::handshake::derive_accept_key(key)
 }
 
 /// The protocol an HTTP/1.1 request asks to upgrade to (`Connection: upgrade` and `Upgrade`).
@@ -289,22 +261,6 @@ pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn base64_matches_rfc_4648_vectors() {
-        for (input, encoded) in [
-            ("", ""),
-            ("f", "Zg=="),
-            ("fo", "Zm8="),
-            ("foo", "Zm9v"),
-            ("foob", "Zm9vYg=="),
-            ("fooba", "Zm9vYmE="),
-            ("foobar", "Zm9vYmFy"),
-        ] {
-            assert_eq!(base64(input.as_bytes()), encoded);
-        }
-        assert_eq!(base64(&[0xfb, 0xff, 0xbf]), "+/+/");
-    }
 
     #[test]
     fn host_headers_are_checked_like_rfc_9110_says() {

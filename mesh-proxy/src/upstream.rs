@@ -30,6 +30,7 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use mesh_core::classify::ConnectError;
 use tokio::net::TcpStream;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::body::RequestBody;
 use crate::config::{ProxyConfig, UpstreamAddr};
@@ -216,11 +217,11 @@ impl Upstream {
         // is dropped (a timeout, or the client went away), the task is aborted, and with the
         // last handle on the stream gone h2 resets it (CANCEL) instead of leaving it open.
         let body_task = (!end).then(|| {
-            AbortOnDrop(Some(tokio::spawn(async move {
+            AbortOnDropHandle::new(tokio::spawn(async move {
                 if let Err(e) = SendBody::new(body, send).await {
                     tracing::debug!(error = %e, "request body to the h2c upstream ended early");
                 }
-            })))
+            }))
         });
         let response = response.await;
         // Answered: the rest of the body streams on its own (full duplex).
@@ -294,24 +295,6 @@ impl Upstream {
         };
         stream.set_nodelay(true).map_err(ConnectError::new)?;
         Ok(stream)
-    }
-}
-
-/// Aborts a task when dropped, unless detached first.
-struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
-
-impl AbortOnDrop {
-    /// Lets the task run on by itself (dropping a `JoinHandle` does not abort its task).
-    fn detach(mut self) {
-        self.0 = None;
-    }
-}
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        if let Some(task) = &self.0 {
-            task.abort();
-        }
     }
 }
 
