@@ -242,6 +242,24 @@ impl StringMatcher {
         self
     }
 
+    /// The value an `exact` match compares with, when it is case-sensitive (for indexes that
+    /// look values up instead of comparing them one by one).
+    pub fn exact_value(&self) -> Option<&[u8]> {
+        match &self.kind {
+            Kind::Exact(v) if !self.ignore_case => Some(v),
+            _ => None,
+        }
+    }
+
+    /// The compiled, anchored pattern of a `regex` match (`^(?:…)$`, in the `regex` crate's
+    /// syntax), for building a `RegexSet` that tells several matchers apart in one pass.
+    pub fn regex_source(&self) -> Option<&str> {
+        match &self.kind {
+            Kind::Regex(re) => Some(re.as_str()),
+            _ => None,
+        }
+    }
+
     /// Whether this is a presence check.
     pub fn is_presence(&self) -> bool {
         matches!(self.kind, Kind::Present)
@@ -813,6 +831,11 @@ impl<'a> RequestView<'a> {
             pairs
         });
         first_of(cookies, name.as_bytes())
+    }
+
+    /// The request.
+    pub fn parts(&self) -> (&'a Method, &'a Uri, &'a HeaderMap) {
+        (self.method, self.uri, self.headers)
     }
 
     /// The value of the first query parameter named `name` (`?key` has the empty value).

@@ -40,6 +40,7 @@
 
 mod action;
 pub mod balance;
+mod index;
 pub mod layer;
 pub mod model;
 pub mod random;

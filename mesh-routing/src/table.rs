@@ -42,6 +42,7 @@ use mesh_core::RouteDecision;
 use mesh_core::matching::{HttpMatch, HttpMatchRequest, RequestView, StringMatch};
 
 use crate::action::{self, DirectResponse, HeaderRules, Redirect, Rewrite};
+use crate::index::Index;
 use crate::model::{Destination, HttpRoute};
 use crate::random::Random;
 
@@ -214,6 +215,9 @@ struct VirtualHost {
     name: Arc<str>,
     domains: Box<[Box<str>]>,
     routes: Box<[Arc<Route>]>,
+    /// Every block in evaluation order, as (route, block), and the index over them.
+    order: Box<[(u32, u32)]>,
+    index: Option<Index>,
 }
 
 /// One compiled route. See the module docs.
@@ -230,6 +234,8 @@ pub struct Route {
 
 #[derive(Debug)]
 struct Block {
+    /// As configured (for the index).
+    config: HttpMatchRequest,
     matcher: HttpMatch,
     uri: Option<StringMatch>,
     ignore_case: bool,
@@ -307,10 +313,20 @@ impl RouteTable {
                     exact.entry(domain.into_boxed_str()).or_insert(h);
                 }
             }
+            let order: Box<[(u32, u32)]> = routes
+                .iter()
+                .enumerate()
+                .flat_map(|(r, route)| (0..route.blocks.len()).map(move |b| (r as u32, b as u32)))
+                .collect();
+            let configs: Vec<&HttpMatchRequest> =
+                order.iter().map(|&(r, b)| &routes[r as usize].blocks[b as usize].config).collect();
+            let index = Index::new(&configs);
             compiled.push(VirtualHost {
                 name: config.name.as_str().into(),
                 domains: config.domains.iter().map(|d| d.as_str().into()).collect(),
                 routes: routes.into(),
+                order,
+                index,
             });
         }
         suffixes.sort_by_key(|(suffix, _): &(Box<str>, usize)| std::cmp::Reverse(suffix.len()));
@@ -392,9 +408,20 @@ impl RouteTable {
         };
         // Cookies and the query are parsed once for all the blocks that read them.
         let view = RequestView::new(req.method(), req.uri(), headers);
-        host.routes.iter().find_map(|route| {
-            route.blocks.iter().position(|b| b.matcher.matches_view(&view)).map(|block| (route, block))
-        })
+        match &host.index {
+            // Only the blocks the index cannot rule out are evaluated, in order.
+            Some(index) => {
+                let found = index.first(&view, |i| {
+                    let (r, b) = host.order[i];
+                    host.routes[r as usize].blocks[b as usize].matcher.matches_view(&view)
+                })?;
+                let (r, b) = host.order[found];
+                Some((&host.routes[r as usize], b as usize))
+            }
+            None => host.routes.iter().find_map(|route| {
+                route.blocks.iter().position(|b| b.matcher.matches_view(&view)).map(|block| (route, block))
+            }),
+        }
     }
 
     /// The route and, for a forwarding route, the weighted destination chosen for `req`.
@@ -513,10 +540,16 @@ impl Route {
                 Some(n) if !n.is_empty() => format!("{name}.{n}").into(),
                 _ => name.clone(),
             };
-            blocks.push(Block { matcher, uri: m.uri.clone(), ignore_case: m.ignore_uri_case, name });
+            blocks.push(Block { config: m.clone(), matcher, uri: m.uri.clone(), ignore_case: m.ignore_uri_case, name });
         }
         if route.matches.is_empty() {
-            blocks.push(Block { matcher: HttpMatch::any(), uri: None, ignore_case: false, name: name.clone() });
+            blocks.push(Block {
+                config: HttpMatchRequest::default(),
+                matcher: HttpMatch::any(),
+                uri: None,
+                ignore_case: false,
+                name: name.clone(),
+            });
         }
         let action = if let Some(r) = &route.redirect {
             Action::Redirect(Redirect::new(r, &format!("{path}.redirect"))?)
