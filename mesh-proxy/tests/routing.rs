@@ -401,3 +401,120 @@ async fn websocket_upgrades_are_routed_like_any_request() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A backend counting the requests it gets, answering with its name.
+async fn counting_backend(name: &'static str) -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let count = Arc::new(AtomicUsize::new(0));
+    let seen = count.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |_req: Request<Incoming>| {
+                    seen.fetch_add(1, Ordering::SeqCst);
+                    async move { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(name)))) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            });
+        }
+    });
+    (addr, count)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirrors_sticky_splits_and_hash_cookies() {
+    let ((v1, _), (v2, shadowed)) = (counting_backend("v1").await, counting_backend("v2").await);
+    let dir = config_dir("extras");
+    write_atomically(&dir, "services.yaml", &services(v1, v2));
+    write_atomically(
+        &dir,
+        "routes.yaml",
+        r#"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: reviews
+  annotations: {mesh.dev/sticky-split: "header:x-user"}
+spec:
+  hosts: [reviews, ratings]
+  http:
+  - name: mirrored
+    match: [{uri: {prefix: /mirrored}}]
+    route: [{destination: {host: reviews, subset: v1}}]
+    mirror: {host: reviews, subset: v2}
+    mirrorPercentage: {value: 100}
+  - name: split
+    match: [{authority: {prefix: reviews}}]
+    route:
+    - {destination: {host: reviews, subset: v1}, weight: 50}
+    - {destination: {host: reviews, subset: v2}, weight: 50}
+  - name: hashed
+    route: [{destination: {host: reviews}}]
+"#,
+    );
+    // Read after services.yaml: this rule replaces the round-robin one there.
+    write_atomically(
+        &dir,
+        "zz-hash.yaml",
+        r#"apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews-hash}
+spec:
+  host: reviews
+  trafficPolicy:
+    loadBalancer:
+      consistentHash:
+        httpCookie: {name: session, ttl: 60s}
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+"#,
+    );
+    let proxy = Proxy::start(&dir);
+    let mut client = Client::connect(proxy.addr).await;
+
+    // Mirroring: every request answered by v1, and a copy of each reaches v2.
+    for _ in 0..20 {
+        assert_eq!(client.get("reviews", "/mirrored", &[]).await, (StatusCode::OK, "v1".to_owned()));
+    }
+    for _ in 0..100 {
+        if shadowed.load(Ordering::SeqCst) >= 20 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(shadowed.load(Ordering::SeqCst), 20, "each mirrored request reached the mirror once");
+
+    // Sticky split: each of 40 users sees one version on every request, and both versions
+    // get users (a 50/50 split of 40 users puts all on one side with probability 2^-39).
+    let mut versions = std::collections::BTreeSet::new();
+    for user in 0..40 {
+        let id = format!("user-{user}");
+        let (_, first) = client.get("reviews", "/", &[("x-user", id.as_str())]).await;
+        for _ in 0..5 {
+            assert_eq!(client.get("reviews", "/", &[("x-user", id.as_str())]).await.1, first, "{id}");
+        }
+        versions.insert(first);
+    }
+    assert_eq!(versions.len(), 2, "{versions:?}");
+
+    // Consistent hashing by an httpCookie with a ttl: a request without the cookie is given
+    // one, and requests carrying it stay on one endpoint.
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(conn);
+    let res = tx
+        .send_request(Request::get("/").header("host", "ratings").body(Empty::<Bytes>::new()).unwrap())
+        .await
+        .unwrap();
+    let cookie = res.headers().get("set-cookie").expect("the balancer sets its cookie").to_str().unwrap().to_owned();
+    assert!(cookie.starts_with("session=") && cookie.contains("Max-Age=60"), "{cookie}");
+    let pair = cookie.split(';').next().unwrap().to_owned();
+    let first = client.get("ratings", "/", &[("cookie", pair.as_str())]).await.1;
+    for _ in 0..10 {
+        assert_eq!(client.get("ratings", "/", &[("cookie", pair.as_str())]).await.1, first);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
