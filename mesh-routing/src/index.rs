@@ -3,8 +3,10 @@
 //!
 //! Each block gets at most one *guard*: a condition of the block that a lookup can settle for
 //! many blocks at once. An exact match of a header, cookie or query parameter becomes an
-//! entry in a hash map from value to blocks; a regex on a header or on the path becomes a
-//! pattern in a `RegexSet` that says, in one pass, which of them match. A block whose guard
+//! entry in a hash map from value to blocks; a uri prefix, an entry in a map from prefix to
+//! blocks (the request's path and query is looked up at each distinct prefix length); a
+//! regex on a header or on the path becomes a pattern in a `RegexSet` that says, in one pass,
+//! which of them match. A block whose guard
 //! fails cannot match (its conditions are AND-ed), so only the blocks whose guard holds, and
 //! those without a guard, are evaluated, in their order: first match wins as before, and the
 //! full block is always evaluated, so the index never changes a decision. Tables with fewer
@@ -59,6 +61,8 @@ impl Source {
 enum Guard {
     Exact(Source, Vec<u8>),
     Regex(Source, String),
+    /// A case-sensitive uri prefix (compared with the path and query, as Envoy does).
+    Prefix(Vec<u8>),
 }
 
 /// Blocks guarded by an exact value of one source: value -> blocks.
@@ -75,6 +79,9 @@ pub(crate) struct Index {
     always: Box<[u64]>,
     exact: Box<[ExactGroup]>,
     sets: Box<[RegexGroup]>,
+    /// Uri prefix guards: prefix -> blocks, and the distinct prefix lengths to try.
+    prefixes: HashMap<Box<[u8]>, Box<[u32]>>,
+    prefix_lengths: Box<[usize]>,
 }
 
 impl Index {
@@ -87,6 +94,7 @@ impl Index {
         let mut always = vec![0u64; blocks.len().div_ceil(64)];
         let mut exact: HashMap<Source, HashMap<Box<[u8]>, Vec<u32>>> = HashMap::new();
         let mut regexes: HashMap<Source, (Vec<String>, Vec<u32>)> = HashMap::new();
+        let mut prefixes: HashMap<Box<[u8]>, Vec<u32>> = HashMap::new();
         for (i, block) in blocks.iter().enumerate() {
             match guard(block) {
                 Some(Guard::Exact(source, value)) => {
@@ -97,9 +105,14 @@ impl Index {
                     patterns.push(pattern);
                     ids.push(i as u32);
                 }
+                Some(Guard::Prefix(prefix)) => prefixes.entry(prefix.into()).or_default().push(i as u32),
                 None => always[i / 64] |= 1 << (i % 64),
             }
         }
+        let mut prefix_lengths: Vec<usize> = prefixes.keys().map(|p| p.len()).collect();
+        prefix_lengths.sort_unstable();
+        prefix_lengths.dedup();
+        let prefixes = prefixes.into_iter().map(|(p, ids)| (p, ids.into())).collect();
         let mut sets = Vec::new();
         for (source, (patterns, ids)) in regexes {
             // Each pattern compiled alone already; a set that does not build (size) falls
@@ -118,7 +131,14 @@ impl Index {
             .into_iter()
             .map(|(source, map)| (source, map.into_iter().map(|(v, ids)| (v, ids.into())).collect()))
             .collect();
-        Some(Self { blocks: blocks.len(), always: always.into(), exact, sets: sets.into() })
+        Some(Self {
+            blocks: blocks.len(),
+            always: always.into(),
+            exact,
+            sets: sets.into(),
+            prefixes,
+            prefix_lengths: prefix_lengths.into(),
+        })
     }
 
     /// Calls `try_block` on each block that may match `view`, in order, until it says yes;
@@ -140,6 +160,15 @@ impl Index {
                 && let Some(ids) = map.get(&*value)
             {
                 ids.iter().copied().for_each(&mut set);
+            }
+        }
+        if !self.prefix_lengths.is_empty() {
+            let (_, uri, _) = view.parts();
+            let target = uri.path_and_query().map_or(uri.path(), |pq| pq.as_str()).as_bytes();
+            for &len in self.prefix_lengths.iter().take_while(|&&len| len <= target.len()) {
+                if let Some(ids) = self.prefixes.get(&target[..len]) {
+                    ids.iter().copied().for_each(&mut set);
+                }
             }
         }
         for (source, regexes, ids) in &self.sets {
@@ -184,10 +213,14 @@ fn guard(block: &HttpMatchRequest) -> Option<Guard> {
             return Some(Guard::Exact(Source::Query(k.as_str().into()), v));
         }
     }
-    if let Some(m @ StringMatch::Regex(_)) = &block.uri
-        && let Some(p) = regex(m)
-    {
-        return Some(Guard::Regex(Source::Path, p));
+    match &block.uri {
+        Some(StringMatch::Prefix(p)) if !block.ignore_uri_case => return Some(Guard::Prefix(p.as_bytes().to_vec())),
+        Some(m @ StringMatch::Regex(_)) => {
+            if let Some(p) = regex(m) {
+                return Some(Guard::Regex(Source::Path, p));
+            }
+        }
+        _ => {}
     }
     for (k, m) in &block.headers {
         if let (Some(p), Some(name)) = (regex(m), header(k)) {
