@@ -424,7 +424,7 @@ pub fn load_text(file: &Path, text: &str, loaded: &mut Loaded) {
     let starts = document_lines(text);
     for (i, value) in headers.into_iter().enumerate() {
         let Some(value) = value else { continue };
-        let line = starts.get(i).copied().unwrap_or(1);
+        let (line, end) = starts.get(i).copied().unwrap_or((1, usize::MAX));
         let header: Header = match yaml_serde::from_value(value) {
             Ok(h) => h,
             Err(e) => {
@@ -446,7 +446,7 @@ pub fn load_text(file: &Path, text: &str, loaded: &mut Loaded) {
             loaded.warn(file, Some(line), Some(name.clone()), Some("apiVersion".into()), "missing".into());
         }
         let doc = || yaml_serde::Deserializer::from_str(text).nth(i).expect("the document was read once already");
-        let mut ctx = Ctx { file, text, line, name: &name, loaded };
+        let mut ctx = Ctx { file, text, line, end, name: &name, loaded };
         match (kind.as_str(), group) {
             ("VirtualService", "networking.istio.io") => {
                 if let Some(r) = ctx.typed(doc()) {
@@ -499,22 +499,37 @@ pub fn load_text(file: &Path, text: &str, loaded: &mut Loaded) {
     }
 }
 
-/// The 1-based line each document starts on (after `---` separators).
-fn document_lines(text: &str) -> Vec<usize> {
-    let mut starts = Vec::new();
-    let mut pending = Some(1);
-    for (n, line) in text.lines().enumerate() {
-        let trimmed = line.trim_end();
-        if trimmed == "---" || trimmed.starts_with("--- ") {
-            pending = Some(n + 2);
+/// Each document's lines: the 1-based line it starts on (its first content line, or the line
+/// after its `---` when it has none) and the line after its last; one entry per document the
+/// YAML stream yields: an empty document between two `---` is one, what precedes a first
+/// `---` is one only when it has content, and nothing after a final `---` is none.
+fn document_lines(text: &str) -> Vec<(usize, usize)> {
+    let lines: Vec<&str> = text.lines().collect();
+    let is_separator = |l: &str| {
+        let t = l.trim_end();
+        t == "---" || t.starts_with("--- ")
+    };
+    let is_content = |l: &str| {
+        let t = l.trim();
+        !t.is_empty() && !t.starts_with('#')
+    };
+    let mut docs = Vec::new();
+    let mut segment_start = 0;
+    let mut opened_by_separator = false;
+    for i in 0..=lines.len() {
+        if i < lines.len() && !is_separator(lines[i]) {
             continue;
         }
-        let content = !trimmed.trim_start().is_empty() && !trimmed.trim_start().starts_with('#');
-        if content && let Some(start) = pending.take() {
-            starts.push(start.max(n + 1));
+        let content = lines[segment_start..i].iter().position(|l| is_content(l));
+        let last = i == lines.len();
+        if content.is_some() || (opened_by_separator && !last) {
+            let start = content.map_or(segment_start + 1, |c| segment_start + c + 1);
+            docs.push((start, i + 1));
         }
+        opened_by_separator = true;
+        segment_start = i + 1;
     }
-    starts
+    docs
 }
 
 /// `spec.http.0.route` as `spec.http[0].route`.
@@ -547,6 +562,8 @@ struct Ctx<'a> {
     file: &'a Path,
     text: &'a str,
     line: usize,
+    /// The line after the document's last.
+    end: usize,
     name: &'a str,
     loaded: &'a mut Loaded,
 }
@@ -559,22 +576,16 @@ impl Ctx<'_> {
         let result: Result<Document<T>, _> = serde_ignored::deserialize(de, |path| ignored.push(path.to_string()));
         match result {
             Ok(doc) => {
-                // `?` is inside a field accepted as a whole (a not-enforced block, the header).
-                for path in ignored.iter().filter(|p| !p.contains('?')).map(|p| bracket_indices(p)) {
-                    let line = self.line_of(&path);
+                // A path ending in `?` is a whole value accepted as it is (a block not enforced
+                // yet, the header); a `?` inside one stands for an optional block: dropped.
+                for path in ignored.iter().filter(|p| !p.ends_with('?')).map(|p| bracket_indices(&p.replace(".?", "")))
+                {
                     if path.ends_with(".destination.weight") {
                         // Istio refuses unknown fields; this one is a common slip worth naming.
-                        let message = "unknown field: `weight` belongs beside `destination`, not inside it";
-                        self.loaded.error(self.file, line, Some(self.name.into()), Some(path), message.into());
+                        self.error_at(&path, "unknown field: `weight` belongs beside `destination`, not inside it");
                         continue;
                     }
-                    self.loaded.warn(
-                        self.file,
-                        line,
-                        Some(self.name.into()),
-                        Some(path),
-                        "unknown field, ignored".into(),
-                    );
+                    self.warn_at(&path, "unknown field, ignored");
                 }
                 self.note_not_enforced_later();
                 Some(Resource { file: self.file.into(), line: self.line, metadata: doc.metadata, spec: doc.spec })
@@ -602,31 +613,106 @@ impl Ctx<'_> {
     }
 
     fn error_at(&mut self, field: &str, message: &str) {
-        let line = self.line_of(field);
-        self.loaded.error(self.file, line, Some(self.name.into()), Some(field.into()), message.into());
+        self.at(Severity::Error, field, message);
     }
 
     fn warn_at(&mut self, field: &str, message: &str) {
-        let line = self.line_of(field);
-        self.loaded.warn(self.file, line, Some(self.name.into()), Some(field.into()), message.into());
+        self.at(Severity::Warning, field, message);
     }
 
-    /// The line of `field` (its last key) in this document, found by looking for the key
-    /// from the document's start; the document's line when not found.
-    fn line_of(&self, field: &str) -> Option<usize> {
-        let key = field.rsplit('.').next().unwrap_or(field);
-        let key = key.split('[').next().unwrap_or(key);
-        let needle = format!("{key}:");
-        self.text
-            .lines()
-            .enumerate()
-            .skip(self.line.saturating_sub(1))
-            .find(|(_, l)| {
-                let t = l.trim_start().trim_start_matches("- ");
-                t.starts_with(&needle) || t.starts_with(&format!("\"{key}\":"))
-            })
-            .map(|(n, _)| n + 1)
-            .or(Some(self.line))
+    fn at(&mut self, severity: Severity, field: &str, message: &str) {
+        let (line, column) = self.locate(field);
+        self.loaded.diagnostics.push(Diagnostic {
+            severity,
+            file: self.file.into(),
+            line: Some(line),
+            column,
+            resource: Some(self.name.into()),
+            field: Some(field.into()),
+            message: message.into(),
+        });
+    }
+
+    /// Where `field` (a path like `spec.http[1].route[0].weight`) is in this document: the line
+    /// and column of its last key or list item, found by walking the block-style YAML by
+    /// indentation; as far as the walk got when the rest is in flow style or absent.
+    fn locate(&self, field: &str) -> (usize, Option<usize>) {
+        let lines: Vec<&str> = self.text.lines().collect();
+        let end = self.end.saturating_sub(1).min(lines.len());
+        let indent = |l: &str| l.len() - l.trim_start().len();
+        let is_content = |l: &str| {
+            let t = l.trim();
+            !t.is_empty() && !t.starts_with('#')
+        };
+        let mut found = (self.line, None);
+        let mut pos = self.line.saturating_sub(1);
+        // Where the enclosing key or item starts; its children sit further right.
+        let mut parent: Option<usize> = None;
+        for segment in field.split('.') {
+            let (key, indices) = match segment.find('[') {
+                Some(i) => (&segment[..i], &segment[i..]),
+                None => (segment, ""),
+            };
+            let mut hit = None;
+            for (i, line) in lines.iter().enumerate().take(end).skip(pos) {
+                if !is_content(line) {
+                    continue;
+                }
+                // The block ends at a line no deeper than its parent.
+                if i > pos && parent.is_some_and(|p| indent(line) <= p) {
+                    break;
+                }
+                let mut offset = indent(line);
+                let mut rest = &line[offset..];
+                while let Some(after) = rest.strip_prefix("- ") {
+                    offset += 2;
+                    rest = after;
+                }
+                let named = rest.strip_prefix(key).is_some_and(|r| r.starts_with(':'))
+                    || rest.strip_prefix(&format!("\"{key}\"")).is_some_and(|r| r.starts_with(':'));
+                if named && parent.is_none_or(|p| offset > p) {
+                    hit = Some((i, offset));
+                    break;
+                }
+            }
+            let Some((line, offset)) = hit else { return found };
+            found = (line + 1, Some(offset + 1));
+            parent = Some(offset);
+            pos = line;
+            // `[n]`: the n-th `-` at the first item's indentation under the key.
+            for index in indices.split(']').filter_map(|i| i.strip_prefix('[')).filter_map(|i| i.parse::<usize>().ok())
+            {
+                let mut dash: Option<usize> = None;
+                let mut seen = 0;
+                let mut item = None;
+                for (i, line) in lines.iter().enumerate().take(end).skip(pos + 1) {
+                    if !is_content(line) {
+                        continue;
+                    }
+                    let at = indent(line);
+                    let is_dash = line[at..].starts_with('-');
+                    match dash {
+                        None if is_dash && parent.is_none_or(|p| at >= p) => dash = Some(at),
+                        None => break,
+                        Some(d) if at < d || (at == d && !is_dash) => break,
+                        Some(_) => {}
+                    }
+                    if dash == Some(at) && is_dash {
+                        if seen == index {
+                            item = Some((i, at));
+                            break;
+                        }
+                        seen += 1;
+                    }
+                }
+                let Some((line, at)) = item else { return found };
+                found = (line + 1, Some(at + 1));
+                // The item's keys sit right of its dash (the first one on the dash's line).
+                parent = Some(at);
+                pos = line;
+            }
+        }
+        found
     }
 
     /// Warns about fields present in the document that are accepted but not enforced yet.
@@ -682,14 +768,16 @@ impl Ctx<'_> {
                 1 => format!(" (all its routes go to `{0}`: add `hosts: [{0}]`)", hosts.first().expect("one host")),
                 _ => String::new(),
             };
-            let line = self.line_of("spec");
-            self.loaded.error(
-                self.file,
-                line,
-                Some(self.name.into()),
-                Some("spec.hosts".into()),
-                format!("a VirtualService needs at least one host, as Istio requires{hint}"),
-            );
+            let (line, column) = self.locate("spec");
+            self.loaded.diagnostics.push(Diagnostic {
+                severity: Severity::Error,
+                file: self.file.into(),
+                line: Some(line),
+                column,
+                resource: Some(self.name.into()),
+                field: Some("spec.hosts".into()),
+                message: format!("a VirtualService needs at least one host, as Istio requires{hint}"),
+            });
         }
         if !r.spec.gateways.is_empty() && !r.spec.gateways.iter().any(|g| g == "mesh") {
             self.warn_at("spec.gateways", "bound to gateways only (no `mesh`): a sidecar does not apply it");
@@ -738,5 +826,44 @@ impl Ctx<'_> {
         if r.spec.ports.is_empty() {
             self.error_at("spec.ports", "a ServiceEntry needs at least one port");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn diagnostics(text: &str) -> Vec<String> {
+        let mut loaded = Loaded::default();
+        load_text(Path::new("t.yaml"), text, &mut loaded);
+        loaded.diagnostics.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn documents_are_numbered_as_the_yaml_stream_yields_them() {
+        assert_eq!(document_lines("a: 1\n"), [(1, 2)]);
+        assert_eq!(document_lines("# c\n---\na: 1\n---\n"), [(3, 4)]);
+        assert_eq!(document_lines("a: 1\n---\n# only a comment\n---\nb: 2\n"), [(1, 2), (3, 4), (5, 6)]);
+    }
+
+    #[test]
+    fn errors_point_at_their_field_after_an_empty_document() {
+        let text = "kind: X\napiVersion: x/v1\n---\n# nothing\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: b\nspec:\n  hosts: [b]\n  http:\n  - route:\n    - destination:\n        host: b\n      weight: 1\n  - route:\n    - destination:\n        host: b\n      weight: 5\n    - destination:\n        host: c\n      weight: -1\n";
+        let found = diagnostics(text);
+        assert!(
+            found.iter().any(
+                |d| d == "t.yaml:23:7: error: VirtualService b: spec.http[1].route[1].weight: must not be negative"
+            ),
+            "{found:?}"
+        );
+    }
+
+    #[test]
+    fn unknown_fields_inside_optional_blocks_are_reported() {
+        let text = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata:\n  name: r\nspec:\n  host: r\n  trafficPolicy:\n    loadBalancer:\n      simpel: ROUND_ROBIN\n    connectionPool:\n      tcp: {maxConnections: 1}\n";
+        let found = diagnostics(text);
+        assert!(found.iter().any(|d| d == "t.yaml:9:7: warning: DestinationRule r: spec.trafficPolicy.loadBalancer.simpel: unknown field, ignored"), "{found:?}");
+        // A block accepted but not enforced yet is one warning, not one per field inside it.
+        assert!(!found.iter().any(|d| d.contains("maxConnections")), "{found:?}");
     }
 }

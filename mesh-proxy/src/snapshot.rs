@@ -93,7 +93,6 @@ pub fn compile(resources: Resources) -> Result<Snapshot, CompileError> {
     // Virtual hosts.
     let mut hosts = Vec::new();
     let mut covered = std::collections::BTreeSet::new();
-    let mut split_key = SplitKey::PerRequest;
     for vs in &resources.virtual_services {
         let ns = vs.namespace(&default_ns);
         let spec = &vs.spec;
@@ -131,8 +130,9 @@ pub fn compile(resources: Resources) -> Result<Snapshot, CompileError> {
             covered.insert(full.clone());
             domains.extend(aliases(&full, &default_ns, &suffix));
         }
+        let mut host = VirtualHostConfig::new(name.clone(), domains, routes);
         if let Some(sticky) = vs.metadata.annotations.get(STICKY_ANNOTATION) {
-            split_key = match sticky.split_once(':') {
+            let split_key = match sticky.split_once(':') {
                 Some(("header", h)) => SplitKey::Header(h.trim().parse().map_err(|_| {
                     err(format!("metadata.annotations.{STICKY_ANNOTATION}: `{h}` is not a header name"))
                 })?),
@@ -143,8 +143,9 @@ pub fn compile(resources: Resources) -> Result<Snapshot, CompileError> {
                     )));
                 }
             };
+            host = host.with_split_key(split_key);
         }
-        hosts.push(VirtualHostConfig::new(name, domains, routes));
+        hosts.push(host);
     }
     for ts in &resources.traffic_splits {
         let ns = ts.namespace(&default_ns);
@@ -167,7 +168,10 @@ pub fn compile(resources: Resources) -> Result<Snapshot, CompileError> {
         ));
     }
     for host in services.keys() {
-        if covered.contains(host) || host.starts_with('*') {
+        // A VirtualService for `*.example.com` (or `*`) routes `api.example.com` too.
+        let wildcard =
+            covered.iter().any(|c| c == "*" || c.strip_prefix('*').is_some_and(|suffix| host.ends_with(suffix)));
+        if covered.contains(host) || host.starts_with('*') || wildcard {
             continue;
         }
         let route = HttpRoute::named(format!("default-{host}")).to(host.clone(), None, 1);
@@ -177,12 +181,10 @@ pub fn compile(resources: Resources) -> Result<Snapshot, CompileError> {
     let mut context = RouteContext::default();
     context.namespace = Some(default_ns.clone());
     context.labels = proxy.map(|p| p.workload.labels.clone()).unwrap_or_default();
-    let table = RouteTable::new(&hosts, &context)
-        .map_err(|e| CompileError {
-            resource: format!("VirtualService {}", vhost_of(&hosts, &e)),
-            message: e.to_string(),
-        })?
-        .with_split_key(split_key);
+    let table = RouteTable::new(&hosts, &context).map_err(|e| CompileError {
+        resource: format!("VirtualService {}", vhost_of(&hosts, &e)),
+        message: e.to_string(),
+    })?;
     notes.extend(table.notes().iter().cloned());
 
     // Clusters.

@@ -333,7 +333,7 @@ fn validate_the_seed_resources() {
     }
     // The VirtualService without hosts, with the fix suggested.
     assert!(
-        errors.iter().any(|l| l.contains("001_20ec9f7b39974c56.yaml:6: error: VirtualService reviews: spec.hosts:")
+        errors.iter().any(|l| l.contains("001_20ec9f7b39974c56.yaml:6:1: error: VirtualService reviews: spec.hosts:")
             && l.contains("add `hosts: [reviews]`")),
         "{text}"
     );

@@ -172,7 +172,7 @@ where
             Action::Redirect(r) => answer(r.respond(&req)),
             Action::Direct(d) => answer(d.respond()),
             Action::Forward(split) => {
-                let index = split.pick_index(table.draw(&req));
+                let index = split.pick_index(table.draw_for(&route, &req));
                 let target = &split.targets()[index];
                 route.prepare_request(block, Some(target), &mut req);
                 let decision = route.decision(block, target);
@@ -479,6 +479,9 @@ where
         let key = DestinationKey::of(&decision);
         if let Some(MirrorTo(mirrors)) = req.extensions_mut().remove::<MirrorTo>()
             && req.body().is_end_stream()
+            // An upgrade or a tunnel cannot be copied: only the original gets it.
+            && req.method() != http::Method::CONNECT
+            && !req.headers().contains_key(http::header::UPGRADE)
             && let Ok(handle) = tokio::runtime::Handle::try_current()
         {
             for m in mirrors {

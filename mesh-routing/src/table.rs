@@ -158,12 +158,21 @@ pub struct VirtualHostConfig {
     pub domains: Vec<String>,
     /// The `http` routes, in order.
     pub routes: Vec<HttpRoute>,
+    /// How this host's weighted choices are made; `None` follows the table's
+    /// ([`RouteTable::with_split_key`]).
+    pub split_key: Option<SplitKey>,
 }
 
 impl VirtualHostConfig {
     /// A virtual host answering to `domains`.
     pub fn new(name: impl Into<String>, domains: Vec<String>, routes: Vec<HttpRoute>) -> Self {
-        Self { name: name.into(), domains, routes }
+        Self { name: name.into(), domains, routes, split_key: None }
+    }
+
+    /// Makes this host's weighted choices sticky by `key` (or per request).
+    pub fn with_split_key(mut self, key: SplitKey) -> Self {
+        self.split_key = Some(key);
+        self
     }
 }
 
@@ -224,6 +233,8 @@ struct VirtualHost {
 #[derive(Debug)]
 pub struct Route {
     name: Arc<str>,
+    /// The virtual host's split key, when it has one of its own.
+    split_key: Option<SplitKey>,
     blocks: Box<[Block]>,
     action: Action,
     headers: HeaderRules,
@@ -299,8 +310,9 @@ impl RouteTable {
                     ));
                     continue;
                 }
-                let Some((compiled_route, catch_all)) = compiled_route else { continue };
+                let Some((mut compiled_route, catch_all)) = compiled_route else { continue };
                 reachable = !catch_all;
+                compiled_route.split_key = config.split_key.clone();
                 routes.push(Arc::new(compiled_route));
             }
             for domain in &config.domains {
@@ -428,13 +440,23 @@ impl RouteTable {
     pub fn decide<B>(&self, req: &Request<B>) -> Option<(&Arc<Route>, &Target)> {
         let (route, _) = self.find(req)?;
         let Action::Forward(split) = &route.action else { return None };
-        Some((route, split.pick(self.draw(req))))
+        Some((route, split.pick(self.draw_for(route, req))))
     }
 
     /// The number the weighted choice uses for `req`: a fresh draw, or the hash of the
     /// split key.
     pub fn draw<B>(&self, req: &Request<B>) -> u64 {
-        let value = match &self.split_key {
+        self.draw_by(&self.split_key, req)
+    }
+
+    /// The number the weighted choice of `route` uses for `req`: by its virtual host's split
+    /// key, or the table's.
+    pub fn draw_for<B>(&self, route: &Route, req: &Request<B>) -> u64 {
+        self.draw_by(route.split_key.as_ref().unwrap_or(&self.split_key), req)
+    }
+
+    fn draw_by<B>(&self, key: &SplitKey, req: &Request<B>) -> u64 {
+        let value = match key {
             SplitKey::PerRequest => None,
             SplitKey::Header(name) => req.headers().get(name).map(|v| v.as_bytes()),
             SplitKey::Cookie(name) => cookie(req.headers(), name),
@@ -587,7 +609,16 @@ impl Route {
         if blocks.is_empty() {
             return Ok(None);
         }
-        let route = Self { name, blocks: blocks.into(), action, headers, rewrite, timeout, mirrors: mirrors.into() };
+        let route = Self {
+            name,
+            split_key: None,
+            blocks: blocks.into(),
+            action,
+            headers,
+            rewrite,
+            timeout,
+            mirrors: mirrors.into(),
+        };
         Ok(Some((route, catch_all)))
     }
 
