@@ -183,6 +183,13 @@ async fn connect(forward: Forward, req: Request<RecvStream>, respond: SendRespon
     };
     let in_flight = res.body_mut().in_flight.take();
     let Some(upstream) = res.extensions().get::<UpstreamTunnel>().and_then(UpstreamTunnel::take) else {
+        // A 2xx tells the client its tunnel is open (RFC 9113 section 8.5): an answer without
+        // one (a route's direct response, say) cannot be one.
+        if res.status().is_success() {
+            let error: crate::error::BoxError =
+                "the route answered an extended CONNECT without opening a tunnel".into();
+            return respond_with(respond, crate::reply::local_reply(&*error, false), false).await;
+        }
         return respond_with(respond, res, false).await;
     };
     let (mut head, _) = res.into_parts();

@@ -148,6 +148,7 @@ impl Forward {
             _ => self.timed(self.exchange(req)).await,
         };
         let mut res = match result {
+            Ok(res) if grpc && crate::reply::is_local_refusal(&res) => crate::reply::as_grpc(res),
             Ok(res) => res,
             Err(e) => local_reply(&*e, grpc),
         };

@@ -37,6 +37,15 @@ pub(crate) fn local_reply(error: &(dyn StdError + 'static), grpc: bool) -> Respo
     if grpc { as_grpc(res) } else { res }
 }
 
+/// An answer the stack made itself (no route, no cluster, no healthy upstream, a refusal),
+/// which a gRPC client gets as a `grpc-status`.
+pub(crate) fn is_local_refusal(res: &Response<ProxyBody>) -> bool {
+    let flags = ResponseFlags::of(res.extensions());
+    [ResponseFlags::NO_ROUTE_FOUND, ResponseFlags::NO_CLUSTER_FOUND, ResponseFlags::NO_HEALTHY_UPSTREAM]
+        .into_iter()
+        .any(|f| flags.contains(f))
+}
+
 /// Whether a request is gRPC (`content-type: application/grpc`, `+proto` and the like).
 pub(crate) fn is_grpc(headers: &http::HeaderMap) -> bool {
     headers.get(CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
@@ -44,7 +53,7 @@ pub(crate) fn is_grpc(headers: &http::HeaderMap) -> bool {
 
 /// A local reply for a gRPC client, as Envoy sends it: HTTP 200, trailers-only, with the
 /// `grpc-status` Envoy maps the HTTP status to and the reply's text as `grpc-message`.
-fn as_grpc(res: Response<ProxyBody>) -> Response<ProxyBody> {
+pub(crate) fn as_grpc(res: Response<ProxyBody>) -> Response<ProxyBody> {
     let code = match res.status().as_u16() {
         400 => 13,
         401 => 16,

@@ -25,6 +25,9 @@ pub(crate) type Hook = Box<dyn Fn(&Snapshot) + Send + Sync>;
 /// The routing state shared by every connection.
 pub(crate) struct Routes {
     snapshot: ArcSwap<Snapshot>,
+    /// The snapshot before: a request routed by its table just before a reload still finds
+    /// its destination's cluster there.
+    previous: ArcSwap<Option<Arc<Snapshot>>>,
     /// The snapshot's route table, as the routing layer reads it.
     table: SharedRouteTable,
     /// Called with each new snapshot (the dispatch cache retires destinations that left).
@@ -45,6 +48,7 @@ impl Routes {
             hooks: Mutex::new(Vec::new()),
             random: mesh_routing::random::Random::from_entropy(),
             snapshot: ArcSwap::from_pointee(snapshot),
+            previous: ArcSwap::from_pointee(None),
             pools: ArcSwap::from_pointee(HashMap::new()),
             writing: Mutex::new(()),
             config: config.clone(),
@@ -58,6 +62,15 @@ impl Routes {
         self.snapshot.load_full()
     }
 
+    /// The cluster of `key` in the current snapshot, or else in the one before (for requests
+    /// routed by the previous table while a reload swapped it).
+    pub(crate) fn cluster(&self, key: &mesh_routing::DestinationKey) -> Option<Arc<crate::snapshot::Cluster>> {
+        if let Some(c) = self.snapshot.load().clusters.get(key) {
+            return Some(c.clone());
+        }
+        self.previous.load().as_ref().as_ref().and_then(|s| s.clusters.get(key).cloned())
+    }
+
     /// Swaps in `snapshot` and drops the pools of endpoints it no longer has.
     pub(crate) fn store(&self, snapshot: Snapshot) {
         let keep: HashSet<Arc<str>> = snapshot
@@ -68,7 +81,8 @@ impl Routes {
         // The snapshot first (destination services are made from it), then the table that
         // routes to them, then the hooks (which retire services made from the old one).
         let snapshot = Arc::new(snapshot);
-        self.snapshot.store(snapshot.clone());
+        let old = self.snapshot.swap(snapshot.clone());
+        self.previous.store(Arc::new(Some(old)));
         self.table.store_shared(snapshot.table.clone());
         for hook in self.hooks.lock().unwrap_or_else(|p| p.into_inner()).iter() {
             hook(&snapshot);

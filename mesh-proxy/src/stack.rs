@@ -161,7 +161,7 @@ impl MakeDestination for MakeCluster {
     type Service = ClusterService;
 
     fn make(&self, key: &DestinationKey) -> ClusterService {
-        let cluster = self.routes.snapshot().clusters.get(key).cloned();
+        let cluster = self.routes.cluster(key);
         let pools = cluster.as_ref().map_or_else(Vec::new, |c| {
             c.balancer
                 .endpoints()
@@ -378,6 +378,13 @@ spec:
         let res = stack.call(get("ratings", "/", None)).await.unwrap();
         assert_eq!(res.status(), StatusCode::NOT_FOUND);
         assert!(ResponseFlags::of(res.extensions()).contains(ResponseFlags::NO_ROUTE_FOUND));
+        // The edge gives a gRPC client the same answer as UNIMPLEMENTED, trailers-only.
+        assert!(crate::reply::is_local_refusal(&res));
+        let grpc = crate::reply::as_grpc(res);
+        assert_eq!(
+            (grpc.status(), &grpc.headers()["grpc-status"]),
+            (StatusCode::OK, &http::HeaderValue::from_static("12"))
+        );
     }
 
     #[tokio::test]

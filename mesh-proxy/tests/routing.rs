@@ -511,10 +511,18 @@ spec:
         .unwrap();
     let cookie = res.headers().get("set-cookie").expect("the balancer sets its cookie").to_str().unwrap().to_owned();
     assert!(cookie.starts_with("session=") && cookie.contains("Max-Age=60"), "{cookie}");
+    let chosen = String::from_utf8(res.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
     let pair = cookie.split(';').next().unwrap().to_owned();
-    let first = client.get("ratings", "/", &[("cookie", pair.as_str())]).await.1;
-    for _ in 0..10 {
-        assert_eq!(client.get("ratings", "/", &[("cookie", pair.as_str())]).await.1, first);
+    // The generated cookie hashes to the endpoint that answered the request that got it.
+    for _ in 0..20 {
+        assert_eq!(client.get("ratings", "/", &[("cookie", pair.as_str())]).await.1, chosen);
     }
+    // Another client's cookies spread over both endpoints (40 keys on 2 endpoints: all on one
+    // with probability 2^-39).
+    let mut spread = std::collections::BTreeSet::new();
+    for user in 0..40 {
+        spread.insert(client.get("ratings", "/", &[("cookie", &format!("session=user-{user}"))]).await.1);
+    }
+    assert_eq!(spread.len(), 2, "{spread:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }

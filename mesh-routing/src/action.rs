@@ -306,7 +306,10 @@ impl Redirect {
         let request_port = split_port(&request_authority).1;
         let port = match self.port {
             PortRule::Set(p) => Some(p),
-            PortRule::FromRequest => request_port,
+            // Istio: the port of the listener the request came in on.
+            PortRule::FromRequest => {
+                mesh_core::ClientConnection::of(req.extensions()).map(|c| c.local.port()).or(request_port)
+            }
             PortRule::ProtocolDefault => None,
             // A scheme change drops the old scheme's default port (`:80` going to https), as
             // Envoy does; any other port stays.

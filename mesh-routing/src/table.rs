@@ -248,6 +248,9 @@ struct Block {
     /// As configured (for the index).
     config: HttpMatchRequest,
     matcher: HttpMatch,
+    /// The block's `port`, checked per request against the port the request was sent to,
+    /// when the table is not compiled for one listener port ([`RouteContext::listener_port`]).
+    port: Option<u16>,
     uri: Option<StringMatch>,
     ignore_case: bool,
     /// `<route>.<match>` when the block is named, else the route's name.
@@ -425,14 +428,15 @@ impl RouteTable {
             Some(index) => {
                 let found = index.first(&view, |i| {
                     let (r, b) = host.order[i];
-                    host.routes[r as usize].blocks[b as usize].matcher.matches_view(&view)
+                    host.routes[r as usize].blocks[b as usize].holds(&view)
                 })?;
                 let (r, b) = host.order[found];
                 Some((&host.routes[r as usize], b as usize))
             }
-            None => host.routes.iter().find_map(|route| {
-                route.blocks.iter().position(|b| b.matcher.matches_view(&view)).map(|block| (route, block))
-            }),
+            None => host
+                .routes
+                .iter()
+                .find_map(|route| route.blocks.iter().position(|b| b.holds(&view)).map(|block| (route, block))),
         }
     }
 
@@ -557,17 +561,32 @@ impl Route {
             if !applies(m, context) {
                 continue;
             }
-            catch_all |= matcher.is_catch_all();
+            let port = match (m.port, context.listener_port) {
+                (Some(p), None) if p != 0 => Some(
+                    u16::try_from(p)
+                        .map_err(|_| InvalidRoute::new(&format!("{field}.port"), "must be a port from 1 to 65535"))?,
+                ),
+                _ => None,
+            };
+            catch_all |= matcher.is_catch_all() && port.is_none();
             let name = match &m.name {
                 Some(n) if !n.is_empty() => format!("{name}.{n}").into(),
                 _ => name.clone(),
             };
-            blocks.push(Block { config: m.clone(), matcher, uri: m.uri.clone(), ignore_case: m.ignore_uri_case, name });
+            blocks.push(Block {
+                config: m.clone(),
+                matcher,
+                port,
+                uri: m.uri.clone(),
+                ignore_case: m.ignore_uri_case,
+                name,
+            });
         }
         if route.matches.is_empty() {
             blocks.push(Block {
                 config: HttpMatchRequest::default(),
                 matcher: HttpMatch::any(),
+                port: None,
                 uri: None,
                 ignore_case: false,
                 name: name.clone(),
@@ -703,6 +722,28 @@ impl Route {
         }
         d
     }
+}
+
+impl Block {
+    /// Whether the block holds for a request.
+    fn holds(&self, view: &RequestView<'_>) -> bool {
+        self.port.is_none_or(|p| request_port(view) == p) && self.matcher.matches_view(view)
+    }
+}
+
+/// The port a request was sent to: its authority's, or its scheme's default.
+fn request_port(view: &RequestView<'_>) -> u16 {
+    let (_, uri, headers) = view.parts();
+    let explicit = match uri.authority() {
+        Some(a) => a.port_u16(),
+        None => headers
+            .get(HOST)
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| h.rsplit_once(':'))
+            .filter(|(host, _)| !host.ends_with(':') && (!host.contains(':') || host.ends_with(']')))
+            .and_then(|(_, port)| port.parse().ok()),
+    };
+    explicit.unwrap_or(if uri.scheme() == Some(&http::uri::Scheme::HTTPS) { 443 } else { 80 })
 }
 
 /// Whether a match block's config-time conditions hold for `context`.

@@ -993,3 +993,31 @@ fn mirror_percentage_0_never_100_always_50_about_half() {
     let all: Vec<String> = table.destinations().iter().map(|k| k.host.to_string()).collect();
     assert_eq!(all, ["a", "always", "never"]);
 }
+
+#[test]
+fn port_matches_the_request_port_when_no_listener_port_is_given() {
+    // One outbound listener for every service port (mesh-proxy's): a block's `port` is the
+    // port the request was sent to, from its authority (or the scheme's default).
+    let spec: VirtualServiceSpec = yaml_serde::from_str(
+        r#"
+hosts: [reviews]
+http:
+- match: [{port: 9080}]
+  route: [{destination: {host: reviews, subset: v1}}]
+- match: [{port: 9090}]
+  route: [{destination: {host: reviews, subset: v2}}]
+"#,
+    )
+    .unwrap();
+    let table = RouteTable::from_routes(&spec.http).unwrap();
+    assert!(table.notes().is_empty(), "a block with a port is not a catch-all: {:?}", table.notes());
+    let subset = |host: &str| {
+        let req = http::Request::get("/").header("host", host).body(()).unwrap();
+        table.decide(&req).and_then(|(_, t)| t.key().subset.as_deref().map(str::to_owned))
+    };
+    assert_eq!(subset("reviews:9080").as_deref(), Some("v1"));
+    assert_eq!(subset("reviews:9090").as_deref(), Some("v2"));
+    assert_eq!(subset("reviews"), None, "port 80 matches neither");
+    let h2 = http::Request::get("http://reviews:9090/").version(http::Version::HTTP_2).body(()).unwrap();
+    assert_eq!(table.decide(&h2).and_then(|(_, t)| t.key().subset.clone()).as_deref(), Some("v2"));
+}
