@@ -1,6 +1,7 @@
 //! The bodies of the forwarding path: [`RequestBody`] (what a client sends, or any body a
 //! layer substitutes) and [`ProxyBody`] (the upstream's response, or a local reply).
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
@@ -111,6 +112,8 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: Inner,
         pub(crate) in_flight: Option<InFlight>,
+        // The route timeout's deadline, when the response must be complete by then.
+        deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     }
 }
 
@@ -137,11 +140,11 @@ impl ProxyBody {
                 c.release();
             }
         }
-        ProxyBody { inner: Inner::Upstream { body, checkout }, in_flight: None }
+        ProxyBody { inner: Inner::Upstream { body, checkout }, in_flight: None, deadline: None }
     }
 
     pub(crate) fn h2(body: H2Recv) -> Self {
-        ProxyBody { inner: Inner::H2 { body }, in_flight: None }
+        ProxyBody { inner: Inner::H2 { body }, in_flight: None, deadline: None }
     }
 
     /// A local reply's text, if this is one.
@@ -153,11 +156,21 @@ impl ProxyBody {
     }
 
     pub(crate) fn local(data: Bytes) -> Self {
-        ProxyBody { inner: Inner::Local { data: Some(data) }, in_flight: None }
+        ProxyBody { inner: Inner::Local { data: Some(data) }, in_flight: None, deadline: None }
     }
 
     pub(crate) fn empty() -> Self {
-        ProxyBody { inner: Inner::Local { data: None }, in_flight: None }
+        ProxyBody { inner: Inner::Local { data: None }, in_flight: None, deadline: None }
+    }
+}
+
+impl ProxyBody {
+    /// Ends the body with a timeout error if it is not complete by `deadline` (Envoy's route
+    /// timeout covers the whole response; a client then sees its stream reset).
+    pub(crate) fn set_deadline(&mut self, deadline: tokio::time::Instant) {
+        if !self.is_end_stream() {
+            self.deadline = Some(Box::pin(tokio::time::sleep_until(deadline)));
+        }
     }
 }
 
@@ -166,7 +179,14 @@ impl Body for ProxyBody {
     type Error = BoxError;
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.project().inner.project() {
+        let this = self.project();
+        if let Some(deadline) = this.deadline
+            && deadline.as_mut().poll(cx).is_ready()
+        {
+            *this.deadline = None;
+            return Poll::Ready(Some(Err(Box::new(mesh_core::classify::TimeoutError::new()))));
+        }
+        match this.inner.project() {
             InnerProj::Upstream { mut body, checkout } => {
                 let frame = ready!(body.as_mut().poll_frame(cx));
                 match &frame {

@@ -115,31 +115,43 @@ impl Service<Request<RequestBody>> for Endpoint {
 // === RouteTimeout ===
 
 /// Bounds a request by its route's `timeout` ([`RouteTimeout`], recorded by the routing
-/// layer): the whole exchange up to the response head, as the request timeout is. On expiry
-/// the error is a timeout (504 `UT` at the edge). mesh-resilience will own this layer.
+/// layer), as Envoy's route timeout does: the response head must arrive within it (else the
+/// error is a timeout, 504 `UT` at the edge) and its body must end by the same deadline (else
+/// the body fails, and the client's stream is reset). mesh-resilience will own this layer.
 #[derive(Clone, Debug)]
 pub(crate) struct RouteTimeoutService<S>(S);
 
-impl<S, RB> Service<Request<RequestBody>> for RouteTimeoutService<S>
+impl<S> Service<Request<RequestBody>> for RouteTimeoutService<S>
 where
-    S: Service<Request<RequestBody>, Response = Response<RB>, Error = BoxError>,
-    RB: 'static,
+    S: Service<Request<RequestBody>, Response = Response<RoutingBody<ProxyBody>>, Error = BoxError>,
     S::Future: Send + 'static,
 {
-    type Response = Response<RB>;
+    type Response = Response<ProxyBody>;
     type Error = BoxError;
-    type Future = Either<S::Future, Pin<Box<dyn Future<Output = Result<Response<RB>, BoxError>> + Send>>>;
+    type Future = Either<
+        futures_util::future::MapOk<S::Future, fn(Response<RoutingBody<ProxyBody>>) -> Response<ProxyBody>>,
+        BoxFuture,
+    >;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         self.0.poll_ready(cx)
     }
 
     fn call(&mut self, req: Request<RequestBody>) -> Self::Future {
+        use futures_util::TryFutureExt;
         let limit = req.extensions().get::<RouteTimeout>().map(|t| t.0);
         let fut = self.0.call(req);
+        let flat: fn(Response<RoutingBody<ProxyBody>>) -> Response<ProxyBody> = |res| res.map(flatten);
         match limit {
-            None => Either::Left(fut),
-            Some(limit) => Either::Right(Box::pin(timeout(limit, fut))),
+            None => Either::Left(fut.map_ok(flat)),
+            Some(limit) => Either::Right(Box::pin(async move {
+                // The whole exchange: the head within the limit, and the body by the same
+                // deadline (Envoy's route timeout ends when the response is complete).
+                let deadline = tokio::time::Instant::now() + limit;
+                let mut res = timeout(limit, fut).await?.map(flatten);
+                res.body_mut().set_deadline(deadline);
+                Ok(res)
+            })),
         }
     }
 }
@@ -260,6 +272,7 @@ mod tests {
     use std::path::Path;
 
     use bytes::Bytes;
+    use futures_util::StreamExt;
     use http::StatusCode;
     use http_body_util::{BodyExt, Full};
     use hyper::body::Incoming;
@@ -278,14 +291,23 @@ mod tests {
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 let svc = hyper::service::service_fn(move |req: Request<Incoming>| async move {
+                    type Boxed = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
                     if req.uri().path() == "/slow" {
                         tokio::time::sleep(Duration::from_secs(10)).await;
+                    }
+                    if req.uri().path() == "/stall" {
+                        // The head and a first chunk, then nothing.
+                        let chunks =
+                            futures_util::stream::once(async { Ok(http_body::Frame::data(Bytes::from("first"))) })
+                                .chain(futures_util::stream::pending());
+                        let body: Boxed = http_body_util::StreamBody::new(chunks).boxed_unsync();
+                        return Ok::<_, Infallible>(Response::new(body));
                     }
                     let (parts, body) = req.into_parts();
                     let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
                     let text =
                         format!("{name} {} {} {}", parts.method, parts.uri.path(), String::from_utf8_lossy(&body));
-                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(text))))
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(text)).boxed_unsync()))
                 });
                 tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc));
             }
@@ -342,7 +364,7 @@ spec:
     match: [{{headers: {{x-to: {{exact: v9}}}}}}]
     route: [{{destination: {{host: reviews, subset: v9}}}}]
   - name: slow
-    match: [{{uri: {{prefix: /slow}}}}]
+    match: [{{uri: {{regex: "/(slow|stall)"}}}}]
     timeout: 50ms
     route: [{{destination: {{host: reviews, subset: v1}}}}]
   - name: rest
@@ -417,6 +439,25 @@ spec:
         let reply = crate::reply::local_reply(&*err, false);
         assert_eq!(reply.status(), StatusCode::GATEWAY_TIMEOUT);
         assert!(ResponseFlags::of(reply.extensions()).contains(ResponseFlags::UPSTREAM_REQUEST_TIMEOUT));
+    }
+
+    #[tokio::test]
+    async fn the_route_timeout_also_ends_a_body_that_stalls() {
+        let stack = stack(&config(backend("v1").await));
+        let res = tokio::time::timeout(Duration::from_secs(5), stack.call(get("reviews", "/stall", None)))
+            .await
+            .expect("the head comes at once")
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        let mut body = res.into_body();
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(first, "first");
+        let end = tokio::time::timeout(Duration::from_secs(5), body.frame())
+            .await
+            .expect("the route timeout (50ms) ends the body")
+            .expect("an error, not the end of the body")
+            .unwrap_err();
+        assert!(mesh_core::Outcome::from_error(&*end).is_timeout(), "{end}");
     }
 
     #[tokio::test]
