@@ -660,28 +660,34 @@ impl HeaderMatch {
 
     /// Evaluates the match against `headers`.
     pub fn matches(&self, headers: &HeaderMap) -> bool {
-        let mut values = headers.get_all(&self.name).iter();
-        let Some(first) = values.next() else {
+        let Some(value) = header_value(headers, &self.name) else {
             if self.missing_as_empty {
                 return self.matcher.matches(b"") != self.invert;
             }
             // Envoy: an absent header satisfies only an inverted presence check.
             return self.matcher.is_presence() && self.invert;
         };
-        let hit = match values.next() {
-            None => self.matcher.matches(first.as_bytes()),
-            Some(second) => {
-                let mut joined = Vec::with_capacity(first.len() + second.len() + 16);
-                joined.extend_from_slice(first.as_bytes());
-                for v in std::iter::once(second).chain(values) {
-                    joined.push(b',');
-                    joined.extend_from_slice(v.as_bytes());
-                }
-                self.matcher.matches(&joined)
-            }
-        };
-        hit != self.invert
+        self.matcher.matches(&value) != self.invert
     }
+}
+
+/// A header's value as Envoy's matchers see it: several lines joined with `,`; `None` when
+/// absent.
+pub fn header_value<'h>(headers: &'h HeaderMap, name: &HeaderName) -> Option<Cow<'h, [u8]>> {
+    let mut values = headers.get_all(name).iter();
+    let first = values.next()?;
+    Some(match values.next() {
+        None => Cow::Borrowed(first.as_bytes()),
+        Some(second) => {
+            let mut joined = Vec::with_capacity(first.len() + second.len() + 16);
+            joined.extend_from_slice(first.as_bytes());
+            for v in std::iter::once(second).chain(values) {
+                joined.push(b',');
+                joined.extend_from_slice(v.as_bytes());
+            }
+            Cow::Owned(joined)
+        }
+    })
 }
 
 fn header_name(field: &str, name: &str) -> Result<HeaderName, InvalidMatch> {

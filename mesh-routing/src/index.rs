@@ -16,7 +16,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 
 use http::HeaderName;
-use mesh_core::matching::{HttpMatchRequest, RequestView, StringMatch, StringMatcher};
+use mesh_core::matching::{HttpMatchRequest, RequestView, StringMatch, StringMatcher, header_value};
 use regex::bytes::{RegexSet, RegexSetBuilder};
 
 /// Below this many blocks a linear scan is as fast.
@@ -36,21 +36,7 @@ impl Source {
     fn value<'a>(&self, view: &RequestView<'a>) -> Option<Cow<'a, [u8]>> {
         let (_, uri, headers) = view.parts();
         match self {
-            Source::Header(name) => {
-                let mut values = headers.get_all(name).iter();
-                let first = values.next()?;
-                match values.next() {
-                    None => Some(Cow::Borrowed(first.as_bytes())),
-                    Some(second) => {
-                        let mut joined = first.as_bytes().to_vec();
-                        for v in std::iter::once(second).chain(values) {
-                            joined.push(b',');
-                            joined.extend_from_slice(v.as_bytes());
-                        }
-                        Some(Cow::Owned(joined))
-                    }
-                }
-            }
+            Source::Header(name) => header_value(headers, name),
             Source::Cookie(name) => view.cookie(name).map(Cow::Borrowed),
             Source::Query(name) => view.query_param(name).map(|v| Cow::Borrowed(v.as_bytes())),
             Source::Path => Some(Cow::Borrowed(uri.path().as_bytes())),
