@@ -11,6 +11,7 @@
 //! | [`flags`] | [`ResponseFlags`]: Envoy's short response flags (`UF`, `UT`, `NR`, …) carried as a response extension |
 //! | [`identity`] | [`SpiffeId`] and [`TrustDomain`], validated as the SPIFFE standard says, Istio principals, the X.509-SVID leaf rules and the [`PeerIdentity`] request extension |
 //! | [`route`] | [`RouteDecision`], the request extension that records which route and destination were chosen, and [`ClientConnection`], the one that says which client connection a request came on |
+//! | [`random`] | [`Random`](random::Random), a lock-free, seedable random source for weighted choices, jitter and sampling |
 //! | [`config`] | serde types for Istio durations (`"2s"`, `"250ms"`, `"1.5s"`) and percentages |
 //!
 //! The crate does no I/O and depends on no networking runtime.
@@ -40,6 +41,7 @@ pub mod config;
 pub mod flags;
 pub mod identity;
 pub mod matching;
+pub mod random;
 pub mod route;
 
 pub use classify::{Failure, GrpcCode, GrpcStatus, Outcome};

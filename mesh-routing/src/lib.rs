@@ -43,7 +43,8 @@ pub mod balance;
 mod index;
 pub mod layer;
 pub mod model;
-pub mod random;
+/// The lock-free, seedable random source (it lives in mesh-core, shared with retries and faults).
+pub use mesh_core::random;
 pub mod table;
 
 pub use action::{DirectResponse, HeaderOps, ORIGINAL_PATH, Redirect};

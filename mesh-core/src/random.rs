@@ -6,7 +6,7 @@
 //! seeds it ([`Random::seeded`]) sees the same draws every run.
 //!
 //! ```
-//! use mesh_routing::random::Random;
+//! use mesh_core::random::Random;
 //!
 //! let a = Random::seeded(7);
 //! let b = Random::seeded(7);

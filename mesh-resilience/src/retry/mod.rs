@@ -1,0 +1,276 @@
+//! Retries as Istio's `retries` block says, with budgets, replayable bodies and back-off.
+//!
+//! [`Retry`] sends a request to its inner service and, when the answer is a failure its
+//! [`RetryPolicy`] retries on ([`RetryOn`]: Envoy's meaning of every `retryOn` token), sends it
+//! again, up to the policy's count of retries, each after a fully jittered exponential
+//! back-off (25 ms base, 250 ms cap by default), each bounded by the per-try timeout. A retry
+//! also needs:
+//!
+//! * a body it can send again: the first try's body is recorded as it is sent, up to 64 KiB
+//!   by default ([`ReplayBody`]); a longer body, or one still streaming when the answer came,
+//!   is not retried and passes through untouched;
+//! * an idempotent method, unless the failure happened before the request was sent (connect
+//!   failure, refused stream) or [`RetryPolicy::retrying_non_idempotent`] says otherwise;
+//! * the budget's consent, when there is one ([`TokenBudget`], [`ConcurrencyBudget`]), shared
+//!   by every clone of the layer.
+//!
+//! When the retries run out, the last response is returned with flag `URX`; when the budget
+//! refuses, with flag `UO`. Every response carries the [`Attempts`] it took. A per-try timeout
+//! that is not retried answers with a timeout error (504 `UT` at a proxy's edge).
+//!
+//! Errors are classified by mesh-core ([`Outcome::from_error`](mesh_core::Outcome::from_error))
+//! through [`RetryableError`], implemented for `Box<dyn Error + Send + Sync>` (what hyper-util
+//! and tower services usually return, after `map_err(Into::into)`) and for `Infallible`.
+//!
+//! ```
+//! use std::convert::Infallible;
+//! use std::sync::Arc;
+//! use std::sync::atomic::{AtomicUsize, Ordering};
+//! use bytes::Bytes;
+//! use http_body_util::Full;
+//! use mesh_resilience::retry::{RetryLayer, RetryPolicy, TokenBudget};
+//! use tower::{ServiceBuilder, ServiceExt, service_fn};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let calls = Arc::new(AtomicUsize::new(0));
+//! let seen = calls.clone();
+//! let flaky = service_fn(move |_req: http::Request<_>| {
+//!     let n = seen.fetch_add(1, Ordering::SeqCst);
+//!     async move {
+//!         let status = if n < 2 { 503 } else { 200 };
+//!         let mut res = http::Response::new(Full::new(Bytes::new()));
+//!         *res.status_mut() = http::StatusCode::from_u16(status).unwrap();
+//!         Ok::<_, Infallible>(res)
+//!     }
+//! });
+//! let svc = ServiceBuilder::new()
+//!     .layer(RetryLayer::new(RetryPolicy::new(3, "5xx".parse()?)).with_budget(Arc::new(TokenBudget::linkerd_default())))
+//!     .service(flaky);
+//! let res = svc.oneshot(http::Request::new(Full::new(Bytes::new()))).await?;
+//! assert_eq!(res.status(), 200);
+//! assert_eq!(calls.load(Ordering::SeqCst), 3);
+//! # Ok(()) }
+//! ```
+
+mod body;
+mod budget;
+mod policy;
+
+use std::convert::Infallible;
+use std::error::Error as StdError;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::{Method, Request, Response};
+use http_body::Body;
+use mesh_core::ResponseFlags;
+use mesh_core::classify::{Failure, Outcome, TimeoutError};
+use mesh_core::random::Random;
+use tower::{Layer, Service, ServiceExt};
+
+pub use body::{Replay, ReplayBody};
+pub use budget::{ConcurrencyBudget, RequestGuard, RetryBudget, RetryGuard, TokenBudget};
+pub use policy::{DEFAULT_BACKOFF, DEFAULT_MAX_REPLAY_BYTES, HttpRetry, InvalidRetry, RetryOn, RetryPolicy};
+
+/// Response extension: how many tries the response took (1 when it was not retried).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Attempts(pub u32);
+
+/// An error a retry decision can read.
+pub trait RetryableError: Sized {
+    /// What the failure was, if it is one retries know.
+    fn failure(&self) -> Option<Failure>;
+    /// The error a per-try timeout becomes, if this error type can carry it (else per-try
+    /// timeouts are not applied).
+    fn timeout() -> Option<Self>;
+}
+
+impl RetryableError for Box<dyn StdError + Send + Sync> {
+    fn failure(&self) -> Option<Failure> {
+        Outcome::from_error(&**self).failure()
+    }
+
+    fn timeout() -> Option<Self> {
+        Some(Box::new(TimeoutError::new()))
+    }
+}
+
+impl RetryableError for Infallible {
+    fn failure(&self) -> Option<Failure> {
+        match *self {}
+    }
+
+    fn timeout() -> Option<Self> {
+        None
+    }
+}
+
+// === RetryLayer ===
+
+/// Layer of [`Retry`]. See the module docs.
+#[derive(Clone, Debug)]
+pub struct RetryLayer {
+    policy: Arc<RetryPolicy>,
+    budget: Option<Arc<dyn RetryBudget>>,
+    random: Arc<Random>,
+}
+
+impl RetryLayer {
+    /// Retries by `policy`, with no budget.
+    pub fn new(policy: RetryPolicy) -> Self {
+        Self { policy: Arc::new(policy), budget: None, random: Arc::new(Random::from_entropy()) }
+    }
+
+    /// Caps retries with `budget`, shared by every service this layer makes.
+    pub fn with_budget(mut self, budget: Arc<dyn RetryBudget>) -> Self {
+        self.budget = Some(budget);
+        self
+    }
+
+    /// Draws back-off jitter from `random` (seed it for deterministic tests).
+    pub fn with_random(mut self, random: Random) -> Self {
+        self.random = Arc::new(random);
+        self
+    }
+}
+
+impl<S> Layer<S> for RetryLayer {
+    type Service = Retry<S>;
+
+    fn layer(&self, inner: S) -> Retry<S> {
+        Retry { inner, policy: self.policy.clone(), budget: self.budget.clone(), random: self.random.clone() }
+    }
+}
+
+/// Retries failed requests. See the module docs.
+#[derive(Clone)]
+pub struct Retry<S> {
+    inner: S,
+    policy: Arc<RetryPolicy>,
+    budget: Option<Arc<dyn RetryBudget>>,
+    random: Arc<Random>,
+}
+
+impl<S> fmt::Debug for Retry<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Retry").field("policy", &self.policy).field("budget", &self.budget).finish()
+    }
+}
+
+/// Response future of [`Retry`].
+pub type ResponseFuture<R, E> = Pin<Box<dyn Future<Output = Result<R, E>> + Send>>;
+
+fn idempotent(method: &Method) -> bool {
+    matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE)
+}
+
+impl<S, B, RB> Service<Request<B>> for Retry<S>
+where
+    S: Service<Request<ReplayBody<B>>, Response = Response<RB>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: RetryableError + Send,
+    B: Body<Data = Bytes> + Send + 'static,
+    RB: Send + 'static,
+{
+    type Response = Response<RB>;
+    type Error = S::Error;
+    type Future = ResponseFuture<Response<RB>, S::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        // The ready inner service takes the first try; clones take the retries.
+        let clone = self.inner.clone();
+        let mut first = std::mem::replace(&mut self.inner, clone);
+        let (policy, budget, random) = (self.policy.clone(), self.budget.clone(), self.random.clone());
+        if policy.retries() == 0 {
+            let (parts, body) = req.into_parts();
+            let (body, _) = ReplayBody::new(body, 0);
+            let fut = first.call(Request::from_parts(parts, body));
+            return Box::pin(async move {
+                let mut res = fut.await?;
+                res.extensions_mut().insert(Attempts(1));
+                Ok(res)
+            });
+        }
+        let (parts, body) = req.into_parts();
+        let head = parts.clone();
+        let (body, replay) = ReplayBody::new(body, policy.max_replay_bytes());
+        let first_try = try_once(policy.per_try_timeout(), first.call(Request::from_parts(parts, body)));
+        Box::pin(async move {
+            let _request = budget.as_ref().map(|b| b.deposit());
+            let mut result = first_try.await;
+            let mut tries = 1;
+            // Held while a retry is in flight (the concurrency budget counts it).
+            let mut _retry_guard = None;
+            loop {
+                let retry = match &result {
+                    Ok(res) => policy.retry_on().on_response(res.status(), res.headers()),
+                    Err(e) => e.failure().is_some_and(|f| {
+                        let before_send = matches!(f, Failure::ConnectFailure | Failure::RefusedStream);
+                        policy.retry_on().on_failure(f, !before_send)
+                            && (before_send || idempotent(&head.method) || policy.retries_non_idempotent())
+                    }),
+                };
+                let retry = retry
+                    && match &result {
+                        // A response to a non-idempotent request: it was processed.
+                        Ok(_) => idempotent(&head.method) || policy.retries_non_idempotent(),
+                        Err(_) => true,
+                    };
+                if !retry {
+                    return finish(result, tries, ResponseFlags::empty());
+                }
+                if tries > policy.retries() {
+                    return finish(result, tries, ResponseFlags::UPSTREAM_RETRY_LIMIT_EXCEEDED);
+                }
+                let Some(body) = replay.body() else {
+                    // The body is too long to replay, or was still streaming.
+                    return finish(result, tries, ResponseFlags::empty());
+                };
+                match budget.as_ref().map(|b| b.withdraw()) {
+                    Some(None) => return finish(result, tries, ResponseFlags::UPSTREAM_OVERFLOW),
+                    Some(Some(guard)) => _retry_guard = Some(guard),
+                    None => {}
+                }
+                tokio::time::sleep(policy.backoff(tries, &random)).await;
+                drop(result);
+                let mut svc = first.clone();
+                let req = Request::from_parts(head.clone(), body);
+                result = match svc.ready().await {
+                    Ok(svc) => try_once(policy.per_try_timeout(), svc.call(req)).await,
+                    Err(e) => Err(e),
+                };
+                tries += 1;
+            }
+        })
+    }
+}
+
+/// One try, bounded by the per-try timeout when the error type can say so.
+async fn try_once<F, R, E>(limit: Option<std::time::Duration>, fut: F) -> Result<R, E>
+where
+    F: Future<Output = Result<R, E>>,
+    E: RetryableError,
+{
+    match (limit, E::timeout()) {
+        (Some(limit), Some(timeout)) => tokio::time::timeout(limit, fut).await.unwrap_or(Err(timeout)),
+        _ => fut.await,
+    }
+}
+
+fn finish<RB, E>(result: Result<Response<RB>, E>, tries: u32, flags: ResponseFlags) -> Result<Response<RB>, E> {
+    result.map(|mut res| {
+        res.extensions_mut().insert(Attempts(tries));
+        if !flags.is_empty() {
+            ResponseFlags::record(res.extensions_mut(), flags);
+        }
+        res
+    })
+}
