@@ -24,7 +24,7 @@ pin_project_lite::pin_project! {
     pub(crate) enum RequestBody {
         Http1 { #[pin] body: Incoming, reading: Option<BodyInFlight> },
         H2 { body: H2Recv },
-        Boxed { #[pin] body: http_body_util::combinators::BoxBody<Bytes, BoxError> },
+        Boxed { #[pin] body: http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError> },
         Empty,
     }
 }
@@ -45,13 +45,14 @@ impl RequestBody {
     }
 
     /// Any other body (a layer's replay buffer, a test's body).
-    #[cfg_attr(not(test), expect(dead_code, reason = "retries will replay bodies through it"))]
     pub(crate) fn new<B>(body: B) -> Self
     where
-        B: Body<Data = Bytes> + Send + Sync + 'static,
+        B: Body<Data = Bytes> + Send + 'static,
         B::Error: Into<BoxError>,
     {
-        RequestBody::Boxed { body: http_body_util::BodyExt::boxed(http_body_util::BodyExt::map_err(body, Into::into)) }
+        RequestBody::Boxed {
+            body: http_body_util::BodyExt::boxed_unsync(http_body_util::BodyExt::map_err(body, Into::into)),
+        }
     }
 }
 

@@ -722,7 +722,6 @@ impl Ctx<'_> {
             rest.map_or(usize::MAX, |n| self.line + n)
         };
         const LATER: &[(&str, &str)] = &[
-            ("retries:", "retries (mesh-resilience)"),
             ("fault:", "fault injection (mesh-resilience)"),
             ("corsPolicy:", "CORS"),
             ("connectionPool:", "connection-pool limits (mesh-resilience)"),

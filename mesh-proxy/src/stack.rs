@@ -5,7 +5,9 @@
 //! server adapter (per connection: request timeout, client connection, local replies)
 //!   -> Routing (mesh-routing: route, weighted destination, rewrites, RouteDecision,
 //!      404 NR, redirects, direct responses, response header operations)
-//!   -> RouteTimeout (the route's `timeout`: 504 UT)
+//!   -> RouteTimeout (the route's `timeout`: 504 UT, over every try)
+//!   -> Retry (mesh-resilience: the route's `retries`, or Istio's default; bodies replayed
+//!      from a capped recording; URX when retries run out)
 //!   -> Dispatch (mesh-routing: one service per destination, made lazily, cached, retired
 //!      on reload; mirrors)
 //!   -> Cluster (the destination's balancer picks an endpoint: 503 NC / UH)
@@ -28,8 +30,10 @@ use futures_util::FutureExt;
 use futures_util::future::Either;
 use http::header::SET_COOKIE;
 use http::{Request, Response};
+use http_body::Body;
 use mesh_core::ClientConnection;
 use mesh_core::classify::TimeoutError;
+use mesh_resilience::retry::{ReplayBody, Retry, RetryLayer, RetryPolicy};
 use mesh_routing::balance::HashKey;
 use mesh_routing::{DestinationKey, Dispatch, MakeDestination, RouteTimeout, Routing, RoutingBody, RoutingLayer};
 use tower::{Layer, Service, ServiceExt};
@@ -44,7 +48,14 @@ use crate::upstream::Upstream;
 type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, BoxError>> + Send>>;
 
 /// The routed stack's type.
-pub(crate) type Routed = Routing<RouteTimeoutService<Dispatch<MakeCluster>>>;
+pub(crate) type Routed = Routing<RouteTimeoutService<Retry<Replayed<Dispatch<MakeCluster>>>>>;
+
+/// The retry layer's recorded body, as the body the rest of the stack takes.
+type Replayed<S> = tower::util::MapRequest<S, fn(Request<ReplayBody<RequestBody>>) -> Request<RequestBody>>;
+
+fn replayed(req: Request<ReplayBody<RequestBody>>) -> Request<RequestBody> {
+    req.map(|body| if body.is_end_stream() { RequestBody::empty() } else { RequestBody::new(body) })
+}
 
 /// The stack a [`Forward`](crate::proxy::Forward) calls.
 #[derive(Clone)]
@@ -64,7 +75,11 @@ impl Stack {
         // Each destination's service holds its cluster and pools as of the snapshot it was
         // made from: a new snapshot retires them all, and they are made again on first use.
         routes.on_store(Box::new(move |_| cache.retain(|_| false)));
-        let stack = RoutingLayer::shared(routes.route_table()).layer(RouteTimeoutService(dispatch));
+        // Each route's retry policy comes with the request (`RoutePolicy`, set by the routing
+        // layer); a request without one is not retried.
+        let replayed: fn(Request<ReplayBody<RequestBody>>) -> Request<RequestBody> = replayed;
+        let retry = RetryLayer::new(RetryPolicy::none()).layer(tower::util::MapRequest::new(dispatch, replayed));
+        let stack = RoutingLayer::shared(routes.route_table()).layer(RouteTimeoutService(retry));
         Stack::Routed(stack)
     }
 

@@ -526,3 +526,112 @@ spec:
     assert_eq!(spread.len(), 2, "{spread:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A backend failing every other request (503), counting requests by method; `/hang` never
+/// answers.
+async fn flaky_backend() -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (all, posts) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (seen, seen_posts) = (all.clone(), posts.clone());
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            let (seen, seen_posts) = (seen.clone(), seen_posts.clone());
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let n = seen.fetch_add(1, Ordering::SeqCst);
+                    if req.method() == http::Method::POST {
+                        seen_posts.fetch_add(1, Ordering::SeqCst);
+                    }
+                    async move {
+                        if req.uri().path() == "/hang" {
+                            std::future::pending::<()>().await;
+                        }
+                        let _ = req.into_body().collect().await;
+                        let mut res = Response::new(Full::new(Bytes::from(format!("answer {n}"))));
+                        if n % 2 == 0 {
+                            *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                        }
+                        Ok::<_, Infallible>(res)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            });
+        }
+    });
+    (addr, all, posts)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_from_the_virtual_service() {
+    let (backend, all, posts) = flaky_backend().await;
+    let dir = config_dir("retries");
+    write_atomically(
+        &dir,
+        "mesh.yaml",
+        &format!(
+            r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: orders}}
+spec:
+  hosts: [orders]
+  ports: [{{number: 80, name: http}}]
+  endpoints: [{{address: 127.0.0.1, ports: {{http: {port}}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: orders}}
+spec:
+  hosts: [orders]
+  http:
+  - name: hang
+    match: [{{uri: {{prefix: /hang}}}}]
+    timeout: 5s
+    retries: {{attempts: 3, perTryTimeout: 300ms, retryOn: 5xx}}
+    route: [{{destination: {{host: orders}}}}]
+  - name: default
+    retries: {{attempts: 3, retryOn: 5xx}}
+    route: [{{destination: {{host: orders}}}}]
+"#,
+            port = backend.port()
+        ),
+    );
+    let proxy = Proxy::start(&dir);
+    let mut client = Client::connect(proxy.addr).await;
+
+    // Every other answer is 503: with retries on 5xx every request succeeds.
+    for _ in 0..50 {
+        let (status, body) = client.get("orders", "/", &[]).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    assert!(all.load(Ordering::SeqCst) >= 50);
+
+    // A POST is not replayed once sent (its 503 comes back), and a 1 MB body would not be
+    // either (it exceeds the 64 KiB replay buffer).
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(conn);
+    let mut answers = Vec::new();
+    for _ in 0..4 {
+        let before = posts.load(Ordering::SeqCst);
+        let body = Full::new(Bytes::from(vec![b'x'; 1 << 20]));
+        let req = Request::post("/").header("host", "orders").body(body).unwrap();
+        tx.ready().await.unwrap();
+        let res = tx.send_request(req).await.unwrap();
+        answers.push(res.status());
+        let _ = res.into_body().collect().await;
+        assert_eq!(posts.load(Ordering::SeqCst) - before, 1, "one POST upstream per POST");
+    }
+    assert!(answers.contains(&StatusCode::SERVICE_UNAVAILABLE), "{answers:?}");
+
+    // A backend that hangs: each of 4 tries ends at the per-try timeout (300 ms), so the
+    // answer is 504 after at least 1.2 s, and before the route timeout (5 s) would give it.
+    let start = std::time::Instant::now();
+    let (status, body) = client.get("orders", "/hang", &[]).await;
+    let took = start.elapsed();
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
+    assert!(took >= Duration::from_millis(1200), "four tries of 300 ms: {took:?}");
+    assert!(took < Duration::from_secs(5), "the per-try timeouts, not the route timeout: {took:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

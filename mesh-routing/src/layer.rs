@@ -3,8 +3,9 @@
 //! [`Routing`] finds the request's route in a [`RouteTable`] (which can be swapped while
 //! requests flow, see [`SharedRouteTable`]), chooses the weighted destination, rewrites the
 //! request as the route says and records the choice as the [`RouteDecision`] request
-//! extension, with the route's timeout as [`RouteTimeout`] and the mirrors chosen for this
-//! request as [`MirrorTo`]. Requests that no route matches are answered 404 with flag `NR`;
+//! extension, with the route's timeout as [`RouteTimeout`], its retry policy as
+//! [`RoutePolicy`](mesh_resilience::retry::RoutePolicy) (for a retry layer below) and the
+//! mirrors chosen for this request as [`MirrorTo`]. Requests that no route matches are answered 404 with flag `NR`;
 //! redirects and direct responses are answered by the layer itself. The response gets the
 //! route's and the destination's response header operations.
 //!
@@ -181,6 +182,7 @@ where
                 if let Some(t) = route.timeout() {
                     ext.insert(RouteTimeout(t));
                 }
+                ext.insert(mesh_resilience::retry::RoutePolicy(route.retry_policy().clone()));
                 let mirrors: Vec<_> = route.mirrors_for(table.random()).cloned().collect();
                 if !mirrors.is_empty() {
                     ext.insert(MirrorTo(mirrors));

@@ -3,7 +3,7 @@
 //!
 //! With the `serde` feature (on by default) they deserialize from the field names Istio uses
 //! (camelCase, durations like `"2s"`), so a service author and mesh-proxy read the same YAML
-//! into the same model. Fields this crate does not act on (`retries`, `fault`, `corsPolicy`,
+//! into the same model. Fields this crate does not act on (`fault`, `corsPolicy`,
 //! `connectionPool`, …) are accepted as [`NotEnforced`] so that a loader can say which are
 //! present; the layers that enforce them arrive with mesh-resilience and mesh-tls.
 //!
@@ -107,9 +107,10 @@ model! {
         pub mirror_percentage: Option<Percent>,
         /// Several mirrors, each with its own percentage.
         pub mirrors: Vec<HttpMirrorPolicy>,
-        /// Retries (enforced by mesh-resilience, not yet).
+        /// Retries; unset is Istio's default policy (see
+        /// [`RetryPolicy::istio_default`](mesh_resilience::retry::RetryPolicy::istio_default)).
         #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
-        pub retries: Option<NotEnforced>,
+        pub retries: Option<mesh_resilience::retry::HttpRetry>,
         /// Fault injection (enforced by mesh-resilience, not yet).
         #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
         pub fault: Option<NotEnforced>,

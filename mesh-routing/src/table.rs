@@ -40,6 +40,7 @@ use http::header::{COOKIE, HOST};
 use http::{HeaderName, Request};
 use mesh_core::RouteDecision;
 use mesh_core::matching::{HttpMatch, HttpMatchRequest, RequestView, StringMatch};
+use mesh_resilience::retry::RetryPolicy;
 
 use crate::action::{self, DirectResponse, HeaderRules, Redirect, Rewrite};
 use crate::index::Index;
@@ -241,6 +242,8 @@ pub struct Route {
     rewrite: Rewrite,
     timeout: Option<Duration>,
     mirrors: Box<[Mirror]>,
+    /// The route's retry policy (Istio's default when it has no `retries`).
+    retry: Arc<RetryPolicy>,
 }
 
 #[derive(Debug)]
@@ -625,6 +628,12 @@ impl Route {
             let pct = m.percentage.map_or(100.0, |p| p.value());
             mirrors.push(Mirror::new(&m.destination, pct, &format!("{path}.mirrors[{k}].destination"))?);
         }
+        let retry = match &route.retries {
+            Some(r) => RetryPolicy::from_istio(r)
+                .map_err(|e| InvalidRoute::new(&format!("{path}.retries.{}", e.field()), &e.to_string()))?,
+            None => RetryPolicy::istio_default(),
+        };
+        let retry = Arc::new(retry);
         if blocks.is_empty() {
             return Ok(None);
         }
@@ -637,6 +646,7 @@ impl Route {
             rewrite,
             timeout,
             mirrors: mirrors.into(),
+            retry,
         };
         Ok(Some((route, catch_all)))
     }
@@ -659,6 +669,11 @@ impl Route {
     /// The route timeout, if any.
     pub fn timeout(&self) -> Option<Duration> {
         self.timeout
+    }
+
+    /// The route's retry policy: its `retries`, or Istio's default.
+    pub fn retry_policy(&self) -> &Arc<RetryPolicy> {
+        &self.retry
     }
 
     /// The mirrors chosen for one request (each by its own percentage).

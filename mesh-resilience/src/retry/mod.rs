@@ -76,6 +76,12 @@ pub use body::{Replay, ReplayBody};
 pub use budget::{ConcurrencyBudget, RequestGuard, RetryBudget, RetryGuard, TokenBudget};
 pub use policy::{DEFAULT_BACKOFF, DEFAULT_MAX_REPLAY_BYTES, HttpRetry, InvalidRetry, RetryOn, RetryPolicy};
 
+/// Request extension: the retry policy of the request's route, set by a routing layer
+/// (mesh-routing's `RoutingLayer` sets it from the route's `retries`). [`Retry`] uses it in
+/// place of its own policy.
+#[derive(Clone, Debug)]
+pub struct RoutePolicy(pub Arc<RetryPolicy>);
+
 /// Response extension: how many tries the response took (1 when it was not retried).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Attempts(pub u32);
@@ -188,7 +194,11 @@ where
         // The ready inner service takes the first try; clones take the retries.
         let clone = self.inner.clone();
         let mut first = std::mem::replace(&mut self.inner, clone);
-        let (policy, budget, random) = (self.policy.clone(), self.budget.clone(), self.random.clone());
+        let policy = match req.extensions().get::<RoutePolicy>() {
+            Some(RoutePolicy(route)) => route.clone(),
+            None => self.policy.clone(),
+        };
+        let (budget, random) = (self.budget.clone(), self.random.clone());
         if policy.retries() == 0 {
             let (parts, body) = req.into_parts();
             let (body, _) = ReplayBody::new(body, 0);
