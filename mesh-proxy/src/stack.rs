@@ -6,10 +6,10 @@
 //!   -> Routing (mesh-routing: route, weighted destination, rewrites, RouteDecision,
 //!      404 NR, redirects, direct responses, response header operations)
 //!   -> RouteTimeout (the route's `timeout`: 504 UT, over every try)
-//!   -> Retry (mesh-resilience: the route's `retries`, or Istio's default; bodies replayed
-//!      from a capped recording; URX when retries run out)
 //!   -> Dispatch (mesh-routing: one service per destination, made lazily, cached, retired
 //!      on reload; mirrors)
+//!   -> Retry (mesh-resilience: the route's `retries`, or Istio's default; bodies replayed
+//!      from a capped recording; URX when retries run out; each try picks an endpoint anew)
 //!   -> Cluster (the destination's balancer picks an endpoint: 503 NC / UH)
 //!   -> Endpoint (the pooled HTTP/1.1 or h2c client of one endpoint)
 //! ```
@@ -48,7 +48,7 @@ use crate::upstream::Upstream;
 type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, BoxError>> + Send>>;
 
 /// The routed stack's type.
-pub(crate) type Routed = Routing<RouteTimeoutService<Retry<Replayed<Dispatch<MakeCluster>>>>>;
+pub(crate) type Routed = Routing<RouteTimeoutService<Dispatch<MakeCluster>>>;
 
 /// The retry layer's recorded body, as the body the rest of the stack takes.
 type Replayed<S> = tower::util::MapRequest<S, fn(Request<ReplayBody<RequestBody>>) -> Request<RequestBody>>;
@@ -75,11 +75,7 @@ impl Stack {
         // Each destination's service holds its cluster and pools as of the snapshot it was
         // made from: a new snapshot retires them all, and they are made again on first use.
         routes.on_store(Box::new(move |_| cache.retain(|_| false)));
-        // Each route's retry policy comes with the request (`RoutePolicy`, set by the routing
-        // layer); a request without one is not retried.
-        let replayed: fn(Request<ReplayBody<RequestBody>>) -> Request<RequestBody> = replayed;
-        let retry = RetryLayer::new(RetryPolicy::none()).layer(tower::util::MapRequest::new(dispatch, replayed));
-        let stack = RoutingLayer::shared(routes.route_table()).layer(RouteTimeoutService(retry));
+        let stack = RoutingLayer::shared(routes.route_table()).layer(RouteTimeoutService(dispatch));
         Stack::Routed(stack)
     }
 
@@ -185,9 +181,21 @@ pub(crate) struct MakeCluster {
 }
 
 impl MakeDestination for MakeCluster {
-    type Service = ClusterService;
+    /// The destination's retries around its cluster: each try picks an endpoint anew. The
+    /// route's policy comes with the request (`RoutePolicy`, set by the routing layer; none,
+    /// no retries); retried requests need no extensions below here.
+    type Service = Retry<Replayed<ClusterService>>;
 
-    fn make(&self, key: &DestinationKey) -> ClusterService {
+    fn make(&self, key: &DestinationKey) -> Self::Service {
+        let replayed: fn(Request<ReplayBody<RequestBody>>) -> Request<RequestBody> = replayed;
+        RetryLayer::new(RetryPolicy::none())
+            .without_extensions()
+            .layer(tower::util::MapRequest::new(self.cluster(key), replayed))
+    }
+}
+
+impl MakeCluster {
+    fn cluster(&self, key: &DestinationKey) -> ClusterService {
         let cluster = self.routes.cluster(key);
         let pools = cluster.as_ref().map_or_else(Vec::new, |c| {
             c.balancer
@@ -196,26 +204,37 @@ impl MakeDestination for MakeCluster {
                 .filter_map(|e| Some((e.address().clone(), self.routes.pool(e.address()).ok()?)))
                 .collect()
         });
-        ClusterService {
-            key: Arc::new(key.clone()),
+        ClusterService(Arc::new(ClusterState {
+            key: key.clone(),
             cluster,
             pools: pools.into(),
             routes: self.routes.clone(),
             settings: self.settings.clone(),
-        }
+        }))
     }
 }
 
 /// One destination: its balancer picks an endpoint for each request, whose [`Endpoint`]
 /// forwards it. Made from one snapshot (the dispatch cache is emptied on reload).
 #[derive(Clone)]
-pub(crate) struct ClusterService {
-    key: Arc<DestinationKey>,
+pub(crate) struct ClusterService(Arc<ClusterState>);
+
+/// What a destination's service holds (one `Arc`: cloned per request by the retry layer).
+pub(crate) struct ClusterState {
+    key: DestinationKey,
     cluster: Option<Arc<Cluster>>,
     /// The pool of each endpoint, by address (few: scanned by pointer, then by value).
-    pools: Arc<[(Arc<str>, Arc<Upstream>)]>,
+    pools: Box<[(Arc<str>, Arc<Upstream>)]>,
     routes: Arc<Routes>,
     settings: Arc<EndpointSettings>,
+}
+
+impl std::ops::Deref for ClusterService {
+    type Target = ClusterState;
+
+    fn deref(&self) -> &ClusterState {
+        &self.0
+    }
 }
 
 impl ClusterService {

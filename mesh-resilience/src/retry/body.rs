@@ -21,20 +21,25 @@ struct Recording {
     ended: bool,
 }
 
-/// The recording a retry replays from.
+/// The recording a retry replays from (nothing to record for a body that was empty).
 #[derive(Debug, Clone)]
-pub struct Replay(Arc<Mutex<Recording>>);
+pub struct Replay(Option<Arc<Mutex<Recording>>>);
 
 impl Replay {
     /// Whether the body can be sent again: it ended within the cap.
     pub fn is_replayable(&self) -> bool {
-        let r = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        r.ended && !r.overflowed
+        self.0.as_ref().is_none_or(|r| {
+            let r = r.lock().unwrap_or_else(|p| p.into_inner());
+            r.ended && !r.overflowed
+        })
     }
 
     /// A body sending the recording again (`None` when it is not replayable).
     pub fn body<B>(&self) -> Option<ReplayBody<B>> {
-        let r = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(recording) = &self.0 else {
+            return Some(ReplayBody { state: State::Replay { frames: VecDeque::new(), trailers: None } });
+        };
+        let r = recording.lock().unwrap_or_else(|p| p.into_inner());
         (r.ended && !r.overflowed).then(|| ReplayBody {
             state: State::Replay { frames: r.frames.iter().cloned().collect(), trailers: r.trailers.clone() },
         })
@@ -53,6 +58,7 @@ pin_project_lite::pin_project! {
 pin_project_lite::pin_project! {
     #[project = StateProj]
     enum State<B> {
+        Empty { #[pin] inner: B },
         First { #[pin] inner: B, recording: Arc<Mutex<Recording>> },
         Replay { frames: VecDeque<Bytes>, trailers: Option<HeaderMap> },
     }
@@ -61,6 +67,7 @@ pin_project_lite::pin_project! {
 impl<B> std::fmt::Debug for ReplayBody<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self.state {
+            State::Empty { .. } => "ReplayBody::Empty",
             State::First { .. } => "ReplayBody::First",
             State::Replay { .. } => "ReplayBody::Replay",
         })
@@ -70,9 +77,12 @@ impl<B> std::fmt::Debug for ReplayBody<B> {
 impl<B: Body> ReplayBody<B> {
     /// Wraps the first try's body, recording up to `cap` bytes of it.
     pub fn new(inner: B, cap: usize) -> (Self, Replay) {
-        let ended = inner.is_end_stream();
-        let recording = Arc::new(Mutex::new(Recording { cap, ended, ..Recording::default() }));
-        (Self { state: State::First { inner, recording: recording.clone() } }, Replay(recording))
+        if inner.is_end_stream() {
+            // Nothing to record: a retry sends an empty body again.
+            return (Self { state: State::Empty { inner } }, Replay(None));
+        }
+        let recording = Arc::new(Mutex::new(Recording { cap, ..Recording::default() }));
+        (Self { state: State::First { inner, recording: recording.clone() } }, Replay(Some(recording)))
     }
 }
 
@@ -85,6 +95,7 @@ where
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         match self.project().state.project() {
+            StateProj::Empty { inner } => inner.poll_frame(cx),
             StateProj::First { mut inner, recording } => {
                 let frame = ready!(inner.as_mut().poll_frame(cx));
                 // A body may say it ended without a last `None` (hyper stops polling then).
@@ -121,14 +132,14 @@ where
 
     fn is_end_stream(&self) -> bool {
         match &self.state {
-            State::First { inner, .. } => inner.is_end_stream(),
+            State::Empty { inner } | State::First { inner, .. } => inner.is_end_stream(),
             State::Replay { frames, trailers } => frames.is_empty() && trailers.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match &self.state {
-            State::First { inner, .. } => inner.size_hint(),
+            State::Empty { inner } | State::First { inner, .. } => inner.size_hint(),
             State::Replay { frames, .. } => SizeHint::with_exact(frames.iter().map(|f| f.len() as u64).sum()),
         }
     }

@@ -15,7 +15,7 @@
 //!   by every clone of the layer.
 //!
 //! When the retries run out, the last response is returned with flag `URX`; when the budget
-//! refuses, with flag `UO`. Every response carries the [`Attempts`] it took. A per-try timeout
+//! refuses, with flag `UO`. A retried response carries the [`Attempts`] it took. A per-try timeout
 //! that is not retried answers with a timeout error (504 `UT` at a proxy's edge).
 //!
 //! Errors are classified by mesh-core ([`Outcome::from_error`](mesh_core::Outcome::from_error))
@@ -82,7 +82,7 @@ pub use policy::{DEFAULT_BACKOFF, DEFAULT_MAX_REPLAY_BYTES, HttpRetry, InvalidRe
 #[derive(Clone, Debug)]
 pub struct RoutePolicy(pub Arc<RetryPolicy>);
 
-/// Response extension: how many tries the response took (1 when it was not retried).
+/// Response extension: how many tries the response took, when it was retried (absent: one).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Attempts(pub u32);
 
@@ -123,12 +123,21 @@ pub struct RetryLayer {
     policy: Arc<RetryPolicy>,
     budget: Option<Arc<dyn RetryBudget>>,
     random: Arc<Random>,
+    extensions: bool,
 }
 
 impl RetryLayer {
     /// Retries by `policy`, with no budget.
     pub fn new(policy: RetryPolicy) -> Self {
-        Self { policy: Arc::new(policy), budget: None, random: Arc::new(Random::from_entropy()) }
+        Self { policy: Arc::new(policy), budget: None, random: Arc::new(Random::from_entropy()), extensions: true }
+    }
+
+    /// Retries carry the request's method, target, version and headers but not its
+    /// extensions, which then need not be cloned for every request (for an inner service that
+    /// reads none; the first try always has them).
+    pub fn without_extensions(mut self) -> Self {
+        self.extensions = false;
+        self
     }
 
     /// Caps retries with `budget`, shared by every service this layer makes.
@@ -148,7 +157,13 @@ impl<S> Layer<S> for RetryLayer {
     type Service = Retry<S>;
 
     fn layer(&self, inner: S) -> Retry<S> {
-        Retry { inner, policy: self.policy.clone(), budget: self.budget.clone(), random: self.random.clone() }
+        Retry {
+            inner,
+            policy: self.policy.clone(),
+            budget: self.budget.clone(),
+            random: self.random.clone(),
+            extensions: self.extensions,
+        }
     }
 }
 
@@ -159,6 +174,7 @@ pub struct Retry<S> {
     policy: Arc<RetryPolicy>,
     budget: Option<Arc<dyn RetryBudget>>,
     random: Arc<Random>,
+    extensions: bool,
 }
 
 impl<S> fmt::Debug for Retry<S> {
@@ -203,14 +219,19 @@ where
             let (parts, body) = req.into_parts();
             let (body, _) = ReplayBody::new(body, 0);
             let fut = first.call(Request::from_parts(parts, body));
-            return Box::pin(async move {
-                let mut res = fut.await?;
-                res.extensions_mut().insert(Attempts(1));
-                Ok(res)
-            });
+            return Box::pin(fut);
         }
         let (parts, body) = req.into_parts();
-        let head = parts.clone();
+        let head = if self.extensions {
+            parts.clone()
+        } else {
+            let mut head = Request::new(());
+            *head.method_mut() = parts.method.clone();
+            *head.uri_mut() = parts.uri.clone();
+            *head.version_mut() = parts.version;
+            *head.headers_mut() = parts.headers.clone();
+            head.into_parts().0
+        };
         let (body, replay) = ReplayBody::new(body, policy.max_replay_bytes());
         let first_try = try_once(policy.per_try_timeout(), first.call(Request::from_parts(parts, body)));
         Box::pin(async move {
@@ -277,7 +298,11 @@ where
 
 fn finish<RB, E>(result: Result<Response<RB>, E>, tries: u32, flags: ResponseFlags) -> Result<Response<RB>, E> {
     result.map(|mut res| {
-        res.extensions_mut().insert(Attempts(tries));
+        // One try is the common case, and an extension costs an allocation: it is recorded
+        // only when there were retries.
+        if tries > 1 {
+            res.extensions_mut().insert(Attempts(tries));
+        }
         if !flags.is_empty() {
             ResponseFlags::record(res.extensions_mut(), flags);
         }
