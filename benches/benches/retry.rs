@@ -16,7 +16,7 @@ use http::{Request, Response};
 use http_body_util::Full;
 use mesh_resilience::retry::{RetryLayer, RetryPolicy, TokenBudget};
 use tower::retry::budget::{Budget, TpsBudget};
-use tower::{Layer, Service, ServiceExt};
+use tower::{Layer, ServiceExt};
 
 fn request() -> Request<Full<Bytes>> {
     Request::get("/api/orders/42").header("x-request-id", "bench").body(Full::new(Bytes::new())).expect("valid")
