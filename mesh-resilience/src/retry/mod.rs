@@ -62,7 +62,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
 use http::{Method, Request, Response};
@@ -183,11 +183,36 @@ impl<S> fmt::Debug for Retry<S> {
     }
 }
 
-/// Response future of [`Retry`].
-pub type ResponseFuture<R, E> = Pin<Box<dyn Future<Output = Result<R, E>> + Send>>;
-
 fn idempotent(method: &Method) -> bool {
     matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE)
+}
+
+/// Whether `result` of a request with `method` is one `policy` retries.
+fn should_retry<RB, E: RetryableError>(
+    policy: &RetryPolicy,
+    method: &Method,
+    result: &Result<Response<RB>, E>,
+) -> bool {
+    let allowed = idempotent(method) || policy.retries_non_idempotent();
+    match result {
+        // A response to a non-idempotent request: it was processed.
+        Ok(res) => allowed && policy.retry_on().on_response(res.status(), res.headers()),
+        Err(e) => e.failure().is_some_and(|f| {
+            let before_send = matches!(f, Failure::ConnectFailure | Failure::RefusedStream);
+            policy.retry_on().on_failure(f, !before_send) && (before_send || allowed)
+        }),
+    }
+}
+
+/// What a retry needs once the first try has answered.
+struct Retrying<S> {
+    svc: S,
+    head: http::request::Parts,
+    replay: Replay,
+    policy: Arc<RetryPolicy>,
+    budget: Option<Arc<dyn RetryBudget>>,
+    random: Arc<Random>,
+    _request: Option<RequestGuard>,
 }
 
 impl<S, B, RB> Service<Request<B>> for Retry<S>
@@ -200,7 +225,7 @@ where
 {
     type Response = Response<RB>;
     type Error = S::Error;
-    type Future = ResponseFuture<Response<RB>, S::Error>;
+    type Future = ResponseFuture<S, B>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
         self.inner.poll_ready(cx)
@@ -214,14 +239,12 @@ where
             Some(RoutePolicy(route)) => route.clone(),
             None => self.policy.clone(),
         };
-        let (budget, random) = (self.budget.clone(), self.random.clone());
+        let (parts, body) = req.into_parts();
         if policy.retries() == 0 {
-            let (parts, body) = req.into_parts();
             let (body, _) = ReplayBody::new(body, 0);
             let fut = first.call(Request::from_parts(parts, body));
-            return Box::pin(fut);
+            return ResponseFuture { state: State::First { fut: FirstTry::Plain { fut }, retrying: None } };
         }
-        let (parts, body) = req.into_parts();
         let head = if self.extensions {
             parts.clone()
         } else {
@@ -233,54 +256,141 @@ where
             head.into_parts().0
         };
         let (body, replay) = ReplayBody::new(body, policy.max_replay_bytes());
-        let first_try = try_once(policy.per_try_timeout(), first.call(Request::from_parts(parts, body)));
-        Box::pin(async move {
-            let _request = budget.as_ref().map(|b| b.deposit());
-            let mut result = first_try.await;
-            let mut tries = 1;
-            // Held while a retry is in flight (the concurrency budget counts it).
-            let mut _retry_guard = None;
-            loop {
-                let retry = match &result {
-                    Ok(res) => policy.retry_on().on_response(res.status(), res.headers()),
-                    Err(e) => e.failure().is_some_and(|f| {
-                        let before_send = matches!(f, Failure::ConnectFailure | Failure::RefusedStream);
-                        policy.retry_on().on_failure(f, !before_send)
-                            && (before_send || idempotent(&head.method) || policy.retries_non_idempotent())
-                    }),
-                };
-                let retry = retry
-                    && match &result {
-                        // A response to a non-idempotent request: it was processed.
-                        Ok(_) => idempotent(&head.method) || policy.retries_non_idempotent(),
-                        Err(_) => true,
+        let fut = first.call(Request::from_parts(parts, body));
+        let fut = match (policy.per_try_timeout(), S::Error::timeout().is_some()) {
+            (Some(limit), true) => FirstTry::Timed { fut: tokio::time::timeout(limit, fut) },
+            _ => FirstTry::Plain { fut },
+        };
+        let retrying = Retrying {
+            svc: first,
+            head,
+            replay,
+            _request: self.budget.as_ref().map(|b| b.deposit()),
+            policy,
+            budget: self.budget.clone(),
+            random: self.random.clone(),
+        };
+        ResponseFuture { state: State::First { fut, retrying: Some(Box::new(retrying)) } }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Response future of [`Retry`]: the first try polled in place; the retries, when there
+    /// are any, in a boxed loop.
+    pub struct ResponseFuture<S, B>
+    where
+        S: Service<Request<ReplayBody<B>>>,
+    {
+        #[pin]
+        state: State<S, B>,
+    }
+}
+
+type Looping<R, E> = Pin<Box<dyn Future<Output = Result<R, E>> + Send>>;
+
+pin_project_lite::pin_project! {
+    #[project = StateProj]
+    enum State<S, B>
+    where
+        S: Service<Request<ReplayBody<B>>>,
+    {
+        First { #[pin] fut: FirstTry<S::Future>, retrying: Option<Box<Retrying<S>>> },
+        Looping { fut: Looping<S::Response, S::Error> },
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = FirstTryProj]
+    enum FirstTry<F> {
+        Plain { #[pin] fut: F },
+        Timed { #[pin] fut: tokio::time::Timeout<F> },
+    }
+}
+
+impl<S, B> fmt::Debug for ResponseFuture<S, B>
+where
+    S: Service<Request<ReplayBody<B>>>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("retry::ResponseFuture")
+    }
+}
+
+impl<S, B, RB> Future for ResponseFuture<S, B>
+where
+    S: Service<Request<ReplayBody<B>>, Response = Response<RB>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: RetryableError + Send,
+    B: Body<Data = Bytes> + Send + 'static,
+    RB: Send + 'static,
+{
+    type Output = Result<Response<RB>, S::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::First { fut, retrying } => {
+                    let result = match fut.project() {
+                        FirstTryProj::Plain { fut } => ready!(fut.poll(cx)),
+                        FirstTryProj::Timed { fut } => match ready!(fut.poll(cx)) {
+                            Ok(result) => result,
+                            Err(_) => Err(S::Error::timeout().expect("timed only when the error can say so")),
+                        },
                     };
-                if !retry {
-                    return finish(result, tries, ResponseFlags::empty());
+                    let Some(r) = retrying.take() else { return Poll::Ready(result) };
+                    if !should_retry(&r.policy, &r.head.method, &result) {
+                        return Poll::Ready(finish(result, 1, ResponseFlags::empty()));
+                    }
+                    this.state.set(State::Looping { fut: Box::pin(retry_loop(*r, result)) });
                 }
-                if tries > policy.retries() {
-                    return finish(result, tries, ResponseFlags::UPSTREAM_RETRY_LIMIT_EXCEEDED);
-                }
-                let Some(body) = replay.body() else {
-                    // The body is too long to replay, or was still streaming.
-                    return finish(result, tries, ResponseFlags::empty());
-                };
-                match budget.as_ref().map(|b| b.withdraw()) {
-                    Some(None) => return finish(result, tries, ResponseFlags::UPSTREAM_OVERFLOW),
-                    Some(Some(guard)) => _retry_guard = Some(guard),
-                    None => {}
-                }
-                tokio::time::sleep(policy.backoff(tries, &random)).await;
-                drop(result);
-                let mut svc = first.clone();
-                let req = Request::from_parts(head.clone(), body);
-                result = match svc.ready().await {
-                    Ok(svc) => try_once(policy.per_try_timeout(), svc.call(req)).await,
-                    Err(e) => Err(e),
-                };
-                tries += 1;
+                StateProj::Looping { fut } => return fut.as_mut().poll(cx),
             }
-        })
+        }
+    }
+}
+
+/// The retries after a first try that should be retried.
+async fn retry_loop<S, B, RB>(
+    r: Retrying<S>,
+    mut result: Result<Response<RB>, S::Error>,
+) -> Result<Response<RB>, S::Error>
+where
+    S: Service<Request<ReplayBody<B>>, Response = Response<RB>> + Clone + Send + 'static,
+    S::Future: Send,
+    S::Error: RetryableError + Send,
+    B: Body<Data = Bytes> + Send + 'static,
+    RB: Send + 'static,
+{
+    let Retrying { svc, head, replay, policy, budget, random, _request } = r;
+    let mut tries = 1;
+    // Held while a retry is in flight (the concurrency budget counts it).
+    let mut _retry_guard = None;
+    loop {
+        if tries > 1 && !should_retry(&policy, &head.method, &result) {
+            return finish(result, tries, ResponseFlags::empty());
+        }
+        if tries > policy.retries() {
+            return finish(result, tries, ResponseFlags::UPSTREAM_RETRY_LIMIT_EXCEEDED);
+        }
+        let Some(body) = replay.body() else {
+            // The body is too long to replay, or was still streaming.
+            return finish(result, tries, ResponseFlags::empty());
+        };
+        match budget.as_ref().map(|b| b.withdraw()) {
+            Some(None) => return finish(result, tries, ResponseFlags::UPSTREAM_OVERFLOW),
+            Some(Some(guard)) => _retry_guard = Some(guard),
+            None => {}
+        }
+        tokio::time::sleep(policy.backoff(tries, &random)).await;
+        drop(result);
+        let mut svc = svc.clone();
+        let req = Request::from_parts(head.clone(), body);
+        result = match svc.ready().await {
+            Ok(svc) => try_once(policy.per_try_timeout(), svc.call(req)).await,
+            Err(e) => Err(e),
+        };
+        tries += 1;
     }
 }
 
