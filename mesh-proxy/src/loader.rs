@@ -728,7 +728,6 @@ impl Ctx<'_> {
             ("outlierDetection:", "outlier detection (mesh-resilience)"),
             ("tls:", "TLS settings (mesh-tls)"),
             ("portLevelSettings:", "port-level settings"),
-            ("retryBudget:", "retry budgets (mesh-resilience)"),
             ("localityLbSetting:", "locality load balancing"),
             ("warmup:", "slow start"),
             ("delegate:", "delegation"),

@@ -50,6 +50,8 @@ pub struct Cluster {
     pub balancer: Balancer,
     /// The consistent-hash key, when the policy hashes.
     pub hash_key: Option<HashKey>,
+    /// The DestinationRule's retry budget, shared by every request to this destination.
+    pub retry_budget: Option<Arc<mesh_resilience::retry::ConcurrencyBudget>>,
 }
 
 /// A configuration that cannot be compiled.
@@ -226,7 +228,22 @@ pub fn compile(resources: Resources) -> Result<Snapshot, CompileError> {
             .map_err(|message| CompileError { resource: format!("DestinationRule for {}", key.host), message })?;
         let balancer = Balancer::new(policy, endpoints)
             .map_err(|e| CompileError { resource: format!("cluster {key}"), message: e.to_string() })?;
-        clusters.insert((*key).clone(), Arc::new(Cluster { key: (*key).clone(), balancer, hash_key }));
+        let budget = subset
+            .and_then(|s| s.traffic_policy.as_ref())
+            .and_then(|p| p.retry_budget.as_ref())
+            .or_else(|| rule.and_then(|r| r.spec.traffic_policy.as_ref()).and_then(|p| p.retry_budget.as_ref()));
+        let retry_budget = budget
+            .map(|b| {
+                let percent = b.percent.map_or(20.0, |p| p.value());
+                mesh_resilience::retry::ConcurrencyBudget::new(percent, b.min_retry_concurrency.unwrap_or(3) as usize)
+                    .map(Arc::new)
+                    .map_err(|e| CompileError {
+                        resource: format!("DestinationRule for {}", key.host),
+                        message: format!("trafficPolicy.retryBudget.{e}"),
+                    })
+            })
+            .transpose()?;
+        clusters.insert((*key).clone(), Arc::new(Cluster { key: (*key).clone(), balancer, hash_key, retry_budget }));
     }
     Ok(Snapshot { table: Arc::new(table), clusters, resources, notes })
 }
@@ -359,6 +376,33 @@ fn lb_policy(lb: Option<&LoadBalancerSettings>) -> Result<(LbPolicy, Option<Hash
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn compile_text(yaml: &str) -> Result<Snapshot, CompileError> {
+        let mut loaded = crate::loader::Loaded::default();
+        crate::loader::load_text(std::path::Path::new("t.yaml"), yaml, &mut loaded);
+        assert!(!loaded.has_errors(), "{:?}", loaded.diagnostics);
+        compile(loaded.resources)
+    }
+
+    #[test]
+    fn a_destination_rule_retry_budget_becomes_the_clusters_budget() {
+        let yaml = |budget: &str| {
+            format!(
+                "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: r}}\nspec:\n  hosts: [r]\n  http:\n  - route: [{{destination: {{host: r}}}}]\n---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: r}}\nspec:\n  host: r\n  trafficPolicy:\n    retryBudget: {budget}\n"
+            )
+        };
+        let snapshot = compile_text(&yaml("{percent: {value: 50}, minRetryConcurrency: 1}")).unwrap();
+        let cluster = snapshot.clusters.values().next().unwrap();
+        let budget = cluster.retry_budget.as_ref().expect("a budget");
+        let _requests: Vec<_> = (0..4).map(|_| mesh_resilience::retry::RetryBudget::deposit(&**budget)).collect();
+        let admitted: Vec<_> =
+            (0..5).filter_map(|_| mesh_resilience::retry::RetryBudget::withdraw(&**budget)).collect();
+        assert_eq!(admitted.len(), 2, "50 % of 4 requests in flight");
+        // Istio's percent is 0 to 100: the loader refuses more, with the field.
+        let mut loaded = crate::loader::Loaded::default();
+        crate::loader::load_text(std::path::Path::new("t.yaml"), &yaml("{percent: {value: 150}}"), &mut loaded);
+        assert!(loaded.has_errors(), "{:?}", loaded.diagnostics);
+    }
 
     #[test]
     fn short_names_resolve_in_their_namespace() {

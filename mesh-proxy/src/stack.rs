@@ -188,9 +188,13 @@ impl MakeDestination for MakeCluster {
 
     fn make(&self, key: &DestinationKey) -> Self::Service {
         let replayed: fn(Request<ReplayBody<RequestBody>>) -> Request<RequestBody> = replayed;
-        RetryLayer::new(RetryPolicy::none())
-            .without_extensions()
-            .layer(tower::util::MapRequest::new(self.cluster(key), replayed))
+        let cluster = self.cluster(key);
+        let mut retry = RetryLayer::new(RetryPolicy::none()).without_extensions();
+        // The DestinationRule's retry budget, shared by every request to the destination.
+        if let Some(budget) = cluster.cluster.as_ref().and_then(|c| c.retry_budget.clone()) {
+            retry = retry.with_budget(budget);
+        }
+        retry.layer(tower::util::MapRequest::new(cluster, replayed))
     }
 }
 

@@ -296,15 +296,26 @@ model! {
         /// Per-port policies (not yet).
         #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
         pub port_level_settings: Option<NotEnforced>,
-        /// Retry budget (mesh-resilience, not yet).
+        /// Envoy's retry budget: retries in flight capped as a share of requests in flight.
         #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
-        pub retry_budget: Option<NotEnforced>,
+        pub retry_budget: Option<RetryBudgetSpec>,
         /// Tunnel settings (not supported).
         #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
         pub tunnel: Option<NotEnforced>,
         /// PROXY protocol (not supported).
         #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
         pub proxy_protocol: Option<NotEnforced>,
+    }
+}
+
+model! {
+    /// `trafficPolicy.retryBudget`: retries in flight at most `percent` of the requests in
+    /// flight (20 % by default), or `minRetryConcurrency` (3 by default), whichever is more.
+    pub struct RetryBudgetSpec {
+        /// The share of requests in flight that may be retries.
+        pub percent: Option<Percent>,
+        /// Retries always allowed in flight.
+        pub min_retry_concurrency: Option<u32>,
     }
 }
 
