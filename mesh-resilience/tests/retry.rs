@@ -379,3 +379,23 @@ async fn a_retry_storm_is_held_to_the_budget_where_fixed_attempts_multiply_load(
     assert!(budgeted <= REQUESTS + REQUESTS / 5 + 100, "{budgeted}");
     assert_eq!(fixed, 4 * REQUESTS);
 }
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_is_honoured_when_asked_and_capped() {
+    let upstream =
+        || Scripted::new(|n| Ok(if n == 0 { with_header(status(503), "retry-after", "7") } else { status(200) }));
+    let honouring = RetryLayer::new(policy(1, "5xx").honouring_retry_after(Duration::from_secs(300)));
+    let start = tokio::time::Instant::now();
+    assert_eq!(get(&honouring, &upstream()).await.unwrap().status(), 200);
+    assert_eq!(start.elapsed(), Duration::from_secs(7), "waited as the response asked");
+
+    let capped = RetryLayer::new(policy(1, "5xx").honouring_retry_after(Duration::from_secs(2)));
+    let start = tokio::time::Instant::now();
+    assert_eq!(get(&capped, &upstream()).await.unwrap().status(), 200);
+    assert_eq!(start.elapsed(), Duration::from_secs(2), "up to the cap");
+
+    let plain = RetryLayer::new(policy(1, "5xx"));
+    let start = tokio::time::Instant::now();
+    assert_eq!(get(&plain, &upstream()).await.unwrap().status(), 200);
+    assert!(start.elapsed() < Duration::from_millis(25), "only the back-off: {:?}", start.elapsed());
+}

@@ -14,6 +14,10 @@
 //! * the budget's consent, when there is one ([`TokenBudget`], [`ConcurrencyBudget`]), shared
 //!   by every clone of the layer.
 //!
+//! A response that says when to come back (`Retry-After`, `x-ratelimit-reset`) is retried
+//! after that long instead of the back-off when the policy is told to honour it
+//! ([`RetryPolicy::honouring_retry_after`]).
+//!
 //! When the retries run out, the last response is returned with flag `URX`; when the budget
 //! refuses, with flag `UO`. A retried response carries the [`Attempts`] it took. A per-try timeout
 //! that is not retried answers with a timeout error (504 `UT` at a proxy's edge).
@@ -382,7 +386,8 @@ where
             Some(Some(guard)) => _retry_guard = Some(guard),
             None => {}
         }
-        tokio::time::sleep(policy.backoff(tries, &random)).await;
+        let asked = result.as_ref().ok().and_then(|res| policy.requested_delay(res.headers()));
+        tokio::time::sleep(asked.unwrap_or_else(|| policy.backoff(tries, &random))).await;
         drop(result);
         let mut svc = svc.clone();
         let req = Request::from_parts(head.clone(), body);

@@ -191,6 +191,9 @@ pub struct RetryPolicy {
     max_replay_bytes: usize,
     retry_non_idempotent: bool,
     avoid_previous: bool,
+    /// When set: wait as long as a retried response's `Retry-After` (or
+    /// `x-ratelimit-reset`) says, up to this.
+    retry_after_max: Option<Duration>,
 }
 
 /// Envoy's default back-off base (its cap is ten times it).
@@ -211,6 +214,7 @@ impl RetryPolicy {
             max_replay_bytes: DEFAULT_MAX_REPLAY_BYTES,
             retry_non_idempotent: false,
             avoid_previous: true,
+            retry_after_max: None,
         }
     }
 
@@ -288,6 +292,23 @@ impl RetryPolicy {
     pub fn retrying_non_idempotent(mut self) -> Self {
         self.retry_non_idempotent = true;
         self
+    }
+
+    /// Before retrying a response that says when to come back (`Retry-After` in seconds, or
+    /// `x-ratelimit-reset`), waits that long instead of the back-off, up to `max` (Envoy's
+    /// `rate_limited_retry_back_off`; its default cap is 300 s).
+    pub fn honouring_retry_after(mut self, max: Duration) -> Self {
+        self.retry_after_max = Some(max);
+        self
+    }
+
+    /// The wait a response asks for before a retry, when the policy honours it.
+    pub fn requested_delay(&self, headers: &HeaderMap) -> Option<Duration> {
+        let max = self.retry_after_max?;
+        ["retry-after", "x-ratelimit-reset"]
+            .iter()
+            .find_map(|name| headers.get(*name)?.to_str().ok()?.trim().parse::<u64>().ok())
+            .map(|secs| Duration::from_secs(secs).min(max))
     }
 
     /// The retries after the first try.
