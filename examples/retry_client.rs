@@ -73,9 +73,12 @@ async fn flaky_server() -> Result<(std::net::SocketAddr, Arc<AtomicUsize>), BoxE
                 let svc = hyper::service::service_fn(move |_req: Request<hyper::body::Incoming>| {
                     let n = count.fetch_add(1, Ordering::SeqCst);
                     async move {
-                        let mut res =
-                            Response::new(Full::new(Bytes::from(if n % 2 == 0 { "unavailable" } else { "order" })));
-                        if n % 2 == 0 {
+                        let mut res = Response::new(Full::new(Bytes::from(if n.is_multiple_of(2) {
+                            "unavailable"
+                        } else {
+                            "order"
+                        })));
+                        if n.is_multiple_of(2) {
                             *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
                         }
                         Ok::<_, Infallible>(res)
