@@ -399,3 +399,31 @@ async fn retry_after_is_honoured_when_asked_and_capped() {
     assert_eq!(get(&plain, &upstream()).await.unwrap().status(), 200);
     assert!(start.elapsed() < Duration::from_millis(25), "only the back-off: {:?}", start.elapsed());
 }
+
+#[tokio::test(start_paused = true)]
+async fn grpc_posts_are_retried_and_local_failures_and_upgrades_are_not() {
+    // gRPC calls are POSTs: a trailers-only UNAVAILABLE is retried under Istio's default.
+    let layer = RetryLayer::new(RetryPolicy::istio_default());
+    let upstream =
+        Scripted::new(|n| Ok(if n == 0 { with_header(status(200), "grpc-status", "14") } else { status(200) }));
+    let svc = layer.clone().with_random(Random::seeded(1)).layer(upstream.clone());
+    let req = Request::post("/pkg.Svc/Call")
+        .header("content-type", "application/grpc")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let _ = svc.oneshot(req).await.unwrap();
+    assert_eq!(upstream.tries(), 2);
+
+    // A failure that is not the upstream's (no healthy host, say) is answered at once.
+    let layer = RetryLayer::new(policy(3, "5xx"));
+    let upstream = Scripted::new(|_| Err("no healthy upstream".into()));
+    assert!(get(&layer, &upstream).await.is_err());
+    assert_eq!(upstream.tries(), 1);
+
+    // An upgrade cannot be replayed.
+    let upstream = Scripted::new(|_| Err(refused()));
+    let svc = RetryLayer::new(RetryPolicy::istio_default()).layer(upstream.clone());
+    let req = Request::get("/chat").header("upgrade", "websocket").body(Full::new(Bytes::new())).unwrap();
+    assert!(svc.oneshot(req).await.is_err());
+    assert_eq!(upstream.tries(), 1);
+}

@@ -191,13 +191,21 @@ fn idempotent(method: &Method) -> bool {
     matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE)
 }
 
-/// Whether `result` of a request with `method` is one `policy` retries.
+/// Whether `result` of a request with head `head` is one `policy` retries. Upgrades and
+/// tunnels are never retried (their connection cannot be replayed); a non-idempotent request
+/// only when it never left, or when it is gRPC (whose retry conditions are its own), or when
+/// the policy says so.
 fn should_retry<RB, E: RetryableError>(
     policy: &RetryPolicy,
-    method: &Method,
+    head: &http::request::Parts,
     result: &Result<Response<RB>, E>,
 ) -> bool {
-    let allowed = idempotent(method) || policy.retries_non_idempotent();
+    if head.method == Method::CONNECT || head.headers.contains_key(http::header::UPGRADE) {
+        return false;
+    }
+    let grpc =
+        head.headers.get(http::header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let allowed = idempotent(&head.method) || grpc || policy.retries_non_idempotent();
     match result {
         // A response to a non-idempotent request: it was processed.
         Ok(res) => allowed && policy.retry_on().on_response(res.status(), res.headers()),
@@ -343,7 +351,7 @@ where
                         },
                     };
                     let Some(r) = retrying.take() else { return Poll::Ready(result) };
-                    if !should_retry(&r.policy, &r.head.method, &result) {
+                    if !should_retry(&r.policy, &r.head, &result) {
                         return Poll::Ready(finish(result, 1, ResponseFlags::empty()));
                     }
                     this.state.set(State::Looping { fut: Box::pin(retry_loop(*r, result)) });
@@ -371,7 +379,7 @@ where
     // Held while a retry is in flight (the concurrency budget counts it).
     let mut _retry_guard = None;
     loop {
-        if tries > 1 && !should_retry(&policy, &head.method, &result) {
+        if tries > 1 && !should_retry(&policy, &head, &result) {
             return finish(result, tries, ResponseFlags::empty());
         }
         if tries > policy.retries() {
@@ -396,6 +404,8 @@ where
             Err(e) => Err(e),
         };
         tries += 1;
+        // That retry is over: its place in the concurrency budget is free again.
+        _retry_guard = None;
     }
 }
 

@@ -147,6 +147,11 @@ impl RetryOn {
     /// whether any of the request went upstream. A per-try timeout is a local reset: retried
     /// only with `5xx`, `gateway-error` or `reset`.
     pub fn on_failure(&self, failure: Failure, sent: bool) -> bool {
+        // Not an upstream failure (no healthy host, no cluster, a bad request): Envoy answers
+        // those locally at once.
+        if failure == Failure::Other {
+            return false;
+        }
         if failure == Failure::ConnectFailure && self.has(CONNECT_FAILURE) {
             return true;
         }
