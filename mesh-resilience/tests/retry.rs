@@ -389,10 +389,11 @@ async fn retry_after_is_honoured_when_asked_and_capped() {
     assert_eq!(get(&honouring, &upstream()).await.unwrap().status(), 200);
     assert_eq!(start.elapsed(), Duration::from_secs(7), "waited as the response asked");
 
+    // Longer than the cap (a timestamp, say): ignored, the back-off applies.
     let capped = RetryLayer::new(policy(1, "5xx").honouring_retry_after(Duration::from_secs(2)));
     let start = tokio::time::Instant::now();
     assert_eq!(get(&capped, &upstream()).await.unwrap().status(), 200);
-    assert_eq!(start.elapsed(), Duration::from_secs(2), "up to the cap");
+    assert!(start.elapsed() < Duration::from_millis(25), "the back-off: {:?}", start.elapsed());
 
     let plain = RetryLayer::new(policy(1, "5xx"));
     let start = tokio::time::Instant::now();

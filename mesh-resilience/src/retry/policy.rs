@@ -299,9 +299,10 @@ impl RetryPolicy {
         self
     }
 
-    /// Before retrying a response that says when to come back (`Retry-After` in seconds, or
-    /// `x-ratelimit-reset`), waits that long instead of the back-off, up to `max` (Envoy's
-    /// `rate_limited_retry_back_off`; its default cap is 300 s).
+    /// Before retrying a response that says when to come back (`Retry-After` or
+    /// `x-ratelimit-reset`, in seconds), waits that long instead of the back-off, when it is at
+    /// most `max`; a longer wait is ignored and the back-off used (Envoy's
+    /// `rate_limited_retry_back_off`, whose default cap is 300 s).
     pub fn honouring_retry_after(mut self, max: Duration) -> Self {
         self.retry_after_max = Some(max);
         self
@@ -313,7 +314,8 @@ impl RetryPolicy {
         ["retry-after", "x-ratelimit-reset"]
             .iter()
             .find_map(|name| headers.get(*name)?.to_str().ok()?.trim().parse::<u64>().ok())
-            .map(|secs| Duration::from_secs(secs).min(max))
+            .map(Duration::from_secs)
+            .filter(|d| *d <= max && !d.is_zero())
     }
 
     /// The retries after the first try.
