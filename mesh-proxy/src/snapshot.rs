@@ -184,7 +184,7 @@ pub fn compile(resources: Resources) -> Result<Snapshot, CompileError> {
     context.namespace = Some(default_ns.clone());
     context.labels = proxy.map(|p| p.workload.labels.clone()).unwrap_or_default();
     let table = RouteTable::new(&hosts, &context).map_err(|e| CompileError {
-        resource: format!("VirtualService {}", vhost_of(&hosts, &e)),
+        resource: format!("VirtualService {}", vhost_names(&hosts)),
         message: e.to_string(),
     })?;
     notes.extend(table.notes().iter().cloned());
@@ -248,8 +248,8 @@ pub fn compile(resources: Resources) -> Result<Snapshot, CompileError> {
     Ok(Snapshot { table: Arc::new(table), clusters, resources, notes })
 }
 
-fn vhost_of(hosts: &[VirtualHostConfig], e: &mesh_routing::InvalidRoute) -> String {
-    let _ = e;
+/// The virtual hosts' names, for an error the table could not place in one of them.
+fn vhost_names(hosts: &[VirtualHostConfig]) -> String {
     hosts.iter().map(|h| h.name.as_str()).collect::<Vec<_>>().join(", ")
 }
 

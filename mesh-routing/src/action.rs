@@ -163,7 +163,7 @@ impl Rewrite {
     }
 
     /// The new path and query, given what the matched block's `uri` was.
-    pub(crate) fn path(&self, uri: &Uri, matched: Option<&StringMatch>, ignore_case: bool) -> Option<PathAndQuery> {
+    pub(crate) fn path(&self, uri: &Uri, matched: Option<&StringMatch>) -> Option<PathAndQuery> {
         let path = uri.path();
         let query = uri.query();
         let new_path = if let Some(replacement) = &self.uri {
@@ -173,8 +173,8 @@ impl Rewrite {
                 // against path and query, but a prefix that reaches into the query (rare) is
                 // taken as the whole path.
                 Some(StringMatch::Prefix(p)) if p.len() <= path.len() => {
+                    // The same length is swapped whether or not it matched ignoring case.
                     let rest = &path[p.len()..];
-                    let _ = ignore_case;
                     format!("{replacement}{rest}")
                 }
                 None => {

@@ -471,14 +471,14 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let Some(decision) = RouteDecision::of(req.extensions()).cloned() else {
+        let Some(decision) = RouteDecision::of(req.extensions()) else {
             return ResponseFuture::local(local(
                 StatusCode::SERVICE_UNAVAILABLE,
                 Bytes::from_static(b"no routing decision for this request\n"),
                 ResponseFlags::NO_CLUSTER_FOUND,
             ));
         };
-        let key = DestinationKey::of(&decision);
+        let key = DestinationKey::of(decision);
         if let Some(MirrorTo(mirrors)) = req.extensions_mut().remove::<MirrorTo>()
             && req.body().is_end_stream()
             // An upgrade or a tunnel cannot be copied: only the original gets it.
@@ -486,12 +486,20 @@ where
             && !req.headers().contains_key(http::header::UPGRADE)
             && let Ok(handle) = tokio::runtime::Handle::try_current()
         {
+            let route_name = RouteDecision::of(req.extensions()).map(|d| d.route_name.clone());
             for m in mirrors {
                 let mut copy = Request::new(B::default());
                 *copy.method_mut() = req.method().clone();
                 *copy.uri_mut() = req.uri().clone();
                 *copy.headers_mut() = req.headers().clone();
-                copy.extensions_mut().insert(RouteDecision::new(decision.route_name.clone(), m.host.clone()));
+                let mut decision = RouteDecision::new(route_name.clone().unwrap_or_default(), m.host.clone());
+                if let Some(subset) = &m.subset {
+                    decision = decision.with_subset(subset.clone());
+                }
+                if let Some(port) = m.port {
+                    decision = decision.with_port(port);
+                }
+                copy.extensions_mut().insert(decision);
                 let svc = self.service(&m);
                 handle.spawn(async move {
                     let _ = svc.oneshot(copy).await;

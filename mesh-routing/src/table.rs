@@ -39,7 +39,7 @@ use std::time::Duration;
 use http::header::{COOKIE, HOST};
 use http::{HeaderName, Request};
 use mesh_core::RouteDecision;
-use mesh_core::matching::{HttpMatch, HttpMatchRequest, RequestView, StringMatch};
+use mesh_core::matching::{HttpMatch, HttpMatchRequest, RequestView};
 use mesh_resilience::retry::RetryPolicy;
 
 use crate::action::{self, DirectResponse, HeaderRules, Redirect, Rewrite};
@@ -254,8 +254,6 @@ struct Block {
     /// The block's `port`, checked per request against the port the request was sent to,
     /// when the table is not compiled for one listener port ([`RouteContext::listener_port`]).
     port: Option<u16>,
-    uri: Option<StringMatch>,
-    ignore_case: bool,
     /// `<route>.<match>` when the block is named, else the route's name.
     name: Arc<str>,
 }
@@ -576,22 +574,13 @@ impl Route {
                 Some(n) if !n.is_empty() => format!("{name}.{n}").into(),
                 _ => name.clone(),
             };
-            blocks.push(Block {
-                config: m.clone(),
-                matcher,
-                port,
-                uri: m.uri.clone(),
-                ignore_case: m.ignore_uri_case,
-                name,
-            });
+            blocks.push(Block { config: m.clone(), matcher, port, name });
         }
         if route.matches.is_empty() {
             blocks.push(Block {
                 config: HttpMatchRequest::default(),
                 matcher: HttpMatch::any(),
                 port: None,
-                uri: None,
-                ignore_case: false,
                 name: name.clone(),
             });
         }
@@ -690,9 +679,7 @@ impl Route {
     pub fn prepare_request<B>(&self, block: usize, target: Option<&Target>, req: &mut Request<B>) {
         if self.rewrite.rewrites_path() {
             let b = self.blocks.get(block);
-            if let Some(pq) =
-                self.rewrite.path(req.uri(), b.and_then(|b| b.uri.as_ref()), b.is_some_and(|b| b.ignore_case))
-            {
+            if let Some(pq) = self.rewrite.path(req.uri(), b.and_then(|b| b.config.uri.as_ref())) {
                 action::set_path(req, pq);
             }
         }
