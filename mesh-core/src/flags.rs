@@ -230,3 +230,67 @@ impl FromStr for ResponseFlags {
         })
     }
 }
+
+/// An error that ends a request without a response, with the response flags a layer recorded
+/// about it (a retry layer marks the last try's error `URX` when its retries ran out): the
+/// error's counterpart of [`ResponseFlags::record`]. Its [`source`](std::error::Error::source)
+/// is the error itself, so classification ([`Outcome::from_error`](crate::Outcome::from_error))
+/// sees through it.
+///
+/// ```
+/// use mesh_core::flags::{FlaggedError, ResponseFlags};
+///
+/// let error: Box<dyn std::error::Error + Send + Sync> = "connection refused".into();
+/// let error = FlaggedError::new(error, ResponseFlags::UPSTREAM_RETRY_LIMIT_EXCEEDED, 3);
+/// assert_eq!(FlaggedError::flags_of(&error), ResponseFlags::UPSTREAM_RETRY_LIMIT_EXCEEDED);
+/// assert_eq!(error.to_string(), "gave up after 3 tries (URX)");
+/// assert_eq!(std::error::Error::source(&error).unwrap().to_string(), "connection refused");
+/// ```
+#[derive(Debug)]
+pub struct FlaggedError {
+    source: Box<dyn std::error::Error + Send + Sync>,
+    flags: ResponseFlags,
+    tries: u32,
+}
+
+impl FlaggedError {
+    /// `source`, flagged `flags`, after `tries` tries.
+    pub fn new(source: Box<dyn std::error::Error + Send + Sync>, flags: ResponseFlags, tries: u32) -> Self {
+        Self { source, flags, tries }
+    }
+
+    /// The flags.
+    pub fn flags(&self) -> ResponseFlags {
+        self.flags
+    }
+
+    /// How many tries the request took.
+    pub fn tries(&self) -> u32 {
+        self.tries
+    }
+
+    /// The flags of every `FlaggedError` in `error`'s chain (empty when there is none).
+    pub fn flags_of(error: &(dyn std::error::Error + 'static)) -> ResponseFlags {
+        let mut flags = ResponseFlags::empty();
+        let mut next = Some(error);
+        while let Some(e) = next {
+            if let Some(f) = e.downcast_ref::<FlaggedError>() {
+                flags |= f.flags;
+            }
+            next = e.source();
+        }
+        flags
+    }
+}
+
+impl fmt::Display for FlaggedError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "gave up after {} tries ({})", self.tries, self.flags)
+    }
+}
+
+impl std::error::Error for FlaggedError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.source)
+    }
+}

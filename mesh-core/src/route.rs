@@ -100,3 +100,58 @@ impl ClientConnection {
         extensions.get::<ClientConnection>()
     }
 }
+
+/// Request extension: the endpoints earlier tries of one request went to, shared by the
+/// request's retries, so that a load balancer can send a retry elsewhere (Envoy's
+/// `previous_hosts` retry predicate, which Istio turns on by default).
+///
+/// A retry layer inserts one (the same for every try); a balancer that finds it avoids the
+/// endpoints it names when another is available, and records the endpoint it picked. It
+/// remembers the last four endpoints, by address.
+///
+/// ```
+/// use mesh_core::route::TriedEndpoints;
+///
+/// let tried = TriedEndpoints::default();
+/// let mut request = http::Request::new(());
+/// request.extensions_mut().insert(tried.clone());
+/// // A balancer, on the first try:
+/// TriedEndpoints::of(request.extensions()).unwrap().record("10.0.0.1:80".into());
+/// // On the retry, the same record says where not to go.
+/// assert!(tried.contains("10.0.0.1:80"));
+/// assert!(!tried.contains("10.0.0.2:80"));
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct TriedEndpoints(Arc<std::sync::Mutex<TriedRing>>);
+
+#[derive(Debug, Default)]
+struct TriedRing {
+    addresses: [Option<Arc<str>>; 4],
+    next: usize,
+}
+
+impl TriedEndpoints {
+    /// The record in a request's extensions, if any.
+    pub fn of(extensions: &http::Extensions) -> Option<&TriedEndpoints> {
+        extensions.get::<TriedEndpoints>()
+    }
+
+    /// Records that a try went to `address`.
+    pub fn record(&self, address: Arc<str>) {
+        let mut ring = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let at = ring.next % 4;
+        ring.addresses[at] = Some(address);
+        ring.next += 1;
+    }
+
+    /// Whether a try went to `address`.
+    pub fn contains(&self, address: &str) -> bool {
+        let ring = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        ring.addresses.iter().flatten().any(|a| &**a == address)
+    }
+
+    /// Whether no try was recorded yet.
+    pub fn is_empty(&self) -> bool {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).next == 0
+    }
+}

@@ -10,6 +10,7 @@ use http::header::CONTENT_TYPE;
 use http::{HeaderValue, Response, StatusCode};
 use mesh_core::ResponseFlags;
 use mesh_core::classify::{Failure, Outcome};
+use mesh_core::flags::FlaggedError;
 
 use crate::body::ProxyBody;
 use crate::error::{BODY_UNREADABLE, BadRequest, ClientBodyError, DisplayChain, NoCluster, NoHealthyUpstream};
@@ -112,7 +113,7 @@ fn http_reply(error: &(dyn StdError + 'static)) -> Response<ProxyBody> {
     let flags = match outcome.response_flags() {
         f if f.is_empty() => ResponseFlags::UPSTREAM_PROTOCOL_ERROR,
         f => f,
-    };
+    } | FlaggedError::flags_of(error);
     log_failure(status, flags, error);
     text_reply(status, Bytes::from_static(body.as_bytes()), Some(flags))
 }

@@ -31,8 +31,8 @@ use futures_util::future::Either;
 use http::header::SET_COOKIE;
 use http::{Request, Response};
 use http_body::Body;
-use mesh_core::ClientConnection;
 use mesh_core::classify::TimeoutError;
+use mesh_core::{ClientConnection, TriedEndpoints};
 use mesh_resilience::retry::{ReplayBody, Retry, RetryLayer, RetryPolicy};
 use mesh_routing::balance::HashKey;
 use mesh_routing::{DestinationKey, Dispatch, MakeDestination, RouteTimeout, Routing, RoutingBody, RoutingLayer};
@@ -189,12 +189,24 @@ impl MakeDestination for MakeCluster {
     fn make(&self, key: &DestinationKey) -> Self::Service {
         let replayed: fn(Request<ReplayBody<RequestBody>>) -> Request<RequestBody> = replayed;
         let cluster = self.cluster(key);
-        let mut retry = RetryLayer::new(RetryPolicy::none()).without_extensions();
+        let mut retry = RetryLayer::new(RetryPolicy::none());
+        // Retries need no extensions below here but the client's address, when the cluster
+        // hashes on it (the tried endpoints are carried anyway).
+        retry = match cluster.cluster.as_ref().and_then(|c| c.hash_key.as_ref()) {
+            Some(_) => retry.carrying_extensions(carry_client_connection),
+            None => retry.without_extensions(),
+        };
         // The DestinationRule's retry budget, shared by every request to the destination.
         if let Some(budget) = cluster.cluster.as_ref().and_then(|c| c.retry_budget.clone()) {
             retry = retry.with_budget(budget);
         }
         retry.layer(tower::util::MapRequest::new(cluster, replayed))
+    }
+}
+
+fn carry_client_connection(from: &http::Extensions, to: &mut http::Extensions) {
+    if let Some(connection) = ClientConnection::of(from) {
+        to.insert(connection.clone());
     }
 }
 
@@ -280,7 +292,8 @@ impl Service<Request<RequestBody>> for ClusterService {
                 _ => None,
             })
         });
-        let Some(picked) = cluster.balancer.pick(hash, &()) else {
+        let tried = TriedEndpoints::of(req.extensions());
+        let Some(picked) = cluster.balancer.pick_avoiding(hash, &(), tried) else {
             return Box::pin(std::future::ready(Err(NoHealthyUpstream(self.key.to_string()).into())));
         };
         let pool = match self.pool(picked.endpoint().address()) {

@@ -47,11 +47,17 @@ struct Proxy {
 
 impl Proxy {
     fn start(config: &Path) -> Proxy {
+        Self::start_logging(config, Stdio::inherit())
+    }
+
+    /// Starts the proxy with its log (at `warn`) going to `log`.
+    fn start_logging(config: &Path, log: Stdio) -> Proxy {
         let mut child = Command::new(env!("CARGO_BIN_EXE_mesh-proxy"))
             .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--config"])
             .arg(config)
             .env("MESH_PROXY_LOG", "warn")
             .stdout(Stdio::piped())
+            .stderr(log)
             .spawn()
             .expect("start mesh-proxy");
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
@@ -597,7 +603,8 @@ spec:
             port = backend.port()
         ),
     );
-    let proxy = Proxy::start(&dir);
+    let log_path = dir.with_extension("log");
+    let proxy = Proxy::start_logging(&dir, std::fs::File::create(&log_path).unwrap().into());
     let mut client = Client::connect(proxy.addr).await;
 
     // Every other answer is 503: with retries on 5xx every request succeeds.
@@ -633,5 +640,81 @@ spec:
     assert_eq!(status, StatusCode::GATEWAY_TIMEOUT, "{body}");
     assert!(took >= Duration::from_millis(1200), "four tries of 300 ms: {took:?}");
     assert!(took < Duration::from_secs(5), "the per-try timeouts, not the route timeout: {took:?}");
+    // The log says why: a timeout (UT), and the retries ran out (URX).
+    drop(proxy);
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    let _ = std::fs::remove_file(&log_path);
+    let line = log.lines().find(|l| l.contains("upstream request failed")).unwrap_or_else(|| panic!("{log}"));
+    assert!(line.contains("flags=UT,URX "), "{line}");
+    assert!(line.contains("gave up after 4 tries"), "{line}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A backend answering each request with the length of its body.
+async fn length_backend() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc = service_fn(|req: Request<Incoming>| async move {
+                    let body = req.into_body().collect().await?.to_bytes();
+                    Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::from(body.len().to_string()))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            });
+        }
+    });
+    addr
+}
+
+/// Istio's default retries (connect failures, twice) with a dead endpoint beside a live one:
+/// every request reaches the live one, POSTs with bodies over the replay cap included, since
+/// a retry never goes back to the endpoint that just failed and a body the failed connect
+/// never read is sent whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_go_elsewhere_and_resend_bodies_a_failed_connect_never_read() {
+    let live = length_backend().await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let dir = config_dir("elsewhere");
+    write_atomically(
+        &dir,
+        "mesh.yaml",
+        &format!(
+            r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: payments}}
+spec:
+  hosts: [payments]
+  ports: [{{number: 80, name: http}}]
+  endpoints:
+  - {{address: 127.0.0.1, ports: {{http: {dead}}}}}
+  - {{address: 127.0.0.1, ports: {{http: {live}}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: payments}}
+spec:
+  host: payments
+  trafficPolicy: {{loadBalancer: {{simple: RANDOM}}}}
+"#,
+            dead = dead.port(),
+            live = live.port()
+        ),
+    );
+    let proxy = Proxy::start(&dir);
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(conn);
+    for i in 0..60 {
+        // Half of them over the 64 KiB replay cap.
+        let len = if i % 2 == 0 { 100_000 } else { 1_000 };
+        let req = Request::post("/charge").header("host", "payments").body(Full::new(Bytes::from(vec![b'c'; len])));
+        tx.ready().await.unwrap();
+        let res = tx.send_request(req.unwrap()).await.unwrap();
+        let status = res.status();
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!((status, &body[..]), (StatusCode::OK, len.to_string().as_bytes()), "request {i}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

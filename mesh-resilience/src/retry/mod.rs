@@ -67,13 +67,15 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response};
 use http_body::Body;
-use mesh_core::ResponseFlags;
 use mesh_core::classify::{Failure, Outcome, TimeoutError};
+use mesh_core::flags::FlaggedError;
 use mesh_core::random::Random;
+use mesh_core::{ResponseFlags, TriedEndpoints};
 use tower::{Layer, Service, ServiceExt};
 
 pub use body::{Replay, ReplayBody};
@@ -97,6 +99,12 @@ pub trait RetryableError: Sized {
     /// The error a per-try timeout becomes, if this error type can carry it (else per-try
     /// timeouts are not applied).
     fn timeout() -> Option<Self>;
+    /// This error, marked with the flags the retries end on (`URX`, `UO`) after `tries` tries,
+    /// if the error type can carry them (by default it cannot, and is returned as it is).
+    fn flagged(self, flags: ResponseFlags, tries: u32) -> Self {
+        let _ = (flags, tries);
+        self
+    }
 }
 
 impl RetryableError for Box<dyn StdError + Send + Sync> {
@@ -106,6 +114,11 @@ impl RetryableError for Box<dyn StdError + Send + Sync> {
 
     fn timeout() -> Option<Self> {
         Some(Box::new(TimeoutError::new()))
+    }
+
+    /// Wraps the error in a [`FlaggedError`], whose source it stays.
+    fn flagged(self, flags: ResponseFlags, tries: u32) -> Self {
+        Box::new(FlaggedError::new(self, flags, tries))
     }
 }
 
@@ -127,20 +140,52 @@ pub struct RetryLayer {
     policy: Arc<RetryPolicy>,
     budget: Option<Arc<dyn RetryBudget>>,
     random: Arc<Random>,
-    extensions: bool,
+    extensions: Carry,
+}
+
+/// Which request extensions a retry carries.
+#[derive(Clone, Copy)]
+enum Carry {
+    All,
+    None,
+    Some(fn(&http::Extensions, &mut http::Extensions)),
+}
+
+impl fmt::Debug for Carry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Carry::All => "all",
+            Carry::None => "none",
+            Carry::Some(_) => "some",
+        })
+    }
 }
 
 impl RetryLayer {
     /// Retries by `policy`, with no budget.
     pub fn new(policy: RetryPolicy) -> Self {
-        Self { policy: Arc::new(policy), budget: None, random: Arc::new(Random::from_entropy()), extensions: true }
+        Self {
+            policy: Arc::new(policy),
+            budget: None,
+            random: Arc::new(Random::from_entropy()),
+            extensions: Carry::All,
+        }
     }
 
     /// Retries carry the request's method, target, version and headers but not its
     /// extensions, which then need not be cloned for every request (for an inner service that
-    /// reads none; the first try always has them).
+    /// reads none; the first try always has them). The [`TriedEndpoints`] record is carried
+    /// all the same.
     pub fn without_extensions(mut self) -> Self {
-        self.extensions = false;
+        self.extensions = Carry::None;
+        self
+    }
+
+    /// Retries carry the extensions `copy` copies from the request's into theirs (say, the
+    /// client's address that source-IP hashing reads), and no others. `copy` runs once per
+    /// request, before the first try.
+    pub fn carrying_extensions(mut self, copy: fn(&http::Extensions, &mut http::Extensions)) -> Self {
+        self.extensions = Carry::Some(copy);
         self
     }
 
@@ -178,7 +223,7 @@ pub struct Retry<S> {
     policy: Arc<RetryPolicy>,
     budget: Option<Arc<dyn RetryBudget>>,
     random: Arc<Random>,
-    extensions: bool,
+    extensions: Carry,
 }
 
 impl<S> fmt::Debug for Retry<S> {
@@ -217,10 +262,11 @@ fn should_retry<RB, E: RetryableError>(
 }
 
 /// What a retry needs once the first try has answered.
-struct Retrying<S> {
+struct Retrying<S, B> {
     svc: S,
     head: http::request::Parts,
-    replay: Replay,
+    tried: Option<TriedEndpoints>,
+    replay: Replay<B>,
     policy: Arc<RetryPolicy>,
     budget: Option<Arc<dyn RetryBudget>>,
     random: Arc<Random>,
@@ -232,7 +278,7 @@ where
     S: Service<Request<ReplayBody<B>>, Response = Response<RB>> + Clone + Send + 'static,
     S::Future: Send,
     S::Error: RetryableError + Send,
-    B: Body<Data = Bytes> + Send + 'static,
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
     RB: Send + 'static,
 {
     type Response = Response<RB>;
@@ -251,21 +297,30 @@ where
             Some(RoutePolicy(route)) => route.clone(),
             None => self.policy.clone(),
         };
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
         if policy.retries() == 0 {
             let (body, _) = ReplayBody::new(body, 0);
             let fut = first.call(Request::from_parts(parts, body));
             return ResponseFuture { state: State::First { fut: FirstTry::Plain { fut }, retrying: None } };
         }
-        let head = if self.extensions {
-            parts.clone()
-        } else {
-            let mut head = Request::new(());
-            *head.method_mut() = parts.method.clone();
-            *head.uri_mut() = parts.uri.clone();
-            *head.version_mut() = parts.version;
-            *head.headers_mut() = parts.headers.clone();
-            head.into_parts().0
+        // Every try records its endpoint here, and retries avoid them (previous hosts).
+        let tried = policy.avoids_previous_hosts().then(TriedEndpoints::default);
+        if let Some(tried) = &tried {
+            parts.extensions.insert(tried.clone());
+        }
+        let head = match self.extensions {
+            Carry::All => parts.clone(),
+            Carry::None | Carry::Some(_) => {
+                let mut head = Request::new(());
+                *head.method_mut() = parts.method.clone();
+                *head.uri_mut() = parts.uri.clone();
+                *head.version_mut() = parts.version;
+                *head.headers_mut() = parts.headers.clone();
+                if let Carry::Some(copy) = self.extensions {
+                    copy(&parts.extensions, head.extensions_mut());
+                }
+                head.into_parts().0
+            }
         };
         let (body, replay) = ReplayBody::new(body, policy.max_replay_bytes());
         let fut = first.call(Request::from_parts(parts, body));
@@ -276,6 +331,7 @@ where
         let retrying = Retrying {
             svc: first,
             head,
+            tried,
             replay,
             _request: self.budget.as_ref().map(|b| b.deposit()),
             policy,
@@ -306,7 +362,7 @@ pin_project_lite::pin_project! {
     where
         S: Service<Request<ReplayBody<B>>>,
     {
-        First { #[pin] fut: FirstTry<S::Future>, retrying: Option<Box<Retrying<S>>> },
+        First { #[pin] fut: FirstTry<S::Future>, retrying: Option<Box<Retrying<S, B>>> },
         Looping { fut: Looping<S::Response, S::Error> },
     }
 }
@@ -333,7 +389,7 @@ where
     S: Service<Request<ReplayBody<B>>, Response = Response<RB>> + Clone + Send + 'static,
     S::Future: Send,
     S::Error: RetryableError + Send,
-    B: Body<Data = Bytes> + Send + 'static,
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
     RB: Send + 'static,
 {
     type Output = Result<Response<RB>, S::Error>;
@@ -364,17 +420,17 @@ where
 
 /// The retries after a first try that should be retried.
 async fn retry_loop<S, B, RB>(
-    r: Retrying<S>,
+    r: Retrying<S, B>,
     mut result: Result<Response<RB>, S::Error>,
 ) -> Result<Response<RB>, S::Error>
 where
     S: Service<Request<ReplayBody<B>>, Response = Response<RB>> + Clone + Send + 'static,
     S::Future: Send,
     S::Error: RetryableError + Send,
-    B: Body<Data = Bytes> + Send + 'static,
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
     RB: Send + 'static,
 {
-    let Retrying { svc, head, replay, policy, budget, random, _request } = r;
+    let Retrying { svc, head, tried, replay, policy, budget, random, _request } = r;
     let mut tries = 1;
     // Held while a retry is in flight (the concurrency budget counts it).
     let mut _retry_guard = None;
@@ -395,10 +451,19 @@ where
             None => {}
         }
         let asked = result.as_ref().ok().and_then(|res| policy.requested_delay(res.headers()));
-        tokio::time::sleep(asked.unwrap_or_else(|| policy.backoff(tries, &random))).await;
+        let wait = match asked {
+            // Up to half again, so that the clients told the same time do not all come back
+            // at once (Envoy's jittered lower bound).
+            Some(asked) => asked + Duration::from_nanos(random.below(nanos(asked) / 2 + 1)),
+            None => policy.backoff(tries, &random),
+        };
+        tokio::time::sleep(wait).await;
         drop(result);
         let mut svc = svc.clone();
-        let req = Request::from_parts(head.clone(), body);
+        let mut req = Request::from_parts(head.clone(), body);
+        if let Some(tried) = &tried {
+            req.extensions_mut().insert(tried.clone());
+        }
         result = match svc.ready().await {
             Ok(svc) => try_once(policy.per_try_timeout(), svc.call(req)).await,
             Err(e) => Err(e),
@@ -421,7 +486,19 @@ where
     }
 }
 
-fn finish<RB, E>(result: Result<Response<RB>, E>, tries: u32, flags: ResponseFlags) -> Result<Response<RB>, E> {
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+fn finish<RB, E: RetryableError>(
+    result: Result<Response<RB>, E>,
+    tries: u32,
+    flags: ResponseFlags,
+) -> Result<Response<RB>, E> {
+    let result = match result {
+        Err(e) if !flags.is_empty() => return Err(e.flagged(flags, tries)),
+        result => result,
+    };
     result.map(|mut res| {
         // One try is the common case, and an extension costs an allocation: it is recorded
         // only when there were retries.

@@ -293,6 +293,13 @@ impl RetryPolicy {
         self
     }
 
+    /// Lets a retry go back to an endpoint an earlier try went to (Istio's
+    /// `retryIgnorePreviousHosts: false`); by default retries avoid them.
+    pub fn allowing_previous_hosts(mut self) -> Self {
+        self.avoid_previous = false;
+        self
+    }
+
     /// Retries non-idempotent requests (POST, PATCH) after they were sent, too.
     pub fn retrying_non_idempotent(mut self) -> Self {
         self.retry_non_idempotent = true;

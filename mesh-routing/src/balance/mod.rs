@@ -107,6 +107,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::ArcSwap;
+use mesh_core::TriedEndpoints;
 
 pub use self::endpoint::{Endpoint, HealthView};
 pub use self::hash_key::HashKey;
@@ -337,6 +338,28 @@ impl Balancer {
             slot.active.fetch_add(1, Ordering::Relaxed);
         }
         Some(Picked { slot, counted })
+    }
+
+    /// [`pick`](Self::pick) for one try of a request that retries may repeat: endpoints that
+    /// earlier tries went to ([`TriedEndpoints`], which a retry layer puts on the request) are
+    /// avoided when another is available, and the endpoint picked is recorded there (Envoy's
+    /// `previous_hosts` predicate). A hash policy then walks on from the request's entry, so
+    /// a retry goes to the next endpoint clockwise. Without a record this is `pick`.
+    pub fn pick_avoiding(
+        &self,
+        hash: Option<u64>,
+        health: &dyn HealthView,
+        tried: Option<&TriedEndpoints>,
+    ) -> Option<Picked> {
+        let Some(tried) = tried else { return self.pick(hash, health) };
+        let picked = if tried.is_empty() {
+            self.pick(hash, health)
+        } else {
+            let elsewhere = |e: &Endpoint| health.is_available(e) && !tried.contains(e.address());
+            self.pick(hash, &elsewhere).or_else(|| self.pick(hash, health))
+        }?;
+        tried.record(picked.endpoint().address().clone());
+        Some(picked)
     }
 }
 

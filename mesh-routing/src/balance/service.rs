@@ -14,7 +14,7 @@ use bytes::Bytes;
 use http::header::SET_COOKIE;
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body::Body;
-use mesh_core::{ClientConnection, ResponseFlags};
+use mesh_core::{ClientConnection, ResponseFlags, TriedEndpoints};
 use tower::util::Oneshot;
 use tower::{Service, ServiceExt};
 
@@ -44,7 +44,9 @@ impl<F: Fn(&Endpoint) -> S, S> MakeEndpoint for F {
 /// client's address, for `useSourceIp`, comes from the [`ClientConnection`] extension. A
 /// request with nowhere to go is answered 503 with flag `UH`; when an `httpCookie` key with a
 /// `ttl` finds no cookie, the balancer generates one and the response sets it. Clones share
-/// the balancer, its counters and the endpoint services. See the [module docs](super).
+/// the balancer, its counters and the endpoint services. A retry (a request carrying
+/// [`TriedEndpoints`]) goes to an endpoint no earlier try went to, when there is one. See the
+/// [module docs](super).
 ///
 /// ```
 /// use std::convert::Infallible;
@@ -189,7 +191,8 @@ where
                 _ => None,
             })
         });
-        let Some(picked) = self.balancer.pick(hash, &*self.health) else {
+        let tried = TriedEndpoints::of(req.extensions());
+        let Some(picked) = self.balancer.pick_avoiding(hash, &*self.health, tried) else {
             let mut res = Response::new(Bytes::from_static(b"no healthy upstream\n"));
             *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
             ResponseFlags::record(res.extensions_mut(), ResponseFlags::NO_HEALTHY_UPSTREAM);
