@@ -12,14 +12,15 @@
 //! | `DestinationRule` | networking.istio.io | subsets, load balancer |
 //! | `ServiceEntry` | networking.istio.io | services and their endpoints (static addresses with labels, or DNS names) |
 //! | `TrafficSplit` | split.smi-spec.io | a weighted split of a service among backends |
+//! | `ServiceProfile` | linkerd.io | routes of a service (conditions, response classes, `isRetryable`, timeouts) and its retry budget |
 //! | `MeshProxy` | proxy.mesh.dev | the proxy's own settings: listener, admin, workload |
-//! | `PeerAuthentication`, `AuthorizationPolicy`, `RequestAuthentication`, `Telemetry`, `EnvoyFilter`, `ServiceProfile`, `Gateway`, `Sidecar`, `ProxyConfig`, `WorkloadEntry` | | parsed, warned about as not enforced yet |
+//! | `PeerAuthentication`, `AuthorizationPolicy`, `RequestAuthentication`, `Telemetry`, `EnvoyFilter`, `Gateway`, `Sidecar`, `ProxyConfig`, `WorkloadEntry` | | parsed, warned about as not enforced yet |
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use mesh_routing::model::{DestinationRuleSpec, TrafficSplitSpec, VirtualServiceSpec};
+use mesh_routing::model::{DestinationRuleSpec, ServiceProfileSpec, TrafficSplitSpec, VirtualServiceSpec};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -130,6 +131,8 @@ pub struct Resources {
     pub service_entries: Vec<Resource<ServiceEntrySpec>>,
     /// SMI TrafficSplits.
     pub traffic_splits: Vec<Resource<TrafficSplitSpec>>,
+    /// Linkerd ServiceProfiles.
+    pub service_profiles: Vec<Resource<ServiceProfileSpec>>,
     /// The proxy's own settings (the last one read wins).
     pub mesh_proxy: Option<Resource<MeshProxySpec>>,
 }
@@ -249,7 +252,6 @@ const NOT_ENFORCED: &[(&str, &str)] = &[
     ("ProxyConfig", "networking.istio.io"),
     ("WorkloadEntry", "networking.istio.io"),
     ("WorkloadGroup", "networking.istio.io"),
-    ("ServiceProfile", "linkerd.io"),
 ];
 
 // === loading ===
@@ -477,6 +479,12 @@ pub fn load_text(file: &Path, text: &str, loaded: &mut Loaded) {
                     ctx.loaded.resources.traffic_splits.push(r);
                 }
             }
+            ("ServiceProfile", "linkerd.io") => {
+                if let Some(r) = ctx.typed::<ServiceProfileSpec>(doc()) {
+                    ctx.check_service_profile(&r);
+                    ctx.loaded.resources.service_profiles.push(r);
+                }
+            }
             ("MeshProxy", "proxy.mesh.dev") => {
                 if let Some(r) = ctx.typed::<MeshProxySpec>(doc()) {
                     ctx.loaded.resources.mesh_proxy = Some(r);
@@ -487,7 +495,15 @@ pub fn load_text(file: &Path, text: &str, loaded: &mut Loaded) {
             }
             (k, g) => {
                 let what = if NOT_ENFORCED.iter().any(|(nk, _)| *nk == k)
-                    || ["VirtualService", "DestinationRule", "ServiceEntry", "TrafficSplit", "MeshProxy"].contains(&k)
+                    || [
+                        "VirtualService",
+                        "DestinationRule",
+                        "ServiceEntry",
+                        "TrafficSplit",
+                        "ServiceProfile",
+                        "MeshProxy",
+                    ]
+                    .contains(&k)
                 {
                     format!("unknown API group `{g}` for kind {k}; ignored")
                 } else {
@@ -732,6 +748,8 @@ impl Ctx<'_> {
             ("warmup:", "slow start"),
             ("delegate:", "delegation"),
             ("workloadSelector:", "workload selectors"),
+            ("dstOverrides:", "traffic shifting by dstOverrides (use a TrafficSplit)"),
+            ("opaquePorts:", "opaque ports"),
         ];
         let mut found = Vec::new();
         for (n, l) in self.text.lines().enumerate().skip(self.line.saturating_sub(1)) {
@@ -795,6 +813,22 @@ impl Ctx<'_> {
         if let Err(e) = mesh_routing::RouteTable::new(&[host], &mesh_routing::RouteContext::default()) {
             let field = format!("spec.{}", e.field());
             self.error_at(&field, e.reason());
+        }
+    }
+
+    fn check_service_profile(&mut self, r: &Resource<ServiceProfileSpec>) {
+        // Compiling the routes finds what is wrong (conditions, classes, timeouts), with
+        // field paths.
+        let template = mesh_routing::model::HttpRoute::named("service").to(self.name, None, 1);
+        let compiled = r.spec.routes(&template).and_then(|routes| {
+            let host = mesh_routing::VirtualHostConfig::new(self.name, vec!["*".into()], routes);
+            mesh_routing::RouteTable::new(&[host], &mesh_routing::RouteContext::default())
+        });
+        if let Err(e) = compiled {
+            self.error_at(&format!("spec.{}", e.field()), e.reason());
+        }
+        if let Err(e) = r.spec.retry_budget() {
+            self.error_at(&format!("spec.retryBudget.{}", e.field()), e.reason());
         }
     }
 

@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use mesh_routing::balance::{Balancer, Endpoint, HashKey, LbPolicy};
-use mesh_routing::model::{DestinationRuleSpec, HttpRoute, LoadBalancerSettings, TrafficPolicy};
+use mesh_routing::model::{DestinationRuleSpec, HttpRoute, LoadBalancerSettings, ServiceProfileSpec, TrafficPolicy};
 use mesh_routing::{DestinationKey, RouteContext, RouteTable, SplitKey, VirtualHostConfig};
 
 use crate::loader::{Resource, Resources, ServiceEntrySpec};
@@ -50,8 +50,9 @@ pub struct Cluster {
     pub balancer: Balancer,
     /// The consistent-hash key, when the policy hashes.
     pub hash_key: Option<HashKey>,
-    /// The DestinationRule's retry budget, shared by every request to this destination.
-    pub retry_budget: Option<Arc<mesh_resilience::retry::ConcurrencyBudget>>,
+    /// The retry budget shared by every request to this destination: the DestinationRule's
+    /// `retryBudget`, else the ServiceProfile's of the service it belongs to.
+    pub retry_budget: Option<Arc<dyn mesh_resilience::retry::RetryBudget>>,
 }
 
 /// A configuration that cannot be compiled.
@@ -91,6 +92,35 @@ pub fn compile(resources: Resources) -> Result<Snapshot, CompileError> {
             notes.push(format!("DestinationRule {}: replaces an earlier rule for the same host", dr.metadata.name));
         }
     }
+
+    // Service profiles, by resolved host (their name), and the budget each gives the
+    // services it covers.
+    let mut profiles: BTreeMap<String, &Resource<ServiceProfileSpec>> = BTreeMap::new();
+    let mut profile_budgets: BTreeMap<String, Arc<dyn mesh_resilience::retry::RetryBudget>> = BTreeMap::new();
+    for sp in &resources.service_profiles {
+        let host = fqdn(&sp.metadata.name, sp.namespace(&default_ns));
+        if profiles.insert(host, sp).is_some() {
+            notes.push(format!("ServiceProfile {}: replaces an earlier profile of the same service", sp.metadata.name));
+        }
+    }
+    // Profiled services no ServiceEntry describes are routed all the same (sent by name).
+    let profiled: Vec<String> = profiles.keys().filter(|h| !services.contains_key(*h)).cloned().collect();
+    // The routes of the virtual host of `apex`: the profile's, if it has one, then `route`.
+    let mut with_profile = |apex: &str, route: HttpRoute| {
+        let Some(sp) = profiles.remove(apex) else { return Ok(vec![route]) };
+        let err = |message: String| CompileError {
+            resource: format!("ServiceProfile {} ({}:{})", sp.metadata.name, sp.file.display(), sp.line),
+            message,
+        };
+        let mut routes = sp.spec.routes(&route).map_err(|e| err(format!("spec.{e}")))?;
+        let budget: Arc<dyn mesh_resilience::retry::RetryBudget> =
+            Arc::new(sp.spec.retry_budget().map_err(|e| err(format!("spec.retryBudget.{e}")))?);
+        for d in &route.route {
+            profile_budgets.insert(d.destination.host.clone(), budget.clone());
+        }
+        routes.push(route);
+        Ok(routes)
+    };
 
     // Virtual hosts.
     let mut hosts = Vec::new();
@@ -163,13 +193,14 @@ pub fn compile(resources: Resources) -> Result<Snapshot, CompileError> {
         for d in &mut route.route {
             d.destination.host = fqdn(&d.destination.host, ns);
         }
+        let routes = with_profile(&apex, route)?;
         hosts.push(VirtualHostConfig::new(
             format!("{ns}/{}", ts.metadata.name),
             aliases(&apex, &default_ns, &suffix),
-            vec![route],
+            routes,
         ));
     }
-    for host in services.keys() {
+    for host in services.keys().chain(&profiled) {
         // A VirtualService for `*.example.com` (or `*`) routes `api.example.com` too.
         let wildcard =
             covered.iter().any(|c| c == "*" || c.strip_prefix('*').is_some_and(|suffix| host.ends_with(suffix)));
@@ -177,7 +208,14 @@ pub fn compile(resources: Resources) -> Result<Snapshot, CompileError> {
             continue;
         }
         let route = HttpRoute::named(format!("default-{host}")).to(host.clone(), None, 1);
-        hosts.push(VirtualHostConfig::new(format!("default/{host}"), aliases(host, &default_ns, &suffix), vec![route]));
+        let routes = with_profile(host, route)?;
+        hosts.push(VirtualHostConfig::new(format!("default/{host}"), aliases(host, &default_ns, &suffix), routes));
+    }
+    for (host, sp) in &profiles {
+        notes.push(format!(
+            "ServiceProfile {}: a VirtualService already routes {host}; the profile is ignored",
+            sp.metadata.name
+        ));
     }
 
     let mut context = RouteContext::default();
@@ -236,13 +274,14 @@ pub fn compile(resources: Resources) -> Result<Snapshot, CompileError> {
             .map(|b| {
                 let percent = b.percent.map_or(20.0, |p| p.value());
                 mesh_resilience::retry::ConcurrencyBudget::new(percent, b.min_retry_concurrency.unwrap_or(3) as usize)
-                    .map(Arc::new)
+                    .map(|b| Arc::new(b) as Arc<dyn mesh_resilience::retry::RetryBudget>)
                     .map_err(|e| CompileError {
                         resource: format!("DestinationRule for {}", key.host),
                         message: format!("trafficPolicy.retryBudget.{e}"),
                     })
             })
-            .transpose()?;
+            .transpose()?
+            .or_else(|| profile_budgets.get(&*key.host).cloned());
         clusters.insert((*key).clone(), Arc::new(Cluster { key: (*key).clone(), balancer, hash_key, retry_budget }));
     }
     Ok(Snapshot { table: Arc::new(table), clusters, resources, notes })

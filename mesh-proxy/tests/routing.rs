@@ -718,3 +718,70 @@ spec:
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A Linkerd ServiceProfile drives the proxy: its retryable route retries failed POSTs under
+/// its budget, its other routes do not retry 503s, and its timeout answers 504.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_profile_routes_retries_and_timeouts() {
+    let (backend, _all, posts) = flaky_backend().await;
+    let dir = config_dir("profile");
+    write_atomically(
+        &dir,
+        "mesh.yaml",
+        &format!(
+            r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: webapp}}
+spec:
+  hosts: [webapp]
+  ports: [{{number: 80, name: http}}]
+  endpoints: [{{address: 127.0.0.1, ports: {{http: {port}}}}}]
+---
+apiVersion: linkerd.io/v1alpha2
+kind: ServiceProfile
+metadata: {{name: webapp.default.svc.cluster.local, namespace: default}}
+spec:
+  routes:
+  - name: POST /api
+    condition: {{method: POST, pathRegex: /api}}
+    isRetryable: true
+  - name: GET /hang
+    condition: {{method: GET, pathRegex: /hang}}
+    timeout: 400ms
+  retryBudget: {{retryRatio: 0.2, minRetriesPerSecond: 10, ttl: 10s}}
+"#,
+            port = backend.port()
+        ),
+    );
+    let proxy = Proxy::start(&dir);
+    let routes = admin(proxy.admin, "/routes").await;
+    assert!(routes.contains("POST /api"), "{routes}");
+
+    // Every other answer is 503; POSTs on the retryable route all succeed, by retrying.
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(conn);
+    for _ in 0..30 {
+        let req = Request::post("/api").header("host", "webapp").body(Full::new(Bytes::from_static(b"{}"))).unwrap();
+        tx.ready().await.unwrap();
+        let res = tx.send_request(req).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        let _ = res.into_body().collect().await;
+    }
+    assert!(posts.load(Ordering::SeqCst) > 30, "retried: {}", posts.load(Ordering::SeqCst));
+
+    // Other requests take the service's default route, which does not retry a 503.
+    let mut client = Client::connect(proxy.addr).await;
+    let mut failed = 0;
+    for _ in 0..10 {
+        failed += usize::from(client.get("webapp.default.svc.cluster.local", "/", &[]).await.0 != StatusCode::OK);
+    }
+    assert!(failed >= 3, "{failed} of 10");
+
+    // The profile's timeout: 504 at 400 ms.
+    let start = std::time::Instant::now();
+    let (status, _) = client.get("webapp", "/hang", &[]).await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(start.elapsed() >= Duration::from_millis(400) && start.elapsed() < Duration::from_secs(5));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -6,6 +6,7 @@
 //! | [`model`] | the policy types in Istio's shape (VirtualService `http`, DestinationRule `subsets` / `loadBalancer`, SMI TrafficSplit), deserializable with the `serde` feature |
 //! | [`table`] | [`RouteTable`]: virtual hosts and routes compiled once, first match wins, weighted and sticky destination choice, rewrites, header operations, redirects, direct responses |
 //! | [`layer`] | [`RoutingLayer`] (decides, records [`RouteDecision`](mesh_core::RouteDecision)) and [`DispatchLayer`] (per-destination services, made lazily, cached, retired) |
+//! | [`profile`] | Linkerd ServiceProfiles: request conditions, response classes, retryable routes, timeouts and retry budgets, as routes of a virtual host |
 //! | [`balance`] | load balancers over an endpoint set that changes while requests flow, skipping endpoints a [`HealthView`](balance::HealthView) marks unavailable |
 //! | [`random`] | the lock-free, seedable random source they draw from |
 //!
@@ -43,6 +44,7 @@ pub mod balance;
 mod index;
 pub mod layer;
 pub mod model;
+pub mod profile;
 /// The lock-free, seedable random source (it lives in mesh-core, shared with retries and faults).
 pub use mesh_core::random;
 pub mod table;

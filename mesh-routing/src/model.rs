@@ -120,6 +120,15 @@ model! {
         /// Delegation to another VirtualService (not supported).
         #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
         pub delegate: Option<NotEnforced>,
+        /// A condition beyond the match blocks, AND-ed with them: a Linkerd ServiceProfile
+        /// route's `condition` (`all`, `any`, `not`), which Istio's blocks cannot say. Set in
+        /// code ([`ServiceProfileSpec::routes`]), never read from YAML.
+        #[cfg_attr(feature = "serde", serde(skip))]
+        pub condition: Option<crate::profile::RequestCondition>,
+        /// A compiled retry policy that replaces `retries` (a ServiceProfile route's, say).
+        /// Set in code, never read from YAML.
+        #[cfg_attr(feature = "serde", serde(skip))]
+        pub retry_policy: Option<std::sync::Arc<mesh_resilience::retry::RetryPolicy>>,
     }
 }
 
@@ -422,6 +431,108 @@ impl TrafficSplitSpec {
                 .collect(),
             ..HttpRoute::default()
         }
+    }
+}
+
+// === Linkerd ServiceProfile ===
+
+model! {
+    /// A Linkerd ServiceProfile's `spec` (`linkerd.io/v1alpha2`): named routes of one service,
+    /// how their responses are classified, which are retryable, their timeouts, and the
+    /// service's retry budget. The profile's `metadata.name` is the service's FQDN.
+    pub struct ServiceProfileSpec {
+        /// Routes, in order: the first whose condition holds wins.
+        pub routes: Vec<ProfileRoute>,
+        /// The service's retry budget; Linkerd's default (ratio 0.2, 10 a second, ttl 10 s)
+        /// when absent.
+        pub retry_budget: Option<LinkerdRetryBudget>,
+        /// Traffic shifting by authority (not enforced: use a TrafficSplit).
+        #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+        pub dst_overrides: Option<NotEnforced>,
+        /// Opaque ports (not enforced: the proxy speaks HTTP only).
+        #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+        pub opaque_ports: Option<NotEnforced>,
+    }
+}
+
+model! {
+    /// One route of a ServiceProfile.
+    pub struct ProfileRoute {
+        /// The route's name (in logs and decisions).
+        pub name: String,
+        /// Which requests are on this route.
+        pub condition: Option<ProfileRequestMatch>,
+        /// How responses are classified; the first class whose condition holds decides, and
+        /// an unclassified response is a failure when its status is 5xx.
+        pub response_classes: Vec<ProfileResponseClass>,
+        /// Whether failed requests on this route may be retried (any method).
+        pub is_retryable: bool,
+        /// The time allowed for the request, retries included; Linkerd's default is 10 s.
+        pub timeout: Option<Duration>,
+    }
+}
+
+model! {
+    /// A request condition: `all`, `any`, `not`, `pathRegex` (matched against the whole
+    /// path) and `method`; several fields set are AND-ed.
+    pub struct ProfileRequestMatch {
+        /// Every one of these holds.
+        pub all: Option<Vec<ProfileRequestMatch>>,
+        /// At least one of these holds.
+        pub any: Option<Vec<ProfileRequestMatch>>,
+        /// This does not hold.
+        pub not: Option<Box<ProfileRequestMatch>>,
+        /// The path matches this regex, anchored at both ends.
+        pub path_regex: Option<String>,
+        /// The method is this one.
+        pub method: Option<String>,
+    }
+}
+
+model! {
+    /// A response class: responses its condition holds for are failures or not.
+    pub struct ProfileResponseClass {
+        /// Which responses are in the class.
+        pub condition: Option<ProfileResponseMatch>,
+        /// Whether they are failures.
+        pub is_failure: bool,
+    }
+}
+
+model! {
+    /// A response condition over the status: `all`, `any`, `not`, `status {min, max}`.
+    pub struct ProfileResponseMatch {
+        /// Every one of these holds.
+        pub all: Option<Vec<ProfileResponseMatch>>,
+        /// At least one of these holds.
+        pub any: Option<Vec<ProfileResponseMatch>>,
+        /// This does not hold.
+        pub not: Option<Box<ProfileResponseMatch>>,
+        /// The status is in this range.
+        pub status: Option<StatusRange>,
+    }
+}
+
+model! {
+    /// An inclusive range of statuses; an unset bound is open (100 and 599).
+    pub struct StatusRange {
+        /// The lowest status in the range.
+        pub min: Option<u32>,
+        /// The highest status in the range.
+        pub max: Option<u32>,
+    }
+}
+
+model! {
+    /// Linkerd's retry budget: retries may add `retryRatio` of the requests of the last `ttl`,
+    /// plus `minRetriesPerSecond` (SEMANTICS.md 3.3).
+    pub struct LinkerdRetryBudget {
+        /// Retries allowed per request, as a ratio.
+        pub retry_ratio: f64,
+        /// Retries allowed per second whatever the traffic.
+        pub min_retries_per_second: u32,
+        /// The window requests are counted over.
+        pub ttl: Option<Duration>,
     }
 }
 

@@ -45,6 +45,7 @@ use mesh_resilience::retry::RetryPolicy;
 use crate::action::{self, DirectResponse, HeaderRules, Redirect, Rewrite};
 use crate::index::Index;
 use crate::model::{Destination, HttpRoute};
+use crate::profile::RequestCondition;
 use crate::random::Random;
 
 // === errors ===
@@ -256,6 +257,8 @@ struct Block {
     port: Option<u16>,
     /// `<route>.<match>` when the block is named, else the route's name.
     name: Arc<str>,
+    /// The route's condition beyond its blocks (a ServiceProfile's), AND-ed with each.
+    condition: Option<RequestCondition>,
 }
 
 /// What a route does with a matching request.
@@ -555,7 +558,7 @@ impl Route {
             return Err(InvalidRoute::new(path, "`mirror` and `mirrors` are mutually exclusive"));
         }
         let mut blocks = Vec::with_capacity(route.matches.len().max(1));
-        let mut catch_all = route.matches.is_empty();
+        let mut catch_all = route.matches.is_empty() && route.condition.is_none();
         for (j, m) in route.matches.iter().enumerate() {
             let field = format!("{path}.match[{j}]");
             let matcher = HttpMatch::new(m).map_err(|e| InvalidRoute::new(&field, &e.to_string()))?;
@@ -569,12 +572,12 @@ impl Route {
                 ),
                 _ => None,
             };
-            catch_all |= matcher.is_catch_all() && port.is_none();
+            catch_all |= matcher.is_catch_all() && port.is_none() && route.condition.is_none();
             let name = match &m.name {
                 Some(n) if !n.is_empty() => format!("{name}.{n}").into(),
                 _ => name.clone(),
             };
-            blocks.push(Block { config: m.clone(), matcher, port, name });
+            blocks.push(Block { config: m.clone(), matcher, port, name, condition: route.condition.clone() });
         }
         if route.matches.is_empty() {
             blocks.push(Block {
@@ -582,6 +585,7 @@ impl Route {
                 matcher: HttpMatch::any(),
                 port: None,
                 name: name.clone(),
+                condition: route.condition.clone(),
             });
         }
         let action = if let Some(r) = &route.redirect {
@@ -617,12 +621,14 @@ impl Route {
             let pct = m.percentage.map_or(100.0, |p| p.value());
             mirrors.push(Mirror::new(&m.destination, pct, &format!("{path}.mirrors[{k}].destination"))?);
         }
-        let retry = match &route.retries {
-            Some(r) => RetryPolicy::from_istio(r)
-                .map_err(|e| InvalidRoute::new(&format!("{path}.retries.{}", e.field()), &e.to_string()))?,
-            None => RetryPolicy::istio_default(),
+        let retry = match (&route.retry_policy, &route.retries) {
+            (Some(policy), _) => policy.clone(),
+            (None, Some(r)) => Arc::new(
+                RetryPolicy::from_istio(r)
+                    .map_err(|e| InvalidRoute::new(&format!("{path}.retries.{}", e.field()), &e.to_string()))?,
+            ),
+            (None, None) => Arc::new(RetryPolicy::istio_default()),
         };
-        let retry = Arc::new(retry);
         if blocks.is_empty() {
             return Ok(None);
         }
@@ -729,7 +735,12 @@ impl Route {
 impl Block {
     /// Whether the block holds for a request.
     fn holds(&self, view: &RequestView<'_>) -> bool {
-        self.port.is_none_or(|p| request_port(view) == p) && self.matcher.matches_view(view)
+        self.port.is_none_or(|p| request_port(view) == p)
+            && self.matcher.matches_view(view)
+            && self.condition.as_ref().is_none_or(|c| {
+                let (method, uri, _) = view.parts();
+                c.matches(method, uri.path())
+            })
     }
 }
 

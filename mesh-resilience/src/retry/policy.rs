@@ -16,13 +16,19 @@ pub struct InvalidRetry {
 }
 
 impl InvalidRetry {
-    pub(crate) fn new(field: &'static str, reason: impl Into<String>) -> Self {
+    /// An error about `field`.
+    pub fn new(field: &'static str, reason: impl Into<String>) -> Self {
         Self { field, reason: reason.into() }
     }
 
     /// The field, like `retryOn`.
     pub fn field(&self) -> &str {
         self.field
+    }
+
+    /// Why it is invalid.
+    pub fn reason(&self) -> &str {
+        &self.reason
     }
 }
 
@@ -81,6 +87,8 @@ const TOKENS: [(&str, u32); 16] = [
 pub struct RetryOn {
     bits: u32,
     codes: Vec<u16>,
+    /// Statuses 100–739 classified as failures (Linkerd's `responseClasses`), one bit each.
+    failures: Option<Box<[u64; 10]>>,
 }
 
 impl std::str::FromStr for RetryOn {
@@ -114,7 +122,40 @@ impl std::str::FromStr for RetryOn {
 impl RetryOn {
     /// Whether nothing is retried.
     pub fn is_empty(&self) -> bool {
-        self.bits == 0
+        self.bits == 0 && self.failures.is_none()
+    }
+
+    /// Also retries every response whose status `is_failure` says is a failure, and a
+    /// trailers-only gRPC response whose `grpc-status` is not OK: how Linkerd retries a
+    /// ServiceProfile route marked `isRetryable`, with its `responseClasses`.
+    ///
+    /// ```
+    /// use http::{HeaderMap, StatusCode};
+    /// use mesh_resilience::retry::RetryOn;
+    ///
+    /// let on = RetryOn::default().with_failure_statuses(|s| s.is_server_error() || s == StatusCode::TOO_MANY_REQUESTS);
+    /// assert!(on.on_response(StatusCode::TOO_MANY_REQUESTS, &HeaderMap::new()));
+    /// assert!(!on.on_response(StatusCode::NOT_FOUND, &HeaderMap::new()));
+    /// ```
+    pub fn with_failure_statuses(mut self, is_failure: impl Fn(StatusCode) -> bool) -> Self {
+        let mut bits = [0u64; 10];
+        for code in 100..740u16 {
+            if StatusCode::from_u16(code).is_ok_and(&is_failure) {
+                let i = usize::from(code - 100);
+                bits[i / 64] |= 1 << (i % 64);
+            }
+        }
+        self.failures = Some(Box::new(bits));
+        self
+    }
+
+    fn classified_failure(&self, status: StatusCode, headers: &HeaderMap) -> bool {
+        let Some(bits) = &self.failures else { return false };
+        let i = usize::from(status.as_u16().saturating_sub(100));
+        if status.as_u16() >= 100 && i < 640 && bits[i / 64] & (1 << (i % 64)) != 0 {
+            return true;
+        }
+        headers.get("grpc-status").and_then(GrpcCode::from_header).is_some_and(|g| g != GrpcCode::OK)
     }
 
     fn has(&self, bit: u32) -> bool {
@@ -128,6 +169,9 @@ impl RetryOn {
             return self.has(ENVOY_RATELIMITED);
         }
         let code = status.as_u16();
+        if self.classified_failure(status, headers) {
+            return true;
+        }
         if self.has(FIVE_XX) && status.is_server_error()
             || self.has(GATEWAY_ERROR) && matches!(code, 502..=504)
             || self.has(RETRIABLE_4XX) && code == 409
