@@ -160,7 +160,7 @@ retryBudget: {retryRatio: 0.2, minRetriesPerSecond: 1, ttl: 10s}
         assert!(RouteDecision::of(req.extensions()).is_some());
         async move {
             let mut res = Response::new(Full::new(Bytes::new()));
-            if n % 2 == 0 {
+            if n.is_multiple_of(2) {
                 *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
             }
             Ok::<_, Infallible>(res)
