@@ -72,6 +72,13 @@ fn success_path(c: &mut Criterion) {
         b.iter(|| rt.block_on(black_box(mesh.clone()).oneshot(request())).map(|r| black_box(r.status())))
     });
 
+    let mesh_same_host = RetryLayer::new(RetryPolicy::new(2, "5xx".parse().expect("valid")).allowing_previous_hosts())
+        .with_budget(Arc::new(TokenBudget::linkerd_default()))
+        .layer(tower::service_fn(ok));
+    g.bench_function("mesh Retry, no previous-hosts record", |b| {
+        b.iter(|| rt.block_on(black_box(mesh_same_host.clone()).oneshot(request())).map(|r| black_box(r.status())))
+    });
+
     let tower_retry = tower::retry::Retry::new(
         TowerPolicy(Arc::new(TpsBudget::new(Duration::from_secs(10), 10, 0.2))),
         tower::service_fn(ok::<Full<Bytes>>),

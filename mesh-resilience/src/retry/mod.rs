@@ -245,20 +245,26 @@ fn should_retry<RB, E: RetryableError>(
     head: &http::request::Parts,
     result: &Result<Response<RB>, E>,
 ) -> bool {
-    if head.method == Method::CONNECT || head.headers.contains_key(http::header::UPGRADE) {
+    // The answer first: most are not retried, and then the request's headers need no look.
+    let (retried, before_send) = match result {
+        Ok(res) => (policy.retry_on().on_response(res.status(), res.headers()), false),
+        Err(e) => match e.failure() {
+            Some(f) => {
+                let before_send = matches!(f, Failure::ConnectFailure | Failure::RefusedStream);
+                (policy.retry_on().on_failure(f, !before_send), before_send)
+            }
+            None => (false, false),
+        },
+    };
+    if !retried || head.method == Method::CONNECT || head.headers.contains_key(http::header::UPGRADE) {
         return false;
     }
-    let grpc =
-        head.headers.get(http::header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-    let allowed = idempotent(&head.method) || grpc || policy.retries_non_idempotent();
-    match result {
-        // A response to a non-idempotent request: it was processed.
-        Ok(res) => allowed && policy.retry_on().on_response(res.status(), res.headers()),
-        Err(e) => e.failure().is_some_and(|f| {
-            let before_send = matches!(f, Failure::ConnectFailure | Failure::RefusedStream);
-            policy.retry_on().on_failure(f, !before_send) && (before_send || allowed)
-        }),
-    }
+    // A non-idempotent request that reached the upstream was processed.
+    before_send || idempotent(&head.method) || policy.retries_non_idempotent() || is_grpc(head)
+}
+
+fn is_grpc(head: &http::request::Parts) -> bool {
+    head.headers.get(http::header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
 /// What a retry needs once the first try has answered.
@@ -303,11 +309,6 @@ where
             let fut = first.call(Request::from_parts(parts, body));
             return ResponseFuture { state: State::First { fut: FirstTry::Plain { fut }, retrying: None } };
         }
-        // Every try records its endpoint here, and retries avoid them (previous hosts).
-        let tried = policy.avoids_previous_hosts().then(TriedEndpoints::default);
-        if let Some(tried) = &tried {
-            parts.extensions.insert(tried.clone());
-        }
         let head = match self.extensions {
             Carry::All => parts.clone(),
             Carry::None | Carry::Some(_) => {
@@ -322,6 +323,12 @@ where
                 head.into_parts().0
             }
         };
+        // Every try records its endpoint here, and retries avoid them (previous hosts). The
+        // retries get it from `tried`: the head copied above has no need of it.
+        let tried = policy.avoids_previous_hosts().then(TriedEndpoints::default);
+        if let Some(tried) = &tried {
+            parts.extensions.insert(tried.clone());
+        }
         let (body, replay) = ReplayBody::new(body, policy.max_replay_bytes());
         let fut = first.call(Request::from_parts(parts, body));
         let fut = match (policy.per_try_timeout(), S::Error::timeout().is_some()) {
@@ -338,7 +345,7 @@ where
             budget: self.budget.clone(),
             random: self.random.clone(),
         };
-        ResponseFuture { state: State::First { fut, retrying: Some(Box::new(retrying)) } }
+        ResponseFuture { state: State::First { fut, retrying: Some(retrying) } }
     }
 }
 
@@ -362,7 +369,7 @@ pin_project_lite::pin_project! {
     where
         S: Service<Request<ReplayBody<B>>>,
     {
-        First { #[pin] fut: FirstTry<S::Future>, retrying: Option<Box<Retrying<S, B>>> },
+        First { #[pin] fut: FirstTry<S::Future>, retrying: Option<Retrying<S, B>> },
         Looping { fut: Looping<S::Response, S::Error> },
     }
 }
@@ -410,7 +417,7 @@ where
                     if !should_retry(&r.policy, &r.head, &result) {
                         return Poll::Ready(finish(result, 1, ResponseFlags::empty()));
                     }
-                    this.state.set(State::Looping { fut: Box::pin(retry_loop(*r, result)) });
+                    this.state.set(State::Looping { fut: Box::pin(retry_loop(r, result)) });
                 }
                 StateProj::Looping { fut } => return fut.as_mut().poll(cx),
             }

@@ -50,6 +50,8 @@ const DEADLINE_EXCEEDED: u32 = 1 << 12;
 const INTERNAL: u32 = 1 << 13;
 const RESOURCE_EXHAUSTED: u32 = 1 << 14;
 const UNAVAILABLE: u32 = 1 << 15;
+/// Any of the gRPC conditions.
+const GRPC: u32 = CANCELLED | DEADLINE_EXCEEDED | INTERNAL | RESOURCE_EXHAUSTED | UNAVAILABLE;
 
 const TOKENS: [(&str, u32); 16] = [
     ("5xx", FIVE_XX),
@@ -165,20 +167,22 @@ impl RetryOn {
     /// Whether a response is retried (`wouldRetryFromHeaders`, in Envoy's order). A
     /// `grpc-status` counts only in the response head (trailers-only responses).
     pub fn on_response(&self, status: StatusCode, headers: &HeaderMap) -> bool {
-        if headers.contains_key("x-envoy-ratelimited") {
-            return self.has(ENVOY_RATELIMITED);
-        }
-        let code = status.as_u16();
-        if self.classified_failure(status, headers) {
+        // A rate-limited response is retried on `envoy-ratelimited` alone, whatever else.
+        if self.has(ENVOY_RATELIMITED) && headers.contains_key("x-envoy-ratelimited") {
             return true;
         }
-        if self.has(FIVE_XX) && status.is_server_error()
+        let code = status.as_u16();
+        let by_status = self.has(FIVE_XX) && status.is_server_error()
             || self.has(GATEWAY_ERROR) && matches!(code, 502..=504)
             || self.has(RETRIABLE_4XX) && code == 409
             || self.has(RETRIABLE_STATUS_CODES) && self.codes.contains(&code)
-        {
-            return true;
-        }
+            || self.classified_failure(status, headers);
+        let retried = by_status || self.has(GRPC) && self.on_grpc(headers);
+        // Only a retried answer needs the look for the rate-limit header (most are not).
+        retried && !headers.contains_key("x-envoy-ratelimited")
+    }
+
+    fn on_grpc(&self, headers: &HeaderMap) -> bool {
         let Some(grpc) = headers.get("grpc-status").and_then(GrpcCode::from_header) else { return false };
         grpc == GrpcCode::CANCELLED && self.has(CANCELLED)
             || grpc == GrpcCode::DEADLINE_EXCEEDED && self.has(DEADLINE_EXCEEDED)
