@@ -118,7 +118,22 @@ fn route_dump(routes: &Routes) -> serde_json::Value {
                         Action::Direct(_) => json!("directResponse"),
                         _ => json!("other"),
                     };
-                    json!({ "name": &**r.name(), "action": action, "timeout": r.timeout().map(|t| format!("{t:?}")) })
+                    let retry = r.retry_policy();
+                    let retries = match retry.retries() {
+                        u32::MAX => json!("until the budget refuses"),
+                        n => json!(n),
+                    };
+                    json!({
+                        "name": &**r.name(),
+                        "condition": r.condition().map(ToString::to_string),
+                        "action": action,
+                        "timeout": r.timeout().map(|t| format!("{t:?}")),
+                        "retries": {
+                            "retries": retries,
+                            "retryOn": retry.retry_on().to_string(),
+                            "perTryTimeout": retry.per_try_timeout().map(|t| format!("{t:?}")),
+                        },
+                    })
                 })
                 .collect();
             json!({ "name": name, "domains": domains, "routes": routes })
@@ -151,7 +166,12 @@ fn cluster_dump(routes: &Routes) -> serde_json::Value {
                     })
                 })
                 .collect();
-            json!({ "name": c.key.to_string(), "policy": format!("{:?}", c.balancer.policy()), "endpoints": endpoints })
+            json!({
+                "name": c.key.to_string(),
+                "policy": format!("{:?}", c.balancer.policy()),
+                "retryBudget": c.retry_budget.as_ref().map(|b| format!("{b:?}")),
+                "endpoints": endpoints,
+            })
         })
         .collect();
     json!({ "clusters": clusters })

@@ -756,6 +756,10 @@ spec:
     let proxy = Proxy::start(&dir);
     let routes = admin(proxy.admin, "/routes").await;
     assert!(routes.contains("POST /api"), "{routes}");
+    assert!(routes.contains("all(method POST, path ~ ^/api$)"), "{routes}");
+    assert!(routes.contains("until the budget refuses"), "{routes}");
+    let clusters = admin(proxy.admin, "/clusters").await;
+    assert!(clusters.contains("TokenBudget"), "the profile's budget: {clusters}");
 
     // Every other answer is 503; POSTs on the retryable route all succeed, by retrying.
     let stream = TcpStream::connect(proxy.addr).await.unwrap();

@@ -666,6 +666,11 @@ impl Route {
         self.timeout
     }
 
+    /// The route's condition beyond its match blocks (a ServiceProfile route's), if any.
+    pub fn condition(&self) -> Option<&RequestCondition> {
+        self.blocks.first().and_then(|b| b.condition.as_ref())
+    }
+
     /// The route's retry policy: its `retries`, or Istio's default.
     pub fn retry_policy(&self) -> &Arc<RetryPolicy> {
         &self.retry

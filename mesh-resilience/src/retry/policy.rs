@@ -121,6 +121,23 @@ impl std::str::FromStr for RetryOn {
     }
 }
 
+impl std::fmt::Display for RetryOn {
+    /// The conditions as `retryOn` writes them (`-` for none); classified failure statuses
+    /// show as `response-classes`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts: Vec<String> =
+            TOKENS.iter().filter(|(_, bit)| self.has(*bit)).map(|(name, _)| (*name).to_owned()).collect();
+        parts.extend(self.codes.iter().map(u16::to_string));
+        if self.failures.is_some() {
+            parts.push("response-classes".into());
+        }
+        if parts.is_empty() {
+            return f.write_str("-");
+        }
+        f.write_str(&parts.join(","))
+    }
+}
+
 impl RetryOn {
     /// Whether nothing is retried.
     pub fn is_empty(&self) -> bool {
