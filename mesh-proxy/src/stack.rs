@@ -196,7 +196,10 @@ impl MakeDestination for MakeCluster {
             Some(_) => retry.carrying_extensions(carry_client_connection),
             None => retry.without_extensions(),
         };
-        // The DestinationRule's retry budget, shared by every request to the destination.
+        // Retries go to another endpoint than the one that failed, when there is another.
+        let endpoints = cluster.cluster.as_ref().map_or(0, |c| c.balancer.endpoints().len());
+        retry = retry.recording_tried_endpoints(endpoints > 1);
+        // The destination's retry budget, shared by every request to it.
         if let Some(budget) = cluster.cluster.as_ref().and_then(|c| c.retry_budget.clone()) {
             retry = retry.with_budget(budget);
         }

@@ -141,6 +141,7 @@ pub struct RetryLayer {
     budget: Option<Arc<dyn RetryBudget>>,
     random: Arc<Random>,
     extensions: Carry,
+    previous_hosts: bool,
 }
 
 /// Which request extensions a retry carries.
@@ -169,7 +170,17 @@ impl RetryLayer {
             budget: None,
             random: Arc::new(Random::from_entropy()),
             extensions: Carry::All,
+            previous_hosts: true,
         }
+    }
+
+    /// Whether requests carry the [`TriedEndpoints`] record that lets a balancer below send
+    /// a retry elsewhere, when their policy asks for it (the default). Turn it off over a
+    /// service with one endpoint, where the record would cost allocations per request and
+    /// change nothing.
+    pub fn recording_tried_endpoints(mut self, record: bool) -> Self {
+        self.previous_hosts = record;
+        self
     }
 
     /// Retries carry the request's method, target, version and headers but not its
@@ -212,6 +223,7 @@ impl<S> Layer<S> for RetryLayer {
             budget: self.budget.clone(),
             random: self.random.clone(),
             extensions: self.extensions,
+            previous_hosts: self.previous_hosts,
         }
     }
 }
@@ -224,6 +236,7 @@ pub struct Retry<S> {
     budget: Option<Arc<dyn RetryBudget>>,
     random: Arc<Random>,
     extensions: Carry,
+    previous_hosts: bool,
 }
 
 impl<S> fmt::Debug for Retry<S> {
@@ -325,7 +338,7 @@ where
         };
         // Every try records its endpoint here, and retries avoid them (previous hosts). The
         // retries get it from `tried`: the head copied above has no need of it.
-        let tried = policy.avoids_previous_hosts().then(TriedEndpoints::default);
+        let tried = (self.previous_hosts && policy.avoids_previous_hosts()).then(TriedEndpoints::default);
         if let Some(tried) = &tried {
             parts.extensions.insert(tried.clone());
         }
