@@ -92,3 +92,11 @@ impl<H: HealthView + ?Sized> HealthView for Arc<H> {
         (**self).is_available(endpoint)
     }
 }
+
+/// Outlier detection's view: an endpoint it ejected is unavailable (unless the cluster is in
+/// panic mode). Costs two atomic loads while nothing is ejected.
+impl HealthView for mesh_resilience::outlier::OutlierDetector {
+    fn is_available(&self, endpoint: &Endpoint) -> bool {
+        mesh_resilience::outlier::OutlierDetector::is_available(self, endpoint.address())
+    }
+}

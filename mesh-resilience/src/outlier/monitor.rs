@@ -1,0 +1,177 @@
+//! [`MonitorLayer`]: wraps one endpoint's service so that its outcomes reach the
+//! [`OutlierDetector`](super::OutlierDetector): a balancer's per-endpoint stack.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use mesh_core::classify::GrpcCode;
+use tower::{Layer, Service};
+
+use super::HostMonitor;
+use crate::retry::RetryableError;
+
+/// Layer of [`MonitorService`]: records every outcome of the wrapped endpoint's service on
+/// its [`HostMonitor`].
+///
+/// A response counts by its status; a gRPC call's by its `grpc-status` mapped to HTTP, read
+/// from the head when it is there and from the trailers otherwise (then when the body ends:
+/// a body dropped or failed before its trailers counts as 503). An error counts as its
+/// mesh-core classification says ([`HostMonitor::record_failure`]).
+#[derive(Clone, Debug)]
+pub struct MonitorLayer {
+    monitor: HostMonitor,
+}
+
+impl MonitorLayer {
+    /// Records on `monitor`.
+    pub fn new(monitor: HostMonitor) -> Self {
+        Self { monitor }
+    }
+}
+
+impl<S> Layer<S> for MonitorLayer {
+    type Service = MonitorService<S>;
+
+    fn layer(&self, inner: S) -> MonitorService<S> {
+        MonitorService { inner, monitor: self.monitor.clone() }
+    }
+}
+
+/// See [`MonitorLayer`].
+#[derive(Clone, Debug)]
+pub struct MonitorService<S> {
+    inner: S,
+    monitor: HostMonitor,
+}
+
+impl<S, B, RB> Service<Request<B>> for MonitorService<S>
+where
+    S: Service<Request<B>, Response = Response<RB>>,
+    S::Error: RetryableError,
+{
+    type Response = Response<MonitorBody<RB>>;
+    type Error = S::Error;
+    type Future = MonitorFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let grpc = req
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        MonitorFuture { fut: self.inner.call(req), monitor: Some(self.monitor.clone()), grpc }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// Response future of [`MonitorService`].
+    pub struct MonitorFuture<F> {
+        #[pin]
+        fut: F,
+        monitor: Option<HostMonitor>,
+        grpc: bool,
+    }
+}
+
+impl<F, RB, E> Future for MonitorFuture<F>
+where
+    F: Future<Output = Result<Response<RB>, E>>,
+    E: RetryableError,
+{
+    type Output = Result<Response<MonitorBody<RB>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let result = ready!(this.fut.poll(cx));
+        let monitor = this.monitor.take().expect("polled after completion");
+        Poll::Ready(match result {
+            Ok(res) => {
+                let head_status = res.headers().get("grpc-status").and_then(GrpcCode::from_header);
+                let pending = match (*this.grpc, head_status) {
+                    (true, Some(code)) => {
+                        monitor.record_status(code.to_http_status());
+                        None
+                    }
+                    // The status comes in the trailers.
+                    (true, None) if res.status() == StatusCode::OK => Some(monitor),
+                    _ => {
+                        monitor.record_status(res.status());
+                        None
+                    }
+                };
+                Ok(res.map(|inner| MonitorBody { inner, pending }))
+            }
+            Err(e) => {
+                if let Some(failure) = e.failure() {
+                    monitor.record_failure(failure);
+                }
+                Err(e)
+            }
+        })
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body whose gRPC status, in its trailers, is still to be recorded.
+    pub struct MonitorBody<B> {
+        #[pin]
+        inner: B,
+        pending: Option<HostMonitor>,
+    }
+
+    impl<B> PinnedDrop for MonitorBody<B> {
+        fn drop(this: Pin<&mut Self>) {
+            // Ended without trailers: the call failed.
+            if let Some(monitor) = this.project().pending.take() {
+                monitor.record_status(StatusCode::SERVICE_UNAVAILABLE);
+            }
+        }
+    }
+}
+
+impl<B> MonitorBody<B> {
+    /// The wrapped body.
+    pub fn get_ref(&self) -> &B {
+        &self.inner
+    }
+}
+
+/// The HTTP status a gRPC call's trailers map to (a missing status is a failure).
+fn trailers_status(trailers: &HeaderMap) -> StatusCode {
+    trailers
+        .get("grpc-status")
+        .and_then(GrpcCode::from_header)
+        .map_or(StatusCode::SERVICE_UNAVAILABLE, GrpcCode::to_http_status)
+}
+
+impl<B: Body<Data = Bytes>> Body for MonitorBody<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.project();
+        let frame = ready!(this.inner.poll_frame(cx));
+        if let Some(Ok(frame)) = &frame
+            && let Some(trailers) = frame.trailers_ref()
+            && let Some(monitor) = this.pending.take()
+        {
+            monitor.record_status(trailers_status(trailers));
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
