@@ -204,7 +204,7 @@ async fn v23_panic_mode_below_min_health_percent() {
 
 #[tokio::test(start_paused = true)]
 async fn split_local_origin_failures_count_on_their_own() {
-    let (d, m) = detector(
+    let (_, m) = detector(
         2,
         config(|c| {
             c.split_local_origin = true;
