@@ -150,17 +150,20 @@ fn cluster_dump(routes: &Routes) -> serde_json::Value {
     let clusters: Vec<_> = clusters
         .into_iter()
         .map(|c| {
+            let outlier = c.outlier.as_ref().map(|d| d.status()).unwrap_or_default();
             let endpoints: Vec<_> = c
                 .balancer
                 .endpoints()
                 .iter()
                 .map(|e| {
+                    let status = outlier.iter().find(|s| s.address == *e.address());
                     json!({
                         "address": &**e.address(),
                         "labels": e.labels(),
                         "weight": e.weight(),
-                        // Outlier detection will mark endpoints unhealthy; until then all are.
-                        "health": "healthy",
+                        "health": if status.is_some_and(|s| s.ejected) { "ejected" } else { "healthy" },
+                        "timesEjected": status.map(|s| s.times_ejected),
+                        "successRate": status.and_then(|s| s.success_rate),
                         "activeRequests": c.balancer.active_requests(e.address()),
                         "pooled": pooled.contains(e.address()),
                     })
@@ -170,6 +173,10 @@ fn cluster_dump(routes: &Routes) -> serde_json::Value {
                 "name": c.key.to_string(),
                 "policy": format!("{:?}", c.balancer.policy()),
                 "retryBudget": c.retry_budget.as_ref().map(|b| format!("{b:?}")),
+                "outlierDetection": c.outlier.as_ref().map(|d| json!({
+                    "ejected": d.ejected(),
+                    "panic": d.in_panic(d.ejected()),
+                })),
                 "endpoints": endpoints,
             })
         })

@@ -115,8 +115,21 @@ pin_project_lite::pin_project! {
         pub(crate) in_flight: Option<InFlight>,
         // The route timeout's deadline, when the response must be complete by then.
         deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+        // Told how the body ended: with its trailers, or without (ended, failed or dropped).
+        on_end: Option<OnEnd>,
+    }
+
+    impl PinnedDrop for ProxyBody {
+        fn drop(this: Pin<&mut Self>) {
+            if let Some(on_end) = this.project().on_end.take() {
+                on_end(None);
+            }
+        }
     }
 }
+
+/// What [`ProxyBody::on_end`] calls.
+pub(crate) type OnEnd = Box<dyn FnOnce(Option<&http::HeaderMap>) + Send + Sync>;
 
 pin_project_lite::pin_project! {
     #[project = InnerProj]
@@ -141,11 +154,11 @@ impl ProxyBody {
                 c.release();
             }
         }
-        ProxyBody { inner: Inner::Upstream { body, checkout }, in_flight: None, deadline: None }
+        ProxyBody { inner: Inner::Upstream { body, checkout }, in_flight: None, deadline: None, on_end: None }
     }
 
     pub(crate) fn h2(body: H2Recv) -> Self {
-        ProxyBody { inner: Inner::H2 { body }, in_flight: None, deadline: None }
+        ProxyBody { inner: Inner::H2 { body }, in_flight: None, deadline: None, on_end: None }
     }
 
     /// A local reply's text, if this is one.
@@ -157,11 +170,11 @@ impl ProxyBody {
     }
 
     pub(crate) fn local(data: Bytes) -> Self {
-        ProxyBody { inner: Inner::Local { data: Some(data) }, in_flight: None, deadline: None }
+        ProxyBody { inner: Inner::Local { data: Some(data) }, in_flight: None, deadline: None, on_end: None }
     }
 
     pub(crate) fn empty() -> Self {
-        ProxyBody { inner: Inner::Local { data: None }, in_flight: None, deadline: None }
+        ProxyBody { inner: Inner::Local { data: None }, in_flight: None, deadline: None, on_end: None }
     }
 }
 
@@ -173,13 +186,64 @@ impl ProxyBody {
             self.deadline = Some(Box::pin(tokio::time::sleep_until(deadline)));
         }
     }
+
+    /// Calls `f` once the body has ended, with its trailers if it ended with some (`None`
+    /// when it ended without, failed, or was dropped unfinished). Several calls chain.
+    pub(crate) fn on_end(&mut self, f: OnEnd) {
+        if self.is_end_stream() {
+            return f(None);
+        }
+        self.on_end = Some(match self.on_end.take() {
+            None => f,
+            Some(before) => Box::new(move |trailers| {
+                before(trailers);
+                f(trailers);
+            }),
+        });
+    }
 }
 
 impl Body for ProxyBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let frame = ready!(self.as_mut().poll_inner(cx));
+        if self.on_end.is_some() {
+            let ended = self.is_end_stream();
+            let this = self.as_mut().project();
+            match &frame {
+                Some(Ok(f)) if f.is_trailers() => {
+                    if let Some(on_end) = this.on_end.take() {
+                        on_end(f.trailers_ref());
+                    }
+                }
+                Some(Ok(_)) if !ended => {}
+                _ => {
+                    if let Some(on_end) = this.on_end.take() {
+                        on_end(None);
+                    }
+                }
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.is_inner_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Inner::Upstream { body, .. } => body.size_hint(),
+            Inner::H2 { .. } => SizeHint::default(),
+            Inner::Local { data } => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
+        }
+    }
+}
+
+impl ProxyBody {
+    fn poll_inner(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
         if let Some(deadline) = this.deadline
             && deadline.as_mut().poll(cx).is_ready()
@@ -207,19 +271,11 @@ impl Body for ProxyBody {
         }
     }
 
-    fn is_end_stream(&self) -> bool {
+    fn is_inner_end_stream(&self) -> bool {
         match &self.inner {
             Inner::Upstream { body, .. } => body.is_end_stream(),
             Inner::H2 { body } => body.is_end_stream(),
             Inner::Local { data } => data.is_none(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match &self.inner {
-            Inner::Upstream { body, .. } => body.size_hint(),
-            Inner::H2 { .. } => SizeHint::default(),
-            Inner::Local { data } => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
         }
     }
 }

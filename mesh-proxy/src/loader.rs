@@ -9,7 +9,7 @@
 //! | kind | group | what the proxy does with it |
 //! |---|---|---|
 //! | `VirtualService` | networking.istio.io | routes (`http`) |
-//! | `DestinationRule` | networking.istio.io | subsets, load balancer |
+//! | `DestinationRule` | networking.istio.io | subsets, load balancer, retry budget, outlier detection |
 //! | `ServiceEntry` | networking.istio.io | services and their endpoints (static addresses with labels, or DNS names) |
 //! | `TrafficSplit` | split.smi-spec.io | a weighted split of a service among backends |
 //! | `ServiceProfile` | linkerd.io | routes of a service (conditions, response classes, `isRetryable`, timeouts) and its retry budget |
@@ -462,6 +462,7 @@ pub fn load_text(file: &Path, text: &str, loaded: &mut Loaded) {
                     if r.spec.host.is_empty() {
                         ctx.error_at("spec.host", "a DestinationRule needs a `host`");
                     }
+                    ctx.check_destination_rule(&r);
                     ctx.loaded.resources.destination_rules.push(r);
                 }
             }
@@ -741,7 +742,6 @@ impl Ctx<'_> {
             ("fault:", "fault injection (mesh-resilience)"),
             ("corsPolicy:", "CORS"),
             ("connectionPool:", "connection-pool limits (mesh-resilience)"),
-            ("outlierDetection:", "outlier detection (mesh-resilience)"),
             ("tls:", "TLS settings (mesh-tls)"),
             ("portLevelSettings:", "port-level settings"),
             ("localityLbSetting:", "locality load balancing"),
@@ -813,6 +813,28 @@ impl Ctx<'_> {
         if let Err(e) = mesh_routing::RouteTable::new(&[host], &mesh_routing::RouteContext::default()) {
             let field = format!("spec.{}", e.field());
             self.error_at(&field, e.reason());
+        }
+    }
+
+    fn check_destination_rule(&mut self, r: &Resource<DestinationRuleSpec>) {
+        let policies = std::iter::once(("spec.trafficPolicy".to_owned(), r.spec.traffic_policy.as_ref())).chain(
+            r.spec
+                .subsets
+                .iter()
+                .enumerate()
+                .map(|(i, s)| (format!("spec.subsets[{i}].trafficPolicy"), s.traffic_policy.as_ref())),
+        );
+        for (path, policy) in policies {
+            let Some(outlier) = policy.and_then(|p| p.outlier_detection.as_ref()) else { continue };
+            if outlier.consecutive_errors.is_some() {
+                self.warn_at(
+                    &format!("{path}.outlierDetection.consecutiveErrors"),
+                    "deprecated: Istio ignores it (before 1.7 it meant consecutiveGatewayErrors); use consecutive5xxErrors or consecutiveGatewayErrors",
+                );
+            }
+            if let Err(e) = outlier.to_config() {
+                self.error_at(&format!("{path}.outlierDetection.{}", e.field()), e.reason());
+            }
         }
     }
 

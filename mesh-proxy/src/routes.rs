@@ -72,7 +72,19 @@ impl Routes {
     }
 
     /// Swaps in `snapshot` and drops the pools of endpoints it no longer has.
-    pub(crate) fn store(&self, snapshot: Snapshot) {
+    pub(crate) fn store(&self, mut snapshot: Snapshot) {
+        // Outlier detection keeps its state (ejections, back-offs) across a reload that does
+        // not change its configuration; endpoints that stay keep theirs.
+        let previous = self.snapshot.load_full();
+        for (key, cluster) in snapshot.clusters.iter_mut() {
+            let (Some(cluster), Some(before)) = (Arc::get_mut(cluster), previous.clusters.get(key)) else { continue };
+            if let (Some(new), Some(old)) = (&cluster.outlier, &before.outlier)
+                && new.config() == old.config()
+            {
+                old.set_hosts(cluster.balancer.endpoints().iter().map(|e| e.address().clone()));
+                cluster.outlier = Some(old.clone());
+            }
+        }
         let keep: HashSet<Arc<str>> = snapshot
             .clusters
             .values()

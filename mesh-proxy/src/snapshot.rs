@@ -50,6 +50,8 @@ pub struct Cluster {
     pub balancer: Balancer,
     /// The consistent-hash key, when the policy hashes.
     pub hash_key: Option<HashKey>,
+    /// Outlier detection over the endpoints, when the DestinationRule asks for it.
+    pub outlier: Option<mesh_resilience::outlier::OutlierDetector>,
     /// The retry budget shared by every request to this destination: the DestinationRule's
     /// `retryBudget`, else the ServiceProfile's of the service it belongs to.
     pub retry_budget: Option<Arc<dyn mesh_resilience::retry::RetryBudget>>,
@@ -282,7 +284,26 @@ pub fn compile(resources: Resources) -> Result<Snapshot, CompileError> {
             })
             .transpose()?
             .or_else(|| profile_budgets.get(&*key.host).cloned());
-        clusters.insert((*key).clone(), Arc::new(Cluster { key: (*key).clone(), balancer, hash_key, retry_budget }));
+        let outlier = subset
+            .and_then(|s| s.traffic_policy.as_ref())
+            .and_then(|p| p.outlier_detection.as_ref())
+            .or_else(|| rule.and_then(|r| r.spec.traffic_policy.as_ref()).and_then(|p| p.outlier_detection.as_ref()))
+            .map(|spec| {
+                let detector =
+                    spec.to_config().and_then(mesh_resilience::outlier::OutlierDetector::new).map_err(|e| {
+                        CompileError {
+                            resource: format!("DestinationRule for {}", key.host),
+                            message: format!("trafficPolicy.outlierDetection.{e}"),
+                        }
+                    })?;
+                detector.set_hosts(balancer.endpoints().iter().map(|e| e.address().clone()));
+                Ok(detector)
+            })
+            .transpose()?;
+        clusters.insert(
+            (*key).clone(),
+            Arc::new(Cluster { key: (*key).clone(), balancer, hash_key, outlier, retry_budget }),
+        );
     }
     Ok(Snapshot { table: Arc::new(table), clusters, resources, notes })
 }

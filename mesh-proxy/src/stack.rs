@@ -32,9 +32,12 @@ use http::header::SET_COOKIE;
 use http::{Request, Response};
 use http_body::Body;
 use mesh_core::classify::TimeoutError;
+use mesh_core::classify::{GrpcCode, Outcome};
 use mesh_core::{ClientConnection, TriedEndpoints};
+use mesh_resilience::outlier::HostMonitor;
 use mesh_resilience::retry::{ReplayBody, Retry, RetryLayer, RetryPolicy};
 use mesh_routing::balance::HashKey;
+use mesh_routing::balance::HealthView;
 use mesh_routing::{DestinationKey, Dispatch, MakeDestination, RouteTimeout, Routing, RoutingBody, RoutingLayer};
 use tower::{Layer, Service, ServiceExt};
 
@@ -207,6 +210,38 @@ impl MakeDestination for MakeCluster {
     }
 }
 
+fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers.get(http::header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// Tells outlier detection how a try went: by the response's status, or for a gRPC call by
+/// its `grpc-status` (from the head, or else from the trailers once the body ends), or by the
+/// failure.
+fn record(monitor: HostMonitor, grpc: bool, result: &mut Result<Response<ProxyBody>, BoxError>) {
+    let res = match result {
+        Ok(res) => res,
+        Err(e) => {
+            if let Some(failure) = Outcome::from_error(&**e).failure() {
+                monitor.record_failure(failure);
+            }
+            return;
+        }
+    };
+    let head = res.headers().get("grpc-status").and_then(GrpcCode::from_header);
+    match (grpc, head) {
+        (true, Some(code)) => monitor.record_status(code.to_http_status()),
+        (true, None) if res.status() == http::StatusCode::OK => res.body_mut().on_end(Box::new(move |trailers| {
+            // A call that ended without its status failed.
+            let status = trailers
+                .and_then(|t| t.get("grpc-status"))
+                .and_then(GrpcCode::from_header)
+                .map_or(http::StatusCode::SERVICE_UNAVAILABLE, GrpcCode::to_http_status);
+            monitor.record_status(status);
+        })),
+        _ => monitor.record_status(res.status()),
+    }
+}
+
 fn carry_client_connection(from: &http::Extensions, to: &mut http::Extensions) {
     if let Some(connection) = ClientConnection::of(from) {
         to.insert(connection.clone());
@@ -220,7 +255,10 @@ impl MakeCluster {
             c.balancer
                 .endpoints()
                 .iter()
-                .filter_map(|e| Some((e.address().clone(), self.routes.pool(e.address()).ok()?)))
+                .filter_map(|e| {
+                    let monitor = c.outlier.as_ref().and_then(|d| d.monitor(e.address()));
+                    Some((e.address().clone(), self.routes.pool(e.address()).ok()?, monitor))
+                })
                 .collect()
         });
         ClusterService(Arc::new(ClusterState {
@@ -242,11 +280,15 @@ pub(crate) struct ClusterService(Arc<ClusterState>);
 pub(crate) struct ClusterState {
     key: DestinationKey,
     cluster: Option<Arc<Cluster>>,
-    /// The pool of each endpoint, by address (few: scanned by pointer, then by value).
-    pools: Box<[(Arc<str>, Arc<Upstream>)]>,
+    /// The pool of each endpoint, and its outlier monitor, by address (few: scanned by
+    /// pointer, then by value).
+    pools: Box<[EndpointEntry]>,
     routes: Arc<Routes>,
     settings: Arc<EndpointSettings>,
 }
+
+/// An endpoint's address, pool and outlier monitor.
+type EndpointEntry = (Arc<str>, Arc<Upstream>, Option<HostMonitor>);
 
 impl std::ops::Deref for ClusterService {
     type Target = ClusterState;
@@ -257,15 +299,15 @@ impl std::ops::Deref for ClusterService {
 }
 
 impl ClusterService {
-    fn pool(&self, address: &Arc<str>) -> Result<Arc<Upstream>, BoxError> {
+    fn pool(&self, address: &Arc<str>) -> Result<(Arc<Upstream>, Option<HostMonitor>), BoxError> {
         let found = self
             .pools
             .iter()
-            .find(|(a, _)| Arc::ptr_eq(a, address))
-            .or_else(|| self.pools.iter().find(|(a, _)| a == address));
+            .find(|(a, ..)| Arc::ptr_eq(a, address))
+            .or_else(|| self.pools.iter().find(|(a, ..)| a == address));
         match found {
-            Some((_, pool)) => Ok(pool.clone()),
-            None => self.routes.pool(address),
+            Some((_, pool, monitor)) => Ok((pool.clone(), monitor.clone())),
+            None => Ok((self.routes.pool(address)?, None)),
         }
     }
 }
@@ -296,16 +338,25 @@ impl Service<Request<RequestBody>> for ClusterService {
             })
         });
         let tried = TriedEndpoints::of(req.extensions());
-        let Some(picked) = cluster.balancer.pick_avoiding(hash, &(), tried) else {
+        let health: &dyn HealthView = match &cluster.outlier {
+            Some(detector) => detector,
+            None => &(),
+        };
+        let Some(picked) = cluster.balancer.pick_avoiding(hash, health, tried) else {
             return Box::pin(std::future::ready(Err(NoHealthyUpstream(self.key.to_string()).into())));
         };
-        let pool = match self.pool(picked.endpoint().address()) {
-            Ok(pool) => pool,
+        let (pool, monitor) = match self.pool(picked.endpoint().address()) {
+            Ok(found) => found,
             Err(e) => return Box::pin(std::future::ready(Err(e))),
         };
+        let grpc = monitor.is_some() && is_grpc(req.headers());
         let send = Endpoint::new(pool, self.settings.clone()).send(req);
         Box::pin(async move {
-            let mut res = send.await?;
+            let mut result = send.await;
+            if let Some(monitor) = monitor {
+                record(monitor, grpc, &mut result);
+            }
+            let mut res = result?;
             // The endpoint counted as active (least request) until its response head.
             drop(picked);
             if let Some(cookie) = set_cookie {

@@ -789,3 +789,131 @@ spec:
     assert!(start.elapsed() >= Duration::from_millis(400) && start.elapsed() < Duration::from_secs(5));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A backend that answers 200, or 503 while `failing` is set, counting its requests.
+async fn switchable_backend() -> (SocketAddr, Arc<std::sync::atomic::AtomicBool>, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let count = Arc::new(AtomicUsize::new(0));
+    let (fail, seen) = (failing.clone(), count.clone());
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (fail, seen) = (fail.clone(), seen.clone());
+            tokio::spawn(async move {
+                let svc = service_fn(move |_req: Request<Incoming>| {
+                    seen.fetch_add(1, Ordering::SeqCst);
+                    let mut res = Response::new(Full::new(Bytes::from_static(b"ok")));
+                    if fail.load(Ordering::SeqCst) {
+                        *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                    }
+                    async move { Ok::<_, Infallible>(res) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            });
+        }
+    });
+    (addr, failing, count)
+}
+
+/// `/clusters`' view of the endpoint at `addr`: (ejected, times ejected).
+async fn ejection_state(admin_addr: SocketAddr, addr: SocketAddr) -> (bool, u64) {
+    let dump: serde_json::Value = serde_json::from_str(&admin(admin_addr, "/clusters").await).unwrap();
+    let endpoint = dump["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|c| c["endpoints"].as_array().unwrap())
+        .find(|e| e["address"] == addr.to_string())
+        .unwrap()
+        .clone();
+    (endpoint["health"] == "ejected", endpoint["timesEjected"].as_u64().unwrap())
+}
+
+/// Outlier detection from a DestinationRule, through the real binary: of three backends, the
+/// one that starts failing is ejected after three 503s, gets nothing while ejected, comes
+/// back after the base ejection time, and is ejected for twice as long the next time; the
+/// client, retrying 5xx, sees every request succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_backend_is_ejected_and_returns_with_back_off() {
+    let backends = [switchable_backend().await, switchable_backend().await, switchable_backend().await];
+    let dir = config_dir("outlier");
+    let endpoints: String =
+        backends.iter().map(|(a, ..)| format!("  - {{address: 127.0.0.1, ports: {{http: {}}}}}\n", a.port())).collect();
+    write_atomically(
+        &dir,
+        "mesh.yaml",
+        &format!(
+            r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: payments}}
+spec:
+  hosts: [payments]
+  ports: [{{number: 80, name: http}}]
+  endpoints:
+{endpoints}---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: payments}}
+spec:
+  host: payments
+  trafficPolicy:
+    loadBalancer: {{simple: ROUND_ROBIN}}
+    outlierDetection: {{consecutive5xxErrors: 3, interval: 250ms, baseEjectionTime: 2s, maxEjectionPercent: 50}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: payments}}
+spec:
+  hosts: [payments]
+  http:
+  - route: [{{destination: {{host: payments}}}}]
+    retries: {{attempts: 3, retryOn: 5xx}}
+"#
+        ),
+    );
+    let proxy = Proxy::start(&dir);
+    let mut client = Client::connect(proxy.addr).await;
+    let (bad, failing, bad_count) = &backends[2];
+    failing.store(true, Ordering::SeqCst);
+    let (mut sent, mut failed) = (0usize, 0usize);
+    let mut send = async |client: &mut Client, n: usize| {
+        for _ in 0..n {
+            sent += 1;
+            failed += usize::from(client.get("payments", "/", &[]).await.0 != StatusCode::OK);
+        }
+        (sent, failed)
+    };
+
+    let mut durations = Vec::new();
+    for round in 1..=2u64 {
+        // Traffic until the failing backend is ejected (three 503s in a row).
+        let mut ejected = false;
+        for _ in 0..50 {
+            send(&mut client, 10).await;
+            if ejection_state(proxy.admin, *bad).await == (true, round) {
+                ejected = true;
+                break;
+            }
+        }
+        assert!(ejected, "round {round}: never ejected");
+        let since = std::time::Instant::now();
+        // While it is out it gets nothing.
+        let before = bad_count.load(Ordering::SeqCst);
+        send(&mut client, 60).await;
+        assert_eq!(ejection_state(proxy.admin, *bad).await.0, true, "still out");
+        assert_eq!(bad_count.load(Ordering::SeqCst), before, "round {round}: traffic reached an ejected backend");
+        // It comes back on its own.
+        while ejection_state(proxy.admin, *bad).await.0 {
+            assert!(since.elapsed() < Duration::from_secs(10), "round {round}: never returned");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        durations.push(since.elapsed());
+    }
+    // 2 s, then 4 s (each up to a 250 ms tick later; observed from just after the ejection).
+    assert!(durations[0] >= Duration::from_millis(1500) && durations[0] < Duration::from_millis(3000), "{durations:?}");
+    assert!(durations[1] >= Duration::from_millis(3500) && durations[1] < Duration::from_millis(5000), "{durations:?}");
+    let (sent, failed) = send(&mut client, 0).await;
+    assert!(failed * 1000 <= sent, "{failed} of {sent} failed");
+    let _ = std::fs::remove_dir_all(&dir);
+}

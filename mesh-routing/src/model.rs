@@ -289,16 +289,17 @@ model! {
 }
 
 model! {
-    /// A traffic policy. Only `loadBalancer` is enforced by this crate.
+    /// A traffic policy. This crate enforces `loadBalancer`; `retryBudget` and
+    /// `outlierDetection` compile into mesh-resilience's layers.
     pub struct TrafficPolicy {
         /// How endpoints are chosen.
         pub load_balancer: Option<LoadBalancerSettings>,
         /// Connection-pool limits (mesh-resilience, not yet).
         #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
         pub connection_pool: Option<NotEnforced>,
-        /// Outlier detection (mesh-resilience, not yet).
+        /// Outlier detection ([`OutlierDetectionSpec::to_config`]).
         #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
-        pub outlier_detection: Option<NotEnforced>,
+        pub outlier_detection: Option<OutlierDetectionSpec>,
         /// Upstream TLS (mesh-tls, not yet).
         #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
         pub tls: Option<NotEnforced>,
@@ -314,6 +315,81 @@ model! {
         /// PROXY protocol (not supported).
         #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
         pub proxy_protocol: Option<NotEnforced>,
+    }
+}
+
+model! {
+    /// `trafficPolicy.outlierDetection` (SEMANTICS.md 2.4.1): when endpoints are ejected
+    /// from the balancer and for how long.
+    pub struct OutlierDetectionSpec {
+        /// Consecutive 5xx (and local-origin failures, unless split) that eject; 5 by
+        /// default, 0 disables.
+        pub consecutive_5xx_errors: Option<u32>,
+        /// Consecutive 502/503/504 that eject; off by default.
+        pub consecutive_gateway_errors: Option<u32>,
+        /// Deprecated and ignored by Istio (a loader warns).
+        pub consecutive_errors: Option<i32>,
+        /// Counts connect failures, resets and timeouts apart from responses.
+        pub split_external_local_origin_errors: Option<bool>,
+        /// With the split, consecutive local-origin failures that eject (5 by default).
+        pub consecutive_local_origin_failures: Option<u32>,
+        /// The analysis sweep's period (10 s).
+        pub interval: Option<Duration>,
+        /// The first ejection's length (30 s).
+        pub base_ejection_time: Option<Duration>,
+        /// The most endpoints ejected at once, in percent (10).
+        pub max_ejection_percent: Option<i32>,
+        /// Below this percentage of endpoints in, ejections are ignored (0: never).
+        pub min_health_percent: Option<i32>,
+    }
+}
+
+impl OutlierDetectionSpec {
+    /// The detector's configuration, with Istio's defaults and validation.
+    pub fn to_config(
+        &self,
+    ) -> Result<mesh_resilience::outlier::OutlierConfig, mesh_resilience::outlier::InvalidOutlier> {
+        use mesh_resilience::outlier::{InvalidOutlier, OutlierConfig};
+        let mut config = OutlierConfig::default();
+        if let Some(n) = self.consecutive_5xx_errors {
+            config.consecutive_5xx = n;
+        }
+        if let Some(n) = self.consecutive_gateway_errors {
+            config.consecutive_gateway = n;
+        }
+        config.split_local_origin = self.split_external_local_origin_errors.unwrap_or(false);
+        if let Some(n) = self.consecutive_local_origin_failures {
+            if !config.split_local_origin {
+                return Err(InvalidOutlier::new(
+                    "consecutiveLocalOriginFailures",
+                    "needs splitExternalLocalOriginErrors: true",
+                ));
+            }
+            config.consecutive_local_origin = n;
+        }
+        if let Some(d) = self.interval {
+            config.interval = d.get();
+        }
+        if let Some(d) = self.base_ejection_time {
+            config.base_ejection_time = d.get();
+        }
+        let percent = |field: &'static str, v: i32| {
+            u32::try_from(v)
+                .ok()
+                .filter(|v| *v <= 100)
+                .ok_or_else(|| InvalidOutlier::new(field, "must be from 0 to 100"))
+        };
+        if let Some(p) = self.max_ejection_percent {
+            // Istio sets Envoy's only when above 0.
+            if p != 0 {
+                config.max_ejection_percent = percent("maxEjectionPercent", p)?;
+            }
+        }
+        if let Some(p) = self.min_health_percent {
+            config.min_health_percent = percent("minHealthPercent", p)?;
+        }
+        mesh_resilience::outlier::OutlierDetector::new(config.clone())?;
+        Ok(config)
     }
 }
 
