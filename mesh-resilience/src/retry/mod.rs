@@ -217,14 +217,14 @@ impl<S> Layer<S> for RetryLayer {
     type Service = Retry<S>;
 
     fn layer(&self, inner: S) -> Retry<S> {
-        Retry {
-            inner,
+        let shared = Shared {
             policy: self.policy.clone(),
             budget: self.budget.clone(),
             random: self.random.clone(),
             extensions: self.extensions,
             previous_hosts: self.previous_hosts,
-        }
+        };
+        Retry { inner, shared: Arc::new(shared) }
     }
 }
 
@@ -232,6 +232,12 @@ impl<S> Layer<S> for RetryLayer {
 #[derive(Clone)]
 pub struct Retry<S> {
     inner: S,
+    shared: Arc<Shared>,
+}
+
+/// What every clone of a [`Retry`] and every request's retries share (one reference count
+/// per request, not one per part).
+struct Shared {
     policy: Arc<RetryPolicy>,
     budget: Option<Arc<dyn RetryBudget>>,
     random: Arc<Random>,
@@ -241,7 +247,7 @@ pub struct Retry<S> {
 
 impl<S> fmt::Debug for Retry<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Retry").field("policy", &self.policy).field("budget", &self.budget).finish()
+        f.debug_struct("Retry").field("policy", &self.shared.policy).field("budget", &self.shared.budget).finish()
     }
 }
 
@@ -286,10 +292,16 @@ struct Retrying<S, B> {
     head: http::request::Parts,
     tried: Option<TriedEndpoints>,
     replay: Replay<B>,
-    policy: Arc<RetryPolicy>,
-    budget: Option<Arc<dyn RetryBudget>>,
-    random: Arc<Random>,
+    /// The route's policy, when the request named one (else the layer's).
+    route_policy: Option<Arc<RetryPolicy>>,
+    shared: Arc<Shared>,
     _request: Option<RequestGuard>,
+}
+
+impl<S, B> Retrying<S, B> {
+    fn policy(&self) -> &RetryPolicy {
+        self.route_policy.as_deref().unwrap_or(&self.shared.policy)
+    }
 }
 
 impl<S, B, RB> Service<Request<B>> for Retry<S>
@@ -312,17 +324,16 @@ where
         // The ready inner service takes the first try; clones take the retries.
         let clone = self.inner.clone();
         let mut first = std::mem::replace(&mut self.inner, clone);
-        let policy = match req.extensions().get::<RoutePolicy>() {
-            Some(RoutePolicy(route)) => route.clone(),
-            None => self.policy.clone(),
-        };
+        let route_policy = req.extensions().get::<RoutePolicy>().map(|RoutePolicy(route)| route.clone());
+        let policy: &RetryPolicy = route_policy.as_deref().unwrap_or(&self.shared.policy);
         let (mut parts, body) = req.into_parts();
         if policy.retries() == 0 {
             let (body, _) = ReplayBody::new(body, 0);
             let fut = first.call(Request::from_parts(parts, body));
             return ResponseFuture { state: State::First { fut: FirstTry::Plain { fut }, retrying: None } };
         }
-        let head = match self.extensions {
+        let shared = &self.shared;
+        let head = match shared.extensions {
             Carry::All => parts.clone(),
             Carry::None | Carry::Some(_) => {
                 let mut head = Request::new(());
@@ -330,7 +341,7 @@ where
                 *head.uri_mut() = parts.uri.clone();
                 *head.version_mut() = parts.version;
                 *head.headers_mut() = parts.headers.clone();
-                if let Carry::Some(copy) = self.extensions {
+                if let Carry::Some(copy) = shared.extensions {
                     copy(&parts.extensions, head.extensions_mut());
                 }
                 head.into_parts().0
@@ -338,7 +349,7 @@ where
         };
         // Every try records its endpoint here, and retries avoid them (previous hosts). The
         // retries get it from `tried`: the head copied above has no need of it.
-        let tried = (self.previous_hosts && policy.avoids_previous_hosts()).then(TriedEndpoints::default);
+        let tried = (shared.previous_hosts && policy.avoids_previous_hosts()).then(TriedEndpoints::default);
         if let Some(tried) = &tried {
             parts.extensions.insert(tried.clone());
         }
@@ -353,10 +364,9 @@ where
             head,
             tried,
             replay,
-            _request: self.budget.as_ref().map(|b| b.deposit()),
-            policy,
-            budget: self.budget.clone(),
-            random: self.random.clone(),
+            _request: shared.budget.as_ref().map(|b| b.deposit()),
+            route_policy,
+            shared: shared.clone(),
         };
         ResponseFuture { state: State::First { fut, retrying: Some(retrying) } }
     }
@@ -427,7 +437,7 @@ where
                         },
                     };
                     let Some(r) = retrying.take() else { return Poll::Ready(result) };
-                    if !should_retry(&r.policy, &r.head, &result) {
+                    if !should_retry(r.policy(), &r.head, &result) {
                         return Poll::Ready(finish(result, 1, ResponseFlags::empty()));
                     }
                     this.state.set(State::Looping { fut: Box::pin(retry_loop(r, result)) });
@@ -450,12 +460,14 @@ where
     B: Body<Data = Bytes> + Send + Unpin + 'static,
     RB: Send + 'static,
 {
-    let Retrying { svc, head, tried, replay, policy, budget, random, _request } = r;
+    let Retrying { svc, head, tried, replay, route_policy, shared, _request } = r;
+    let policy: &RetryPolicy = route_policy.as_deref().unwrap_or(&shared.policy);
+    let (budget, random) = (&shared.budget, &*shared.random);
     let mut tries = 1;
     // Held while a retry is in flight (the concurrency budget counts it).
     let mut _retry_guard = None;
     loop {
-        if tries > 1 && !should_retry(&policy, &head, &result) {
+        if tries > 1 && !should_retry(policy, &head, &result) {
             return finish(result, tries, ResponseFlags::empty());
         }
         if tries > policy.retries() {
@@ -475,7 +487,7 @@ where
             // Up to half again, so that the clients told the same time do not all come back
             // at once (Envoy's jittered lower bound).
             Some(asked) => asked + Duration::from_nanos(random.below(nanos(asked) / 2 + 1)),
-            None => policy.backoff(tries, &random),
+            None => policy.backoff(tries, random),
         };
         tokio::time::sleep(wait).await;
         drop(result);
