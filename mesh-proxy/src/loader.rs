@@ -9,7 +9,7 @@
 //! | kind | group | what the proxy does with it |
 //! |---|---|---|
 //! | `VirtualService` | networking.istio.io | routes (`http`) |
-//! | `DestinationRule` | networking.istio.io | subsets, load balancer, retry budget, outlier detection |
+//! | `DestinationRule` | networking.istio.io | subsets, load balancer, retry budget, outlier detection, connection pool, port-level settings |
 //! | `ServiceEntry` | networking.istio.io | services and their endpoints (static addresses with labels, or DNS names) |
 //! | `TrafficSplit` | split.smi-spec.io | a weighted split of a service among backends |
 //! | `ServiceProfile` | linkerd.io | routes of a service (conditions, response classes, `isRetryable`, timeouts) and its retry budget |
@@ -741,13 +741,13 @@ impl Ctx<'_> {
         const LATER: &[(&str, &str)] = &[
             ("fault:", "fault injection (mesh-resilience)"),
             ("corsPolicy:", "CORS"),
-            ("connectionPool:", "connection-pool limits (mesh-resilience)"),
             ("tls:", "TLS settings (mesh-tls)"),
-            ("portLevelSettings:", "port-level settings"),
             ("localityLbSetting:", "locality load balancing"),
             ("warmup:", "slow start"),
             ("delegate:", "delegation"),
             ("workloadSelector:", "workload selectors"),
+            ("maxConnectionDuration:", "connection lifetimes"),
+            ("useClientProtocol:", "the client's protocol upstream"),
             ("dstOverrides:", "traffic shifting by dstOverrides (use a TrafficSplit)"),
             ("opaquePorts:", "opaque ports"),
         ];
@@ -817,6 +817,7 @@ impl Ctx<'_> {
     }
 
     fn check_destination_rule(&mut self, r: &Resource<DestinationRuleSpec>) {
+        use mesh_routing::model::{ConnectionPoolSettings, OutlierDetectionSpec};
         let policies = std::iter::once(("spec.trafficPolicy".to_owned(), r.spec.traffic_policy.as_ref())).chain(
             r.spec
                 .subsets
@@ -824,8 +825,30 @@ impl Ctx<'_> {
                 .enumerate()
                 .map(|(i, s)| (format!("spec.subsets[{i}].trafficPolicy"), s.traffic_policy.as_ref())),
         );
+        // Each policy's blocks, and its port-level entries' blocks, with their paths.
+        let mut blocks: Vec<(String, Option<&ConnectionPoolSettings>, Option<&OutlierDetectionSpec>)> = Vec::new();
         for (path, policy) in policies {
-            let Some(outlier) = policy.and_then(|p| p.outlier_detection.as_ref()) else { continue };
+            let Some(policy) = policy else { continue };
+            blocks.push((path.clone(), policy.connection_pool.as_ref(), policy.outlier_detection.as_ref()));
+            for (j, entry) in policy.port_level_settings.iter().enumerate() {
+                let at = format!("{path}.portLevelSettings[{j}]");
+                if entry.port.as_ref().is_none_or(|p| p.number == 0 || p.number > 65535) {
+                    self.error_at(&format!("{at}.port"), "needs a port number from 1 to 65535");
+                }
+                blocks.push((at, entry.connection_pool.as_ref(), entry.outlier_detection.as_ref()));
+            }
+        }
+        for (path, pool, outlier) in blocks {
+            if let Some(pool) = pool
+                && let Err(e) = pool.limits()
+            {
+                let field = match e.field() {
+                    "" => format!("{path}.connectionPool"),
+                    f => format!("{path}.connectionPool.{f}"),
+                };
+                self.error_at(&field, e.reason());
+            }
+            let Some(outlier) = outlier else { continue };
             if outlier.consecutive_errors.is_some() {
                 self.warn_at(
                     &format!("{path}.outlierDetection.consecutiveErrors"),

@@ -66,6 +66,7 @@ use crate::upstream::{Tunnels, Upstream};
 
 /// What every endpoint service shares: the upstream protocol, the tunnel idle limit and the
 /// count of open tunnels.
+#[derive(Clone)]
 pub(crate) struct EndpointSettings {
     pub(crate) protocol: UpstreamProtocol,
     pub(crate) stream_idle: Option<Duration>,

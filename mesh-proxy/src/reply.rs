@@ -96,6 +96,17 @@ fn http_reply(error: &(dyn StdError + 'static)) -> Response<ProxyBody> {
             Some(ResponseFlags::NO_HEALTHY_UPSTREAM),
         );
     }
+    if let Some(e) = find::<mesh_resilience::pool::Overloaded>(error) {
+        // Envoy's circuit-breaker overflow: at once, never retried, not an upstream failure.
+        tracing::debug!(error = %e, "upstream overflow");
+        let mut res = text_reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Bytes::from_static(b"upstream connect error or disconnect/reset before headers. reset reason: overflow\n"),
+            Some(ResponseFlags::UPSTREAM_OVERFLOW),
+        );
+        res.headers_mut().insert("x-envoy-overloaded", HeaderValue::from_static("true"));
+        return res;
+    }
     let outcome = Outcome::from_error(error);
     let (status, body): (StatusCode, &'static str) = match outcome.failure() {
         Some(Failure::ConnectFailure) => {

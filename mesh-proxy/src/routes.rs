@@ -17,7 +17,10 @@ use mesh_routing::SharedRouteTable;
 use crate::config::{ProxyConfig, UpstreamAddr};
 use crate::error::{BoxError, NoHealthyUpstream};
 use crate::snapshot::Snapshot;
-use crate::upstream::Upstream;
+use crate::upstream::{PoolSettings, Upstream};
+
+/// Endpoint pools by address and the settings of the destinations that use it.
+type Pools = HashMap<(Arc<str>, PoolSettings), Arc<Upstream>>;
 
 /// Called with each new snapshot.
 pub(crate) type Hook = Box<dyn Fn(&Snapshot) + Send + Sync>;
@@ -33,7 +36,8 @@ pub(crate) struct Routes {
     /// Called with each new snapshot (the dispatch cache retires destinations that left).
     hooks: Mutex<Vec<Hook>>,
     random: mesh_routing::random::Random,
-    pools: ArcSwap<HashMap<Arc<str>, Arc<Upstream>>>,
+    /// Pools by endpoint address and the settings of the destinations that use it.
+    pools: ArcSwap<Pools>,
     writing: Mutex<()>,
     config: ProxyConfig,
     /// Snapshots swapped in, and reloads refused.
@@ -102,8 +106,9 @@ impl Routes {
         self.reloads.fetch_add(1, Ordering::Relaxed);
         let _writing = self.writing.lock().unwrap_or_else(|p| p.into_inner());
         let pools = self.pools.load();
-        if pools.keys().any(|k| !keep.contains(k)) {
-            let next = pools.iter().filter(|(k, _)| keep.contains(*k)).map(|(k, v)| (k.clone(), v.clone())).collect();
+        if pools.keys().any(|(k, _)| !keep.contains(k)) {
+            let next =
+                pools.iter().filter(|((k, _), _)| keep.contains(k)).map(|(k, v)| (k.clone(), v.clone())).collect();
             self.pools.store(Arc::new(next));
         }
     }
@@ -125,14 +130,16 @@ impl Routes {
 
     /// Addresses with an open pool.
     pub(crate) fn pooled(&self) -> Vec<Arc<str>> {
-        let mut all: Vec<_> = self.pools.load().keys().cloned().collect();
+        let mut all: Vec<_> = self.pools.load().keys().map(|(a, _)| a.clone()).collect();
         all.sort();
+        all.dedup();
         all
     }
 
     /// The pool of endpoint `address`, made on first use.
-    pub(crate) fn pool(&self, address: &Arc<str>) -> Result<Arc<Upstream>, BoxError> {
-        if let Some(p) = self.pools.load().get(address) {
+    pub(crate) fn pool(&self, address: &Arc<str>, settings: &PoolSettings) -> Result<Arc<Upstream>, BoxError> {
+        let key = (address.clone(), settings.clone());
+        if let Some(p) = self.pools.load().get(&key) {
             return Ok(p.clone());
         }
         let addr: UpstreamAddr = address
@@ -140,12 +147,12 @@ impl Routes {
             .map_err(|_| NoHealthyUpstream(format!("{address} (the endpoint address is not HOST:PORT)")))?;
         let _writing = self.writing.lock().unwrap_or_else(|p| p.into_inner());
         let current = self.pools.load();
-        if let Some(p) = current.get(address) {
+        if let Some(p) = current.get(&key) {
             return Ok(p.clone());
         }
-        let pool = Upstream::for_addr(addr, &self.config);
+        let pool = Upstream::with_settings(addr, &self.config, settings);
         let mut next = HashMap::clone(&current);
-        next.insert(address.clone(), pool.clone());
+        next.insert(key, pool.clone());
         self.pools.store(Arc::new(next));
         Ok(pool)
     }

@@ -52,6 +52,12 @@ pub struct Cluster {
     pub hash_key: Option<HashKey>,
     /// Outlier detection over the endpoints, when the DestinationRule asks for it.
     pub outlier: Option<mesh_resilience::outlier::OutlierDetector>,
+    /// The connection-pool circuit breaker, when the DestinationRule sets a limit.
+    pub breaker: Option<mesh_resilience::pool::CircuitBreaker>,
+    /// The endpoints' connection settings (`connectionPool`).
+    pub(crate) pool: crate::upstream::PoolSettings,
+    /// HTTP/2 to the endpoints, or not (`h2UpgradePolicy`); `None`: the proxy's protocol.
+    pub(crate) protocol: Option<crate::config::UpstreamProtocol>,
     /// The retry budget shared by every request to this destination: the DestinationRule's
     /// `retryBudget`, else the ServiceProfile's of the service it belongs to.
     pub retry_budget: Option<Arc<dyn mesh_resilience::retry::RetryBudget>>,
@@ -261,18 +267,39 @@ pub fn compile(resources: Resources) -> Result<Snapshot, CompileError> {
                 vec![Endpoint::new(format!("{}:{port}", key.host))]
             }
         };
-        let lb = subset.and_then(|s| s.traffic_policy.as_ref()).and_then(|p| p.load_balancer.as_ref()).or_else(|| {
-            rule.and_then(|r| r.spec.traffic_policy.as_ref()).and_then(|p: &TrafficPolicy| p.load_balancer.as_ref())
+        // The service's port, for port-level settings: the route's, or the service's only one.
+        let port = key.port.or_else(|| {
+            let ports = &services.get(&*key.host)?.entry.spec.ports;
+            (ports.len() == 1).then(|| u16::try_from(ports[0].number).ok()).flatten()
         });
-        let (policy, hash_key) = lb_policy(lb)
+        let policy = TrafficPolicy::merged(
+            rule.and_then(|r| r.spec.traffic_policy.as_ref()),
+            subset.and_then(|s| s.traffic_policy.as_ref()),
+            port,
+        );
+        let rule_err =
+            |message: String| CompileError { resource: format!("DestinationRule for {}", key.host), message };
+        let (lb_policy, hash_key) = lb_policy(policy.load_balancer.as_ref())
             .map_err(|message| CompileError { resource: format!("DestinationRule for {}", key.host), message })?;
-        let balancer = Balancer::new(policy, endpoints)
+        let balancer = Balancer::new(lb_policy, endpoints)
             .map_err(|e| CompileError { resource: format!("cluster {key}"), message: e.to_string() })?;
-        let budget = subset
-            .and_then(|s| s.traffic_policy.as_ref())
-            .and_then(|p| p.retry_budget.as_ref())
-            .or_else(|| rule.and_then(|r| r.spec.traffic_policy.as_ref()).and_then(|p| p.retry_budget.as_ref()));
-        let retry_budget = budget
+        let pool_spec = policy.connection_pool.as_ref();
+        let breaker = pool_spec
+            .map(|p| p.limits().map_err(|e| rule_err(format!("trafficPolicy.connectionPool.{e}"))))
+            .transpose()?
+            .filter(|l| *l != mesh_resilience::pool::PoolLimits::default())
+            .map(mesh_resilience::pool::CircuitBreaker::new);
+        let (pool, protocol) = pool_settings(pool_spec);
+        // Envoy's `max_retries` breaker: retries in flight, when no budget is set.
+        let max_retries = pool_spec
+            .and_then(|p| p.http.as_ref())
+            .and_then(|h| h.max_retries)
+            .filter(|n| *n > 0)
+            .and_then(|n| mesh_resilience::retry::ConcurrencyBudget::new(0.0, n as usize).ok())
+            .map(|b| Arc::new(b) as Arc<dyn mesh_resilience::retry::RetryBudget>);
+        let retry_budget = policy
+            .retry_budget
+            .as_ref()
             .map(|b| {
                 let percent = b.percent.map_or(20.0, |p| p.value());
                 mesh_resilience::retry::ConcurrencyBudget::new(percent, b.min_retry_concurrency.unwrap_or(3) as usize)
@@ -283,11 +310,11 @@ pub fn compile(resources: Resources) -> Result<Snapshot, CompileError> {
                     })
             })
             .transpose()?
+            .or(max_retries)
             .or_else(|| profile_budgets.get(&*key.host).cloned());
-        let outlier = subset
-            .and_then(|s| s.traffic_policy.as_ref())
-            .and_then(|p| p.outlier_detection.as_ref())
-            .or_else(|| rule.and_then(|r| r.spec.traffic_policy.as_ref()).and_then(|p| p.outlier_detection.as_ref()))
+        let outlier = policy
+            .outlier_detection
+            .as_ref()
             .map(|spec| {
                 let detector =
                     spec.to_config().and_then(mesh_resilience::outlier::OutlierDetector::new).map_err(|e| {
@@ -302,13 +329,48 @@ pub fn compile(resources: Resources) -> Result<Snapshot, CompileError> {
             .transpose()?;
         clusters.insert(
             (*key).clone(),
-            Arc::new(Cluster { key: (*key).clone(), balancer, hash_key, outlier, retry_budget }),
+            Arc::new(Cluster {
+                key: (*key).clone(),
+                balancer,
+                hash_key,
+                outlier,
+                breaker,
+                pool,
+                protocol,
+                retry_budget,
+            }),
         );
     }
     Ok(Snapshot { table: Arc::new(table), clusters, resources, notes })
 }
 
 /// The virtual hosts' names, for an error the table could not place in one of them.
+/// The endpoints' connection settings and protocol from a `connectionPool` block.
+fn pool_settings(
+    spec: Option<&mesh_routing::model::ConnectionPoolSettings>,
+) -> (crate::upstream::PoolSettings, Option<crate::config::UpstreamProtocol>) {
+    let mut settings = crate::upstream::PoolSettings::default();
+    let Some(spec) = spec else { return (settings, None) };
+    let positive = |d: Option<mesh_core::config::Duration>| d.map(|d| d.get()).filter(|d| !d.is_zero());
+    if let Some(tcp) = &spec.tcp {
+        settings.connect_timeout = positive(tcp.connect_timeout);
+        settings.idle_timeout = positive(tcp.idle_timeout);
+        settings.keepalive = tcp.tcp_keepalive.as_ref().map(|k| (k.probes, positive(k.time), positive(k.interval)));
+    }
+    let mut protocol = None;
+    if let Some(http) = &spec.http {
+        // `http.idleTimeout` wins over `tcp.idleTimeout` for HTTP, as in Istio.
+        settings.idle_timeout = positive(http.idle_timeout).or(settings.idle_timeout);
+        settings.max_requests_per_connection = http.max_requests_per_connection.filter(|n| *n > 0).map(|n| n as u32);
+        protocol = match http.h2_upgrade_policy.as_deref() {
+            Some("UPGRADE") => Some(crate::config::UpstreamProtocol::H2),
+            Some("DO_NOT_UPGRADE") => Some(crate::config::UpstreamProtocol::Http1),
+            _ => None,
+        };
+    }
+    (settings, protocol)
+}
+
 fn vhost_names(hosts: &[VirtualHostConfig]) -> String {
     hosts.iter().map(|h| h.name.as_str()).collect::<Vec<_>>().join(", ")
 }

@@ -257,16 +257,23 @@ impl MakeCluster {
                 .iter()
                 .filter_map(|e| {
                     let monitor = c.outlier.as_ref().and_then(|d| d.monitor(e.address()));
-                    Some((e.address().clone(), self.routes.pool(e.address()).ok()?, monitor))
+                    Some((e.address().clone(), self.routes.pool(e.address(), &c.pool).ok()?, monitor))
                 })
                 .collect()
         });
+        // The destination's own protocol (`h2UpgradePolicy`), else the proxy's.
+        let settings = match cluster.as_ref().and_then(|c| c.protocol) {
+            Some(protocol) if protocol != self.settings.protocol => {
+                Arc::new(EndpointSettings { protocol, ..EndpointSettings::clone(&self.settings) })
+            }
+            _ => self.settings.clone(),
+        };
         ClusterService(Arc::new(ClusterState {
             key: key.clone(),
             cluster,
             pools: pools.into(),
             routes: self.routes.clone(),
-            settings: self.settings.clone(),
+            settings,
         }))
     }
 }
@@ -307,7 +314,10 @@ impl ClusterService {
             .or_else(|| self.pools.iter().find(|(a, ..)| a == address));
         match found {
             Some((_, pool, monitor)) => Ok((pool.clone(), monitor.clone())),
-            None => Ok((self.routes.pool(address)?, None)),
+            None => {
+                let settings = self.cluster.as_ref().map(|c| c.pool.clone()).unwrap_or_default();
+                Ok((self.routes.pool(address, &settings)?, None))
+            }
         }
     }
 }
@@ -350,9 +360,19 @@ impl Service<Request<RequestBody>> for ClusterService {
             Err(e) => return Box::pin(std::future::ready(Err(e))),
         };
         let grpc = monitor.is_some() && is_grpc(req.headers());
-        let send = Endpoint::new(pool, self.settings.clone()).send(req);
+        let endpoint = Endpoint::new(pool, self.settings.clone());
+        let breaker = cluster.breaker.clone();
         Box::pin(async move {
-            let mut result = send.await;
+            // Connection-pool limits: wait as pending for a connection, or overflow at once.
+            let admission = match &breaker {
+                Some(breaker) => Some(breaker.admit().await?),
+                None => None,
+            };
+            let mut result = endpoint.send(req).await;
+            if let (Some(admission), Ok(res)) = (admission, &mut result) {
+                // The connection is busy until the response body has ended.
+                res.body_mut().on_end(Box::new(move |_| drop(admission)));
+            }
             if let Some(monitor) = monitor {
                 record(monitor, grpc, &mut result);
             }

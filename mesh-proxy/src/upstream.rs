@@ -43,12 +43,14 @@ pub(crate) use crate::error::BoxError;
 pub(crate) struct Checkout {
     pool: Arc<Upstream>,
     tx: http1::SendRequest<RequestBody>,
+    /// Requests this connection has carried, this one included.
+    uses: u32,
 }
 
 impl Checkout {
     /// Returns the connection to the idle pool (the response it carried is complete).
     pub(crate) fn release(self) {
-        self.pool.check_in(self.tx);
+        self.pool.check_in(self.tx, self.uses);
     }
 }
 
@@ -56,12 +58,28 @@ struct Idle {
     tx: http1::SendRequest<RequestBody>,
     /// The reaper's epoch when the connection went idle.
     epoch: u64,
+    uses: u32,
+}
+
+/// A destination's settings for its endpoints' connections (DestinationRule
+/// `connectionPool`); unset fields take the proxy's. Endpoints with different settings (one
+/// address in two destinations) get pools of their own.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
+pub(crate) struct PoolSettings {
+    pub(crate) connect_timeout: Option<Duration>,
+    pub(crate) idle_timeout: Option<Duration>,
+    /// Requests a connection carries before it is closed (HTTP/1.1) or retired (h2c).
+    pub(crate) max_requests_per_connection: Option<u32>,
+    /// TCP keepalive: (probes, idle time, interval), each unset for the system's.
+    pub(crate) keepalive: Option<(Option<u32>, Option<Duration>, Option<Duration>)>,
 }
 
 /// The shared h2c connection: its sender, and whether the task driving it has ended.
 struct H2Conn {
     tx: h2::client::SendRequest<Bytes>,
     closed: Arc<AtomicBool>,
+    /// Streams opened on it.
+    streams: Arc<std::sync::atomic::AtomicU32>,
     /// Which connection this is (one more per connection opened).
     id: u64,
 }
@@ -76,6 +94,9 @@ struct H2Conn {
 /// most servers' stream limit (hyper 200, Go 250, nginx 128). That is also the most a stalled
 /// connection can hold in memory, 64 MiB. 256 KiB per stream is still far more than a
 /// loopback or in-cluster bandwidth-delay product.
+/// The shared h2c connection's sender, its id and its stream count.
+type H2Handle = (h2::client::SendRequest<Bytes>, u64, Arc<std::sync::atomic::AtomicU32>);
+
 const H2_STREAM_WINDOW: u32 = 256 << 10;
 const H2_CONNECTION_WINDOW: u32 = H2_STREAM_WINDOW * 256;
 const H2_SEND_BUFFER: usize = 1 << 20;
@@ -93,21 +114,30 @@ pub(crate) struct Upstream {
     epoch: AtomicU64,
     h2: Mutex<Option<H2Conn>>,
     h2_connecting: tokio::sync::Mutex<()>,
+    max_requests_per_connection: Option<u32>,
+    keepalive: Option<(Option<u32>, Option<Duration>, Option<Duration>)>,
 }
 
 impl Upstream {
     /// A pool for one endpoint, `addr`, with a task that closes expired idle connections.
     pub(crate) fn for_addr(addr: UpstreamAddr, config: &ProxyConfig) -> Arc<Self> {
+        Self::with_settings(addr, config, &PoolSettings::default())
+    }
+
+    /// A pool for `addr` with a destination's `settings` over the proxy's `config`.
+    pub(crate) fn with_settings(addr: UpstreamAddr, config: &ProxyConfig, settings: &PoolSettings) -> Arc<Self> {
         let pool = Arc::new(Self {
             addr,
-            connect_timeout: config.connect_timeout,
+            connect_timeout: settings.connect_timeout.unwrap_or(config.connect_timeout),
             max_idle: config.max_idle,
             idle: Mutex::new(VecDeque::new()),
             epoch: AtomicU64::new(0),
             h2: Mutex::new(None),
             h2_connecting: tokio::sync::Mutex::new(()),
+            max_requests_per_connection: settings.max_requests_per_connection,
+            keepalive: settings.keepalive,
         });
-        tokio::spawn(reap_idle(Arc::downgrade(&pool), config.idle_timeout));
+        tokio::spawn(reap_idle(Arc::downgrade(&pool), settings.idle_timeout.unwrap_or(config.idle_timeout)));
         pool
     }
 
@@ -123,9 +153,9 @@ impl Upstream {
         self: &Arc<Self>,
         mut req: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, Checkout), BoxError> {
-        while let Some(mut tx) = self.check_out() {
+        while let Some((mut tx, uses)) = self.check_out() {
             match tx.try_send_request(req).await {
-                Ok(res) => return Ok((res, Checkout { pool: self.clone(), tx })),
+                Ok(res) => return Ok((res, Checkout { pool: self.clone(), tx, uses: uses + 1 })),
                 Err(mut e) => match e.take_message() {
                     // Not even started (the upstream closed it meanwhile): use the next one.
                     Some(unsent) => req = unsent,
@@ -137,29 +167,30 @@ impl Upstream {
         // request's future (moved into a task per HTTP/2 stream) larger.
         let mut tx = Box::pin(self.connect_http1()).await?;
         let res = tx.send_request(req).await?;
-        Ok((res, Checkout { pool: self.clone(), tx }))
+        Ok((res, Checkout { pool: self.clone(), tx, uses: 1 }))
     }
 
     /// The most recently used idle connection that can take a request right now. One that is
     /// still busy (its response ended before the upstream finished reading the request body)
     /// is let go rather than waited for: hyper closes it once that exchange ends.
-    fn check_out(&self) -> Option<http1::SendRequest<RequestBody>> {
+    fn check_out(&self) -> Option<(http1::SendRequest<RequestBody>, u32)> {
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        while let Some(Idle { tx, .. }) = idle.pop_back() {
+        while let Some(Idle { tx, uses, .. }) = idle.pop_back() {
             if tx.is_ready() {
-                return Some(tx);
+                return Some((tx, uses));
             }
         }
         None
     }
 
-    fn check_in(&self, tx: http1::SendRequest<RequestBody>) {
-        if tx.is_closed() {
+    fn check_in(&self, tx: http1::SendRequest<RequestBody>, uses: u32) {
+        // A connection that carried its share of requests is closed (dropped).
+        if tx.is_closed() || self.max_requests_per_connection.is_some_and(|max| uses >= max) {
             return;
         }
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         if idle.len() < self.max_idle {
-            idle.push_back(Idle { tx, epoch: self.epoch.load(Ordering::Relaxed) });
+            idle.push_back(Idle { tx, epoch: self.epoch.load(Ordering::Relaxed), uses });
         }
     }
 
@@ -195,10 +226,14 @@ impl Upstream {
     /// request body, if any, is sent by a task of its own, so that it can keep streaming
     /// after the response has arrived.
     pub(crate) async fn send_h2(&self, req: Request<RequestBody>) -> Result<Response<RecvStream>, BoxError> {
-        let (tx, id) = match self.current_h2() {
+        let (tx, id, streams) = match self.current_h2() {
             Some(current) => current,
             None => Box::pin(self.connect_h2()).await?,
         };
+        // A connection that carried its share of streams takes no more (they finish on it).
+        if self.max_requests_per_connection.is_some_and(|max| streams.fetch_add(1, Ordering::Relaxed) + 1 >= max) {
+            self.retire_h2(id);
+        }
         let mut tx = match tx.ready().await {
             Ok(tx) => tx,
             // The upstream sent GOAWAY (it is shutting down gracefully), or the connection
@@ -206,7 +241,7 @@ impl Upstream {
             Err(e) => {
                 tracing::debug!(error = %e, "upstream h2c connection no longer takes requests; reconnecting");
                 self.retire_h2(id);
-                let (tx, _) = Box::pin(self.connect_h2()).await?;
+                let (tx, ..) = Box::pin(self.connect_h2()).await?;
                 tx.ready().await?
             }
         };
@@ -240,9 +275,9 @@ impl Upstream {
     }
 
     /// The shared connection's sender, and its flag to set once it is known to be unusable.
-    fn current_h2(&self) -> Option<(h2::client::SendRequest<Bytes>, u64)> {
+    fn current_h2(&self) -> Option<H2Handle> {
         let slot = self.h2.lock().unwrap_or_else(|p| p.into_inner());
-        slot.as_ref().filter(|c| !c.closed.load(Ordering::Acquire)).map(|c| (c.tx.clone(), c.id))
+        slot.as_ref().filter(|c| !c.closed.load(Ordering::Acquire)).map(|c| (c.tx.clone(), c.id, c.streams.clone()))
     }
 
     /// Stops using connection `id` for new requests (unless it was replaced meanwhile).
@@ -253,7 +288,7 @@ impl Upstream {
         }
     }
 
-    async fn connect_h2(&self) -> Result<(h2::client::SendRequest<Bytes>, u64), BoxError> {
+    async fn connect_h2(&self) -> Result<H2Handle, BoxError> {
         // One connection attempt at a time; latecomers reuse its result.
         let _connecting = self.h2_connecting.lock().await;
         if let Some(current) = self.current_h2() {
@@ -277,8 +312,9 @@ impl Upstream {
         });
         let mut slot = self.h2.lock().unwrap_or_else(|p| p.into_inner());
         let id = slot.as_ref().map_or(0, |c| c.id + 1);
-        *slot = Some(H2Conn { tx: tx.clone(), closed, id });
-        Ok((tx, id))
+        let streams = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        *slot = Some(H2Conn { tx: tx.clone(), closed, streams: streams.clone(), id });
+        Ok((tx, id, streams))
     }
 
     // === TCP ===
@@ -294,6 +330,19 @@ impl Upstream {
             }
         };
         stream.set_nodelay(true).map_err(ConnectError::new)?;
+        if let Some((probes, time, interval)) = self.keepalive {
+            let mut keepalive = socket2::TcpKeepalive::new();
+            if let Some(time) = time {
+                keepalive = keepalive.with_time(time);
+            }
+            if let Some(interval) = interval {
+                keepalive = keepalive.with_interval(interval);
+            }
+            if let Some(probes) = probes {
+                keepalive = keepalive.with_retries(probes);
+            }
+            socket2::SockRef::from(&stream).set_tcp_keepalive(&keepalive).map_err(ConnectError::new)?;
+        }
         Ok(stream)
     }
 }

@@ -917,3 +917,85 @@ spec:
     assert!(failed * 1000 <= sent, "{failed} of {sent} failed");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Circuit breaking from a DestinationRule's `connectionPool`, through the real binary: with
+/// one connection and one pending request allowed, a slow backend's third concurrent
+/// request is answered 503 at once, with `x-envoy-overloaded: true`, and not retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_excess_over_the_connection_pool_gets_503_at_once() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    let seen = Arc::new(AtomicUsize::new(0));
+    let counted = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |_req: Request<Incoming>| {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    async move {
+                        tokio::time::sleep(Duration::from_millis(700)).await;
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"slow"))))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            });
+        }
+    });
+    let dir = config_dir("pool");
+    write_atomically(
+        &dir,
+        "mesh.yaml",
+        &format!(
+            r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: payments}}
+spec:
+  hosts: [payments]
+  ports: [{{number: 80, name: http}}]
+  endpoints: [{{address: 127.0.0.1, ports: {{http: {port}}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: payments}}
+spec:
+  host: payments
+  trafficPolicy:
+    connectionPool:
+      tcp: {{maxConnections: 1}}
+      http: {{http1MaxPendingRequests: 1}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: payments}}
+spec:
+  hosts: [payments]
+  http:
+  - route: [{{destination: {{host: payments}}}}]
+    retries: {{attempts: 3, retryOn: 5xx}}
+"#,
+            port = backend.port()
+        ),
+    );
+    let proxy = Proxy::start(&dir);
+    let one = |delay: u64| async move {
+        tokio::time::sleep(Duration::from_millis(delay)).await;
+        let stream = TcpStream::connect(proxy.addr).await.unwrap();
+        let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+        tokio::spawn(conn);
+        let start = std::time::Instant::now();
+        let res = tx.send_request(Request::get("/").header("host", "payments").body(Empty::<Bytes>::new()).unwrap());
+        let res = res.await.unwrap();
+        let overloaded = res.headers().get("x-envoy-overloaded").map(|v| v.to_str().unwrap().to_owned());
+        (res.status(), overloaded, start.elapsed())
+    };
+    // The first takes the connection, the second waits for it, the third overflows.
+    let (first, second, third) = tokio::join!(one(0), one(100), one(200));
+    assert_eq!(first.0, StatusCode::OK);
+    assert_eq!(second.0, StatusCode::OK);
+    assert!(second.2 >= Duration::from_millis(1000), "waited for the first: {:?}", second.2);
+    assert_eq!((third.0, third.1.as_deref()), (StatusCode::SERVICE_UNAVAILABLE, Some("true")));
+    assert!(third.2 < Duration::from_millis(300), "at once: {:?}", third.2);
+    assert_eq!(seen.load(Ordering::SeqCst), 2, "the overflow never reached the backend, nor was retried");
+    let _ = std::fs::remove_dir_all(&dir);
+}

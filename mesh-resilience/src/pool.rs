@@ -23,7 +23,7 @@
 //! use mesh_resilience::pool::{CircuitBreaker, PoolLimits};
 //!
 //! # #[tokio::main(flavor = "current_thread")] async fn main() {
-//! let breaker = CircuitBreaker::new(PoolLimits { max_connections: Some(1), max_pending: Some(1), ..PoolLimits::default() });
+//! let breaker = CircuitBreaker::new(PoolLimits::default().max_connections(1).max_pending(1));
 //! let first = breaker.admit().await.expect("a free connection");
 //! let second = tokio::spawn({ let b = breaker.clone(); async move { b.admit().await.is_ok() } });
 //! tokio::task::yield_now().await; // the second waits as pending
@@ -56,6 +56,26 @@ pub struct PoolLimits {
     pub max_pending: Option<usize>,
     /// Requests in flight at once (`http.http2MaxRequests`).
     pub max_requests: Option<usize>,
+}
+
+impl PoolLimits {
+    /// Sets the most connections busy at once.
+    pub fn max_connections(mut self, n: usize) -> Self {
+        self.max_connections = Some(n);
+        self
+    }
+
+    /// Sets the most requests waiting for a connection at once.
+    pub fn max_pending(mut self, n: usize) -> Self {
+        self.max_pending = Some(n);
+        self
+    }
+
+    /// Sets the most requests in flight at once.
+    pub fn max_requests(mut self, n: usize) -> Self {
+        self.max_requests = Some(n);
+        self
+    }
 }
 
 /// Which limit refused a request.

@@ -22,7 +22,12 @@ fn limits(connections: Option<usize>, pending: Option<usize>, requests: Option<u
 }
 
 /// An upstream that answers after 1 s, counting the requests it saw.
-fn slow(seen: Arc<AtomicUsize>) -> impl tower::Service<Request<()>, Response = Response<Full<Bytes>>, Error = BoxError, Future: Send> + Clone + Send + 'static {
+fn slow(
+    seen: Arc<AtomicUsize>,
+) -> impl tower::Service<Request<()>, Response = Response<Full<Bytes>>, Error = BoxError, Future: Send>
++ Clone
++ Send
++ 'static {
     service_fn(move |_req: Request<()>| {
         let seen = seen.clone();
         async move {

@@ -294,18 +294,19 @@ model! {
     pub struct TrafficPolicy {
         /// How endpoints are chosen.
         pub load_balancer: Option<LoadBalancerSettings>,
-        /// Connection-pool limits (mesh-resilience, not yet).
+        /// Connection-pool limits and settings.
         #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
-        pub connection_pool: Option<NotEnforced>,
+        pub connection_pool: Option<ConnectionPoolSettings>,
         /// Outlier detection ([`OutlierDetectionSpec::to_config`]).
         #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
         pub outlier_detection: Option<OutlierDetectionSpec>,
         /// Upstream TLS (mesh-tls, not yet).
         #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
         pub tls: Option<NotEnforced>,
-        /// Per-port policies (not yet).
-        #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
-        pub port_level_settings: Option<NotEnforced>,
+        /// Per-port policies: for a destination on one of these ports, the entry's blocks
+        /// replace this policy's (see [`TrafficPolicy::merged`]).
+        #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Vec::is_empty"))]
+        pub port_level_settings: Vec<PortTrafficPolicy>,
         /// Envoy's retry budget: retries in flight capped as a share of requests in flight.
         #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
         pub retry_budget: Option<RetryBudgetSpec>,
@@ -315,6 +316,184 @@ model! {
         /// PROXY protocol (not supported).
         #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
         pub proxy_protocol: Option<NotEnforced>,
+    }
+}
+
+model! {
+    /// One entry of `portLevelSettings`.
+    pub struct PortTrafficPolicy {
+        /// The port it applies to.
+        pub port: Option<PortSelector>,
+        /// How endpoints are chosen.
+        pub load_balancer: Option<LoadBalancerSettings>,
+        /// Connection-pool limits and settings.
+        pub connection_pool: Option<ConnectionPoolSettings>,
+        /// Outlier detection.
+        pub outlier_detection: Option<OutlierDetectionSpec>,
+        /// Upstream TLS (mesh-tls, not yet).
+        #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+        pub tls: Option<NotEnforced>,
+    }
+}
+
+/// The blocks of a traffic policy that apply to one destination, after merging.
+#[derive(Clone, Debug, Default, PartialEq)]
+#[non_exhaustive]
+pub struct MergedPolicy {
+    /// How endpoints are chosen.
+    pub load_balancer: Option<LoadBalancerSettings>,
+    /// Connection-pool limits and settings.
+    pub connection_pool: Option<ConnectionPoolSettings>,
+    /// Outlier detection.
+    pub outlier_detection: Option<OutlierDetectionSpec>,
+    /// The retry budget.
+    pub retry_budget: Option<RetryBudgetSpec>,
+}
+
+impl TrafficPolicy {
+    /// This policy's blocks for a destination on `port`: a `portLevelSettings` entry for
+    /// the port replaces `loadBalancer`, `connectionPool` and `outlierDetection` wholesale
+    /// (a block it omits is unset, not inherited).
+    fn for_port(&self, port: Option<u16>) -> (MergedPolicy, bool) {
+        let entry = port.and_then(|p| {
+            self.port_level_settings.iter().find(|e| e.port.as_ref().is_some_and(|s| s.number == u32::from(p)))
+        });
+        let merged = match entry {
+            Some(e) => MergedPolicy {
+                load_balancer: e.load_balancer.clone(),
+                connection_pool: e.connection_pool.clone(),
+                outlier_detection: e.outlier_detection.clone(),
+                retry_budget: self.retry_budget.clone(),
+            },
+            None => MergedPolicy {
+                load_balancer: self.load_balancer.clone(),
+                connection_pool: self.connection_pool.clone(),
+                outlier_detection: self.outlier_detection.clone(),
+                retry_budget: self.retry_budget.clone(),
+            },
+        };
+        (merged, entry.is_some())
+    }
+
+    /// What applies to a destination on `port`, from a DestinationRule's policy and its
+    /// subset's, as Istio merges them (SEMANTICS.md 2.1): the rule's policy after its port
+    /// level; then each block the subset sets replaces the rule's (all of them when the
+    /// subset has an entry for the port); the subset's `retryBudget` replaces the rule's when
+    /// set.
+    pub fn merged(rule: Option<&TrafficPolicy>, subset: Option<&TrafficPolicy>, port: Option<u16>) -> MergedPolicy {
+        let mut merged = rule.map(|r| r.for_port(port).0).unwrap_or_default();
+        if let Some(subset) = subset {
+            let (own, port_level) = subset.for_port(port);
+            if port_level {
+                merged.load_balancer = own.load_balancer;
+                merged.connection_pool = own.connection_pool;
+                merged.outlier_detection = own.outlier_detection;
+            } else {
+                merged.load_balancer = own.load_balancer.or(merged.load_balancer);
+                merged.connection_pool = own.connection_pool.or(merged.connection_pool);
+                merged.outlier_detection = own.outlier_detection.or(merged.outlier_detection);
+            }
+            merged.retry_budget = own.retry_budget.or(merged.retry_budget);
+        }
+        merged
+    }
+}
+
+model! {
+    /// `trafficPolicy.connectionPool` (SEMANTICS.md 2.3). A 0 means "not set", as in Istio.
+    pub struct ConnectionPoolSettings {
+        /// TCP settings.
+        pub tcp: Option<TcpSettings>,
+        /// HTTP settings.
+        pub http: Option<HttpSettings>,
+    }
+}
+
+model! {
+    /// `connectionPool.tcp`.
+    pub struct TcpSettings {
+        /// Connections at once to the destination's endpoints.
+        pub max_connections: Option<i32>,
+        /// TCP connect timeout (10 s).
+        pub connect_timeout: Option<Duration>,
+        /// TCP keepalive probes on upstream connections.
+        pub tcp_keepalive: Option<TcpKeepalive>,
+        /// The longest a connection lives (not enforced).
+        #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+        pub max_connection_duration: Option<NotEnforced>,
+        /// How long an unused connection stays open.
+        pub idle_timeout: Option<Duration>,
+    }
+}
+
+model! {
+    /// `connectionPool.tcp.tcpKeepalive`.
+    pub struct TcpKeepalive {
+        /// Unanswered probes before the connection is dropped.
+        pub probes: Option<u32>,
+        /// Idle time before the first probe.
+        pub time: Option<Duration>,
+        /// Time between probes.
+        pub interval: Option<Duration>,
+    }
+}
+
+model! {
+    /// `connectionPool.http`.
+    pub struct HttpSettings {
+        /// Requests waiting for a connection at once.
+        pub http1_max_pending_requests: Option<i32>,
+        /// Requests in flight at once.
+        pub http2_max_requests: Option<i32>,
+        /// Requests per connection before it is closed (1 disables keep-alive).
+        pub max_requests_per_connection: Option<i32>,
+        /// Retries in flight at once (when no retry budget is set).
+        pub max_retries: Option<i32>,
+        /// How long an unused connection stays open.
+        pub idle_timeout: Option<Duration>,
+        /// `DEFAULT`, `DO_NOT_UPGRADE` or `UPGRADE` (HTTP/2 to the upstream).
+        pub h2_upgrade_policy: Option<String>,
+        /// Use the client's protocol upstream (not enforced).
+        #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+        pub use_client_protocol: Option<NotEnforced>,
+        /// Streams at once on one HTTP/2 connection to the upstream.
+        pub max_concurrent_streams: Option<i32>,
+    }
+}
+
+impl ConnectionPoolSettings {
+    /// The circuit breaker's limits (a field at 0 or unset is unlimited, as Istio leaves it),
+    /// with Istio's validation. The error names the field under `connectionPool`.
+    pub fn limits(&self) -> Result<mesh_resilience::pool::PoolLimits, crate::InvalidRoute> {
+        if self.tcp.is_none() && self.http.is_none() {
+            return Err(crate::InvalidRoute::new("", "needs `tcp` or `http`"));
+        }
+        let positive = |field: &str, v: Option<i32>| -> Result<Option<usize>, crate::InvalidRoute> {
+            match v {
+                Some(n) if n < 0 => Err(crate::InvalidRoute::new(field, "must not be negative")),
+                Some(0) | None => Ok(None),
+                Some(n) => Ok(Some(n as usize)),
+            }
+        };
+        let tcp = self.tcp.clone().unwrap_or_default();
+        let http = self.http.clone().unwrap_or_default();
+        let mut limits = mesh_resilience::pool::PoolLimits::default();
+        limits.max_connections = positive("tcp.maxConnections", tcp.max_connections)?;
+        limits.max_pending = positive("http.http1MaxPendingRequests", http.http1_max_pending_requests)?;
+        limits.max_requests = positive("http.http2MaxRequests", http.http2_max_requests)?;
+        positive("http.maxRequestsPerConnection", http.max_requests_per_connection)?;
+        positive("http.maxRetries", http.max_retries)?;
+        positive("http.maxConcurrentStreams", http.max_concurrent_streams)?;
+        match http.h2_upgrade_policy.as_deref() {
+            None | Some("DEFAULT" | "DO_NOT_UPGRADE" | "UPGRADE") => {}
+            Some(other) => {
+                return Err(crate::InvalidRoute::new(
+                    "http.h2UpgradePolicy",
+                    &format!("`{other}` is not one of DEFAULT, DO_NOT_UPGRADE, UPGRADE"),
+                ));
+            }
+        }
+        Ok(limits)
     }
 }
 
