@@ -173,6 +173,14 @@ fn cluster_dump(routes: &Routes) -> serde_json::Value {
                 "name": c.key.to_string(),
                 "policy": format!("{:?}", c.balancer.policy()),
                 "retryBudget": c.retry_budget.as_ref().map(|b| format!("{b:?}")),
+                "circuitBreaker": c.breaker.as_ref().map(|b| json!({
+                    "maxConnections": b.limits().max_connections,
+                    "maxPendingRequests": b.limits().max_pending,
+                    "maxRequests": b.limits().max_requests,
+                    "requests": b.requests(),
+                    "pending": b.pending(),
+                    "overflows": b.overflows(),
+                })),
                 "outlierDetection": c.outlier.as_ref().map(|d| json!({
                     "ejected": d.ejected(),
                     "panic": d.in_panic(d.ejected()),

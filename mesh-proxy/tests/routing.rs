@@ -997,5 +997,62 @@ spec:
     assert_eq!((third.0, third.1.as_deref()), (StatusCode::SERVICE_UNAVAILABLE, Some("true")));
     assert!(third.2 < Duration::from_millis(300), "at once: {:?}", third.2);
     assert_eq!(seen.load(Ordering::SeqCst), 2, "the overflow never reached the backend, nor was retried");
+    let clusters = admin(proxy.admin, "/clusters").await;
+    assert!(clusters.contains(r#""overflows": 1"#), "{clusters}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `maxRequestsPerConnection: 1` turns keep-alive off towards the destination: each request
+/// gets a connection of its own; without it one connection carries them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_requests_per_connection_closes_connections_after_their_share() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counted = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let svc = service_fn(|_req: Request<Incoming>| async {
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            });
+        }
+    });
+    let config = |per_connection: u32| {
+        format!(
+            r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: ledger}}
+spec:
+  hosts: [ledger]
+  ports: [{{number: 80, name: http}}]
+  endpoints: [{{address: 127.0.0.1, ports: {{http: {port}}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: ledger}}
+spec:
+  host: ledger
+  trafficPolicy:
+    connectionPool:
+      http: {{maxRequestsPerConnection: {per_connection}}}
+"#,
+            port = backend.port()
+        )
+    };
+    for (per_connection, connections) in [(1, 5), (0, 1)] {
+        let dir = config_dir(&format!("per-connection-{per_connection}"));
+        write_atomically(&dir, "mesh.yaml", &config(per_connection));
+        let proxy = Proxy::start(&dir);
+        let before = accepted.load(Ordering::SeqCst);
+        let mut client = Client::connect(proxy.addr).await;
+        for _ in 0..5 {
+            assert_eq!(client.get("ledger", "/", &[]).await.0, StatusCode::OK);
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst) - before, connections, "maxRequestsPerConnection {per_connection}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
