@@ -748,6 +748,7 @@ impl Ctx<'_> {
             ("workloadSelector:", "workload selectors"),
             ("maxConnectionDuration:", "connection lifetimes"),
             ("useClientProtocol:", "the client's protocol upstream"),
+            ("maxConcurrentStreams:", "a cap on streams per upstream HTTP/2 connection"),
             ("dstOverrides:", "traffic shifting by dstOverrides (use a TrafficSplit)"),
             ("opaquePorts:", "opaque ports"),
         ];
