@@ -429,6 +429,21 @@ impl GrpcCode {
         StatusCode::from_u16(code).expect("a valid status code")
     }
 
+    /// The code Envoy gives a local reply with HTTP `status` to a gRPC request (its
+    /// `httpToGrpcStatus`, after the gRPC project's mapping): 400 INTERNAL, 401
+    /// UNAUTHENTICATED, 403 PERMISSION_DENIED, 404 UNIMPLEMENTED, 429 / 502 / 503 / 504
+    /// UNAVAILABLE, anything else UNKNOWN.
+    pub fn from_http_status(status: StatusCode) -> Self {
+        GrpcCode(match status.as_u16() {
+            400 => 13,
+            401 => 16,
+            403 => 7,
+            404 => 12,
+            429 | 502 | 503 | 504 => 14,
+            _ => 2,
+        })
+    }
+
     /// Parses a `grpc-status` header value as Envoy does (`absl::SimpleAtoi`): decimal
     /// digits, with surrounding whitespace and a leading `+` allowed. `None` for anything
     /// else, and for a number beyond `u32` (which Envoy would read as a non-standard code; it
