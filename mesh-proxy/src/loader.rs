@@ -739,7 +739,6 @@ impl Ctx<'_> {
             rest.map_or(usize::MAX, |n| self.line + n)
         };
         const LATER: &[(&str, &str)] = &[
-            ("fault:", "fault injection (mesh-resilience)"),
             ("corsPolicy:", "CORS"),
             ("tls:", "TLS settings (mesh-tls)"),
             ("localityLbSetting:", "locality load balancing"),

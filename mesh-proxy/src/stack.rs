@@ -5,6 +5,7 @@
 //! server adapter (per connection: request timeout, client connection, local replies)
 //!   -> Routing (mesh-routing: route, weighted destination, rewrites, RouteDecision,
 //!      404 NR, redirects, direct responses, response header operations)
+//!   -> Fault (mesh-resilience: the route's `fault`: delays, aborts with DI / FI)
 //!   -> RouteTimeout (the route's `timeout`: 504 UT, over every try)
 //!   -> Dispatch (mesh-routing: one service per destination, made lazily, cached, retired
 //!      on reload; mirrors)
@@ -34,6 +35,7 @@ use http_body::Body;
 use mesh_core::classify::TimeoutError;
 use mesh_core::classify::{GrpcCode, Outcome};
 use mesh_core::{ClientConnection, TriedEndpoints};
+use mesh_resilience::fault::{FaultBody, FaultLayer, FaultService};
 use mesh_resilience::outlier::HostMonitor;
 use mesh_resilience::retry::{ReplayBody, Retry, RetryLayer, RetryPolicy};
 use mesh_routing::balance::HashKey;
@@ -51,7 +53,7 @@ use crate::upstream::Upstream;
 type BoxFuture = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, BoxError>> + Send>>;
 
 /// The routed stack's type.
-pub(crate) type Routed = Routing<RouteTimeoutService<Dispatch<MakeCluster>>>;
+pub(crate) type Routed = Routing<FaultService<RouteTimeoutService<Dispatch<MakeCluster>>>>;
 
 /// The retry layer's recorded body, as the body the rest of the stack takes.
 type Replayed<S> = tower::util::MapRequest<S, fn(Request<ReplayBody<RequestBody>>) -> Request<RequestBody>>;
@@ -78,7 +80,10 @@ impl Stack {
         // Each destination's service holds its cluster and pools as of the snapshot it was
         // made from: a new snapshot retires them all, and they are made again on first use.
         routes.on_store(Box::new(move |_| cache.retain(|_| false)));
-        let stack = RoutingLayer::shared(routes.route_table()).layer(RouteTimeoutService(dispatch));
+        // Faults come before the route timeout starts, as Envoy's fault filter runs before
+        // its router.
+        let faults = FaultLayer::from_routes().layer(RouteTimeoutService(dispatch));
+        let stack = RoutingLayer::shared(routes.route_table()).layer(faults);
         Stack::Routed(stack)
     }
 
@@ -101,6 +106,12 @@ fn flatten<B: Into<ProxyBody>>(body: RoutingBody<B>) -> ProxyBody {
     match body.into_inner() {
         Ok(inner) => inner.into(),
         Err(local) => ProxyBody::local(local.unwrap_or_default()),
+    }
+}
+
+impl From<FaultBody<ProxyBody>> for ProxyBody {
+    fn from(body: FaultBody<ProxyBody>) -> Self {
+        body.into_inner().unwrap_or_else(ProxyBody::local)
     }
 }
 

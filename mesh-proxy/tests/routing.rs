@@ -1056,3 +1056,57 @@ spec:
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
+
+/// VirtualService `fault` through the real binary: a 100 % abort answers its status without
+/// reaching the backend, a 100 % delay holds the request, a fault without a percentage
+/// never fires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_from_the_virtual_service() {
+    let (backend, all, _) = flaky_backend().await;
+    let dir = config_dir("faults");
+    write_atomically(
+        &dir,
+        "mesh.yaml",
+        &format!(
+            r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: ratings}}
+spec:
+  hosts: [ratings]
+  ports: [{{number: 80, name: http}}]
+  endpoints: [{{address: 127.0.0.1, ports: {{http: {port}}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: ratings}}
+spec:
+  hosts: [ratings]
+  http:
+  - match: [{{uri: {{prefix: /abort}}}}]
+    fault: {{abort: {{httpStatus: 418, percentage: {{value: 100}}}}}}
+    route: [{{destination: {{host: ratings}}}}]
+  - match: [{{uri: {{prefix: /delay}}}}]
+    fault: {{delay: {{fixedDelay: 400ms, percentage: {{value: 100}}}}}}
+    route: [{{destination: {{host: ratings}}}}]
+  - match: [{{uri: {{prefix: /never}}}}]
+    fault: {{abort: {{httpStatus: 500}}}}
+    route: [{{destination: {{host: ratings}}}}]
+"#,
+            port = backend.port()
+        ),
+    );
+    let proxy = Proxy::start(&dir);
+    let mut client = Client::connect(proxy.addr).await;
+    for _ in 0..5 {
+        assert_eq!(client.get("ratings", "/abort", &[]).await, (StatusCode::IM_A_TEAPOT, "fault filter abort".into()));
+    }
+    assert_eq!(all.load(Ordering::SeqCst), 0, "aborted requests never reach the backend");
+    let start = std::time::Instant::now();
+    let _ = client.get("ratings", "/delay", &[]).await;
+    assert!(start.elapsed() >= Duration::from_millis(400), "{:?}", start.elapsed());
+    assert_eq!(all.load(Ordering::SeqCst), 1);
+    for _ in 0..5 {
+        assert_ne!(client.get("ratings", "/never", &[]).await.0, StatusCode::INTERNAL_SERVER_ERROR);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -183,6 +183,9 @@ where
                     ext.insert(RouteTimeout(t));
                 }
                 ext.insert(mesh_resilience::retry::RoutePolicy(route.retry_policy().clone()));
+                if let Some(fault) = route.fault() {
+                    ext.insert(mesh_resilience::fault::RouteFault(fault.clone()));
+                }
                 let mirrors: Vec<_> = route.mirrors_for(table.random()).cloned().collect();
                 if !mirrors.is_empty() {
                     ext.insert(MirrorTo(mirrors));

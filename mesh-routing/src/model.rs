@@ -111,9 +111,9 @@ model! {
         /// [`RetryPolicy::istio_default`](mesh_resilience::retry::RetryPolicy::istio_default)).
         #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
         pub retries: Option<mesh_resilience::retry::HttpRetry>,
-        /// Fault injection (enforced by mesh-resilience, not yet).
+        /// Fault injection (mesh-resilience's `FaultLayer` applies it).
         #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
-        pub fault: Option<NotEnforced>,
+        pub fault: Option<HttpFaultInjection>,
         /// CORS (not enforced).
         #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
         pub cors_policy: Option<NotEnforced>,
@@ -687,6 +687,103 @@ impl TrafficSplitSpec {
             ..HttpRoute::default()
         }
     }
+}
+
+// === fault injection ===
+
+model! {
+    /// `fault` (SEMANTICS.md 1.14): a delay and/or an abort for a share of requests.
+    pub struct HttpFaultInjection {
+        /// Delay requests.
+        pub delay: Option<FaultDelay>,
+        /// Abort requests.
+        pub abort: Option<FaultAbort>,
+    }
+}
+
+model! {
+    /// `fault.delay`.
+    pub struct FaultDelay {
+        /// How long (at least 1 ms).
+        pub fixed_delay: Option<Duration>,
+        /// Rejected, as Istio rejects it.
+        #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+        pub exponential_delay: Option<Duration>,
+        /// The share of requests delayed; absent: none.
+        pub percentage: Option<Percent>,
+        /// Deprecated integer percentage, used only without `percentage`.
+        pub percent: Option<i32>,
+    }
+}
+
+model! {
+    /// `fault.abort`.
+    pub struct FaultAbort {
+        /// Answer this HTTP status (200–600).
+        pub http_status: Option<i32>,
+        /// Answer this gRPC status, by name (`UNAVAILABLE`).
+        pub grpc_status: Option<String>,
+        /// Rejected, as Istio rejects it ("not supported yet").
+        #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
+        pub http2_error: Option<NotEnforced>,
+        /// The share of requests aborted; absent: none.
+        pub percentage: Option<Percent>,
+    }
+}
+
+impl HttpFaultInjection {
+    /// The fault policy, with Istio's validation; the error names the field under `fault`.
+    pub fn to_policy(&self) -> Result<mesh_resilience::fault::FaultPolicy, crate::InvalidRoute> {
+        use mesh_resilience::fault::{Abort, FaultPolicy};
+        let err = |field: &str, why: &str| crate::InvalidRoute::new(field, why);
+        if self.delay.is_none() && self.abort.is_none() {
+            return Err(err("", "a fault needs `delay` or `abort`"));
+        }
+        let mut policy = FaultPolicy::default();
+        if let Some(d) = &self.delay {
+            if d.exponential_delay.is_some() {
+                return Err(err("delay.exponentialDelay", "is not supported (as in Istio)"));
+            }
+            let fixed = d.fixed_delay.ok_or_else(|| err("delay.fixedDelay", "is required"))?.get();
+            if fixed < std::time::Duration::from_millis(1) {
+                return Err(err("delay.fixedDelay", "must be at least 1ms"));
+            }
+            let percent = match (d.percentage, d.percent) {
+                (Some(p), _) => p.value(),
+                (None, Some(p)) if (0..=100).contains(&p) => f64::from(p),
+                (None, Some(_)) => return Err(err("delay.percent", "must be from 0 to 100")),
+                // No percentage: Istio never delays.
+                (None, None) => 0.0,
+            };
+            policy = policy.with_delay(fixed, percent);
+        }
+        if let Some(a) = &self.abort {
+            if a.http2_error.is_some() {
+                return Err(err("abort.http2Error", "is not supported yet (as in Istio)"));
+            }
+            let abort = match (a.http_status, &a.grpc_status) {
+                (Some(_), Some(_)) => return Err(err("abort", "`httpStatus` and `grpcStatus` are mutually exclusive")),
+                (Some(code), None) => Abort::Http(
+                    u16::try_from(code)
+                        .ok()
+                        .filter(|c| (200..=600).contains(c))
+                        .and_then(|c| http::StatusCode::from_u16(c).ok())
+                        .ok_or_else(|| err("abort.httpStatus", "must be a status from 200 to 600"))?,
+                ),
+                (None, Some(name)) => Abort::Grpc(grpc_code(name).ok_or_else(|| {
+                    err("abort.grpcStatus", &format!("`{name}` is not an upper-case gRPC code name"))
+                })?),
+                (None, None) => return Err(err("abort", "needs `httpStatus` or `grpcStatus`")),
+            };
+            policy = policy.with_abort(abort, a.percentage.map_or(0.0, |p| p.value()));
+        }
+        Ok(policy)
+    }
+}
+
+/// A gRPC code by its upper-case name, as Istio accepts it (numbers are not).
+fn grpc_code(name: &str) -> Option<mesh_core::classify::GrpcCode> {
+    (0..=16).map(mesh_core::classify::GrpcCode::new).find(|c| c.name() == Some(name))
 }
 
 // === Linkerd ServiceProfile ===

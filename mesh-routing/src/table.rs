@@ -245,6 +245,8 @@ pub struct Route {
     mirrors: Box<[Mirror]>,
     /// The route's retry policy (Istio's default when it has no `retries`).
     retry: Arc<RetryPolicy>,
+    /// The route's faults.
+    fault: Option<Arc<mesh_resilience::fault::FaultPolicy>>,
 }
 
 #[derive(Debug)]
@@ -621,6 +623,11 @@ impl Route {
             let pct = m.percentage.map_or(100.0, |p| p.value());
             mirrors.push(Mirror::new(&m.destination, pct, &format!("{path}.mirrors[{k}].destination"))?);
         }
+        let fault = route
+            .fault
+            .as_ref()
+            .map(|f| f.to_policy().map(Arc::new).map_err(|e| e.within(&format!("{path}.fault"))))
+            .transpose()?;
         let retry = match (&route.retry_policy, &route.retries) {
             (Some(policy), _) => policy.clone(),
             (None, Some(r)) => Arc::new(
@@ -642,6 +649,7 @@ impl Route {
             timeout,
             mirrors: mirrors.into(),
             retry,
+            fault,
         };
         Ok(Some((route, catch_all)))
     }
@@ -664,6 +672,11 @@ impl Route {
     /// The route timeout, if any.
     pub fn timeout(&self) -> Option<Duration> {
         self.timeout
+    }
+
+    /// The route's faults, if any.
+    pub fn fault(&self) -> Option<&Arc<mesh_resilience::fault::FaultPolicy>> {
+        self.fault.as_ref()
     }
 
     /// The route's condition beyond its match blocks (a ServiceProfile route's), if any.
