@@ -30,7 +30,7 @@
 //! }));
 //! let start = tokio::time::Instant::now();
 //! let res = svc.oneshot(http::Request::new(())).await.unwrap();
-//! assert_eq!((res.status(), start.elapsed()), (503, Duration::from_secs(5)));
+//! assert_eq!((res.status(), start.elapsed()), (http::StatusCode::SERVICE_UNAVAILABLE, Duration::from_secs(5)));
 //! # }
 //! ```
 
