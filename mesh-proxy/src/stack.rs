@@ -35,7 +35,8 @@ use http_body::Body;
 use mesh_core::classify::TimeoutError;
 use mesh_core::classify::{GrpcCode, Outcome};
 use mesh_core::{ClientConnection, TriedEndpoints};
-use mesh_resilience::fault::{FaultBody, FaultLayer, FaultService};
+use mesh_resilience::LocalOr;
+use mesh_resilience::fault::{FaultLayer, FaultService};
 use mesh_resilience::outlier::HostMonitor;
 use mesh_resilience::retry::{ReplayBody, Retry, RetryLayer, RetryPolicy};
 use mesh_routing::balance::HashKey;
@@ -109,8 +110,8 @@ fn flatten<B: Into<ProxyBody>>(body: RoutingBody<B>) -> ProxyBody {
     }
 }
 
-impl From<FaultBody<ProxyBody>> for ProxyBody {
-    fn from(body: FaultBody<ProxyBody>) -> Self {
+impl From<LocalOr<ProxyBody>> for ProxyBody {
+    fn from(body: LocalOr<ProxyBody>) -> Self {
         body.into_inner().unwrap_or_else(ProxyBody::local)
     }
 }

@@ -43,11 +43,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode};
-use http_body::{Body, Frame, SizeHint};
 use mesh_core::ResponseFlags;
 use mesh_core::classify::GrpcCode;
 use mesh_core::random::Random;
 use tower::{Layer, Service};
+
+use crate::LocalOr;
 
 /// What an abort answers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -155,7 +156,7 @@ where
     B: Send + 'static,
     RB: Send + 'static,
 {
-    type Response = Response<FaultBody<RB>>;
+    type Response = Response<LocalOr<RB>>;
     type Error = S::Error;
     type Future = FaultFuture<S::Future, RB, S::Error>;
 
@@ -181,7 +182,7 @@ where
         // The ready service takes this request; a clone stays for the next.
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let fut: BoxFuture<Result<Response<FaultBody<RB>>, S::Error>> = Box::pin(async move {
+        let fut: BoxFuture<Result<Response<LocalOr<RB>>, S::Error>> = Box::pin(async move {
             let mut flags = ResponseFlags::empty();
             if let Some((delay, _)) = delay {
                 tokio::time::sleep(delay).await;
@@ -192,7 +193,7 @@ where
                     flags |= ResponseFlags::FAULT_INJECTED;
                     aborted(abort, grpc)
                 }
-                None => inner.call(req).await?.map(FaultBody::inner),
+                None => inner.call(req).await?.map(LocalOr::inner),
             };
             ResponseFlags::record(res.extensions_mut(), flags);
             Ok(res)
@@ -214,7 +215,7 @@ pin_project_lite::pin_project! {
     #[project = FaultStateProj]
     enum FaultState<F, RB, E> {
         Pass { #[pin] fut: F },
-        Injected { fut: BoxFuture<Result<Response<FaultBody<RB>>, E>> },
+        Injected { fut: BoxFuture<Result<Response<LocalOr<RB>>, E>> },
     }
 }
 
@@ -228,18 +229,18 @@ impl<F, RB, E> Future for FaultFuture<F, RB, E>
 where
     F: Future<Output = Result<Response<RB>, E>>,
 {
-    type Output = Result<Response<FaultBody<RB>>, E>;
+    type Output = Result<Response<LocalOr<RB>>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().state.project() {
-            FaultStateProj::Pass { fut } => fut.poll(cx).map(|r| r.map(|res| res.map(FaultBody::inner))),
+            FaultStateProj::Pass { fut } => fut.poll(cx).map(|r| r.map(|res| res.map(LocalOr::inner))),
             FaultStateProj::Injected { fut } => fut.as_mut().poll(cx),
         }
     }
 }
 
 /// An abort's answer.
-fn aborted<RB>(abort: Abort, grpc: bool) -> Response<FaultBody<RB>> {
+fn aborted<RB>(abort: Abort, grpc: bool) -> Response<LocalOr<RB>> {
     const MESSAGE: &str = "fault filter abort";
     let code = match (abort, grpc) {
         (Abort::Grpc(code), _) => Some(code),
@@ -248,7 +249,7 @@ fn aborted<RB>(abort: Abort, grpc: bool) -> Response<FaultBody<RB>> {
     };
     match (abort, code) {
         (_, Some(code)) => {
-            let mut res = Response::new(FaultBody::local(Bytes::new()));
+            let mut res = Response::new(LocalOr::local(Bytes::new()));
             let headers = res.headers_mut();
             headers.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
             headers.insert("grpc-status", HeaderValue::from(code.as_u32()));
@@ -256,67 +257,11 @@ fn aborted<RB>(abort: Abort, grpc: bool) -> Response<FaultBody<RB>> {
             res
         }
         (Abort::Http(status), None) => {
-            let mut res = Response::new(FaultBody::local(Bytes::from_static(MESSAGE.as_bytes())));
+            let mut res = Response::new(LocalOr::local(Bytes::from_static(MESSAGE.as_bytes())));
             *res.status_mut() = status;
             res.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
             res
         }
         (Abort::Grpc(_), None) => unreachable!("a gRPC abort always has a code"),
-    }
-}
-
-/// The inner service's body, or an abort's.
-#[derive(Debug)]
-pub struct FaultBody<B> {
-    kind: Kind<B>,
-}
-
-#[derive(Debug)]
-enum Kind<B> {
-    Inner(B),
-    Local(Option<Bytes>),
-}
-
-impl<B> FaultBody<B> {
-    fn inner(body: B) -> Self {
-        Self { kind: Kind::Inner(body) }
-    }
-
-    fn local(data: Bytes) -> Self {
-        Self { kind: Kind::Local((!data.is_empty()).then_some(data)) }
-    }
-
-    /// The inner body, or the abort's text (`Err`).
-    pub fn into_inner(self) -> Result<B, Bytes> {
-        match self.kind {
-            Kind::Inner(b) => Ok(b),
-            Kind::Local(data) => Err(data.unwrap_or_default()),
-        }
-    }
-}
-
-impl<B: Body<Data = Bytes> + Unpin> Body for FaultBody<B> {
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        match &mut self.get_mut().kind {
-            Kind::Inner(b) => Pin::new(b).poll_frame(cx),
-            Kind::Local(data) => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match &self.kind {
-            Kind::Inner(b) => b.is_end_stream(),
-            Kind::Local(data) => data.is_none(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match &self.kind {
-            Kind::Inner(b) => b.size_hint(),
-            Kind::Local(data) => SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64)),
-        }
     }
 }

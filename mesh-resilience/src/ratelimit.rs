@@ -1,0 +1,674 @@
+//! Local rate limiting on `governor`, with Envoy's token-bucket parameters and answers
+//! (SEMANTICS.md 4).
+//!
+//! A [`RateLimiter`] holds a total bucket (every request), keyed buckets (one per value of a
+//! [`RateLimitKey`]: a header such as `x-user-id`, a cookie, the client's IP or its network,
+//! the peer's SPIFFE identity, or a closure), and per-key overrides (a bigger bucket for one
+//! identity, say). A request takes a token from its key's bucket and from the total one;
+//! either empty refuses it. Clones share every bucket, so a service cloned per request (axum
+//! does) is limited once overall, which tower's `RateLimit` is not.
+//!
+//! [`TokenBucket`] is Envoy's: `max_tokens` is the burst (and the bucket starts full),
+//! `tokens_per_fill` come back every `fill_interval`, continuously (one every
+//! `fill_interval / tokens_per_fill`), as Envoy's atomic bucket refills (GCRA underneath).
+//!
+//! Keyed buckets live in a concurrent map that is swept of idle keys (a full bucket is the
+//! same as no entry) every `fill_interval`, and emptied whole if it still holds more than
+//! [`RateLimiter::with_max_keys`] keys (100 000 by default): memory stays bounded under any
+//! number of distinct keys, at the price of forgiving the keys that were limited when that
+//! happens.
+//!
+//! [`RateLimitLayer`] answers a refused request at once: 429 (configurable), body
+//! `local_rate_limited`, `Retry-After`, the IETF `RateLimit-Policy` and `RateLimit` fields
+//! (SEMANTICS.md 4.4), optionally Envoy's legacy `x-ratelimit-limit / -remaining / -reset`
+//! trio, flag `RL`; a gRPC request gets HTTP 200 with `grpc-status` 8 (`RESOURCE_EXHAUSTED`).
+//! `filter_enabled` and `filter_enforced` shares (Envoy's) sample which requests are checked
+//! and which refusals are enforced (the rest are only counted: shadow mode).
+//!
+//! ```
+//! use std::time::Duration;
+//! use mesh_resilience::ratelimit::{RateLimitLayer, RateLimiter, TokenBucket};
+//! use tower::{Layer, ServiceExt, service_fn};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)] async fn main() {
+//! let limiter = RateLimiter::total(TokenBucket::new(2, 1, Duration::from_secs(1)).unwrap());
+//! let svc = RateLimitLayer::new(limiter).layer(service_fn(|_req: http::Request<()>| async {
+//!     Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Empty::<bytes::Bytes>::new()))
+//! }));
+//! for expected in [200, 200, 429] {
+//!     let res = svc.clone().oneshot(http::Request::new(())).await.unwrap();
+//!     assert_eq!(res.status(), expected);
+//! }
+//! # }
+//! ```
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::net::IpAddr;
+use std::num::NonZeroU32;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use governor::clock::Clock;
+use governor::middleware::StateInformationMiddleware;
+use governor::state::keyed::DashMapStateStore;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{NotUntil, Quota};
+use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
+use mesh_core::random::Random;
+use mesh_core::{ClientConnection, PeerIdentity, ResponseFlags};
+use tower::{Layer, Service};
+
+use crate::LocalOr;
+
+/// A configuration the limiter refuses: the field and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct InvalidRateLimit {
+    field: &'static str,
+    reason: String,
+}
+
+impl InvalidRateLimit {
+    /// An error about `field`.
+    pub fn new(field: &'static str, reason: impl Into<String>) -> Self {
+        Self { field, reason: reason.into() }
+    }
+
+    /// The field, like `fill_interval`.
+    pub fn field(&self) -> &str {
+        self.field
+    }
+
+    /// Why it is invalid.
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+}
+
+// === clock ===
+
+/// governor's clock on tokio's time, so that paused-time tests drive the buckets.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TokioClock;
+
+impl Clock for TokioClock {
+    type Instant = std::time::Instant;
+
+    fn now(&self) -> std::time::Instant {
+        tokio::time::Instant::now().into_std()
+    }
+}
+
+type Direct = governor::RateLimiter<NotKeyed, InMemoryState, TokioClock, StateInformationMiddleware>;
+type Keyed = governor::RateLimiter<String, DashMapStateStore<String>, TokioClock, StateInformationMiddleware>;
+
+// === TokenBucket ===
+
+/// Envoy's `token_bucket`. See the [module docs](self).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TokenBucket {
+    max_tokens: u32,
+    tokens_per_fill: u32,
+    fill_interval: Duration,
+}
+
+impl TokenBucket {
+    /// A bucket of `max_tokens` (the burst; it starts full), refilled with `tokens_per_fill`
+    /// every `fill_interval`, with Envoy's validation (both counts above 0, the interval at
+    /// least 50 ms).
+    pub fn new(max_tokens: u32, tokens_per_fill: u32, fill_interval: Duration) -> Result<Self, InvalidRateLimit> {
+        if max_tokens == 0 {
+            return Err(InvalidRateLimit::new("max_tokens", "must be more than 0"));
+        }
+        if tokens_per_fill == 0 {
+            return Err(InvalidRateLimit::new("tokens_per_fill", "must be more than 0"));
+        }
+        if fill_interval < Duration::from_millis(50) {
+            return Err(InvalidRateLimit::new("fill_interval", "must be at least 50ms"));
+        }
+        Ok(Self { max_tokens, tokens_per_fill, fill_interval })
+    }
+
+    /// `n` requests per `window`, with a burst of `n` (Linkerd's `requestsPerSecond` is
+    /// `per(n, 1 s)`).
+    pub fn per(n: u32, window: Duration) -> Result<Self, InvalidRateLimit> {
+        Self::new(n, n, window)
+    }
+
+    /// The burst.
+    pub fn max_tokens(&self) -> u32 {
+        self.max_tokens
+    }
+
+    /// Tokens per fill.
+    pub fn tokens_per_fill(&self) -> u32 {
+        self.tokens_per_fill
+    }
+
+    /// The fill interval.
+    pub fn fill_interval(&self) -> Duration {
+        self.fill_interval
+    }
+
+    fn quota(&self) -> Quota {
+        let per_token = self.fill_interval / self.tokens_per_fill;
+        let burst = NonZeroU32::new(self.max_tokens).expect("validated");
+        Quota::with_period(per_token.max(Duration::from_nanos(1))).expect("a period above 0").allow_burst(burst)
+    }
+}
+
+// === keys ===
+
+/// A closure that reads a key from a request's head.
+pub type KeyFn = Arc<dyn Fn(&http::request::Parts) -> Option<String> + Send + Sync>;
+
+/// Where a keyed limit's key comes from. A request without one is limited by the total
+/// bucket only.
+#[derive(Clone)]
+#[non_exhaustive]
+pub enum RateLimitKey {
+    /// A header's value (`x-user-id`, `x-api-key`).
+    Header(HeaderName),
+    /// A cookie's value.
+    Cookie(String),
+    /// The client's IP address (from the `ClientConnection` extension).
+    ClientIp,
+    /// The client's network: its address with only the first `v4` (IPv4) or `v6` (IPv6)
+    /// bits kept.
+    ClientNetwork {
+        /// Prefix length for IPv4 clients.
+        v4: u8,
+        /// Prefix length for IPv6 clients.
+        v6: u8,
+    },
+    /// The peer's SPIFFE identity (the `PeerIdentity` extension an mTLS acceptor sets).
+    PeerIdentity,
+    /// Anything a closure reads from the request's head.
+    Custom(KeyFn),
+}
+
+impl fmt::Debug for RateLimitKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RateLimitKey::Header(h) => write!(f, "Header({h})"),
+            RateLimitKey::Cookie(c) => write!(f, "Cookie({c})"),
+            RateLimitKey::ClientIp => f.write_str("ClientIp"),
+            RateLimitKey::ClientNetwork { v4, v6 } => write!(f, "ClientNetwork(/{v4}, /{v6})"),
+            RateLimitKey::PeerIdentity => f.write_str("PeerIdentity"),
+            RateLimitKey::Custom(_) => f.write_str("Custom"),
+        }
+    }
+}
+
+impl RateLimitKey {
+    /// The key of a request, if it has one.
+    pub fn of(&self, head: &http::request::Parts) -> Option<String> {
+        let client = || ClientConnection::of(&head.extensions).map(|c| c.peer.ip());
+        match self {
+            RateLimitKey::Header(name) => head.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned),
+            RateLimitKey::Cookie(name) => mesh_core::matching::RequestView::new(&head.method, &head.uri, &head.headers)
+                .cookie(name)
+                .map(|v| String::from_utf8_lossy(v).into_owned()),
+            RateLimitKey::ClientIp => client().map(|ip| ip.to_string()),
+            RateLimitKey::ClientNetwork { v4, v6 } => client().map(|ip| network(ip, *v4, *v6)),
+            RateLimitKey::PeerIdentity => head.extensions.get::<PeerIdentity>().map(|p| p.0.to_string()),
+            RateLimitKey::Custom(f) => f(head),
+        }
+    }
+}
+
+/// `ip` with only its first `v4` / `v6` bits, as `address/len`.
+fn network(ip: IpAddr, v4: u8, v6: u8) -> String {
+    match ip {
+        IpAddr::V4(a) => {
+            let len = v4.min(32);
+            let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+            format!("{}/{len}", std::net::Ipv4Addr::from(u32::from(a) & mask))
+        }
+        IpAddr::V6(a) => {
+            let len = v6.min(128);
+            let mask = if len == 0 { 0 } else { u128::MAX << (128 - len) };
+            format!("{}/{len}", std::net::Ipv6Addr::from(u128::from(a) & mask))
+        }
+    }
+}
+
+// === RateLimiter ===
+
+/// The buckets, shared by clones. See the [module docs](self).
+#[derive(Clone)]
+pub struct RateLimiter {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    total: Option<(TokenBucket, Direct)>,
+    keyed: Option<KeyedBuckets>,
+    name: String,
+    stats: Stats,
+}
+
+struct KeyedBuckets {
+    key: RateLimitKey,
+    bucket: TokenBucket,
+    limiter: ArcSwap<Keyed>,
+    overrides: HashMap<String, (TokenBucket, Direct)>,
+    max_keys: usize,
+    /// When the map was last swept, in ms since `epoch`.
+    swept_ms: AtomicU64,
+    epoch: tokio::time::Instant,
+}
+
+/// Counters, as Envoy's `http_local_rate_limit` stats.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Requests the limiter checked.
+    pub enabled: AtomicU64,
+    /// Requests it allowed.
+    pub ok: AtomicU64,
+    /// Requests it found over a limit.
+    pub rate_limited: AtomicU64,
+    /// Of those, the ones refused.
+    pub enforced: AtomicU64,
+}
+
+/// What a check decided.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Allowed, with the tokens left in the bucket that had fewest.
+    Allowed {
+        /// Tokens left.
+        remaining: u32,
+    },
+    /// Over a limit.
+    Limited {
+        /// The bucket that refused.
+        bucket: TokenBucket,
+        /// When a token comes back.
+        retry_after: Duration,
+    },
+}
+
+impl fmt::Debug for RateLimiter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimiter")
+            .field("total", &self.inner.total.as_ref().map(|(b, _)| b))
+            .field("keyed", &self.inner.keyed.as_ref().map(|k| (&k.key, k.bucket)))
+            .finish()
+    }
+}
+
+fn direct(bucket: TokenBucket) -> Direct {
+    governor::RateLimiter::direct_with_clock(bucket.quota(), TokioClock).with_middleware::<StateInformationMiddleware>()
+}
+
+fn keyed(bucket: TokenBucket) -> Keyed {
+    governor::RateLimiter::dashmap_with_clock(bucket.quota(), TokioClock)
+        .with_middleware::<StateInformationMiddleware>()
+}
+
+fn wait(not_until: &NotUntil<std::time::Instant>) -> Duration {
+    not_until.wait_time_from(TokioClock.now())
+}
+
+impl RateLimiter {
+    /// One bucket for every request.
+    pub fn total(bucket: TokenBucket) -> Self {
+        Self::build(Some(bucket), None)
+    }
+
+    /// One bucket per key value (requests without the key are not limited).
+    pub fn keyed(key: RateLimitKey, bucket: TokenBucket) -> Self {
+        Self::build(None, Some((key, bucket)))
+    }
+
+    /// A bucket per key value and a total bucket, both applied.
+    pub fn keyed_with_total(key: RateLimitKey, bucket: TokenBucket, total: TokenBucket) -> Self {
+        Self::build(Some(total), Some((key, bucket)))
+    }
+
+    fn build(total: Option<TokenBucket>, keyed_by: Option<(RateLimitKey, TokenBucket)>) -> Self {
+        let keyed = keyed_by.map(|(key, bucket)| KeyedBuckets {
+            key,
+            bucket,
+            limiter: ArcSwap::from_pointee(keyed(bucket)),
+            overrides: HashMap::new(),
+            max_keys: 100_000,
+            swept_ms: AtomicU64::new(0),
+            epoch: tokio::time::Instant::now(),
+        });
+        let inner =
+            Inner { total: total.map(|b| (b, direct(b))), keyed, name: "default".into(), stats: Stats::default() };
+        Self { inner: Arc::new(inner) }
+    }
+
+    fn inner_mut(&mut self) -> &mut Inner {
+        Arc::get_mut(&mut self.inner).expect("configured before it is cloned")
+    }
+
+    /// Gives key `value` its own bucket instead of the keyed one (Linkerd's `overrides`).
+    /// Configure before cloning.
+    pub fn with_override(mut self, value: impl Into<String>, bucket: TokenBucket) -> Self {
+        if let Some(k) = &mut self.inner_mut().keyed {
+            k.overrides.insert(value.into(), (bucket, direct(bucket)));
+        }
+        self
+    }
+
+    /// Keeps at most `n` keys' buckets (see the module docs). Configure before cloning.
+    pub fn with_max_keys(mut self, n: usize) -> Self {
+        if let Some(k) = &mut self.inner_mut().keyed {
+            k.max_keys = n.max(1);
+        }
+        self
+    }
+
+    /// Names the policy in the `RateLimit-Policy` and `RateLimit` fields (`default`).
+    /// Configure before cloning.
+    pub fn with_name(mut self, name: impl Into<String>) -> Self {
+        self.inner_mut().name = name.into();
+        self
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &Stats {
+        &self.inner.stats
+    }
+
+    /// Keyed buckets held now.
+    pub fn keys(&self) -> usize {
+        self.inner.keyed.as_ref().map_or(0, |k| k.limiter.load().len())
+    }
+
+    /// The bucket that a refusal's headers describe: the keyed one, else the total.
+    fn policy_bucket(&self) -> Option<TokenBucket> {
+        self.inner.keyed.as_ref().map(|k| k.bucket).or(self.inner.total.as_ref().map(|(b, _)| *b))
+    }
+
+    /// Takes a token for `head` from its key's bucket, then from the total bucket (a
+    /// refusal by the first takes nothing from the second).
+    pub fn check(&self, head: &http::request::Parts) -> Decision {
+        let mut remaining = u32::MAX;
+        if let Some(k) = &self.inner.keyed
+            && let Some(value) = k.key.of(head)
+        {
+            let outcome = match k.overrides.get(&value) {
+                Some((bucket, limiter)) => limiter.check().map_err(|n| (*bucket, wait(&n))),
+                None => {
+                    k.sweep();
+                    k.limiter.load().check_key(&value).map_err(|n| (k.bucket, wait(&n)))
+                }
+            };
+            match outcome {
+                Ok(snapshot) => remaining = snapshot.remaining_burst_capacity(),
+                Err((bucket, retry_after)) => return Decision::Limited { bucket, retry_after },
+            }
+        }
+        if let Some((bucket, limiter)) = &self.inner.total {
+            match limiter.check() {
+                Ok(snapshot) => remaining = remaining.min(snapshot.remaining_burst_capacity()),
+                Err(n) => return Decision::Limited { bucket: *bucket, retry_after: wait(&n) },
+            }
+        }
+        Decision::Allowed { remaining }
+    }
+}
+
+impl KeyedBuckets {
+    /// Every fill interval, drops the keys whose buckets are full again; over `max_keys`,
+    /// drops them all.
+    fn sweep(&self) {
+        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let last = self.swept_ms.load(Ordering::Relaxed);
+        let every = u64::try_from(self.bucket.fill_interval.as_millis()).unwrap_or(u64::MAX).max(1);
+        if now.saturating_sub(last) < every
+            || self.swept_ms.compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed).is_err()
+        {
+            // Between sweeps only a hard overflow is checked (a cheap length estimate).
+            if self.limiter.load().len() <= self.max_keys {
+                return;
+            }
+        }
+        let limiter = self.limiter.load();
+        limiter.retain_recent();
+        if limiter.len() > self.max_keys {
+            tracing::warn!(
+                keys = limiter.len(),
+                max = self.max_keys,
+                "rate limit keys over the cap; their buckets are reset"
+            );
+            self.limiter.store(Arc::new(keyed(self.bucket)));
+        } else {
+            limiter.shrink_to_fit();
+        }
+    }
+}
+
+// === layer ===
+
+/// How a [`RateLimitLayer`] answers and samples. See the [module docs](self).
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct RateLimitResponse {
+    /// The status of a refusal (a value below 400 becomes 429, as in Envoy).
+    pub status: StatusCode,
+    /// Adds Envoy's `x-ratelimit-limit`, `-remaining` and `-reset` to refusals and to
+    /// allowed responses.
+    pub legacy_headers: bool,
+    /// Share of requests checked, in millionths (all by default).
+    pub enabled_per_million: u32,
+    /// Share of refusals enforced, in millionths (all by default; the rest only count).
+    pub enforced_per_million: u32,
+}
+
+impl Default for RateLimitResponse {
+    fn default() -> Self {
+        Self {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            legacy_headers: false,
+            enabled_per_million: 1_000_000,
+            enforced_per_million: 1_000_000,
+        }
+    }
+}
+
+/// Layer of [`RateLimit`]. See the [module docs](self).
+#[derive(Clone, Debug)]
+pub struct RateLimitLayer {
+    limiter: RateLimiter,
+    response: Arc<RateLimitResponse>,
+    random: Arc<Random>,
+}
+
+impl RateLimitLayer {
+    /// Limits by `limiter` (its buckets shared by every service this layer makes).
+    pub fn new(limiter: RateLimiter) -> Self {
+        Self::with_response(limiter, RateLimitResponse::default())
+    }
+
+    /// Limits by `limiter`, answering and sampling as `response` says.
+    pub fn with_response(limiter: RateLimiter, mut response: RateLimitResponse) -> Self {
+        if response.status.as_u16() < 400 {
+            response.status = StatusCode::TOO_MANY_REQUESTS;
+        }
+        Self { limiter, response: Arc::new(response), random: Arc::new(Random::from_entropy()) }
+    }
+
+    /// Draws the sampling from `random` (seed it for deterministic tests).
+    pub fn with_random(mut self, random: Random) -> Self {
+        self.random = Arc::new(random);
+        self
+    }
+}
+
+impl<S> Layer<S> for RateLimitLayer {
+    type Service = RateLimit<S>;
+
+    fn layer(&self, inner: S) -> RateLimit<S> {
+        RateLimit { inner, limiter: self.limiter.clone(), response: self.response.clone(), random: self.random.clone() }
+    }
+}
+
+/// See [`RateLimitLayer`].
+#[derive(Clone, Debug)]
+pub struct RateLimit<S> {
+    inner: S,
+    limiter: RateLimiter,
+    response: Arc<RateLimitResponse>,
+    random: Arc<Random>,
+}
+
+impl<S, B, RB> Service<Request<B>> for RateLimit<S>
+where
+    S: Service<Request<B>, Response = Response<RB>>,
+{
+    type Response = Response<LocalOr<RB>>;
+    type Error = S::Error;
+    type Future = RateLimitFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let response = &self.response;
+        let draw = |share: u32| share >= 1_000_000 || self.random.below(1_000_000) < u64::from(share);
+        if !draw(response.enabled_per_million) {
+            return RateLimitFuture { state: RlState::Pass { fut: self.inner.call(req), legacy: None } };
+        }
+        let stats = &self.limiter.inner.stats;
+        stats.enabled.fetch_add(1, Ordering::Relaxed);
+        let (parts, body) = req.into_parts();
+        let decision = self.limiter.check(&parts);
+        let bucket = self.limiter.policy_bucket();
+        match decision {
+            Decision::Allowed { remaining } => {
+                stats.ok.fetch_add(1, Ordering::Relaxed);
+                let legacy = response.legacy_headers.then_some((bucket, remaining));
+                let fut = self.inner.call(Request::from_parts(parts, body));
+                RateLimitFuture { state: RlState::Pass { fut, legacy } }
+            }
+            Decision::Limited { bucket, retry_after } => {
+                stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+                if !draw(response.enforced_per_million) {
+                    // Shadow mode: counted, let through.
+                    let fut = self.inner.call(Request::from_parts(parts, body));
+                    return RateLimitFuture { state: RlState::Pass { fut, legacy: None } };
+                }
+                stats.enforced.fetch_add(1, Ordering::Relaxed);
+                let res = refusal(&parts, bucket, retry_after, response, &self.limiter.inner.name);
+                RateLimitFuture { state: RlState::Refused { res: Some(res) } }
+            }
+        }
+    }
+}
+
+/// Whole seconds, rounded up (a `Retry-After` earlier than the token would be wrong).
+fn ceil_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+/// The answer to a refused request.
+fn refusal(
+    head: &http::request::Parts,
+    bucket: TokenBucket,
+    retry_after: Duration,
+    response: &RateLimitResponse,
+    name: &str,
+) -> Response<Bytes> {
+    let grpc =
+        head.headers.get(http::header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let mut res = if grpc {
+        let mut res = Response::new(Bytes::new());
+        res.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        res.headers_mut().insert("grpc-status", HeaderValue::from_static("8"));
+        res.headers_mut().insert("grpc-message", HeaderValue::from_static("local_rate_limited"));
+        res
+    } else {
+        let mut res = Response::new(Bytes::from_static(b"local_rate_limited"));
+        *res.status_mut() = response.status;
+        res.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        res
+    };
+    let secs = ceil_secs(retry_after);
+    let window = ceil_secs(bucket.fill_interval * bucket.max_tokens.div_ceil(bucket.tokens_per_fill)).max(1);
+    let headers = res.headers_mut();
+    headers.insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
+    let quoted = name.replace(['"', '\\'], "");
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{quoted}\";q={};w={window}", bucket.max_tokens)) {
+        headers.insert("ratelimit-policy", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{quoted}\";r=0;t={secs}")) {
+        headers.insert("ratelimit", v);
+    }
+    if response.legacy_headers {
+        legacy(headers, bucket, 0, secs);
+    }
+    ResponseFlags::record(res.extensions_mut(), ResponseFlags::RATE_LIMITED);
+    res
+}
+
+fn legacy(headers: &mut http::HeaderMap, bucket: TokenBucket, remaining: u32, reset: u64) {
+    headers.insert("x-ratelimit-limit", HeaderValue::from(bucket.max_tokens));
+    headers.insert("x-ratelimit-remaining", HeaderValue::from(remaining));
+    headers.insert("x-ratelimit-reset", HeaderValue::from(reset));
+}
+
+pin_project_lite::pin_project! {
+    /// Response future of [`RateLimit`].
+    pub struct RateLimitFuture<F> {
+        #[pin]
+        state: RlState<F>,
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = RlStateProj]
+    enum RlState<F> {
+        Pass { #[pin] fut: F, legacy: Option<(Option<TokenBucket>, u32)> },
+        Refused { res: Option<Response<Bytes>> },
+    }
+}
+
+impl<F> fmt::Debug for RateLimitFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("RateLimitFuture")
+    }
+}
+
+impl<F, RB, E> Future for RateLimitFuture<F>
+where
+    F: Future<Output = Result<Response<RB>, E>>,
+{
+    type Output = Result<Response<LocalOr<RB>>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().state.project() {
+            RlStateProj::Pass { fut, legacy } => fut.poll(cx).map(|r| {
+                r.map(|res| {
+                    let mut res = res.map(LocalOr::inner);
+                    if let Some((Some(bucket), remaining)) = legacy.take() {
+                        legacy_headers_on(&mut res, bucket, remaining);
+                    }
+                    res
+                })
+            }),
+            RlStateProj::Refused { res } => {
+                let res = res.take().expect("polled after completion");
+                Poll::Ready(Ok(res.map(LocalOr::local)))
+            }
+        }
+    }
+}
+
+fn legacy_headers_on<RB>(res: &mut Response<LocalOr<RB>>, bucket: TokenBucket, remaining: u32) {
+    let reset = ceil_secs(bucket.fill_interval);
+    legacy(res.headers_mut(), bucket, remaining, reset);
+}
