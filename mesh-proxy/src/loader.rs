@@ -14,7 +14,9 @@
 //! | `TrafficSplit` | split.smi-spec.io | a weighted split of a service among backends |
 //! | `ServiceProfile` | linkerd.io | routes of a service (conditions, response classes, `isRetryable`, timeouts) and its retry budget |
 //! | `MeshProxy` | proxy.mesh.dev | the proxy's own settings: listener, admin, workload |
-//! | `PeerAuthentication`, `AuthorizationPolicy`, `RequestAuthentication`, `Telemetry`, `EnvoyFilter`, `Gateway`, `Sidecar`, `ProxyConfig`, `WorkloadEntry` | | parsed, warned about as not enforced yet |
+//! | `EnvoyFilter` | networking.istio.io | local rate limits (`envoy.filters.http.local_ratelimit` patches) |
+//! | `HTTPLocalRateLimitPolicy` | policy.linkerd.io | a total rate, a rate per client identity, overrides |
+//! | `PeerAuthentication`, `AuthorizationPolicy`, `RequestAuthentication`, `Telemetry`, `Gateway`, `Sidecar`, `ProxyConfig`, `WorkloadEntry` | | parsed, warned about as not enforced yet |
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -133,8 +135,71 @@ pub struct Resources {
     pub traffic_splits: Vec<Resource<TrafficSplitSpec>>,
     /// Linkerd ServiceProfiles.
     pub service_profiles: Vec<Resource<ServiceProfileSpec>>,
+    /// EnvoyFilters (their local rate limits).
+    pub envoy_filters: Vec<Resource<EnvoyFilterSpec>>,
+    /// Linkerd HTTPLocalRateLimitPolicies.
+    pub rate_limit_policies: Vec<Resource<mesh_resilience::ratelimit::HttpLocalRateLimitPolicySpec>>,
     /// The proxy's own settings (the last one read wins).
     pub mesh_proxy: Option<Resource<MeshProxySpec>>,
+}
+
+/// An EnvoyFilter's `spec`: the proxy acts on patches that insert Envoy's local rate limit
+/// filter (`envoy.filters.http.local_ratelimit`); others are reported as not enforced.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, rename_all = "camelCase")]
+pub struct EnvoyFilterSpec {
+    /// Which workloads it applies to (by labels).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workload_selector: Option<WorkloadSelector>,
+    /// Accepted (the proxy applies the patches it understands in order).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub priority: Option<i32>,
+    /// The patches.
+    pub config_patches: Vec<EnvoyConfigPatch>,
+    /// Accepted (`targetRefs`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_refs: Option<serde_json::Value>,
+}
+
+/// A workload selector: labels a workload must carry.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, rename_all = "camelCase")]
+pub struct WorkloadSelector {
+    /// The labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// One `configPatches` entry.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, rename_all = "camelCase")]
+pub struct EnvoyConfigPatch {
+    /// `HTTP_FILTER`, …
+    pub apply_to: String,
+    /// Where it applies (`context`: `SIDECAR_INBOUND`, `SIDECAR_OUTBOUND`, `GATEWAY`, `ANY`);
+    /// the listener path is accepted as it is.
+    #[serde(rename = "match")]
+    pub matches: Option<serde_json::Value>,
+    /// The patch: `operation` and `value` (Envoy configuration, accepted as it is).
+    pub patch: Option<serde_json::Value>,
+}
+
+impl EnvoyConfigPatch {
+    /// The patch's `match.context`, `ANY` when unset.
+    pub fn context(&self) -> &str {
+        self.matches.as_ref().and_then(|m| m.get("context")).and_then(|c| c.as_str()).unwrap_or("ANY")
+    }
+
+    /// The local rate limit configuration this patch inserts, if it inserts one: from a
+    /// `TypedStruct`'s `value` or from the typed config itself.
+    pub fn local_rate_limit(&self) -> Option<Result<mesh_resilience::ratelimit::LocalRateLimitConfig, String>> {
+        let value = self.patch.as_ref()?.get("value")?;
+        if value.get("name").and_then(|n| n.as_str()) != Some("envoy.filters.http.local_ratelimit") {
+            return None;
+        }
+        let typed = value.get("typed_config").or_else(|| value.get("typedConfig"))?;
+        let config = typed.get("value").unwrap_or(typed).clone();
+        Some(serde_json::from_value(config).map_err(|e| e.to_string()))
+    }
 }
 
 /// A ServiceEntry's `spec` (the fields the proxy uses).
@@ -246,7 +311,6 @@ const NOT_ENFORCED: &[(&str, &str)] = &[
     ("AuthorizationPolicy", "security.istio.io"),
     ("RequestAuthentication", "security.istio.io"),
     ("Telemetry", "telemetry.istio.io"),
-    ("EnvoyFilter", "networking.istio.io"),
     ("Gateway", "networking.istio.io"),
     ("Sidecar", "networking.istio.io"),
     ("ProxyConfig", "networking.istio.io"),
@@ -480,6 +544,20 @@ pub fn load_text(file: &Path, text: &str, loaded: &mut Loaded) {
                     ctx.loaded.resources.traffic_splits.push(r);
                 }
             }
+            ("EnvoyFilter", "networking.istio.io") => {
+                if let Some(r) = ctx.typed::<EnvoyFilterSpec>(doc()) {
+                    ctx.check_envoy_filter(&r);
+                    ctx.loaded.resources.envoy_filters.push(r);
+                }
+            }
+            ("HTTPLocalRateLimitPolicy", "policy.linkerd.io") => {
+                if let Some(r) = ctx.typed::<mesh_resilience::ratelimit::HttpLocalRateLimitPolicySpec>(doc()) {
+                    if let Err(e) = r.spec.to_layer("cluster.local", "default") {
+                        ctx.error_at(&format!("spec.{}", e.field()), e.reason());
+                    }
+                    ctx.loaded.resources.rate_limit_policies.push(r);
+                }
+            }
             ("ServiceProfile", "linkerd.io") => {
                 if let Some(r) = ctx.typed::<ServiceProfileSpec>(doc()) {
                     ctx.check_service_profile(&r);
@@ -502,6 +580,8 @@ pub fn load_text(file: &Path, text: &str, loaded: &mut Loaded) {
                         "ServiceEntry",
                         "TrafficSplit",
                         "ServiceProfile",
+                        "EnvoyFilter",
+                        "HTTPLocalRateLimitPolicy",
                         "MeshProxy",
                     ]
                     .contains(&k)
@@ -857,6 +937,21 @@ impl Ctx<'_> {
             }
             if let Err(e) = outlier.to_config() {
                 self.error_at(&format!("{path}.outlierDetection.{}", e.field()), e.reason());
+            }
+        }
+    }
+
+    fn check_envoy_filter(&mut self, r: &Resource<EnvoyFilterSpec>) {
+        for (i, patch) in r.spec.config_patches.iter().enumerate() {
+            let at = format!("spec.configPatches[{i}]");
+            match patch.local_rate_limit() {
+                None => self.warn_at(&at, "parsed, but not enforced: the proxy acts only on local rate limit filters"),
+                Some(Err(e)) => self.error_at(&format!("{at}.patch.value"), &format!("not a local rate limit: {e}")),
+                Some(Ok(config)) => {
+                    if let Err(e) = config.to_layer() {
+                        self.error_at(&format!("{at}.patch.value.typed_config.value.{}", e.field()), e.reason());
+                    }
+                }
             }
         }
     }

@@ -134,7 +134,7 @@ impl Forward {
     ) -> Result<Response<ProxyBody>, Infallible> {
         let grpc = crate::reply::is_grpc(req.headers());
         // Only layers read it (the plain stack has none): spare the plain path the map.
-        if let (Some(client), crate::stack::Stack::Routed(_)) = (&self.client, &self.stack) {
+        if let (Some(client), crate::stack::Stack::Routed(..)) = (&self.client, &self.stack) {
             req.extensions_mut().insert(client.clone());
         }
         // Each arm builds its own exchange future: one made before the `match` and moved

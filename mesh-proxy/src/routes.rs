@@ -113,6 +113,11 @@ impl Routes {
         }
     }
 
+    /// The current snapshot's local rate limit, if it has one.
+    pub(crate) fn rate_limit(&self) -> Option<Arc<mesh_resilience::ratelimit::RateLimitLayer>> {
+        self.snapshot.load().rate_limit.clone()
+    }
+
     /// A random source for the balancers' generated hash cookies.
     pub(crate) fn random(&self) -> &mesh_routing::random::Random {
         &self.random

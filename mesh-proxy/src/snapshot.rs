@@ -39,6 +39,9 @@ pub struct Snapshot {
     pub resources: Resources,
     /// Findings worth a warning (unreachable routes, unknown subsets, …).
     pub notes: Vec<String>,
+    /// The local rate limit every request passes first (an EnvoyFilter's or a Linkerd
+    /// HTTPLocalRateLimitPolicy's).
+    pub rate_limit: Option<Arc<mesh_resilience::ratelimit::RateLimitLayer>>,
 }
 
 /// The endpoints of one destination and how to choose among them.
@@ -341,10 +344,66 @@ pub fn compile(resources: Resources) -> Result<Snapshot, CompileError> {
             }),
         );
     }
-    Ok(Snapshot { table: Arc::new(table), clusters, resources, notes })
+    let rate_limit = rate_limit(&resources, proxy, &default_ns, &mut notes)?;
+    Ok(Snapshot { table: Arc::new(table), clusters, resources, notes, rate_limit })
 }
 
 /// The virtual hosts' names, for an error the table could not place in one of them.
+/// The local rate limit: the first EnvoyFilter local rate limit patch for this workload, else
+/// the first Linkerd HTTPLocalRateLimitPolicy. The proxy has one listener today, so every
+/// patch context (`SIDECAR_INBOUND`, `SIDECAR_OUTBOUND`, `GATEWAY`, `ANY`) applies to it.
+fn rate_limit(
+    resources: &Resources,
+    proxy: Option<&crate::loader::MeshProxySpec>,
+    default_ns: &str,
+    notes: &mut Vec<String>,
+) -> Result<Option<Arc<mesh_resilience::ratelimit::RateLimitLayer>>, CompileError> {
+    let labels = proxy.map(|p| &p.workload.labels);
+    let mut found = Vec::new();
+    for ef in &resources.envoy_filters {
+        let selected = ef
+            .spec
+            .workload_selector
+            .as_ref()
+            .is_none_or(|sel| sel.labels.iter().all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v)));
+        if !selected {
+            continue;
+        }
+        for patch in &ef.spec.config_patches {
+            let Some(config) = patch.local_rate_limit() else { continue };
+            let err = |message: String| CompileError {
+                resource: format!("EnvoyFilter {} ({}:{})", ef.metadata.name, ef.file.display(), ef.line),
+                message,
+            };
+            let layer = config.map_err(|e| err(e.to_string()))?.to_layer().map_err(|e| err(e.to_string()))?;
+            if let Some(layer) = layer {
+                found.push((format!("EnvoyFilter {}", ef.metadata.name), layer));
+            }
+        }
+    }
+    for policy in &resources.rate_limit_policies {
+        let ns = policy.namespace(default_ns);
+        let layer = policy.spec.to_layer("cluster.local", ns).map_err(|e| CompileError {
+            resource: format!(
+                "HTTPLocalRateLimitPolicy {} ({}:{})",
+                policy.metadata.name,
+                policy.file.display(),
+                policy.line
+            ),
+            message: e.to_string(),
+        })?;
+        if let Some(layer) = layer {
+            found.push((format!("HTTPLocalRateLimitPolicy {}", policy.metadata.name), layer));
+        }
+    }
+    let mut found = found.into_iter();
+    let first = found.next();
+    for (name, _) in found {
+        notes.push(format!("{name}: only one local rate limit applies (the first read); this one is ignored"));
+    }
+    Ok(first.map(|(_, layer)| Arc::new(layer)))
+}
+
 /// The endpoints' connection settings and protocol from a `connectionPool` block.
 fn pool_settings(
     spec: Option<&mesh_routing::model::ConnectionPoolSettings>,

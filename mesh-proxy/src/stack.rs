@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! server adapter (per connection: request timeout, client connection, local replies)
+//!   -> RateLimit (mesh-resilience: the configuration's local rate limit, 429 RL)
 //!   -> Routing (mesh-routing: route, weighted destination, rewrites, RouteDecision,
 //!      404 NR, redirects, direct responses, response header operations)
 //!   -> Fault (mesh-resilience: the route's `fault`: delays, aborts with DI / FI)
@@ -68,8 +69,8 @@ fn replayed(req: Request<ReplayBody<RequestBody>>) -> Request<RequestBody> {
 pub(crate) enum Stack {
     /// Everything to one endpoint (no configuration).
     Plain(Endpoint),
-    /// Routed by the configuration.
-    Routed(Routed),
+    /// Routed by the configuration (the routes give the snapshot's rate limit).
+    Routed(Routed, Arc<Routes>),
 }
 
 impl Stack {
@@ -85,7 +86,7 @@ impl Stack {
         // its router.
         let faults = FaultLayer::from_routes().layer(RouteTimeoutService(dispatch));
         let stack = RoutingLayer::shared(routes.route_table()).layer(faults);
-        Stack::Routed(stack)
+        Stack::Routed(stack, routes)
     }
 
     /// Sends `req` down the stack.
@@ -95,9 +96,20 @@ impl Stack {
     ) -> impl Future<Output = Result<Response<ProxyBody>, BoxError>> + Send + use<> {
         match self {
             Stack::Plain(endpoint) => Either::Left(endpoint.clone().send(req)),
-            Stack::Routed(routed) => {
-                Either::Right(routed.clone().oneshot(req).map(|result| result.map(|res| res.map(flatten))))
-            }
+            Stack::Routed(routed, routes) => match routes.rate_limit() {
+                None => Either::Right(Either::Left(
+                    routed.clone().oneshot(req).map(|result| result.map(|res| res.map(flatten))),
+                )),
+                // The configuration's local rate limit, before routing.
+                Some(limit) => Either::Right(Either::Right(limit.layer(routed.clone()).oneshot(req).map(|result| {
+                    result.map(|res| {
+                        res.map(|body| match body.into_inner() {
+                            Ok(routed) => flatten(routed),
+                            Err(refusal) => ProxyBody::local(refusal),
+                        })
+                    })
+                }))),
+            },
         }
     }
 }

@@ -1110,3 +1110,111 @@ spec:
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The document of `kind` in a seed file, as written there.
+fn seed_document(file: &str, kind: &str) -> String {
+    let text =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/seeds").join(file)).unwrap();
+    text.split("\n---")
+        .find(|doc| doc.lines().any(|l| l.trim() == format!("kind: {kind}")))
+        .unwrap_or_else(|| panic!("no {kind} in {file}"))
+        .trim_start_matches('\n')
+        .to_owned()
+}
+
+/// Local rate limits from EnvoyFilters through the real binary: the seed's gateway bucket
+/// (100 a minute) admits its burst then answers 429 with `Retry-After`; a limit of 50 a
+/// minute per `x-user-id` limits two users independently.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_filter_rate_limits_total_and_per_user() {
+    let backend = backend("app").await;
+    let service = |port: u16| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: api}}\nspec:\n  hosts: [api]\n  ports: [{{number: 80, name: http}}]\n  endpoints: [{{address: 127.0.0.1, ports: {{http: {port}}}}}]\n"
+        )
+    };
+    // The seed's EnvoyFilter, for a proxy running as the ingress gateway it selects.
+    let dir = config_dir("ratelimit-seed");
+    let gateway = "apiVersion: proxy.mesh.dev/v1alpha1\nkind: MeshProxy\nmetadata: {name: gateway}\nspec:\n  workload: {name: gateway, labels: {app: istio-ingressgateway}}\n";
+    write_atomically(
+        &dir,
+        "mesh.yaml",
+        &format!(
+            "{}---\n{gateway}---\n{}",
+            service(backend.port()),
+            seed_document("000_72edd42856911899.yaml", "EnvoyFilter")
+        ),
+    );
+    let proxy = Proxy::start(&dir);
+    let mut client = Client::connect(proxy.addr).await;
+    for i in 0..100 {
+        assert_eq!(client.get("api", "/", &[]).await.0, StatusCode::OK, "request {i} of the burst");
+    }
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(conn);
+    let res =
+        tx.send_request(Request::get("/").header("host", "api").body(Empty::<Bytes>::new()).unwrap()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry_after: u64 = res.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&retry_after), "{retry_after}");
+    assert!(res.headers().contains_key("ratelimit-policy"));
+    assert_eq!(res.into_body().collect().await.unwrap().to_bytes(), "local_rate_limited");
+    // The connection stays open.
+    tx.ready().await.unwrap();
+    drop(proxy);
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // Per user: 50 a minute each.
+    let dir = config_dir("ratelimit-user");
+    let per_user = r#"apiVersion: networking.istio.io/v1alpha3
+kind: EnvoyFilter
+metadata: {name: per-user}
+spec:
+  configPatches:
+  - applyTo: HTTP_FILTER
+    match: {context: SIDECAR_INBOUND}
+    patch:
+      operation: INSERT_BEFORE
+      value:
+        name: envoy.filters.http.local_ratelimit
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit
+          stat_prefix: per_user
+          token_bucket: {max_tokens: 10000, tokens_per_fill: 10000, fill_interval: 60s}
+          filter_enabled: {default_value: {numerator: 100, denominator: HUNDRED}}
+          filter_enforced: {default_value: {numerator: 100, denominator: HUNDRED}}
+          rate_limits:
+          - actions: [{request_headers: {header_name: x-user-id, descriptor_key: user}}]
+          descriptors:
+          - entries: [{key: user}]
+            token_bucket: {max_tokens: 50, tokens_per_fill: 50, fill_interval: 60s}
+"#;
+    write_atomically(&dir, "mesh.yaml", &format!("{}---\n{per_user}", service(backend.port())));
+    let proxy = Proxy::start(&dir);
+    let mut client = Client::connect(proxy.addr).await;
+    for user in ["alice", "bob"] {
+        let mut ok = 0;
+        for _ in 0..60 {
+            ok += usize::from(client.get("api", "/", &[("x-user-id", user)]).await.0 == StatusCode::OK);
+        }
+        assert_eq!(ok, 50, "{user}");
+    }
+    // Requests without the header only take from the total.
+    assert_eq!(client.get("api", "/", &[]).await.0, StatusCode::OK);
+    drop(proxy);
+    let _ = std::fs::remove_dir_all(&dir);
+
+    // Linkerd's policy: a total of 2 a second (a burst of 2, then a token every 500 ms).
+    let dir = config_dir("ratelimit-linkerd");
+    let linkerd = "apiVersion: policy.linkerd.io/v1alpha1\nkind: HTTPLocalRateLimitPolicy\nmetadata: {name: api}\nspec:\n  targetRef: {group: policy.linkerd.io, kind: Server, name: api}\n  total: {requestsPerSecond: 2}\n";
+    write_atomically(&dir, "mesh.yaml", &format!("{}---\n{linkerd}", service(backend.port())));
+    let proxy = Proxy::start(&dir);
+    let mut client = Client::connect(proxy.addr).await;
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        statuses.push(client.get("api", "/", &[]).await.0.as_u16());
+    }
+    assert_eq!(statuses, [200, 200, 429]);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -14,9 +14,9 @@
 //!
 //! Keyed buckets live in a concurrent map that is swept of idle keys (a full bucket is the
 //! same as no entry) every `fill_interval`, and emptied whole if it still holds more than
-//! [`RateLimiter::with_max_keys`] keys (100 000 by default): memory stays bounded under any
-//! number of distinct keys, at the price of forgiving the keys that were limited when that
-//! happens.
+//! [`RateLimiter::with_max_keys`] keys (100 000 by default; the map is looked at every 1,024
+//! checks, so it may pass the cap by that many): memory stays bounded under any number of
+//! distinct keys, at the price of forgiving the keys that were limited when that happens.
 //!
 //! [`RateLimitLayer`] answers a refused request at once: 429 (configurable), body
 //! `local_rate_limited`, `Retry-After`, the IETF `RateLimit-Policy` and `RateLimit` fields
@@ -255,6 +255,9 @@ struct Inner {
     stats: Stats,
 }
 
+/// How often (in checks) the keyed store is looked at for a sweep.
+const SWEEP_EVERY: u64 = 1024;
+
 struct KeyedBuckets {
     key: RateLimitKey,
     bucket: TokenBucket,
@@ -263,6 +266,8 @@ struct KeyedBuckets {
     max_keys: usize,
     /// When the map was last swept, in ms since `epoch`.
     swept_ms: AtomicU64,
+    /// Checks so far (the map is looked at every [`SWEEP_EVERY`]).
+    checks: AtomicU64,
     epoch: tokio::time::Instant,
 }
 
@@ -342,6 +347,7 @@ impl RateLimiter {
             overrides: HashMap::new(),
             max_keys: 100_000,
             swept_ms: AtomicU64::new(0),
+            checks: AtomicU64::new(0),
             epoch: tokio::time::Instant::now(),
         });
         let inner =
@@ -425,18 +431,19 @@ impl KeyedBuckets {
     /// Every fill interval, drops the keys whose buckets are full again; over `max_keys`,
     /// drops them all.
     fn sweep(&self) {
+        // Looked at every 1,024 checks only: the store may pass its cap by that many keys.
+        if !self.checks.fetch_add(1, Ordering::Relaxed).is_multiple_of(SWEEP_EVERY) {
+            return;
+        }
         let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
         let last = self.swept_ms.load(Ordering::Relaxed);
         let every = u64::try_from(self.bucket.fill_interval.as_millis()).unwrap_or(u64::MAX).max(1);
-        if now.saturating_sub(last) < every
-            || self.swept_ms.compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed).is_err()
-        {
-            // Between sweeps only a hard overflow is checked (a cheap length estimate).
-            if self.limiter.load().len() <= self.max_keys {
-                return;
-            }
-        }
         let limiter = self.limiter.load();
+        let due = now.saturating_sub(last) >= every
+            && self.swept_ms.compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed).is_ok();
+        if !due && limiter.len() <= self.max_keys {
+            return;
+        }
         limiter.retain_recent();
         if limiter.len() > self.max_keys {
             tracing::warn!(
@@ -671,4 +678,330 @@ where
 fn legacy_headers_on<RB>(res: &mut Response<LocalOr<RB>>, bucket: TokenBucket, remaining: u32) {
     let reset = ceil_secs(bucket.fill_interval);
     legacy(res.headers_mut(), bucket, remaining, reset);
+}
+
+// === configuration shapes ===
+
+/// Envoy's `LocalRateLimit` filter configuration (`envoy.filters.http.local_ratelimit`), as an
+/// EnvoyFilter's patch carries it (snake_case, as Envoy writes it). The fields this crate acts
+/// on; [`LocalRateLimitConfig::to_layer`] compiles it (SEMANTICS.md 4.1).
+///
+/// Descriptors are supported in the form that keys a bucket by a request header: a
+/// `rate_limits` action `request_headers {header_name, descriptor_key}` and a descriptor
+/// whose one entry has that key. An entry without a `value` gives each header value its own
+/// bucket; an entry with a value gives that value its own (an override).
+#[cfg(feature = "serde")]
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(default)]
+#[non_exhaustive]
+pub struct LocalRateLimitConfig {
+    /// The stats prefix.
+    pub stat_prefix: String,
+    /// The default bucket.
+    pub token_bucket: Option<TokenBucketConfig>,
+    /// Share of requests checked; unset: none (Envoy's default, the filter does nothing).
+    pub filter_enabled: Option<RuntimeFraction>,
+    /// Share of refusals enforced; unset: none (only counted).
+    pub filter_enforced: Option<RuntimeFraction>,
+    /// The refusal's status.
+    pub status: Option<HttpStatusConfig>,
+    /// Per-descriptor buckets.
+    pub descriptors: Vec<DescriptorConfig>,
+    /// Actions producing the request's descriptors.
+    pub rate_limits: Vec<RateLimitActions>,
+    /// `DRAFT_VERSION_03` adds Envoy's `x-ratelimit-*` headers.
+    pub enable_x_ratelimit_headers: Option<String>,
+    /// Whether the default bucket applies when a descriptor matched too (default yes).
+    pub always_consume_default_token_bucket: Option<bool>,
+}
+
+/// Envoy's `TokenBucket`.
+#[cfg(feature = "serde")]
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(default)]
+#[non_exhaustive]
+pub struct TokenBucketConfig {
+    /// The burst.
+    pub max_tokens: u32,
+    /// Tokens per fill (default 1).
+    pub tokens_per_fill: Option<u32>,
+    /// The fill interval.
+    pub fill_interval: Option<mesh_core::config::Duration>,
+}
+
+/// Envoy's `RuntimeFractionalPercent` (its default value; runtime keys are ignored).
+#[cfg(feature = "serde")]
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(default)]
+#[non_exhaustive]
+pub struct RuntimeFraction {
+    /// The runtime key (ignored: one proxy, no runtime).
+    pub runtime_key: Option<String>,
+    /// The fraction.
+    pub default_value: Option<FractionalPercent>,
+}
+
+/// Envoy's `FractionalPercent`.
+#[cfg(feature = "serde")]
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(default)]
+#[non_exhaustive]
+pub struct FractionalPercent {
+    /// The numerator.
+    pub numerator: u32,
+    /// `HUNDRED` (default), `TEN_THOUSAND` or `MILLION`.
+    pub denominator: Option<String>,
+}
+
+/// Envoy's `HttpStatus`.
+#[cfg(feature = "serde")]
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(default)]
+#[non_exhaustive]
+pub struct HttpStatusConfig {
+    /// The status code.
+    pub code: u16,
+}
+
+/// Envoy's `LocalRateLimitDescriptor`.
+#[cfg(feature = "serde")]
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(default)]
+#[non_exhaustive]
+pub struct DescriptorConfig {
+    /// The entries (one is supported).
+    pub entries: Vec<DescriptorEntry>,
+    /// The descriptor's bucket.
+    pub token_bucket: Option<TokenBucketConfig>,
+}
+
+/// One `key` / `value` of a descriptor.
+#[cfg(feature = "serde")]
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(default)]
+#[non_exhaustive]
+pub struct DescriptorEntry {
+    /// The descriptor key.
+    pub key: String,
+    /// The value; empty: every value has a bucket of its own.
+    pub value: Option<String>,
+}
+
+/// A `rate_limits` entry: the actions that make a request's descriptor.
+#[cfg(feature = "serde")]
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(default)]
+#[non_exhaustive]
+pub struct RateLimitActions {
+    /// The actions (`request_headers` is supported).
+    pub actions: Vec<RateLimitAction>,
+}
+
+/// One action.
+#[cfg(feature = "serde")]
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(default)]
+#[non_exhaustive]
+pub struct RateLimitAction {
+    /// A descriptor entry from a request header.
+    pub request_headers: Option<RequestHeadersAction>,
+}
+
+/// `request_headers`: the descriptor entry `descriptor_key` = the header's value.
+#[cfg(feature = "serde")]
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(default)]
+#[non_exhaustive]
+pub struct RequestHeadersAction {
+    /// The header.
+    pub header_name: String,
+    /// The descriptor key it becomes.
+    pub descriptor_key: String,
+}
+
+#[cfg(feature = "serde")]
+impl TokenBucketConfig {
+    fn to_bucket(&self, field: &'static str) -> Result<TokenBucket, InvalidRateLimit> {
+        let interval = self.fill_interval.ok_or_else(|| InvalidRateLimit::new(field, "needs a fill_interval"))?;
+        TokenBucket::new(self.max_tokens, self.tokens_per_fill.unwrap_or(1), interval.get())
+            .map_err(|e| InvalidRateLimit::new(field, format!("{}: {}", e.field(), e.reason())))
+    }
+}
+
+#[cfg(feature = "serde")]
+impl RuntimeFraction {
+    fn per_million(f: Option<&RuntimeFraction>, field: &'static str) -> Result<u32, InvalidRateLimit> {
+        let Some(value) = f.and_then(|f| f.default_value.as_ref()) else { return Ok(0) };
+        let scale = match value.denominator.as_deref() {
+            None | Some("HUNDRED") => 10_000,
+            Some("TEN_THOUSAND") => 100,
+            Some("MILLION") => 1,
+            Some(other) => return Err(InvalidRateLimit::new(field, format!("unknown denominator `{other}`"))),
+        };
+        Ok(value.numerator.saturating_mul(scale).min(1_000_000))
+    }
+}
+
+#[cfg(feature = "serde")]
+impl LocalRateLimitConfig {
+    /// The layer this configuration describes, or `None` when it limits nothing (no bucket).
+    pub fn to_layer(&self) -> Result<Option<RateLimitLayer>, InvalidRateLimit> {
+        let total = self.token_bucket.as_ref().map(|b| b.to_bucket("token_bucket")).transpose()?;
+        let mut keyed: Option<(RateLimitKey, TokenBucket)> = None;
+        let mut overrides = Vec::new();
+        for d in &self.descriptors {
+            let [entry] = d.entries.as_slice() else {
+                return Err(InvalidRateLimit::new("descriptors", "only descriptors of one entry are supported"));
+            };
+            let header = self
+                .rate_limits
+                .iter()
+                .flat_map(|r| &r.actions)
+                .filter_map(|a| a.request_headers.as_ref())
+                .find(|h| h.descriptor_key == entry.key)
+                .ok_or_else(|| {
+                    InvalidRateLimit::new(
+                        "descriptors",
+                        format!("no rate_limits request_headers action makes descriptor key `{}`", entry.key),
+                    )
+                })?;
+            let name = HeaderName::from_bytes(header.header_name.as_bytes()).map_err(|_| {
+                InvalidRateLimit::new("rate_limits", format!("`{}` is not a header name", header.header_name))
+            })?;
+            let bucket = d
+                .token_bucket
+                .as_ref()
+                .ok_or_else(|| InvalidRateLimit::new("descriptors", "a descriptor needs a token_bucket"))?
+                .to_bucket("descriptors.token_bucket")?;
+            match entry.value.as_deref().filter(|v| !v.is_empty()) {
+                None => keyed = Some((RateLimitKey::Header(name), bucket)),
+                Some(value) => overrides.push((name, value.to_owned(), bucket)),
+            }
+        }
+        let always_default = self.always_consume_default_token_bucket.unwrap_or(true);
+        let limiter = match (keyed, total) {
+            (Some((key, bucket)), Some(total)) if always_default => RateLimiter::keyed_with_total(key, bucket, total),
+            (Some((key, bucket)), _) => RateLimiter::keyed(key, bucket),
+            (None, Some(total)) => RateLimiter::total(total),
+            (None, None) => return Ok(None),
+        };
+        let limiter = overrides.into_iter().fold(limiter, |l, (_, value, bucket)| l.with_override(value, bucket));
+        let limiter = if self.stat_prefix.is_empty() { limiter } else { limiter.with_name(self.stat_prefix.clone()) };
+        let mut response = RateLimitResponse {
+            enabled_per_million: RuntimeFraction::per_million(self.filter_enabled.as_ref(), "filter_enabled")?,
+            enforced_per_million: RuntimeFraction::per_million(self.filter_enforced.as_ref(), "filter_enforced")?,
+            legacy_headers: self.enable_x_ratelimit_headers.as_deref() == Some("DRAFT_VERSION_03"),
+            ..RateLimitResponse::default()
+        };
+        if let Some(status) = &self.status {
+            response.status = StatusCode::from_u16(status.code)
+                .map_err(|_| InvalidRateLimit::new("status", format!("{} is not a status", status.code)))?;
+        }
+        Ok(Some(RateLimitLayer::with_response(limiter, response)))
+    }
+}
+
+/// Linkerd's `HTTPLocalRateLimitPolicy` spec (`policy.linkerd.io`): a total rate, a rate per
+/// client identity, and overrides for named clients, each in requests per second (a bucket
+/// whose burst is one second's worth). Clients without an identity count as one identity.
+#[cfg(feature = "serde")]
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(default, rename_all = "camelCase")]
+#[non_exhaustive]
+pub struct HttpLocalRateLimitPolicySpec {
+    /// The `Server` the policy applies to (accepted; one proxy serves one workload).
+    pub target_ref: Option<serde_json::Value>,
+    /// Every request.
+    pub total: Option<RequestsPerSecond>,
+    /// Each client identity.
+    pub identity: Option<RequestsPerSecond>,
+    /// Rates of their own for some clients.
+    pub overrides: Vec<LinkerdOverride>,
+}
+
+/// `{requestsPerSecond: n}`.
+#[cfg(feature = "serde")]
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(default, rename_all = "camelCase")]
+#[non_exhaustive]
+pub struct RequestsPerSecond {
+    /// Requests per second.
+    pub requests_per_second: u32,
+}
+
+/// An override: a rate for the clients it names.
+#[cfg(feature = "serde")]
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(default, rename_all = "camelCase")]
+#[non_exhaustive]
+pub struct LinkerdOverride {
+    /// Requests per second for each of them.
+    pub requests_per_second: u32,
+    /// The clients: `ServiceAccount`s by name and namespace.
+    pub client_refs: Vec<ClientRef>,
+}
+
+/// A client, by its service account.
+#[cfg(feature = "serde")]
+#[derive(Clone, Debug, Default, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(default, rename_all = "camelCase")]
+#[non_exhaustive]
+pub struct ClientRef {
+    /// `ServiceAccount`.
+    pub kind: String,
+    /// Its name.
+    pub name: String,
+    /// Its namespace (the policy's when unset).
+    pub namespace: Option<String>,
+}
+
+/// The key of a client without an identity.
+#[cfg(feature = "serde")]
+const UNAUTHENTICATED: &str = "unauthenticated";
+
+#[cfg(feature = "serde")]
+impl HttpLocalRateLimitPolicySpec {
+    /// The layer, for a policy in `namespace` of a mesh whose trust domain is `trust_domain`
+    /// (override clients are `spiffe://<trust domain>/ns/<namespace>/sa/<name>`); `None`
+    /// when it limits nothing.
+    pub fn to_layer(&self, trust_domain: &str, namespace: &str) -> Result<Option<RateLimitLayer>, InvalidRateLimit> {
+        let per_second = |r: &RequestsPerSecond, field: &'static str| {
+            TokenBucket::per(r.requests_per_second, Duration::from_secs(1))
+                .map_err(|e| InvalidRateLimit::new(field, format!("requestsPerSecond: {}", e.reason())))
+        };
+        let total = self.total.as_ref().map(|t| per_second(t, "total")).transpose()?;
+        let identity = self.identity.as_ref().map(|t| per_second(t, "identity")).transpose()?;
+        let key = RateLimitKey::Custom(Arc::new(|head: &http::request::Parts| {
+            Some(head.extensions.get::<PeerIdentity>().map_or_else(|| UNAUTHENTICATED.to_owned(), |p| p.0.to_string()))
+        }));
+        let mut limiter = match (identity, total) {
+            (Some(each), Some(total)) => RateLimiter::keyed_with_total(key, each, total),
+            // Overrides need keyed buckets: without `identity`, other clients are unlimited
+            // per identity (a bucket as large as the total, or none).
+            (None, total) if !self.overrides.is_empty() => {
+                let each = total.unwrap_or(TokenBucket::new(u32::MAX, u32::MAX, Duration::from_secs(1))?);
+                match total {
+                    Some(total) => RateLimiter::keyed_with_total(key, each, total),
+                    None => RateLimiter::keyed(key, each),
+                }
+            }
+            (Some(each), None) => RateLimiter::keyed(key, each),
+            (None, Some(total)) => RateLimiter::total(total),
+            (None, None) => return Ok(None),
+        };
+        for o in &self.overrides {
+            let bucket = per_second(&RequestsPerSecond { requests_per_second: o.requests_per_second }, "overrides")?;
+            for client in &o.client_refs {
+                if client.kind != "ServiceAccount" {
+                    return Err(InvalidRateLimit::new(
+                        "overrides",
+                        format!("clientRefs of kind `{}` are not supported", client.kind),
+                    ));
+                }
+                let ns = client.namespace.as_deref().unwrap_or(namespace);
+                limiter = limiter.with_override(format!("spiffe://{trust_domain}/ns/{ns}/sa/{}", client.name), bucket);
+            }
+        }
+        Ok(Some(RateLimitLayer::new(limiter)))
+    }
 }

@@ -135,7 +135,8 @@ async fn a_million_keys_keep_the_store_bounded() {
             most = most.max(limiter.keys());
         }
     }
-    assert!(most <= 10_001, "the store held {most} keys");
+    // The cap, plus the 1,024 checks between looks.
+    assert!(most <= 10_000 + 1024, "the store held {most} keys");
 }
 
 #[test]
