@@ -73,14 +73,26 @@ fn respond(req: &Request<Incoming>, draining: bool, routes: Option<&Routes>) -> 
         "/routes" => configured(route_dump),
         "/clusters" => configured(cluster_dump),
         "/stats" => match routes {
-            Some(r) => text(
-                StatusCode::OK,
-                format!(
+            Some(r) => {
+                let mut out = format!(
                     "config_reloads {}\nconfig_reload_failures {}\n",
                     r.reloads.load(Ordering::Relaxed),
                     r.reload_failures.load(Ordering::Relaxed)
-                ),
-            ),
+                );
+                // Envoy's local rate limit counters.
+                if let Some(limit) = r.rate_limit() {
+                    let stats = limit.limiter().stats();
+                    for (name, counter) in [
+                        ("enabled", &stats.enabled),
+                        ("ok", &stats.ok),
+                        ("rate_limited", &stats.rate_limited),
+                        ("enforced", &stats.enforced),
+                    ] {
+                        out.push_str(&format!("http_local_rate_limit.{name} {}\n", counter.load(Ordering::Relaxed)));
+                    }
+                }
+                text(StatusCode::OK, out)
+            }
             None => text(StatusCode::OK, "config_reloads 0\nconfig_reload_failures 0\n".into()),
         },
         _ => text(StatusCode::NOT_FOUND, "not found; try /\n".into()),

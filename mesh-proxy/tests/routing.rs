@@ -1202,6 +1202,8 @@ spec:
     }
     // Requests without the header only take from the total.
     assert_eq!(client.get("api", "/", &[]).await.0, StatusCode::OK);
+    let stats = admin(proxy.admin, "/stats").await;
+    assert!(stats.contains("http_local_rate_limit.enforced 20\n"), "{stats}");
     drop(proxy);
     let _ = std::fs::remove_dir_all(&dir);
 

@@ -513,6 +513,11 @@ impl RateLimitLayer {
         self.random = Arc::new(random);
         self
     }
+
+    /// The limiter (its counters, its keys).
+    pub fn limiter(&self) -> &RateLimiter {
+        &self.limiter
+    }
 }
 
 impl<S> Layer<S> for RateLimitLayer {
