@@ -47,4 +47,4 @@ pub mod route;
 pub use classify::{Failure, GrpcCode, GrpcStatus, Outcome};
 pub use flags::ResponseFlags;
 pub use identity::{PeerIdentity, SpiffeId, TrustDomain};
-pub use route::{ClientConnection, RouteDecision, TriedEndpoints};
+pub use route::{ClientConnection, RouteDecision, TriedEndpoints, TryDeadline};

@@ -155,3 +155,28 @@ impl TriedEndpoints {
         self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).next == 0
     }
 }
+
+/// Request extension: the time by which this try must have its response head (the sooner of
+/// its route timeout and its per-try timeout), set by the layers that enforce them. A layer
+/// below that watches outcomes (outlier detection) counts a try dropped unanswered at or
+/// after it as a timeout, and one dropped before it (the client went away) as nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct TryDeadline(pub std::time::Instant);
+
+impl TryDeadline {
+    /// The deadline recorded in `extensions`, if any.
+    pub fn of(extensions: &http::Extensions) -> Option<TryDeadline> {
+        extensions.get::<TryDeadline>().copied()
+    }
+
+    /// Records `deadline` in `extensions`, unless an earlier one is there.
+    pub fn tighten(extensions: &mut http::Extensions, deadline: std::time::Instant) {
+        match extensions.get_mut::<TryDeadline>() {
+            Some(existing) if existing.0 <= deadline => {}
+            Some(existing) => existing.0 = deadline,
+            None => {
+                extensions.insert(TryDeadline(deadline));
+            }
+        }
+    }
+}

@@ -122,14 +122,27 @@ pin_project_lite::pin_project! {
     impl PinnedDrop for ProxyBody {
         fn drop(this: Pin<&mut Self>) {
             if let Some(on_end) = this.project().on_end.take() {
-                on_end(None);
+                on_end(BodyEnd::Dropped);
             }
         }
     }
 }
 
+/// How a body ended, as [`ProxyBody::on_end`] is told.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum BodyEnd<'a> {
+    /// With these trailers.
+    Trailers(&'a http::HeaderMap),
+    /// Without trailers.
+    Ended,
+    /// With an error (the upstream's, or the route's deadline).
+    Failed,
+    /// Dropped unfinished (the client went away, or a layer let go of the response).
+    Dropped,
+}
+
 /// What [`ProxyBody::on_end`] calls.
-pub(crate) type OnEnd = Box<dyn FnOnce(Option<&http::HeaderMap>) + Send + Sync>;
+pub(crate) type OnEnd = Box<dyn FnOnce(BodyEnd<'_>) + Send + Sync>;
 
 pin_project_lite::pin_project! {
     #[project = InnerProj]
@@ -187,11 +200,10 @@ impl ProxyBody {
         }
     }
 
-    /// Calls `f` once the body has ended, with its trailers if it ended with some (`None`
-    /// when it ended without, failed, or was dropped unfinished). Several calls chain.
+    /// Calls `f` once the body has ended, saying how. Several calls chain.
     pub(crate) fn on_end(&mut self, f: OnEnd) {
         if self.is_end_stream() {
-            return f(None);
+            return f(BodyEnd::Ended);
         }
         self.on_end = Some(match self.on_end.take() {
             None => f,
@@ -214,14 +226,19 @@ impl Body for ProxyBody {
             let this = self.as_mut().project();
             match &frame {
                 Some(Ok(f)) if f.is_trailers() => {
-                    if let Some(on_end) = this.on_end.take() {
-                        on_end(f.trailers_ref());
+                    if let (Some(on_end), Some(trailers)) = (this.on_end.take(), f.trailers_ref()) {
+                        on_end(BodyEnd::Trailers(trailers));
                     }
                 }
                 Some(Ok(_)) if !ended => {}
+                Some(Err(_)) => {
+                    if let Some(on_end) = this.on_end.take() {
+                        on_end(BodyEnd::Failed);
+                    }
+                }
                 _ => {
                     if let Some(on_end) = this.on_end.take() {
-                        on_end(None);
+                        on_end(BodyEnd::Ended);
                     }
                 }
             }

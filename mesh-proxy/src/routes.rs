@@ -89,10 +89,22 @@ impl Routes {
                 cluster.outlier = Some(old.clone());
             }
         }
-        let keep: HashSet<Arc<str>> = snapshot
+        // Circuit breakers keep their counts across a reload that keeps their limits.
+        for (key, cluster) in snapshot.clusters.iter_mut() {
+            let (Some(cluster), Some(before)) = (Arc::get_mut(cluster), previous.clusters.get(key)) else { continue };
+            if let (Some(new), Some(old)) = (&cluster.breaker, &before.breaker)
+                && new.limits() == old.limits()
+            {
+                cluster.breaker = Some(old.clone());
+            }
+        }
+        // Pools by address and settings: one whose destination's settings changed goes.
+        let keep: HashSet<(Arc<str>, PoolSettings)> = snapshot
             .clusters
             .values()
-            .flat_map(|c| c.balancer.endpoints().iter().map(|e| e.address().clone()).collect::<Vec<_>>())
+            .flat_map(|c| {
+                c.balancer.endpoints().iter().map(|e| (e.address().clone(), c.pool.clone())).collect::<Vec<_>>()
+            })
             .collect();
         // The snapshot first (destination services are made from it), then the table that
         // routes to them, then the hooks (which retire services made from the old one).
@@ -106,9 +118,8 @@ impl Routes {
         self.reloads.fetch_add(1, Ordering::Relaxed);
         let _writing = self.writing.lock().unwrap_or_else(|p| p.into_inner());
         let pools = self.pools.load();
-        if pools.keys().any(|(k, _)| !keep.contains(k)) {
-            let next =
-                pools.iter().filter(|((k, _), _)| keep.contains(k)).map(|(k, v)| (k.clone(), v.clone())).collect();
+        if pools.keys().any(|k| !keep.contains(k)) {
+            let next = pools.iter().filter(|(k, _)| keep.contains(*k)).map(|(k, v)| (k.clone(), v.clone())).collect();
             self.pools.store(Arc::new(next));
         }
     }

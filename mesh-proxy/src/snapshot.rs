@@ -18,6 +18,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::time::Duration;
 
 use mesh_routing::balance::{Balancer, Endpoint, HashKey, LbPolicy};
 use mesh_routing::model::{DestinationRuleSpec, HttpRoute, LoadBalancerSettings, ServiceProfileSpec, TrafficPolicy};
@@ -305,7 +306,9 @@ pub fn compile(resources: Resources) -> Result<Snapshot, CompileError> {
             .as_ref()
             .map(|b| {
                 let percent = b.percent.map_or(20.0, |p| p.value());
-                mesh_resilience::retry::ConcurrencyBudget::new(percent, b.min_retry_concurrency.unwrap_or(3) as usize)
+                // 0 is proto3's "unset": Envoy's default of 3.
+                let min = b.min_retry_concurrency.filter(|n| *n > 0).unwrap_or(3) as usize;
+                mesh_resilience::retry::ConcurrencyBudget::new(percent, min)
                     .map(|b| Arc::new(b) as Arc<dyn mesh_resilience::retry::RetryBudget>)
                     .map_err(|e| CompileError {
                         resource: format!("DestinationRule for {}", key.host),
@@ -313,8 +316,10 @@ pub fn compile(resources: Resources) -> Result<Snapshot, CompileError> {
                     })
             })
             .transpose()?
-            .or(max_retries)
-            .or_else(|| profile_budgets.get(&*key.host).cloned());
+            .or(max_retries);
+        // A ServiceProfile's retryable routes retry until their budget refuses: its budget
+        // wins over the DestinationRule's, which would let them retry without end.
+        let retry_budget = profile_budgets.get(&*key.host).cloned().or(retry_budget);
         let outlier = policy
             .outlier_detection
             .as_ref()
@@ -411,15 +416,19 @@ fn pool_settings(
     let mut settings = crate::upstream::PoolSettings::default();
     let Some(spec) = spec else { return (settings, None) };
     let positive = |d: Option<mesh_core::config::Duration>| d.map(|d| d.get()).filter(|d| !d.is_zero());
+    // An idle timeout of 0s disables it (connections are never closed for idleness).
+    let idle = |d: Option<mesh_core::config::Duration>| {
+        d.map(|d| if d.get().is_zero() { Duration::from_secs(100 * 365 * 86_400) } else { d.get() })
+    };
     if let Some(tcp) = &spec.tcp {
         settings.connect_timeout = positive(tcp.connect_timeout);
-        settings.idle_timeout = positive(tcp.idle_timeout);
+        settings.idle_timeout = idle(tcp.idle_timeout);
         settings.keepalive = tcp.tcp_keepalive.as_ref().map(|k| (k.probes, positive(k.time), positive(k.interval)));
     }
     let mut protocol = None;
     if let Some(http) = &spec.http {
         // `http.idleTimeout` wins over `tcp.idleTimeout` for HTTP, as in Istio.
-        settings.idle_timeout = positive(http.idle_timeout).or(settings.idle_timeout);
+        settings.idle_timeout = idle(http.idle_timeout).or(settings.idle_timeout);
         settings.max_requests_per_connection = http.max_requests_per_connection.filter(|n| *n > 0).map(|n| n as u32);
         protocol = match http.h2_upgrade_policy.as_deref() {
             Some("UPGRADE") => Some(crate::config::UpstreamProtocol::H2),

@@ -35,7 +35,7 @@ use http::{Request, Response};
 use http_body::Body;
 use mesh_core::classify::TimeoutError;
 use mesh_core::classify::{GrpcCode, Outcome};
-use mesh_core::{ClientConnection, TriedEndpoints};
+use mesh_core::{ClientConnection, TriedEndpoints, TryDeadline};
 use mesh_resilience::LocalOr;
 use mesh_resilience::fault::{FaultLayer, FaultService};
 use mesh_resilience::outlier::HostMonitor;
@@ -45,7 +45,8 @@ use mesh_routing::balance::HealthView;
 use mesh_routing::{DestinationKey, Dispatch, MakeDestination, RouteTimeout, Routing, RoutingBody, RoutingLayer};
 use tower::{Layer, Service, ServiceExt};
 
-use crate::body::{ProxyBody, RequestBody};
+use crate::body::{BodyEnd, ProxyBody, RequestBody};
+use crate::config::UpstreamProtocol;
 use crate::error::{BoxError, NoCluster, NoHealthyUpstream};
 use crate::proxy::{Endpoint, EndpointSettings};
 use crate::routes::Routes;
@@ -175,9 +176,13 @@ where
         self.0.poll_ready(cx)
     }
 
-    fn call(&mut self, req: Request<RequestBody>) -> Self::Future {
+    fn call(&mut self, mut req: Request<RequestBody>) -> Self::Future {
         use futures_util::TryFutureExt;
         let limit = req.extensions().get::<RouteTimeout>().map(|t| t.0);
+        if let Some(limit) = limit {
+            // For the layers below that tell a timed-out try from an abandoned one.
+            TryDeadline::tighten(req.extensions_mut(), (tokio::time::Instant::now() + limit).into_std());
+        }
         let fut = self.0.call(req);
         let flat: fn(Response<RoutingBody<ProxyBody>>) -> Response<ProxyBody> = |res| res.map(flatten);
         match limit {
@@ -225,12 +230,31 @@ impl MakeDestination for MakeCluster {
         };
         // Retries go to another endpoint than the one that failed, when there is another.
         let endpoints = cluster.cluster.as_ref().map_or(0, |c| c.balancer.endpoints().len());
-        retry = retry.recording_tried_endpoints(endpoints > 1);
+        // Not under consistent hashing, where Istio leaves the predicate out: a retry stays
+        // with the key's endpoint.
+        let hashed = cluster.cluster.as_ref().is_some_and(|c| c.hash_key.is_some());
+        retry = retry.recording_tried_endpoints(endpoints > 1 && !hashed);
         // The destination's retry budget, shared by every request to it.
         if let Some(budget) = cluster.cluster.as_ref().and_then(|c| c.retry_budget.clone()) {
             retry = retry.with_budget(budget);
         }
         retry.layer(tower::util::MapRequest::new(cluster, replayed))
+    }
+}
+
+/// Records a timeout for a try dropped unanswered at or after its deadline.
+struct Unanswered {
+    monitor: Option<HostMonitor>,
+    deadline: Option<TryDeadline>,
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if let (Some(monitor), Some(TryDeadline(deadline))) = (self.monitor.take(), self.deadline)
+            && tokio::time::Instant::now().into_std() >= deadline
+        {
+            monitor.record_failure(mesh_core::classify::Failure::Timeout);
+        }
     }
 }
 
@@ -245,7 +269,11 @@ fn record(monitor: HostMonitor, grpc: bool, result: &mut Result<Response<ProxyBo
     let res = match result {
         Ok(res) => res,
         Err(e) => {
-            if let Some(failure) = Outcome::from_error(&**e).failure() {
+            // A failure the client caused (its request body broke) says nothing of the
+            // upstream.
+            if crate::reply::client_fault(&**e).is_none()
+                && let Some(failure) = Outcome::from_error(&**e).failure()
+            {
                 monitor.record_failure(failure);
             }
             return;
@@ -254,12 +282,17 @@ fn record(monitor: HostMonitor, grpc: bool, result: &mut Result<Response<ProxyBo
     let head = res.headers().get("grpc-status").and_then(GrpcCode::from_header);
     match (grpc, head) {
         (true, Some(code)) => monitor.record_status(code.to_http_status()),
-        (true, None) if res.status() == http::StatusCode::OK => res.body_mut().on_end(Box::new(move |trailers| {
-            // A call that ended without its status failed.
-            let status = trailers
-                .and_then(|t| t.get("grpc-status"))
-                .and_then(GrpcCode::from_header)
-                .map_or(http::StatusCode::SERVICE_UNAVAILABLE, GrpcCode::to_http_status);
+        (true, None) if res.status() == http::StatusCode::OK => res.body_mut().on_end(Box::new(move |end| {
+            let status = match end {
+                BodyEnd::Trailers(t) => t
+                    .get("grpc-status")
+                    .and_then(GrpcCode::from_header)
+                    .map_or(http::StatusCode::SERVICE_UNAVAILABLE, GrpcCode::to_http_status),
+                // The upstream ended the call without its status: a failure.
+                BodyEnd::Ended | BodyEnd::Failed => http::StatusCode::SERVICE_UNAVAILABLE,
+                // The client went away: nothing said about the upstream.
+                BodyEnd::Dropped => return,
+            };
             monitor.record_status(status);
         })),
         _ => monitor.record_status(res.status()),
@@ -384,11 +417,20 @@ impl Service<Request<RequestBody>> for ClusterService {
             Err(e) => return Box::pin(std::future::ready(Err(e))),
         };
         let grpc = monitor.is_some() && is_grpc(req.headers());
+        // A try dropped unanswered at its deadline timed out; one dropped before it was
+        // abandoned by the client (nothing to record).
+        let mut watch = Unanswered { monitor, deadline: TryDeadline::of(req.extensions()) };
         let endpoint = Endpoint::new(pool, self.settings.clone());
         let breaker = cluster.breaker.clone();
+        let multiplexed = match self.settings.protocol {
+            UpstreamProtocol::H2 => true,
+            UpstreamProtocol::Http1 => false,
+            UpstreamProtocol::Downstream => req.version() == http::Version::HTTP_2,
+        };
         Box::pin(async move {
             // Connection-pool limits: wait as pending for a connection, or overflow at once.
             let admission = match &breaker {
+                Some(breaker) if multiplexed => Some(breaker.admit_multiplexed().await?),
                 Some(breaker) => Some(breaker.admit().await?),
                 None => None,
             };
@@ -397,7 +439,7 @@ impl Service<Request<RequestBody>> for ClusterService {
                 // The connection is busy until the response body has ended.
                 res.body_mut().on_end(Box::new(move |_| drop(admission)));
             }
-            if let Some(monitor) = monitor {
+            if let Some(monitor) = watch.monitor.take() {
                 record(monitor, grpc, &mut result);
             }
             let mut res = result?;

@@ -9,7 +9,9 @@
 //! * `max_connections` (Istio `tcp.maxConnections`): connections busy with a request (an
 //!   HTTP/1.1 connection carries one exchange at a time, and an idle pooled connection is
 //!   reused before a new one is opened, so this bounds the connections the cluster needs); a
-//!   request that finds them all busy waits for one as *pending*...
+//!   request that finds them all busy waits for one as *pending*. Requests to a multiplexed
+//!   (HTTP/2) upstream share its connection and skip this limit
+//!   ([`CircuitBreaker::admit_multiplexed`])...
 //! * ...up to `max_pending` (Istio `http1MaxPendingRequests`) waiting at once; one more is
 //!   refused at once.
 //!
@@ -183,28 +185,42 @@ impl CircuitBreaker {
         Overloaded(which)
     }
 
-    /// Admits a request: at once, after waiting as pending for a connection, or not at all
-    /// ([`Overloaded`], at once). See the [module docs](self).
+    /// Admits a request to an HTTP/1.1 upstream: at once, after waiting as pending for a
+    /// connection, or not at all ([`Overloaded`], at once). See the [module docs](self).
     pub async fn admit(&self) -> Result<Admission, Overloaded> {
+        self.admit_with(true).await
+    }
+
+    /// Admits a request to a multiplexed (HTTP/2) upstream, whose streams share connections:
+    /// only `max_requests` applies.
+    pub async fn admit_multiplexed(&self) -> Result<Admission, Overloaded> {
+        self.admit_with(false).await
+    }
+
+    async fn admit_with(&self, needs_connection: bool) -> Result<Admission, Overloaded> {
         let inner = &self.inner;
+        // A connection first (waiting as pending if need be), then the request's place among
+        // those in flight, as Envoy checks `max_requests` when the stream is attached.
+        let mut connection = None;
+        if let Some(connections) = inner.connections.as_ref().filter(|_| needs_connection) {
+            connection = match connections.clone().try_acquire_owned() {
+                Ok(permit) => Some(permit),
+                Err(_) => {
+                    let waiting = inner.pending.fetch_add(1, Ordering::AcqRel);
+                    let _pending = Pending(&inner.pending);
+                    if inner.limits.max_pending.is_some_and(|max| waiting >= max) {
+                        return Err(self.overflow(Overflow::Pending));
+                    }
+                    Some(connections.clone().acquire_owned().await.expect("the semaphore is never closed"))
+                }
+            };
+        }
         let in_flight = inner.requests.fetch_add(1, Ordering::AcqRel);
-        // From here on the request counts as in flight; `admission` gives it back on drop.
-        let mut admission = Admission { inner: inner.clone(), _connection: None };
+        // From here on the request counts as in flight; the admission gives it back on drop.
+        let admission = Admission { inner: inner.clone(), _connection: connection };
         if inner.limits.max_requests.is_some_and(|max| in_flight >= max) {
             return Err(self.overflow(Overflow::Requests));
         }
-        let Some(connections) = &inner.connections else { return Ok(admission) };
-        if let Ok(permit) = connections.clone().try_acquire_owned() {
-            admission._connection = Some(permit);
-            return Ok(admission);
-        }
-        let waiting = inner.pending.fetch_add(1, Ordering::AcqRel);
-        let _pending = Pending(&inner.pending);
-        if inner.limits.max_pending.is_some_and(|max| waiting >= max) {
-            return Err(self.overflow(Overflow::Pending));
-        }
-        let permit = connections.clone().acquire_owned().await.expect("the semaphore is never closed");
-        admission._connection = Some(permit);
         Ok(admission)
     }
 }

@@ -21,7 +21,9 @@
 //! [`RateLimitLayer`] answers a refused request at once: 429 (configurable), body
 //! `local_rate_limited`, `Retry-After`, the IETF `RateLimit-Policy` and `RateLimit` fields
 //! (SEMANTICS.md 4.4), optionally Envoy's legacy `x-ratelimit-limit / -remaining / -reset`
-//! trio, flag `RL`; a gRPC request gets HTTP 200 with `grpc-status` 8 (`RESOURCE_EXHAUSTED`).
+//! trio, flag `RL`; a gRPC request gets HTTP 200 with `grpc-status` 8 (`RESOURCE_EXHAUSTED`;
+//! configured from Envoy's filter, 14 `UNAVAILABLE` unless it says
+//! `rate_limited_as_resource_exhausted`, as Envoy does).
 //! `filter_enabled` and `filter_enforced` shares (Envoy's) sample which requests are checked
 //! and which refusals are enforced (the rest are only counted: shadow mode).
 //!
@@ -250,6 +252,9 @@ pub struct RateLimiter {
 
 struct Inner {
     total: Option<(TokenBucket, Direct)>,
+    /// The total bucket applies only to requests without a key (Envoy's
+    /// `always_consume_default_token_bucket: false`).
+    total_only_without_key: bool,
     keyed: Option<KeyedBuckets>,
     name: String,
     stats: Stats,
@@ -350,8 +355,13 @@ impl RateLimiter {
             checks: AtomicU64::new(0),
             epoch: tokio::time::Instant::now(),
         });
-        let inner =
-            Inner { total: total.map(|b| (b, direct(b))), keyed, name: "default".into(), stats: Stats::default() };
+        let inner = Inner {
+            total: total.map(|b| (b, direct(b))),
+            total_only_without_key: false,
+            keyed,
+            name: "default".into(),
+            stats: Stats::default(),
+        };
         Self { inner: Arc::new(inner) }
     }
 
@@ -365,6 +375,12 @@ impl RateLimiter {
         if let Some(k) = &mut self.inner_mut().keyed {
             k.overrides.insert(value.into(), (bucket, direct(bucket)));
         }
+        self
+    }
+
+    /// Applies the total bucket only to requests without a key. Configure before cloning.
+    pub fn with_total_only_without_key(mut self) -> Self {
+        self.inner_mut().total_only_without_key = true;
         self
     }
 
@@ -402,9 +418,11 @@ impl RateLimiter {
     /// refusal by the first takes nothing from the second).
     pub fn check(&self, head: &http::request::Parts) -> Decision {
         let mut remaining = u32::MAX;
+        let mut keyed = false;
         if let Some(k) = &self.inner.keyed
             && let Some(value) = k.key.of(head)
         {
+            keyed = true;
             let outcome = match k.overrides.get(&value) {
                 Some((bucket, limiter)) => limiter.check().map_err(|n| (*bucket, wait(&n))),
                 None => {
@@ -417,7 +435,9 @@ impl RateLimiter {
                 Err((bucket, retry_after)) => return Decision::Limited { bucket, retry_after },
             }
         }
-        if let Some((bucket, limiter)) = &self.inner.total {
+        if let Some((bucket, limiter)) = &self.inner.total
+            && !(keyed && self.inner.total_only_without_key)
+        {
             match limiter.check() {
                 Ok(snapshot) => remaining = remaining.min(snapshot.remaining_burst_capacity()),
                 Err(n) => return Decision::Limited { bucket: *bucket, retry_after: wait(&n) },
@@ -473,6 +493,9 @@ pub struct RateLimitResponse {
     pub enabled_per_million: u32,
     /// Share of refusals enforced, in millionths (all by default; the rest only count).
     pub enforced_per_million: u32,
+    /// The `grpc-status` of a refused gRPC call (`RESOURCE_EXHAUSTED` by default; Envoy's
+    /// filter says `UNAVAILABLE` unless `rate_limited_as_resource_exhausted`).
+    pub grpc_status: mesh_core::classify::GrpcCode,
 }
 
 impl Default for RateLimitResponse {
@@ -482,6 +505,7 @@ impl Default for RateLimitResponse {
             legacy_headers: false,
             enabled_per_million: 1_000_000,
             enforced_per_million: 1_000_000,
+            grpc_status: mesh_core::classify::GrpcCode::RESOURCE_EXHAUSTED,
         }
     }
 }
@@ -600,7 +624,7 @@ fn refusal(
     let mut res = if grpc {
         let mut res = Response::new(Bytes::new());
         res.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-        res.headers_mut().insert("grpc-status", HeaderValue::from_static("8"));
+        res.headers_mut().insert("grpc-status", HeaderValue::from(response.grpc_status.as_u32()));
         res.headers_mut().insert("grpc-message", HeaderValue::from_static("local_rate_limited"));
         res
     } else {
@@ -610,7 +634,8 @@ fn refusal(
         res
     };
     let secs = ceil_secs(retry_after);
-    let window = ceil_secs(bucket.fill_interval * bucket.max_tokens.div_ceil(bucket.tokens_per_fill)).max(1);
+    let window =
+        ceil_secs(bucket.fill_interval.saturating_mul(bucket.max_tokens.div_ceil(bucket.tokens_per_fill))).max(1);
     let headers = res.headers_mut();
     headers.insert(http::header::RETRY_AFTER, HeaderValue::from(secs));
     let quoted = name.replace(['"', '\\'], "");
@@ -718,6 +743,8 @@ pub struct LocalRateLimitConfig {
     pub enable_x_ratelimit_headers: Option<String>,
     /// Whether the default bucket applies when a descriptor matched too (default yes).
     pub always_consume_default_token_bucket: Option<bool>,
+    /// gRPC refusals say `RESOURCE_EXHAUSTED` instead of `UNAVAILABLE`.
+    pub rate_limited_as_resource_exhausted: bool,
 }
 
 /// Envoy's `TokenBucket`.
@@ -851,8 +878,11 @@ impl RuntimeFraction {
 impl LocalRateLimitConfig {
     /// The layer this configuration describes, or `None` when it limits nothing (no bucket).
     pub fn to_layer(&self) -> Result<Option<RateLimitLayer>, InvalidRateLimit> {
-        let total = self.token_bucket.as_ref().map(|b| b.to_bucket("token_bucket")).transpose()?;
-        let mut keyed: Option<(RateLimitKey, TokenBucket)> = None;
+        // Without a default bucket the filter limits nothing (Envoy's HCM-level config).
+        let Some(total) = self.token_bucket.as_ref().map(|b| b.to_bucket("token_bucket")).transpose()? else {
+            return Ok(None);
+        };
+        let mut keyed: Option<(HeaderName, TokenBucket)> = None;
         let mut overrides = Vec::new();
         for d in &self.descriptors {
             let [entry] = d.entries.as_slice() else {
@@ -879,16 +909,42 @@ impl LocalRateLimitConfig {
                 .ok_or_else(|| InvalidRateLimit::new("descriptors", "a descriptor needs a token_bucket"))?
                 .to_bucket("descriptors.token_bucket")?;
             match entry.value.as_deref().filter(|v| !v.is_empty()) {
-                None => keyed = Some((RateLimitKey::Header(name), bucket)),
+                None if keyed.is_some() => {
+                    return Err(InvalidRateLimit::new(
+                        "descriptors",
+                        "only one descriptor without a value is supported",
+                    ));
+                }
+                None => keyed = Some((name, bucket)),
                 Some(value) => overrides.push((name, value.to_owned(), bucket)),
             }
         }
-        let always_default = self.always_consume_default_token_bucket.unwrap_or(true);
-        let limiter = match (keyed, total) {
-            (Some((key, bucket)), Some(total)) if always_default => RateLimiter::keyed_with_total(key, bucket, total),
-            (Some((key, bucket)), _) => RateLimiter::keyed(key, bucket),
-            (None, Some(total)) => RateLimiter::total(total),
-            (None, None) => return Ok(None),
+        let limiter = match keyed {
+            Some((name, bucket)) => {
+                if let Some((other, ..)) = overrides.iter().find(|(n, ..)| *n != name) {
+                    return Err(InvalidRateLimit::new(
+                        "descriptors",
+                        format!(
+                            "a descriptor with a value must key on the header of the one without (`{name}`, not `{other}`)"
+                        ),
+                    ));
+                }
+                let limiter = RateLimiter::keyed_with_total(RateLimitKey::Header(name), bucket, total);
+                // Without `always_consume_default_token_bucket`, the default bucket is for
+                // requests that matched no descriptor.
+                if self.always_consume_default_token_bucket == Some(false) {
+                    limiter.with_total_only_without_key()
+                } else {
+                    limiter
+                }
+            }
+            None if !overrides.is_empty() => {
+                return Err(InvalidRateLimit::new(
+                    "descriptors",
+                    "descriptors with values need one without a value for the same key (per-value buckets)",
+                ));
+            }
+            None => RateLimiter::total(total),
         };
         let limiter = overrides.into_iter().fold(limiter, |l, (_, value, bucket)| l.with_override(value, bucket));
         let limiter = if self.stat_prefix.is_empty() { limiter } else { limiter.with_name(self.stat_prefix.clone()) };
@@ -896,6 +952,11 @@ impl LocalRateLimitConfig {
             enabled_per_million: RuntimeFraction::per_million(self.filter_enabled.as_ref(), "filter_enabled")?,
             enforced_per_million: RuntimeFraction::per_million(self.filter_enforced.as_ref(), "filter_enforced")?,
             legacy_headers: self.enable_x_ratelimit_headers.as_deref() == Some("DRAFT_VERSION_03"),
+            grpc_status: if self.rate_limited_as_resource_exhausted {
+                mesh_core::classify::GrpcCode::RESOURCE_EXHAUSTED
+            } else {
+                mesh_core::classify::GrpcCode::UNAVAILABLE
+            },
             ..RateLimitResponse::default()
         };
         if let Some(status) = &self.status {

@@ -360,3 +360,74 @@ async fn the_monitor_layer_records_statuses_errors_and_grpc_trailers() {
     }
     assert_eq!(d.ejected(), 2);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_try_dropped_at_its_deadline_is_a_timeout_and_one_abandoned_before_is_nothing() {
+    use bytes::Bytes;
+    use http_body_util::Full;
+    use mesh_resilience::outlier::MonitorLayer;
+    use tower::{Layer, ServiceExt, service_fn};
+
+    type BoxError = Box<dyn std::error::Error + Send + Sync>;
+    let (d, m) = detector(
+        2,
+        config(|c| {
+            c.consecutive_5xx = 1;
+            c.max_ejection_percent = 100;
+        }),
+    );
+    let hanging = |monitor: HostMonitor| {
+        MonitorLayer::new(monitor).layer(service_fn(|_req: http::Request<()>| async {
+            std::future::pending::<()>().await;
+            Ok::<http::Response<Full<Bytes>>, BoxError>(http::Response::new(Full::new(Bytes::new())))
+        }))
+    };
+    let with_deadline = |after: Duration| {
+        let mut req = http::Request::new(());
+        let deadline = (tokio::time::Instant::now() + after).into_std();
+        mesh_core::TryDeadline::tighten(req.extensions_mut(), deadline);
+        req
+    };
+    // The client gives up after 1 s, before the try's 5 s deadline: nothing recorded.
+    let abandoned = tokio::time::timeout(
+        Duration::from_secs(1),
+        hanging(m[0].clone()).oneshot(with_deadline(Duration::from_secs(5))),
+    );
+    assert!(abandoned.await.is_err());
+    assert_eq!(d.ejected(), 0);
+    // The per-try timeout drops it at its deadline: a timeout (504), which ejects.
+    let timed_out = tokio::time::timeout(
+        Duration::from_secs(2),
+        hanging(m[1].clone()).oneshot(with_deadline(Duration::from_secs(2))),
+    );
+    assert!(timed_out.await.is_err());
+    assert!(m[1].is_ejected());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_grpc_body_the_client_drops_records_nothing() {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use mesh_resilience::outlier::MonitorLayer;
+    use tower::{Layer, ServiceExt, service_fn};
+
+    type BoxError = Box<dyn std::error::Error + Send + Sync>;
+    let (d, m) = detector(
+        2,
+        config(|c| {
+            c.consecutive_5xx = 1;
+            c.max_ejection_percent = 100;
+        }),
+    );
+    let svc = MonitorLayer::new(m[0].clone()).layer(service_fn(|_req: http::Request<()>| async {
+        let body = Full::new(Bytes::from_static(b"\0\0\0\0\0")).with_trailers(async { None });
+        Ok::<_, BoxError>(http::Response::builder().header("content-type", "application/grpc").body(body).unwrap())
+    }));
+    let call = || http::Request::post("/p.S/M").header("content-type", "application/grpc").body(()).unwrap();
+    // Dropped unread: the client went away.
+    drop(svc.clone().oneshot(call()).await.unwrap());
+    assert_eq!(d.ejected(), 0);
+    // Read to its end without a status: the upstream failed the call.
+    let _ = svc.clone().oneshot(call()).await.unwrap().into_body().collect().await.unwrap();
+    assert!(m[0].is_ejected());
+}

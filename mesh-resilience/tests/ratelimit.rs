@@ -180,3 +180,62 @@ async fn inside_axum_a_service_cloned_per_request_is_limited_once_overall() {
     }
     assert_eq!(statuses, [200, 200, 200, 429, 429]);
 }
+
+/// Envoy's filter configuration, as an EnvoyFilter carries it.
+fn envoy(json: serde_json::Value) -> Result<Option<RateLimitLayer>, mesh_resilience::ratelimit::InvalidRateLimit> {
+    serde_json::from_value::<mesh_resilience::ratelimit::LocalRateLimitConfig>(json).unwrap().to_layer()
+}
+
+#[tokio::test(start_paused = true)]
+async fn envoy_filter_shapes_compile_as_envoy_reads_them() {
+    use serde_json::json;
+    let on = json!({"default_value": {"numerator": 100, "denominator": "HUNDRED"}});
+    // No default bucket: the filter limits nothing.
+    assert!(envoy(json!({"stat_prefix": "x"})).unwrap().is_none());
+    // A value-only descriptor has no per-value bucket to override: refused, not ignored.
+    let valued = json!({
+        "token_bucket": {"max_tokens": 10, "fill_interval": "1s"},
+        "rate_limits": [{"actions": [{"request_headers": {"header_name": "x-user-id", "descriptor_key": "user"}}]}],
+        "descriptors": [{"entries": [{"key": "user", "value": "admin"}], "token_bucket": {"max_tokens": 1, "fill_interval": "1s"}}]
+    });
+    assert_eq!(envoy(valued).unwrap_err().field(), "descriptors");
+    // Without always_consume_default_token_bucket the default is for requests with no key.
+    let config = json!({
+        "token_bucket": {"max_tokens": 1, "tokens_per_fill": 1, "fill_interval": "60s"},
+        "filter_enabled": on, "filter_enforced": on,
+        "always_consume_default_token_bucket": false,
+        "rate_limits": [{"actions": [{"request_headers": {"header_name": "x-user-id", "descriptor_key": "user"}}]}],
+        "descriptors": [{"entries": [{"key": "user"}], "token_bucket": {"max_tokens": 3, "tokens_per_fill": 3, "fill_interval": "60s"}}]
+    });
+    let svc = envoy(config).unwrap().unwrap().layer(ok());
+    let with_user = || Request::get("/").header("x-user-id", "u").body(()).unwrap();
+    let statuses: Vec<u16> = {
+        let mut v = Vec::new();
+        for _ in 0..4 {
+            v.push(svc.clone().oneshot(with_user()).await.unwrap().status().as_u16());
+        }
+        v
+    };
+    assert_eq!(statuses, [200, 200, 200, 429], "the descriptor's bucket alone");
+    assert_eq!(svc.clone().oneshot(Request::new(())).await.unwrap().status(), StatusCode::OK);
+    assert_eq!(svc.clone().oneshot(Request::new(())).await.unwrap().status(), StatusCode::TOO_MANY_REQUESTS);
+    // gRPC refusals: UNAVAILABLE, as Envoy's default; RESOURCE_EXHAUSTED when asked.
+    for (flag, code) in [(false, "14"), (true, "8")] {
+        let svc = envoy(json!({
+            "token_bucket": {"max_tokens": 1, "fill_interval": "60s"},
+            "filter_enabled": on, "filter_enforced": on,
+            "rate_limited_as_resource_exhausted": flag
+        }))
+        .unwrap()
+        .unwrap()
+        .layer(ok());
+        let call = || Request::post("/p.S/M").header("content-type", "application/grpc").body(()).unwrap();
+        let _ = svc.clone().oneshot(call()).await.unwrap();
+        assert_eq!(svc.clone().oneshot(call()).await.unwrap().headers()["grpc-status"], code);
+    }
+    // Unset filter_enabled: the filter does nothing (vector 25).
+    let svc = envoy(json!({"token_bucket": {"max_tokens": 1, "fill_interval": "60s"}})).unwrap().unwrap().layer(ok());
+    for _ in 0..5 {
+        assert_eq!(svc.clone().oneshot(Request::new(())).await.unwrap().status(), StatusCode::OK);
+    }
+}

@@ -466,8 +466,10 @@ impl OutlierDetector {
     pub fn tick(&self, now: Instant) {
         let inner = &self.inner;
         let config = &inner.config;
-        let hosts = inner.hosts.load_full();
+        // The host set is read under the lock that `set_hosts` takes, so a host it removed is
+        // not returned (and counted out) a second time.
         let _ejecting = lock(&inner.ejecting);
+        let hosts = inner.hosts.load_full();
         let mut rates = Vec::new();
         for host in hosts.values() {
             let mut state = lock(&host.state);

@@ -19,8 +19,11 @@ use crate::retry::RetryableError;
 ///
 /// A response counts by its status; a gRPC call's by its `grpc-status` mapped to HTTP, read
 /// from the head when it is there and from the trailers otherwise (then when the body ends:
-/// a body dropped or failed before its trailers counts as 503). An error counts as its
-/// mesh-core classification says ([`HostMonitor::record_failure`]).
+/// one that failed or ended without trailers counts as 503; one dropped unfinished, by a
+/// client that went away, counts for nothing). An error counts as its mesh-core
+/// classification says ([`HostMonitor::record_failure`]); a call dropped unanswered counts as
+/// a timeout when its [`TryDeadline`](mesh_core::TryDeadline) has passed, and for nothing
+/// before it.
 #[derive(Clone, Debug)]
 pub struct MonitorLayer {
     monitor: HostMonitor,
@@ -66,7 +69,8 @@ where
             .headers()
             .get(http::header::CONTENT_TYPE)
             .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-        MonitorFuture { fut: self.inner.call(req), monitor: Some(self.monitor.clone()), grpc }
+        let deadline = mesh_core::TryDeadline::of(req.extensions());
+        MonitorFuture { fut: self.inner.call(req), monitor: Some(self.monitor.clone()), grpc, deadline }
     }
 }
 
@@ -77,6 +81,19 @@ pin_project_lite::pin_project! {
         fut: F,
         monitor: Option<HostMonitor>,
         grpc: bool,
+        deadline: Option<mesh_core::TryDeadline>,
+    }
+
+    impl<F> PinnedDrop for MonitorFuture<F> {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            // Dropped unanswered: a timeout if the try's deadline has passed.
+            if let (Some(monitor), Some(mesh_core::TryDeadline(deadline))) = (this.monitor.take(), *this.deadline)
+                && tokio::time::Instant::now().into_std() >= deadline
+            {
+                monitor.record_failure(mesh_core::classify::Failure::Timeout);
+            }
+        }
     }
 }
 
@@ -126,14 +143,6 @@ pin_project_lite::pin_project! {
         pending: Option<HostMonitor>,
     }
 
-    impl<B> PinnedDrop for MonitorBody<B> {
-        fn drop(this: Pin<&mut Self>) {
-            // Ended without trailers: the call failed.
-            if let Some(monitor) = this.project().pending.take() {
-                monitor.record_status(StatusCode::SERVICE_UNAVAILABLE);
-            }
-        }
-    }
 }
 
 impl<B> MonitorBody<B> {
@@ -158,12 +167,19 @@ impl<B: Body<Data = Bytes>> Body for MonitorBody<B> {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = self.project();
         let frame = ready!(this.inner.poll_frame(cx));
-        if let Some(Ok(frame)) = &frame
-            && let Some(trailers) = frame.trailers_ref()
-            && let Some(monitor) = this.pending.take()
-        {
-            monitor.record_status(trailers_status(trailers));
+        if this.pending.is_some() {
+            let status = match &frame {
+                Some(Ok(f)) => f.trailers_ref().map(trailers_status),
+                // The upstream ended the call without its status, or broke it: a failure.
+                Some(Err(_)) | None => Some(StatusCode::SERVICE_UNAVAILABLE),
+            };
+            if let Some(status) = status
+                && let Some(monitor) = this.pending.take()
+            {
+                monitor.record_status(status);
+            }
         }
+        // A body dropped unfinished records nothing: the client went away.
         Poll::Ready(frame)
     }
 

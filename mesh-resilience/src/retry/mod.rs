@@ -75,7 +75,7 @@ use http_body::Body;
 use mesh_core::classify::{Failure, Outcome, TimeoutError};
 use mesh_core::flags::FlaggedError;
 use mesh_core::random::Random;
-use mesh_core::{ResponseFlags, TriedEndpoints};
+use mesh_core::{ResponseFlags, TriedEndpoints, TryDeadline};
 use tower::{Layer, Service, ServiceExt};
 
 pub use body::{Replay, ReplayBody};
@@ -291,6 +291,7 @@ struct Retrying<S, B> {
     svc: S,
     head: http::request::Parts,
     tried: Option<TriedEndpoints>,
+    route_deadline: Option<TryDeadline>,
     replay: Replay<B>,
     /// The route's policy, when the request named one (else the layer's).
     route_policy: Option<Arc<RetryPolicy>>,
@@ -353,6 +354,12 @@ where
         if let Some(tried) = &tried {
             parts.extensions.insert(tried.clone());
         }
+        // The route's deadline, which every try keeps (retries carry no other extension).
+        let route_deadline = TryDeadline::of(&parts.extensions);
+        if let Some(limit) = policy.per_try_timeout().filter(|_| S::Error::timeout().is_some()) {
+            let deadline = (tokio::time::Instant::now() + limit).into_std();
+            TryDeadline::tighten(&mut parts.extensions, deadline);
+        }
         let (body, replay) = ReplayBody::new(body, policy.max_replay_bytes());
         let fut = first.call(Request::from_parts(parts, body));
         let fut = match (policy.per_try_timeout(), S::Error::timeout().is_some()) {
@@ -363,6 +370,7 @@ where
             svc: first,
             head,
             tried,
+            route_deadline,
             replay,
             _request: shared.budget.as_ref().map(|b| b.deposit()),
             route_policy,
@@ -460,7 +468,7 @@ where
     B: Body<Data = Bytes> + Send + Unpin + 'static,
     RB: Send + 'static,
 {
-    let Retrying { svc, head, tried, replay, route_policy, shared, _request } = r;
+    let Retrying { svc, head, tried, route_deadline, replay, route_policy, shared, _request } = r;
     let policy: &RetryPolicy = route_policy.as_deref().unwrap_or(&shared.policy);
     let (budget, random) = (&shared.budget, &*shared.random);
     let mut tries = 1;
@@ -495,6 +503,13 @@ where
         let mut req = Request::from_parts(head.clone(), body);
         if let Some(tried) = &tried {
             req.extensions_mut().insert(tried.clone());
+        }
+        // This try's deadline: the route's, or its per-try timeout's if sooner.
+        if let Some(TryDeadline(route)) = route_deadline {
+            TryDeadline::tighten(req.extensions_mut(), route);
+        }
+        if let Some(limit) = policy.per_try_timeout().filter(|_| S::Error::timeout().is_some()) {
+            TryDeadline::tighten(req.extensions_mut(), (tokio::time::Instant::now() + limit).into_std());
         }
         result = match svc.ready().await {
             Ok(svc) => try_once(policy.per_try_timeout(), svc.call(req)).await,
