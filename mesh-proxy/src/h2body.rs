@@ -25,12 +25,20 @@ use crate::error::BoxError;
 pub(crate) struct H2Recv {
     recv: RecvStream,
     data_done: bool,
+    /// An upstream stream's place among its connection's active streams.
+    active: Option<crate::upstream::ActiveStream>,
 }
 
 impl H2Recv {
     pub(crate) fn new(recv: RecvStream) -> Self {
         // An empty body finds out on its first poll (no lock taken here).
-        Self { recv, data_done: false }
+        Self { recv, data_done: false, active: None }
+    }
+
+    /// Holds `active` until the body ends or is dropped.
+    pub(crate) fn holding(mut self, active: crate::upstream::ActiveStream) -> Self {
+        self.active = Some(active);
+        self
     }
 
     pub(crate) fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {

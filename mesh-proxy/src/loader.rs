@@ -827,7 +827,6 @@ impl Ctx<'_> {
             ("workloadSelector:", "workload selectors"),
             ("maxConnectionDuration:", "connection lifetimes"),
             ("useClientProtocol:", "the client's protocol upstream"),
-            ("maxConcurrentStreams:", "a cap on streams per upstream HTTP/2 connection"),
             ("dstOverrides:", "traffic shifting by dstOverrides (use a TrafficSplit)"),
             ("opaquePorts:", "opaque ports"),
         ];

@@ -208,8 +208,9 @@ impl Endpoint {
         };
         let (mut parts, body) = if h2 {
             to_h2(&mut req, upstream.addr().authority())?;
-            let (parts, body) = upstream.send_h2(req).await?.into_parts();
-            (parts, ProxyBody::h2(H2Recv::new(body)))
+            let (res, active) = upstream.send_h2(req).await?;
+            let (parts, body) = res.into_parts();
+            (parts, ProxyBody::h2(H2Recv::new(body).holding(active)))
         } else {
             to_http1(&mut req, upstream.addr().authority())?;
             frame_http1_body(&mut req);

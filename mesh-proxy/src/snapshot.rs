@@ -430,6 +430,7 @@ fn pool_settings(
         // `http.idleTimeout` wins over `tcp.idleTimeout` for HTTP, as in Istio.
         settings.idle_timeout = idle(http.idle_timeout).or(settings.idle_timeout);
         settings.max_requests_per_connection = http.max_requests_per_connection.filter(|n| *n > 0).map(|n| n as u32);
+        settings.max_concurrent_streams = http.max_concurrent_streams.filter(|n| *n > 0).map(|n| n as usize);
         protocol = match http.h2_upgrade_policy.as_deref() {
             Some("UPGRADE") => Some(crate::config::UpstreamProtocol::H2),
             Some("DO_NOT_UPGRADE") => Some(crate::config::UpstreamProtocol::Http1),

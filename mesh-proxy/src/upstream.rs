@@ -1,5 +1,6 @@
-//! The connection pool to the one upstream: pooled HTTP/1.1 keep-alive connections and one
-//! shared, multiplexed h2c connection.
+//! The connection pool to the one upstream: pooled HTTP/1.1 keep-alive connections and
+//! shared, multiplexed h2c connections (one, and another whenever those open are at the
+//! peer's `SETTINGS_MAX_CONCURRENT_STREAMS`).
 //!
 //! The h2c connection is driven with the `h2` crate directly rather than through hyper's
 //! client: a request is handed to the connection without a channel or a task of its own
@@ -72,6 +73,8 @@ pub(crate) struct PoolSettings {
     pub(crate) max_requests_per_connection: Option<u32>,
     /// TCP keepalive: (probes, idle time, interval), each unset for the system's.
     pub(crate) keepalive: Option<(Option<u32>, Option<Duration>, Option<Duration>)>,
+    /// Streams at once on one h2c connection (beyond the peer's own limit).
+    pub(crate) max_concurrent_streams: Option<usize>,
 }
 
 /// The shared h2c connection: its sender, and whether the task driving it has ended.
@@ -80,6 +83,8 @@ struct H2Conn {
     closed: Arc<AtomicBool>,
     /// Streams opened on it.
     streams: Arc<std::sync::atomic::AtomicU32>,
+    /// Streams in flight on it (until their response bodies end).
+    active: Arc<AtomicUsize>,
     /// Which connection this is (one more per connection opened).
     id: u64,
 }
@@ -94,8 +99,20 @@ struct H2Conn {
 /// most servers' stream limit (hyper 200, Go 250, nginx 128). That is also the most a stalled
 /// connection can hold in memory, 64 MiB. 256 KiB per stream is still far more than a
 /// loopback or in-cluster bandwidth-delay product.
-/// The shared h2c connection's sender, its id and its stream count.
-type H2Handle = (h2::client::SendRequest<Bytes>, u64, Arc<std::sync::atomic::AtomicU32>);
+/// An h2c connection's sender, its id, its stream count, and this stream's place among its
+/// active streams.
+type H2Handle = (h2::client::SendRequest<Bytes>, u64, Arc<std::sync::atomic::AtomicU32>, ActiveStream);
+
+/// A stream's place among its connection's active streams, given back on drop (when the
+/// response body ends, or the exchange fails).
+#[derive(Debug)]
+pub(crate) struct ActiveStream(Arc<AtomicUsize>);
+
+impl Drop for ActiveStream {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 const H2_STREAM_WINDOW: u32 = 256 << 10;
 const H2_CONNECTION_WINDOW: u32 = H2_STREAM_WINDOW * 256;
@@ -112,8 +129,12 @@ pub(crate) struct Upstream {
     max_idle: usize,
     idle: Mutex<VecDeque<Idle>>,
     epoch: AtomicU64,
-    h2: Mutex<Option<H2Conn>>,
+    /// The h2c connections: a new one is opened when every open one is at its peer's
+    /// `SETTINGS_MAX_CONCURRENT_STREAMS` (or the destination's `maxConcurrentStreams`).
+    h2: Mutex<Vec<H2Conn>>,
     h2_connecting: tokio::sync::Mutex<()>,
+    max_concurrent_streams: Option<usize>,
+    next_h2_id: AtomicU64,
     max_requests_per_connection: Option<u32>,
     keepalive: Option<(Option<u32>, Option<Duration>, Option<Duration>)>,
 }
@@ -132,8 +153,10 @@ impl Upstream {
             max_idle: config.max_idle,
             idle: Mutex::new(VecDeque::new()),
             epoch: AtomicU64::new(0),
-            h2: Mutex::new(None),
+            h2: Mutex::new(Vec::new()),
             h2_connecting: tokio::sync::Mutex::new(()),
+            max_concurrent_streams: settings.max_concurrent_streams,
+            next_h2_id: AtomicU64::new(0),
             max_requests_per_connection: settings.max_requests_per_connection,
             keepalive: settings.keepalive,
         });
@@ -225,8 +248,11 @@ impl Upstream {
     /// Sends `req` on the shared h2c connection, connecting first if there is none. The
     /// request body, if any, is sent by a task of its own, so that it can keep streaming
     /// after the response has arrived.
-    pub(crate) async fn send_h2(&self, req: Request<RequestBody>) -> Result<Response<RecvStream>, BoxError> {
-        let (tx, id, streams) = match self.current_h2() {
+    pub(crate) async fn send_h2(
+        &self,
+        req: Request<RequestBody>,
+    ) -> Result<(Response<RecvStream>, ActiveStream), BoxError> {
+        let (tx, id, streams, mut active) = match self.current_h2() {
             Some(current) => current,
             None => Box::pin(self.connect_h2()).await?,
         };
@@ -241,7 +267,8 @@ impl Upstream {
             Err(e) => {
                 tracing::debug!(error = %e, "upstream h2c connection no longer takes requests; reconnecting");
                 self.retire_h2(id);
-                let (tx, ..) = Box::pin(self.connect_h2()).await?;
+                let (tx, _, _, again) = Box::pin(self.connect_h2()).await?;
+                active = again;
                 tx.ready().await?
             }
         };
@@ -263,7 +290,7 @@ impl Upstream {
         if let (Ok(_), Some(task)) = (&response, body_task) {
             task.detach();
         }
-        response.map_err(|e| {
+        response.map(|res| (res, active)).map_err(|e| {
             // The only stream resets the proxy sends upstream on its own are for a request
             // body that failed: the client's failure, not the upstream's.
             if e.is_reset() && !e.is_remote() && !e.is_library() && e.reason() == Some(h2::Reason::CANCEL) {
@@ -274,16 +301,26 @@ impl Upstream {
         })
     }
 
-    /// The shared connection's sender, and its flag to set once it is known to be unusable.
+    /// An open connection with room for one more stream (which it counts), if there is one.
     fn current_h2(&self) -> Option<H2Handle> {
-        let slot = self.h2.lock().unwrap_or_else(|p| p.into_inner());
-        slot.as_ref().filter(|c| !c.closed.load(Ordering::Acquire)).map(|c| (c.tx.clone(), c.id, c.streams.clone()))
+        let mut conns = self.h2.lock().unwrap_or_else(|p| p.into_inner());
+        conns.retain(|c| !c.closed.load(Ordering::Acquire));
+        let room = |c: &H2Conn| {
+            let active = c.active.load(Ordering::Relaxed);
+            // The peer's limit is only asked for once a stream is in flight (it takes h2's
+            // lock); until its SETTINGS arrive h2 reports no limit.
+            active == 0
+                || active < c.tx.current_max_send_streams().min(self.max_concurrent_streams.unwrap_or(usize::MAX))
+        };
+        let c = conns.iter().find(|c| room(c))?;
+        c.active.fetch_add(1, Ordering::Relaxed);
+        Some((c.tx.clone(), c.id, c.streams.clone(), ActiveStream(c.active.clone())))
     }
 
-    /// Stops using connection `id` for new requests (unless it was replaced meanwhile).
+    /// Stops using connection `id` for new requests.
     fn retire_h2(&self, id: u64) {
-        let slot = self.h2.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = slot.as_ref().filter(|c| c.id == id) {
+        let conns = self.h2.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = conns.iter().find(|c| c.id == id) {
             c.closed.store(true, Ordering::Release);
         }
     }
@@ -294,6 +331,7 @@ impl Upstream {
         if let Some(current) = self.current_h2() {
             return Ok(current);
         }
+        // Every open connection (if any) is full: one more.
         let io = self.connect_tcp().await?;
         let (tx, conn) = h2::client::Builder::new()
             .enable_push(false)
@@ -310,11 +348,12 @@ impl Upstream {
             }
             ended.store(true, Ordering::Release);
         });
-        let mut slot = self.h2.lock().unwrap_or_else(|p| p.into_inner());
-        let id = slot.as_ref().map_or(0, |c| c.id + 1);
+        let id = self.next_h2_id.fetch_add(1, Ordering::Relaxed);
         let streams = Arc::new(std::sync::atomic::AtomicU32::new(0));
-        *slot = Some(H2Conn { tx: tx.clone(), closed, streams: streams.clone(), id });
-        Ok((tx, id, streams))
+        let active = Arc::new(AtomicUsize::new(1));
+        let conn = H2Conn { tx: tx.clone(), closed, streams: streams.clone(), active: active.clone(), id };
+        self.h2.lock().unwrap_or_else(|p| p.into_inner()).push(conn);
+        Ok((tx, id, streams, ActiveStream(active)))
     }
 
     // === TCP ===

@@ -1220,3 +1220,72 @@ spec:
     assert_eq!(statuses, [200, 200, 429]);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// An h2c backend that takes one stream at a time per connection (its
+/// `SETTINGS_MAX_CONCURRENT_STREAMS` is 1) and answers after 300 ms, counting connections.
+async fn one_stream_h2_backend() -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counted = connections.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let svc = service_fn(|_req: Request<Incoming>| async {
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"h2"))))
+                });
+                let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .max_concurrent_streams(1)
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, connections)
+}
+
+/// HTTP/2 to a destination (`h2UpgradePolicy: UPGRADE`) whose peer allows one stream per
+/// connection: concurrent requests get connections of their own instead of queueing on one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_h2_connection_opens_when_the_first_is_at_the_peers_stream_limit() {
+    let (backend, connections) = one_stream_h2_backend().await;
+    let dir = config_dir("h2-streams");
+    write_atomically(
+        &dir,
+        "mesh.yaml",
+        &format!(
+            r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: grpc}}
+spec:
+  hosts: [grpc]
+  ports: [{{number: 80, name: http}}]
+  endpoints: [{{address: 127.0.0.1, ports: {{http: {port}}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: grpc}}
+spec:
+  host: grpc
+  trafficPolicy:
+    connectionPool:
+      http: {{h2UpgradePolicy: UPGRADE}}
+"#,
+            port = backend.port()
+        ),
+    );
+    let proxy = Proxy::start(&dir);
+    // One request first, so the connection and the peer's SETTINGS are there.
+    assert_eq!(Client::connect(proxy.addr).await.get("grpc", "/", &[]).await.0, StatusCode::OK);
+    assert_eq!(connections.load(Ordering::SeqCst), 1);
+    let one = || async {
+        let mut client = Client::connect(proxy.addr).await;
+        client.get("grpc", "/", &[]).await.0
+    };
+    let (a, b, c) = tokio::join!(one(), one(), one());
+    assert_eq!([a, b, c], [StatusCode::OK; 3]);
+    assert_eq!(connections.load(Ordering::SeqCst), 3, "two more connections for the streams that did not fit");
+    let _ = std::fs::remove_dir_all(&dir);
+}
