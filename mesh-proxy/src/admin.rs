@@ -91,12 +91,18 @@ fn respond(req: &Request<Incoming>, draining: bool, routes: Option<&Routes>) -> 
                         out.push_str(&format!("http_local_rate_limit.{name} {}\n", counter.load(Ordering::Relaxed)));
                     }
                 }
+                out.push_str(&overload_stats());
                 text(StatusCode::OK, out)
             }
-            None => text(StatusCode::OK, "config_reloads 0\nconfig_reload_failures 0\n".into()),
+            None => text(StatusCode::OK, format!("config_reloads 0\nconfig_reload_failures 0\n{}", overload_stats())),
         },
         _ => text(StatusCode::NOT_FOUND, "not found; try /\n".into()),
     }
+}
+
+/// Counters of the defences against hostile clients.
+fn overload_stats() -> String {
+    format!("h2_premature_reset_goaways {}\n", crate::h2server::PREMATURE_RESET_GOAWAYS.load(Ordering::Relaxed))
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {

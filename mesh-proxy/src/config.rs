@@ -79,6 +79,14 @@ pub struct ProxyConfig {
     pub stream_idle_timeout: Option<Duration>,
     /// How many idle HTTP/1.1 connections to the upstream are kept at most.
     pub max_idle: usize,
+    /// Premature resets an h2c client connection may make (streams it cancels before their
+    /// response has been sent) before it gets GOAWAY `ENHANCE_YOUR_CALM`, once they are also
+    /// more than half of its streams; `None` allows any. The rapid-reset defence (CVE-2023-44487)
+    /// in the form that cancels streams after they were accepted, which the `h2` crate's own
+    /// limit does not see. The upstream then receives at most this many cancelled requests
+    /// per connection, plus those in flight at the moment (at most the 200 concurrent
+    /// streams a client may open).
+    pub max_premature_resets: Option<u64>,
     /// How long in-flight requests may take to finish after SIGTERM / Ctrl-C.
     pub drain_timeout: Duration,
     /// Worker threads; 1 runs everything on the calling thread (a sidecar's budget).
@@ -104,6 +112,7 @@ impl Default for ProxyConfig {
             request_headers_timeout: Some(Duration::from_secs(10)),
             stream_idle_timeout: Some(Duration::from_secs(300)),
             max_idle: 256,
+            max_premature_resets: Some(100),
             drain_timeout: Duration::from_secs(5),
             workers: 1,
             config_paths: Vec::new(),

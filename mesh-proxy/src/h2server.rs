@@ -65,6 +65,48 @@ pin_project_lite::pin_project! {
         streams: FuturesUnordered<Fut>,
         start: F,
         accepting: bool,
+        resets: Arc<ResetBudget>,
+        calmed: bool,
+    }
+}
+
+/// Premature resets of one client connection: streams the client cancelled before their
+/// response was sent. Past the budget, once they are also more than half of the
+/// connection's streams, the connection gets GOAWAY `ENHANCE_YOUR_CALM` and its remaining
+/// streams are cancelled (Envoy's and nginx's answer to CVE-2023-44487, here for streams
+/// cancelled after they were accepted).
+#[derive(Debug)]
+pub(crate) struct ResetBudget {
+    max: Option<u64>,
+    streams: AtomicU64,
+    premature: AtomicU64,
+    exceeded: std::sync::atomic::AtomicBool,
+}
+
+/// GOAWAYs sent for premature resets, process-wide (for `/stats`).
+pub(crate) static PREMATURE_RESET_GOAWAYS: AtomicU64 = AtomicU64::new(0);
+
+impl ResetBudget {
+    pub(crate) fn new(max: Option<u64>) -> Self {
+        Self { max, streams: AtomicU64::new(0), premature: AtomicU64::new(0), exceeded: false.into() }
+    }
+
+    fn stream(&self) {
+        self.streams.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a premature reset; true once the budget is spent.
+    fn premature_reset(&self) -> bool {
+        let premature = self.premature.fetch_add(1, Ordering::Relaxed) + 1;
+        let over = self.max.is_some_and(|max| premature > max && premature * 2 > self.streams.load(Ordering::Relaxed));
+        if over {
+            self.exceeded.store(true, Ordering::Release);
+        }
+        over
+    }
+
+    fn exceeded(&self) -> bool {
+        self.exceeded.load(Ordering::Acquire)
     }
 }
 
@@ -74,8 +116,8 @@ where
     Fut: Future<Output = ()>,
 {
     /// `start` makes the future that serves one stream.
-    pub(crate) fn new(conn: Connection<ClientIo, Bytes>, start: F) -> Self {
-        Self { conn, streams: FuturesUnordered::new(), start, accepting: true }
+    pub(crate) fn new(conn: Connection<ClientIo, Bytes>, resets: Arc<ResetBudget>, start: F) -> Self {
+        Self { conn, streams: FuturesUnordered::new(), start, accepting: true, resets, calmed: false }
     }
 }
 
@@ -91,6 +133,8 @@ where
         // Accepting also drives the connection: reads frames, writes what the streams queued.
         while *this.accepting {
             match this.conn.poll_accept(cx) {
+                // After ENHANCE_YOUR_CALM nothing more is served.
+                Poll::Ready(Some(Ok(_))) if *this.calmed => {}
                 Poll::Ready(Some(Ok((req, respond)))) => this.streams.push((this.start)(req, respond)),
                 // A connection error: the open streams cannot finish either.
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
@@ -99,6 +143,18 @@ where
             }
         }
         while let Poll::Ready(Some(())) = this.streams.poll_next_unpin(cx) {}
+        if !*this.calmed && this.resets.exceeded() {
+            // Too many streams cancelled before their answers: no more work for this client.
+            *this.calmed = true;
+            PREMATURE_RESET_GOAWAYS.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!("h2c client cancelled too many streams early; GOAWAY ENHANCE_YOUR_CALM");
+            this.conn.abrupt_shutdown(Reason::ENHANCE_YOUR_CALM);
+            // Dropping the streams cancels their upstream requests.
+            this.streams.clear();
+            // Drive the connection on: the GOAWAY goes out, then it closes.
+            cx.waker().wake_by_ref();
+            return Poll::Pending;
+        }
         if !*this.accepting && this.streams.is_empty() {
             return Poll::Ready(Ok(()));
         }
@@ -122,7 +178,9 @@ pub(crate) async fn serve_stream(
     req: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
     in_flight: InFlight,
+    resets: Arc<ResetBudget>,
 ) {
+    resets.stream();
     if req.method() == Method::CONNECT {
         // Boxed: tunnels are rare, and their state would otherwise make every stream's future
         // (moved into the connection's set of streams) larger.
@@ -145,14 +203,21 @@ pub(crate) async fn serve_stream(
         })
         .await
     };
-    let Some(res) = answered else { return };
-    respond_with(respond, res, head).await;
+    let Some(res) = answered else {
+        // The client cancelled before the answer: the upstream did the work for nothing.
+        resets.premature_reset();
+        return;
+    };
+    if !respond_with(respond, res, head).await {
+        resets.premature_reset();
+    }
 }
 
 /// Sends `res` on the stream: its head, then its body within the client's window. The
 /// answer to a HEAD request ends with its head: any body (the proxy's own replies have one)
 /// is not sent (RFC 9110 section 9.3.2).
-async fn respond_with(mut respond: SendResponse<Bytes>, res: Response<ProxyBody>, head: bool) {
+/// Whether the whole response went out (false: the client reset the stream first).
+async fn respond_with(mut respond: SendResponse<Bytes>, res: Response<ProxyBody>, head: bool) -> bool {
     let (parts, body) = res.into_parts();
     let end = head || body.is_end_stream();
     let send = match respond.send_response(Response::from_parts(parts, ()), end) {
@@ -160,19 +225,22 @@ async fn respond_with(mut respond: SendResponse<Bytes>, res: Response<ProxyBody>
         Err(e) => {
             tracing::debug!(error = %e, "could not send the response head to the h2c client");
             respond.send_reset(Reason::INTERNAL_ERROR);
-            return;
+            return false;
         }
     };
     if !end && let Err(e) = SendBody::new(body, send).await {
         tracing::debug!(error = %e, "response body to the h2c client ended early");
+        return false;
     }
+    true
 }
 
 /// An extended CONNECT (RFC 8441) becomes a tunnel to an upgraded upstream connection; a
 /// plain CONNECT is refused.
 async fn connect(forward: Forward, req: Request<RecvStream>, respond: SendResponse<Bytes>, in_flight: InFlight) {
     if req.extensions().get::<Protocol>().is_none() {
-        return respond_with(respond, crate::reply::connect_refused(), false).await;
+        respond_with(respond, crate::reply::connect_refused(), false).await;
+        return;
     }
     // The request goes through the stack like any other (routed, its failures answered); the
     // client's stream stays here, to be joined to the upstream connection the stack opens.
@@ -188,9 +256,11 @@ async fn connect(forward: Forward, req: Request<RecvStream>, respond: SendRespon
         if res.status().is_success() {
             let error: crate::error::BoxError =
                 "the route answered an extended CONNECT without opening a tunnel".into();
-            return respond_with(respond, crate::reply::local_reply(&*error, false), false).await;
+            respond_with(respond, crate::reply::local_reply(&*error, false), false).await;
+            return;
         }
-        return respond_with(respond, res, false).await;
+        respond_with(respond, res, false).await;
+        return;
     };
     let (mut head, _) = res.into_parts();
     head.extensions.remove::<UpstreamTunnel>();
@@ -295,9 +365,9 @@ fn poll_read_chunk<R: AsyncRead>(
 #[cfg(test)]
 mod tests {
     /// The size of the future an `async fn` returns, from the function item alone.
-    fn future_size<F, A, B, C, D, R>(_: &F) -> usize
+    fn future_size<F, A, B, C, D, E, R>(_: &F) -> usize
     where
-        F: Fn(A, B, C, D) -> R,
+        F: Fn(A, B, C, D, E) -> R,
     {
         std::mem::size_of::<R>()
     }

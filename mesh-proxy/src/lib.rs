@@ -218,7 +218,13 @@ impl Server {
                     Ok(local) => forward.for_client(mesh_core::ClientConnection::new(peer, local)),
                     Err(_) => forward.clone(),
                 };
-                let conn = Conn { forward, drain: drain_rx.clone(), limits, http1: http1.clone() };
+                let conn = Conn {
+                    forward,
+                    drain: drain_rx.clone(),
+                    limits,
+                    http1: http1.clone(),
+                    max_premature_resets: self.config.max_premature_resets,
+                };
                 tokio::spawn(conn.serve(stream));
             }
         };
@@ -254,6 +260,7 @@ struct Conn {
     drain: watch::Receiver<bool>,
     limits: downstream::Limits,
     http1: hyper::server::conn::http1::Builder,
+    max_premature_resets: Option<u64>,
 }
 
 /// The longest a new connection may take to show its protocol (and, for h2c, to send its
@@ -277,8 +284,10 @@ impl Conn {
         match opened {
             Opened::H2c(conn) => {
                 let (forward, streams) = (self.forward, state.clone());
-                let server = h2server::H2Server::new(conn, move |req, respond| {
-                    h2server::serve_stream(forward.clone(), req, respond, streams.start_request())
+                let resets = Arc::new(h2server::ResetBudget::new(self.max_premature_resets));
+                let counted = resets.clone();
+                let server = h2server::H2Server::new(conn, resets, move |req, respond| {
+                    h2server::serve_stream(forward.clone(), req, respond, streams.start_request(), counted.clone())
                 });
                 if let Some(Err(e)) = downstream::serve(server, state).await {
                     tracing::debug!(error = %e, "h2c downstream connection ended with an error");

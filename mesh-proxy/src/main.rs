@@ -77,6 +77,11 @@ struct Args {
     #[arg(long, value_name = "DURATION", default_value = "300s", value_parser = parse_duration)]
     stream_idle_timeout: Duration,
 
+    /// Streams an h2c client may cancel before their response (more than half of its
+    /// streams, too) before its connection gets GOAWAY ENHANCE_YOUR_CALM; 0 allows any.
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    max_premature_resets: u64,
+
     /// Most idle HTTP/1.1 upstream connections kept.
     #[arg(long, value_name = "N", default_value_t = 256)]
     max_idle: usize,
@@ -200,6 +205,7 @@ fn main() -> ExitCode {
     config.request_headers_timeout = (!args.request_headers_timeout.is_zero()).then_some(args.request_headers_timeout);
     config.stream_idle_timeout = (!args.stream_idle_timeout.is_zero()).then_some(args.stream_idle_timeout);
     config.max_idle = args.max_idle;
+    config.max_premature_resets = (args.max_premature_resets > 0).then_some(args.max_premature_resets);
     config.drain_timeout = args.drain_timeout;
     config.workers = usize::from(args.workers);
 

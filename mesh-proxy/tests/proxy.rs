@@ -1653,3 +1653,60 @@ async fn a_body_sent_after_a_head_response_reaches_no_other_request() {
         assert_eq!((status, &body[..]), (StatusCode::OK, &b"ok"[..]));
     }
 }
+
+/// A raw h2c client that cancels its streams (premature resets) in three timings: right
+/// after sending, after a short delay in batches, and one by one while others are in flight.
+/// Each connection ends in GOAWAY ENHANCE_YOUR_CALM, and the upstream sees at most the budget
+/// of cancelled requests, plus those in flight when the budget ran out, per connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_cancel_streams_early_get_goaway_enhance_your_calm() {
+    let seen = Arc::new(AtomicUsize::new(0));
+    let counted = seen.clone();
+    let slow: Handler = Arc::new(move |_req: Request<Incoming>| {
+        counted.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            Response::new(full("slow"))
+        })
+    });
+    let upstream = Upstream::start(slow).await;
+    let proxy = Proxy::start(upstream.addr, &["--max-premature-resets", "20"]);
+    for (pattern, batch, delay_ms) in [("immediate", 1, 0), ("delayed batches", 10, 5), ("staggered", 3, 20)] {
+        let before = seen.load(Ordering::SeqCst);
+        let stream = TcpStream::connect(proxy.addr).await.unwrap();
+        let (client, conn) = h2::client::handshake(stream).await.unwrap();
+        let conn = tokio::spawn(conn);
+        let mut sent = 0;
+        let ended = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let mut pending = Vec::new();
+                for _ in 0..batch {
+                    let Ok(mut ready) = client.clone().ready().await else { return };
+                    let req = Request::get("http://proxy/").body(()).unwrap();
+                    let Ok((response, _)) = ready.send_request(req, true) else { return };
+                    pending.push(response);
+                    sent += 1;
+                }
+                tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+                // Dropping a response future resets its stream (CANCEL).
+                drop(pending);
+                if sent > 1000 {
+                    return;
+                }
+            }
+        })
+        .await;
+        assert!(ended.is_ok(), "{pattern}: the connection never ended");
+        let conn = tokio::time::timeout(Duration::from_secs(5), conn).await;
+        let err = conn.expect("the connection ends").unwrap().expect_err("the proxy ends the connection");
+        assert_eq!(err.reason(), Some(h2::Reason::ENHANCE_YOUR_CALM), "{pattern}: {err}");
+        assert!(sent < 1000, "{pattern}: {sent} streams sent");
+        // Give cancelled requests that were already on their way time to arrive.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let reached = seen.load(Ordering::SeqCst) - before;
+        eprintln!("{pattern}: {sent} streams sent, {reached} reached the upstream");
+        assert!(reached <= 20 + 200, "{pattern}: the upstream saw {reached} requests");
+    }
+    // A well-behaved client on a new connection is served.
+    assert_eq!(get(&proxy, "/").await.0, StatusCode::OK);
+}
