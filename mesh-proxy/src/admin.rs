@@ -19,12 +19,23 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::routes::Routes;
 
 pub(crate) async fn serve(listener: TcpListener, draining: Arc<AtomicBool>, routes: Option<Arc<Routes>>) {
+    // Each connection holds a clone: the count of clones is the count of connections.
+    let open = Arc::new(());
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
-        tokio::spawn(serve_conn(stream, draining.clone(), routes.clone()));
+        if Arc::strong_count(&open) > crate::config::ADMIN_MAX_CONNECTIONS {
+            crate::REFUSED_CONNECTIONS.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        let held = open.clone();
+        let (draining, routes) = (draining.clone(), routes.clone());
+        tokio::spawn(async move {
+            serve_conn(stream, draining, routes).await;
+            drop(held);
+        });
     }
 }
 
@@ -102,7 +113,11 @@ fn respond(req: &Request<Incoming>, draining: bool, routes: Option<&Routes>) -> 
 
 /// Counters of the defences against hostile clients.
 fn overload_stats() -> String {
-    format!("h2_premature_reset_goaways {}\n", crate::h2server::PREMATURE_RESET_GOAWAYS.load(Ordering::Relaxed))
+    format!(
+        "h2_premature_reset_goaways {}\ndownstream_cx_overflow {}\n",
+        crate::h2server::PREMATURE_RESET_GOAWAYS.load(Ordering::Relaxed),
+        crate::REFUSED_CONNECTIONS.load(Ordering::Relaxed)
+    )
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {

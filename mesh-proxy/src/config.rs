@@ -87,6 +87,10 @@ pub struct ProxyConfig {
     /// per connection, plus those in flight at the moment (at most the 200 concurrent
     /// streams a client may open).
     pub max_premature_resets: Option<u64>,
+    /// Client connections open at once on the data port; more are refused at accept (closed
+    /// at once), as Envoy's overload manager `max_active_downstream_connections` does. `None`
+    /// allows any. The admin port takes at most [`ADMIN_MAX_CONNECTIONS`].
+    pub max_connections: Option<usize>,
     /// How long in-flight requests may take to finish after SIGTERM / Ctrl-C.
     pub drain_timeout: Duration,
     /// Worker threads; 1 runs everything on the calling thread (a sidecar's budget).
@@ -97,6 +101,16 @@ pub struct ProxyConfig {
     /// How often the configuration files are checked for changes.
     pub reload_interval: Duration,
 }
+
+/// Connections the admin port serves at once.
+pub const ADMIN_MAX_CONNECTIONS: usize = 16;
+
+/// The largest request or response head accepted, in bytes (Envoy's `max_request_headers_kb`
+/// default, 60 KiB), on both protocols.
+pub const MAX_HEAD_BYTES: usize = 60 << 10;
+
+/// The most header fields a request or response may carry (Envoy's `max_headers_count`).
+pub const MAX_HEADERS: usize = 100;
 
 impl Default for ProxyConfig {
     fn default() -> Self {
@@ -113,6 +127,7 @@ impl Default for ProxyConfig {
             stream_idle_timeout: Some(Duration::from_secs(300)),
             max_idle: 256,
             max_premature_resets: Some(100),
+            max_connections: Some(10_000),
             drain_timeout: Duration::from_secs(5),
             workers: 1,
             config_paths: Vec::new(),

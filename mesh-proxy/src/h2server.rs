@@ -40,8 +40,8 @@ const MAX_CONCURRENT_STREAMS: u32 = 200;
 const WINDOW: u32 = 1 << 20;
 /// At most this much of a response body waits per stream for the client's window.
 const SEND_BUFFER: usize = 400 << 10;
-/// The largest request head accepted (HPACK-decoded).
-const MAX_HEADER_LIST: u32 = 16 << 10;
+/// The largest request head accepted (HPACK-decoded): 60 KiB, as on HTTP/1.1.
+const MAX_HEADER_LIST: u32 = crate::config::MAX_HEAD_BYTES as u32;
 
 /// Reads the client's connection preface and returns the connection to serve.
 pub(crate) async fn handshake(io: ClientIo) -> Result<Connection<ClientIo, Bytes>, h2::Error> {

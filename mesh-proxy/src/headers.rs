@@ -116,6 +116,19 @@ pub(crate) fn to_h2<B>(req: &mut Request<B>, fallback: &http::uri::Authority) ->
     Ok(())
 }
 
+/// RFC 9112 section 3.2: the asterisk form (`*`) is for OPTIONS only, and the authority form
+/// (`host:port`) for CONNECT only.
+pub(crate) fn check_target<B>(req: &Request<B>) -> Result<(), BadRequest> {
+    let uri = req.uri();
+    if uri.path() == "*" && uri.authority().is_none() && req.method() != http::Method::OPTIONS {
+        return Err(BadRequest("the asterisk-form target is for OPTIONS only"));
+    }
+    if uri.scheme().is_none() && uri.authority().is_some() && req.method() != http::Method::CONNECT {
+        return Err(BadRequest("the authority-form target is for CONNECT only"));
+    }
+    Ok(())
+}
+
 /// RFC 9112 section 3.2: an HTTP/1.1 request carries exactly one `host`, and a valid one (an
 /// HTTP/1.0 or HTTP/2 request may carry none).
 pub(crate) fn check_host<B>(req: &Request<B>) -> Result<(), BadRequest> {

@@ -197,6 +197,10 @@ impl Server {
         // vectored write of several small buffers. No header read timeout: the connection's
         // watchdog times request heads without a timer per request.
         http1.writev(false);
+        // Request heads up to 60 KiB (hyper's own cap is about 400 KB per connection) and
+        // 100 fields (hyper's default): beyond, 431.
+        http1.max_buf_size(config::MAX_HEAD_BYTES);
+        http1.max_headers(config::MAX_HEADERS);
 
         if let Some(admin) = self.admin {
             tokio::spawn(admin::serve(admin, draining.clone(), self.routes.clone()));
@@ -213,6 +217,14 @@ impl Server {
                         continue;
                     }
                 };
+                // Every open connection holds a drain receiver: their count is the connection
+                // count (plus this task's own).
+                if self.config.max_connections.is_some_and(|max| drain_tx.receiver_count() > max) {
+                    REFUSED_CONNECTIONS.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(%peer, "connection refused: too many open");
+                    drop(stream);
+                    continue;
+                }
                 let _ = stream.set_nodelay(true);
                 let forward = match stream.local_addr() {
                     Ok(local) => forward.for_client(mesh_core::ClientConnection::new(peer, local)),
@@ -255,6 +267,9 @@ impl Server {
 }
 
 /// What serving one downstream connection needs.
+/// Client connections refused for the connection cap (for `/stats`).
+pub(crate) static REFUSED_CONNECTIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 struct Conn {
     forward: proxy::Forward,
     drain: watch::Receiver<bool>,

@@ -82,6 +82,10 @@ struct Args {
     #[arg(long, value_name = "N", default_value_t = 100)]
     max_premature_resets: u64,
 
+    /// Client connections open at once on the data port; more are refused; 0 allows any.
+    #[arg(long, value_name = "N", default_value_t = 10_000)]
+    max_connections: usize,
+
     /// Most idle HTTP/1.1 upstream connections kept.
     #[arg(long, value_name = "N", default_value_t = 256)]
     max_idle: usize,
@@ -206,6 +210,7 @@ fn main() -> ExitCode {
     config.stream_idle_timeout = (!args.stream_idle_timeout.is_zero()).then_some(args.stream_idle_timeout);
     config.max_idle = args.max_idle;
     config.max_premature_resets = (args.max_premature_resets > 0).then_some(args.max_premature_resets);
+    config.max_connections = (args.max_connections > 0).then_some(args.max_connections);
     config.drain_timeout = args.drain_timeout;
     config.workers = usize::from(args.workers);
 

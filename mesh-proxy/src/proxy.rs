@@ -164,8 +164,15 @@ impl Forward {
     ) -> impl Future<Output = Result<Response<ProxyBody>, BoxError>> + use<> {
         let refused = if req.method() == Method::CONNECT && req.extensions().get::<h2::ext::Protocol>().is_none() {
             Some(Ok(connect_refused()))
+        } else if req.headers().len() > crate::config::MAX_HEADERS {
+            // HTTP/2 heads (HTTP/1.1 ones are held to the count by hyper).
+            Some(Ok(text_reply(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                Bytes::from_static(b"too many header fields\n"),
+                Some(ResponseFlags::DOWNSTREAM_PROTOCOL_ERROR),
+            )))
         } else {
-            check_host(&req).err().map(|e| Err(e.into()))
+            crate::headers::check_target(&req).and_then(|()| check_host(&req)).err().map(|e| Err(e.into()))
         };
         match refused {
             Some(answer) => Either::Left(std::future::ready(answer)),

@@ -221,7 +221,13 @@ impl Upstream {
         let io = self.connect_tcp().await?;
         // One write per message (head and body copied together) is cheaper on TCP than a
         // vectored write of several small buffers.
-        let (tx, conn) = http1::Builder::new().writev(false).handshake(TokioIo::new(io)).await?;
+        // Response heads have the limits request heads have.
+        let (tx, conn) = http1::Builder::new()
+            .writev(false)
+            .max_buf_size(crate::config::MAX_HEAD_BYTES)
+            .max_headers(crate::config::MAX_HEADERS)
+            .handshake(TokioIo::new(io))
+            .await?;
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "upstream HTTP/1.1 connection ended with an error");
@@ -338,6 +344,7 @@ impl Upstream {
             .initial_window_size(H2_STREAM_WINDOW)
             .initial_connection_window_size(H2_CONNECTION_WINDOW)
             .max_send_buffer_size(H2_SEND_BUFFER)
+            .max_header_list_size(crate::config::MAX_HEAD_BYTES as u32)
             .handshake(io)
             .await?;
         let closed = Arc::new(AtomicBool::new(false));

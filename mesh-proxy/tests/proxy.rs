@@ -1710,3 +1710,67 @@ async fn clients_that_cancel_streams_early_get_goaway_enhance_your_calm() {
     // A well-behaved client on a new connection is served.
     assert_eq!(get(&proxy, "/").await.0, StatusCode::OK);
 }
+
+/// Envoy's limits on request heads (60 KiB, 100 fields) on both protocols, and RFC 9112's
+/// rules for the asterisk and authority target forms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_heads_and_misplaced_target_forms_are_refused() {
+    let upstream = Upstream::start(echo()).await;
+    let proxy = Proxy::start(upstream.addr, &[]);
+    let big = "x".repeat(70 << 10);
+    let answer = raw_exchange(proxy.addr, &format!("GET / HTTP/1.1\r\nhost: a\r\nx-big: {big}\r\n\r\n")).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{}", &answer[..40.min(answer.len())]);
+    let many: String = (0..101).map(|i| format!("x-h{i}: v\r\n")).collect();
+    let answer = raw_exchange(proxy.addr, &format!("GET / HTTP/1.1\r\nhost: a\r\n{many}\r\n")).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer}");
+    // Within the limits: served (the echo answers with a field per field it saw, so the
+    // response stays under 100 too; an answer with more is refused as 502).
+    let fine: String = (0..40).map(|i| format!("x-h{i}: v\r\n")).collect();
+    let answer = raw_exchange(proxy.addr, &format!("GET / HTTP/1.1\r\nhost: a\r\n{fine}\r\n")).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{}", &answer[..40]);
+    // HTTP/2: more than 100 fields get 431 too.
+    let mut h2 = h2_client(proxy.addr).await;
+    let mut req = Request::get(proxy.url("/")).body(full("")).unwrap();
+    for i in 0..101 {
+        req.headers_mut()
+            .insert(http::HeaderName::from_bytes(format!("x-h{i}").as_bytes()).unwrap(), "v".parse().unwrap());
+    }
+    assert_eq!(h2.send_request(req).await.unwrap().status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+    // `*` is for OPTIONS, `host:port` for CONNECT.
+    let answer = raw_exchange(proxy.addr, "GET * HTTP/1.1\r\nhost: a\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    let answer = raw_exchange(proxy.addr, "OPTIONS * HTTP/1.1\r\nhost: a\r\n\r\n").await;
+    assert!(!answer.starts_with("HTTP/1.1 400"), "{answer}");
+    let answer = raw_exchange(proxy.addr, "GET example.com:80 HTTP/1.1\r\nhost: example.com\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+}
+
+/// A thousand connections holding unfinished 50 KB heads keep the proxy small, and the
+/// connection cap refuses the excess while a client connected before is still served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_unfinished_large_heads_stay_small_and_the_cap_refuses_the_excess() {
+    const HOSTILE: usize = 1000;
+    let upstream = Upstream::start(echo()).await;
+    let proxy = Proxy::start(upstream.addr, &["--max-connections", &(HOSTILE + 1).to_string()]);
+    let mut client = h1_client(proxy.addr).await;
+    get_on(&mut client).await;
+    let partial = format!("GET / HTTP/1.1\r\nhost: a\r\nx-big: {}", "y".repeat(50_000));
+    let mut hostile = Vec::new();
+    for _ in 0..HOSTILE {
+        let mut s = TcpStream::connect(proxy.addr).await.unwrap();
+        s.write_all(partial.as_bytes()).await.unwrap();
+        hostile.push(s);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let peak_mib = proxy.peak_rss_kib() / 1024;
+    assert!(peak_mib < 100, "peak RSS {peak_mib} MiB");
+    // One connection too many: closed at once.
+    let mut extra = TcpStream::connect(proxy.addr).await.unwrap();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(Duration::from_secs(5), extra.read(&mut buf)).await.expect("closed at once");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    // The client connected before is still served.
+    get_on(&mut client).await;
+    eprintln!("{HOSTILE} unfinished 50 KB heads: peak RSS {peak_mib} MiB");
+    drop(hostile);
+}
