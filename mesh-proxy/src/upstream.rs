@@ -118,6 +118,9 @@ const H2_STREAM_WINDOW: u32 = 256 << 10;
 const H2_CONNECTION_WINDOW: u32 = H2_STREAM_WINDOW * 256;
 const H2_SEND_BUFFER: usize = 1 << 20;
 
+/// HTTP/1.1 connects in flight at once to one endpoint; more requests wait for one to end.
+const MAX_CONNECTING: usize = 64;
+
 /// The reaper ticks four times per idle timeout; a connection idle for five epochs has been
 /// idle for between one and one and a quarter idle timeouts, and is closed. No clock is read
 /// on the request path.
@@ -135,6 +138,8 @@ pub(crate) struct Upstream {
     h2_connecting: tokio::sync::Mutex<()>,
     max_concurrent_streams: Option<usize>,
     next_h2_id: AtomicU64,
+    /// Connects in flight to this endpoint (bounded).
+    connecting: Arc<tokio::sync::Semaphore>,
     max_requests_per_connection: Option<u32>,
     keepalive: Option<(Option<u32>, Option<Duration>, Option<Duration>)>,
 }
@@ -157,6 +162,7 @@ impl Upstream {
             h2_connecting: tokio::sync::Mutex::new(()),
             max_concurrent_streams: settings.max_concurrent_streams,
             next_h2_id: AtomicU64::new(0),
+            connecting: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTING)),
             max_requests_per_connection: settings.max_requests_per_connection,
             keepalive: settings.keepalive,
         });
@@ -188,7 +194,7 @@ impl Upstream {
         }
         // Boxed: connecting is the rare path, and its future would otherwise make every
         // request's future (moved into a task per HTTP/2 stream) larger.
-        let mut tx = Box::pin(self.connect_http1()).await?;
+        let mut tx = Box::pin(self.clone().connect_http1_detached()).await?;
         let res = tx.send_request(req).await?;
         Ok((res, Checkout { pool: self.clone(), tx, uses: 1 }))
     }
@@ -215,6 +221,25 @@ impl Upstream {
         if idle.len() < self.max_idle {
             idle.push_back(Idle { tx, epoch: self.epoch.load(Ordering::Relaxed), uses });
         }
+    }
+
+    /// Opens a connection on a task of its own, at most [`MAX_CONNECTING`] at a time: if the
+    /// request that wanted it goes away (its client reset it, say), the connect still
+    /// completes, into the idle pool, instead of being thrown away for the next request to
+    /// start again (which turned a burst of cancelled requests into as many connects).
+    async fn connect_http1_detached(self: Arc<Self>) -> Result<http1::SendRequest<RequestBody>, BoxError> {
+        let permit = self.connecting.clone().acquire_owned().await.expect("the semaphore is never closed");
+        let (out, answer) = tokio::sync::oneshot::channel();
+        let pool = self.clone();
+        tokio::spawn(async move {
+            let result = pool.connect_http1().await;
+            drop(permit);
+            if let Err(Ok(tx)) = out.send(result) {
+                // Nobody is waiting any more: the connection goes to the pool.
+                pool.check_in(tx, 0);
+            }
+        });
+        answer.await.unwrap_or_else(|_| Err("the upstream connect task ended".into()))
     }
 
     async fn connect_http1(&self) -> Result<http1::SendRequest<RequestBody>, BoxError> {

@@ -1774,3 +1774,49 @@ async fn a_thousand_unfinished_large_heads_stay_small_and_the_cap_refuses_the_ex
     eprintln!("{HOSTILE} unfinished 50 KB heads: peak RSS {peak_mib} MiB");
     drop(hostile);
 }
+
+/// Streams cancelled after their requests went upstream over HTTP/1.1: each costs the
+/// upstream connection it was on (an exchange cut off mid-way cannot be reused, as in Envoy),
+/// so the premature-reset budget is what bounds the connections one client can make the proxy
+/// open; connects that a cancelled request started complete into the pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_requests_open_a_bounded_number_of_upstream_connections() {
+    let slow: Handler = Arc::new(|_req: Request<Incoming>| {
+        Box::pin(async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            Response::new(full("slow"))
+        })
+    });
+    let upstream = Upstream::start(slow).await;
+    let proxy = Proxy::start(upstream.addr, &["--upstream-protocol", "http1"]);
+    let mut cancelled = 0;
+    const CLIENTS: usize = 3;
+    for _ in 0..CLIENTS {
+        let stream = TcpStream::connect(proxy.addr).await.unwrap();
+        let (client, conn) = h2::client::handshake(stream).await.unwrap();
+        let conn = tokio::spawn(conn);
+        'client: for _ in 0..100 {
+            let mut batch = Vec::new();
+            for _ in 0..10 {
+                let Ok(mut ready) = client.clone().ready().await else { break 'client };
+                let Ok((response, _)) = ready.send_request(Request::get("http://proxy/").body(()).unwrap(), true)
+                else {
+                    break 'client;
+                };
+                batch.push(response);
+            }
+            // Cancelled after the proxy accepted them (their requests went upstream), before
+            // the answers.
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            cancelled += batch.len();
+            drop(batch);
+        }
+        let ended = tokio::time::timeout(Duration::from_secs(5), conn).await.expect("the proxy ends the connection");
+        assert_eq!(ended.unwrap().unwrap_err().reason(), Some(h2::Reason::ENHANCE_YOUR_CALM));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let connections = upstream.connections.load(Ordering::SeqCst);
+    eprintln!("{cancelled} cancelled requests from {CLIENTS} clients opened {connections} upstream connections");
+    // Per client: the budget (100) and the streams in flight when it ran out.
+    assert!(connections <= CLIENTS * (100 + 20), "{connections} upstream connections");
+}
