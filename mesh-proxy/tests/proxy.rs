@@ -1665,7 +1665,8 @@ async fn clients_that_cancel_streams_early_get_goaway_enhance_your_calm() {
     let slow: Handler = Arc::new(move |_req: Request<Incoming>| {
         counted.fetch_add(1, Ordering::SeqCst);
         Box::pin(async {
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            // Far longer than the client waits before cancelling, even on a loaded machine.
+            tokio::time::sleep(Duration::from_secs(3)).await;
             Response::new(full("slow"))
         })
     });
@@ -1783,7 +1784,8 @@ async fn a_thousand_unfinished_large_heads_stay_small_and_the_cap_refuses_the_ex
 async fn cancelled_requests_open_a_bounded_number_of_upstream_connections() {
     let slow: Handler = Arc::new(|_req: Request<Incoming>| {
         Box::pin(async {
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            // Far longer than the client waits before cancelling, even on a loaded machine.
+            tokio::time::sleep(Duration::from_secs(3)).await;
             Response::new(full("slow"))
         })
     });
