@@ -1700,7 +1700,8 @@ async fn clients_that_cancel_streams_early_get_goaway_enhance_your_calm() {
         assert!(ended.is_ok(), "{pattern}: the connection never ended");
         let conn = tokio::time::timeout(Duration::from_secs(5), conn).await;
         let err = conn.expect("the connection ends").unwrap().expect_err("the proxy ends the connection");
-        assert_eq!(err.reason(), Some(h2::Reason::ENHANCE_YOUR_CALM), "{pattern}: {err}");
+        // The GOAWAY, or, when the client was still writing as the proxy closed, a broken pipe.
+        assert!(err.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM) || err.is_io(), "{pattern}: {err}");
         assert!(sent < 1000, "{pattern}: {sent} streams sent");
         // Give cancelled requests that were already on their way time to arrive.
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -1708,6 +1709,9 @@ async fn clients_that_cancel_streams_early_get_goaway_enhance_your_calm() {
         eprintln!("{pattern}: {sent} streams sent, {reached} reached the upstream");
         assert!(reached <= 20 + 200, "{pattern}: the upstream saw {reached} requests");
     }
+    let stats = raw_exchange(proxy.admin, "GET /stats HTTP/1.1\r\nhost: admin\r\n\r\n").await;
+    assert!(stats.contains("h2_premature_reset_goaways "), "{stats}");
+    assert!(!stats.contains("h2_premature_reset_goaways 0\n"), "the proxy's own GOAWAYs: {stats}");
     // A well-behaved client on a new connection is served.
     assert_eq!(get(&proxy, "/").await.0, StatusCode::OK);
 }
@@ -1814,7 +1818,9 @@ async fn cancelled_requests_open_a_bounded_number_of_upstream_connections() {
             drop(batch);
         }
         let ended = tokio::time::timeout(Duration::from_secs(5), conn).await.expect("the proxy ends the connection");
-        assert_eq!(ended.unwrap().unwrap_err().reason(), Some(h2::Reason::ENHANCE_YOUR_CALM));
+        let err = ended.unwrap().expect_err("the proxy ends the connection");
+        // The GOAWAY, or, when the client was still writing as the proxy closed, a broken pipe.
+        assert!(err.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM) || err.is_io(), "{err}");
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let connections = upstream.connections.load(Ordering::SeqCst);
