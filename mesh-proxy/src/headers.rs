@@ -116,6 +116,20 @@ pub(crate) fn to_h2<B>(req: &mut Request<B>, fallback: &http::uri::Authority) ->
     Ok(())
 }
 
+/// Removes every `x-envoy-*` header (Envoy's internal headers, which only the proxy sets).
+///
+/// `x-forwarded-for` is left as the client sent it and not appended to, as Envoy does with
+/// `use_remote_address: false`, its default and a sidecar's setting for traffic from its own
+/// application; an ingress facing the internet would append (the inbound and gateway
+/// listeners of a later issue).
+pub(crate) fn strip_envoy_internal(headers: &mut http::HeaderMap) {
+    let internal: Vec<http::HeaderName> =
+        headers.keys().filter(|name| name.as_str().starts_with("x-envoy-")).cloned().collect();
+    for name in internal {
+        headers.remove(name);
+    }
+}
+
 /// RFC 9112 section 3.2: the asterisk form (`*`) is for OPTIONS only, and the authority form
 /// (`host:port`) for CONNECT only.
 pub(crate) fn check_target<B>(req: &Request<B>) -> Result<(), BadRequest> {
@@ -311,5 +325,21 @@ mod tests {
         assert_eq!(a.len(), 24, "16 bytes in base64");
         assert!(a.as_bytes().ends_with(b"=="));
         assert_ne!(a, b);
+    }
+}
+
+#[cfg(test)]
+mod envoy_internal_tests {
+    #[test]
+    fn only_x_envoy_headers_go() {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("x-envoy-retry-on", "5xx".parse().unwrap());
+        headers.insert("x-envoy-upstream-rq-timeout-ms", "1".parse().unwrap());
+        headers.insert("x-envoyish", "kept".parse().unwrap());
+        headers.insert("x-forwarded-for", "10.0.0.1".parse().unwrap());
+        super::strip_envoy_internal(&mut headers);
+        let mut left: Vec<_> = headers.keys().map(|k| k.as_str()).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["x-envoyish", "x-forwarded-for"]);
     }
 }

@@ -133,6 +133,11 @@ impl Forward {
         in_flight: InFlight,
     ) -> Result<Response<ProxyBody>, Infallible> {
         let grpc = crate::reply::is_grpc(req.headers());
+        // Envoy's internal headers (`x-envoy-*`) are the proxy's to set: a client that is not
+        // on this host (the local application is trusted) cannot pass them on.
+        if self.client.as_ref().is_some_and(|c| !c.peer.ip().is_loopback()) {
+            crate::headers::strip_envoy_internal(req.headers_mut());
+        }
         // Only layers read it (the plain stack has none): spare the plain path the map.
         if let (Some(client), crate::stack::Stack::Routed(..)) = (&self.client, &self.stack) {
             req.extensions_mut().insert(client.clone());
