@@ -117,6 +117,14 @@ fn config_dir(name: &str) -> PathBuf {
     dir
 }
 
+/// A ServiceEntry for `name` with one endpoint, 127.0.0.1:`port`, ending in a document
+/// separator.
+fn service_entry(name: &str, port: u16) -> String {
+    format!(
+        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}}}\nspec:\n  hosts: [{name}]\n  ports: [{{number: 80, name: http}}]\n  endpoints: [{{address: 127.0.0.1, ports: {{http: {port}}}}}]\n---\n"
+    )
+}
+
 /// Writes `text` to `dir/name` atomically (a new file renamed over the old), as editors and
 /// Kubernetes volume updates do.
 fn write_atomically(dir: &Path, name: &str, text: &str) {
@@ -577,15 +585,7 @@ async fn retries_from_the_virtual_service() {
         &dir,
         "mesh.yaml",
         &format!(
-            r#"apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: orders}}
-spec:
-  hosts: [orders]
-  ports: [{{number: 80, name: http}}]
-  endpoints: [{{address: 127.0.0.1, ports: {{http: {port}}}}}]
----
-apiVersion: networking.istio.io/v1
+            r#"{se}apiVersion: networking.istio.io/v1
 kind: VirtualService
 metadata: {{name: orders}}
 spec:
@@ -600,7 +600,7 @@ spec:
     retries: {{attempts: 3, retryOn: 5xx}}
     route: [{{destination: {{host: orders}}}}]
 "#,
-            port = backend.port()
+            se = service_entry("orders", backend.port())
         ),
     );
     let log_path = dir.with_extension("log");
@@ -729,15 +729,7 @@ async fn service_profile_routes_retries_and_timeouts() {
         &dir,
         "mesh.yaml",
         &format!(
-            r#"apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: webapp}}
-spec:
-  hosts: [webapp]
-  ports: [{{number: 80, name: http}}]
-  endpoints: [{{address: 127.0.0.1, ports: {{http: {port}}}}}]
----
-apiVersion: linkerd.io/v1alpha2
+            r#"{se}apiVersion: linkerd.io/v1alpha2
 kind: ServiceProfile
 metadata: {{name: webapp.default.svc.cluster.local, namespace: default}}
 spec:
@@ -750,7 +742,7 @@ spec:
     timeout: 400ms
   retryBudget: {{retryRatio: 0.2, minRetriesPerSecond: 10, ttl: 10s}}
 "#,
-            port = backend.port()
+            se = service_entry("webapp", backend.port())
         ),
     );
     let proxy = Proxy::start(&dir);
@@ -947,15 +939,7 @@ async fn the_excess_over_the_connection_pool_gets_503_at_once() {
         &dir,
         "mesh.yaml",
         &format!(
-            r#"apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: payments}}
-spec:
-  hosts: [payments]
-  ports: [{{number: 80, name: http}}]
-  endpoints: [{{address: 127.0.0.1, ports: {{http: {port}}}}}]
----
-apiVersion: networking.istio.io/v1
+            r#"{se}apiVersion: networking.istio.io/v1
 kind: DestinationRule
 metadata: {{name: payments}}
 spec:
@@ -974,7 +958,7 @@ spec:
   - route: [{{destination: {{host: payments}}}}]
     retries: {{attempts: 3, retryOn: 5xx}}
 "#,
-            port = backend.port()
+            se = service_entry("payments", backend.port())
         ),
     );
     let proxy = Proxy::start(&dir);
@@ -1023,15 +1007,7 @@ async fn max_requests_per_connection_closes_connections_after_their_share() {
     });
     let config = |per_connection: u32| {
         format!(
-            r#"apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: ledger}}
-spec:
-  hosts: [ledger]
-  ports: [{{number: 80, name: http}}]
-  endpoints: [{{address: 127.0.0.1, ports: {{http: {port}}}}}]
----
-apiVersion: networking.istio.io/v1
+            r#"{se}apiVersion: networking.istio.io/v1
 kind: DestinationRule
 metadata: {{name: ledger}}
 spec:
@@ -1040,7 +1016,7 @@ spec:
     connectionPool:
       http: {{maxRequestsPerConnection: {per_connection}}}
 "#,
-            port = backend.port()
+            se = service_entry("ledger", backend.port())
         )
     };
     for (per_connection, connections) in [(1, 5), (0, 1)] {
@@ -1068,15 +1044,7 @@ async fn faults_from_the_virtual_service() {
         &dir,
         "mesh.yaml",
         &format!(
-            r#"apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: ratings}}
-spec:
-  hosts: [ratings]
-  ports: [{{number: 80, name: http}}]
-  endpoints: [{{address: 127.0.0.1, ports: {{http: {port}}}}}]
----
-apiVersion: networking.istio.io/v1
+            r#"{se}apiVersion: networking.istio.io/v1
 kind: VirtualService
 metadata: {{name: ratings}}
 spec:
@@ -1092,7 +1060,7 @@ spec:
     fault: {{abort: {{httpStatus: 500}}}}
     route: [{{destination: {{host: ratings}}}}]
 "#,
-            port = backend.port()
+            se = service_entry("ratings", backend.port())
         ),
     );
     let proxy = Proxy::start(&dir);
@@ -1128,11 +1096,7 @@ fn seed_document(file: &str, kind: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_filter_rate_limits_total_and_per_user() {
     let backend = backend("app").await;
-    let service = |port: u16| {
-        format!(
-            "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: api}}\nspec:\n  hosts: [api]\n  ports: [{{number: 80, name: http}}]\n  endpoints: [{{address: 127.0.0.1, ports: {{http: {port}}}}}]\n"
-        )
-    };
+    let service = |port: u16| service_entry("api", port);
     // The seed's EnvoyFilter, for a proxy running as the ingress gateway it selects.
     let dir = config_dir("ratelimit-seed");
     let gateway = "apiVersion: proxy.mesh.dev/v1alpha1\nkind: MeshProxy\nmetadata: {name: gateway}\nspec:\n  workload: {name: gateway, labels: {app: istio-ingressgateway}}\n";
@@ -1190,7 +1154,7 @@ spec:
           - entries: [{key: user}]
             token_bucket: {max_tokens: 50, tokens_per_fill: 50, fill_interval: 60s}
 "#;
-    write_atomically(&dir, "mesh.yaml", &format!("{}---\n{per_user}", service(backend.port())));
+    write_atomically(&dir, "mesh.yaml", &format!("{}{per_user}", service(backend.port())));
     let proxy = Proxy::start(&dir);
     let mut client = Client::connect(proxy.addr).await;
     for user in ["alice", "bob"] {
@@ -1210,7 +1174,7 @@ spec:
     // Linkerd's policy: a total of 2 a second (a burst of 2, then a token every 500 ms).
     let dir = config_dir("ratelimit-linkerd");
     let linkerd = "apiVersion: policy.linkerd.io/v1alpha1\nkind: HTTPLocalRateLimitPolicy\nmetadata: {name: api}\nspec:\n  targetRef: {group: policy.linkerd.io, kind: Server, name: api}\n  total: {requestsPerSecond: 2}\n";
-    write_atomically(&dir, "mesh.yaml", &format!("{}---\n{linkerd}", service(backend.port())));
+    write_atomically(&dir, "mesh.yaml", &format!("{}{linkerd}", service(backend.port())));
     let proxy = Proxy::start(&dir);
     let mut client = Client::connect(proxy.addr).await;
     let mut statuses = Vec::new();
@@ -1256,15 +1220,7 @@ async fn a_second_h2_connection_opens_when_the_first_is_at_the_peers_stream_limi
         &dir,
         "mesh.yaml",
         &format!(
-            r#"apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{name: grpc}}
-spec:
-  hosts: [grpc]
-  ports: [{{number: 80, name: http}}]
-  endpoints: [{{address: 127.0.0.1, ports: {{http: {port}}}}}]
----
-apiVersion: networking.istio.io/v1
+            r#"{se}apiVersion: networking.istio.io/v1
 kind: DestinationRule
 metadata: {{name: grpc}}
 spec:
@@ -1273,7 +1229,7 @@ spec:
     connectionPool:
       http: {{h2UpgradePolicy: UPGRADE}}
 "#,
-            port = backend.port()
+            se = service_entry("grpc", backend.port())
         ),
     );
     let proxy = Proxy::start(&dir);
