@@ -55,14 +55,7 @@ pub(crate) fn is_grpc(headers: &http::HeaderMap) -> bool {
 /// A local reply for a gRPC client, as Envoy sends it: HTTP 200, trailers-only, with the
 /// `grpc-status` Envoy maps the HTTP status to and the reply's text as `grpc-message`.
 pub(crate) fn as_grpc(res: Response<ProxyBody>) -> Response<ProxyBody> {
-    let code = match res.status().as_u16() {
-        400 => 13,
-        401 => 16,
-        403 => 7,
-        404 => 12,
-        429 | 502 | 503 | 504 => 14,
-        _ => 2,
-    };
+    let code = mesh_core::GrpcCode::from_http_status(res.status()).as_u32();
     let (mut parts, body) = res.into_parts();
     let message = body.local_text().unwrap_or_default();
     parts.status = StatusCode::OK;

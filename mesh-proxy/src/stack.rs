@@ -33,8 +33,8 @@ use futures_util::future::Either;
 use http::header::SET_COOKIE;
 use http::{Request, Response};
 use http_body::Body;
+use mesh_core::classify::Outcome;
 use mesh_core::classify::TimeoutError;
-use mesh_core::classify::{GrpcCode, Outcome};
 use mesh_core::{ClientConnection, TriedEndpoints, TryDeadline};
 use mesh_resilience::LocalOr;
 use mesh_resilience::fault::{FaultLayer, FaultService};
@@ -279,23 +279,14 @@ fn record(monitor: HostMonitor, grpc: bool, result: &mut Result<Response<ProxyBo
             return;
         }
     };
-    let head = res.headers().get("grpc-status").and_then(GrpcCode::from_header);
-    match (grpc, head) {
-        (true, Some(code)) => monitor.record_status(code.to_http_status()),
-        (true, None) if res.status() == http::StatusCode::OK => res.body_mut().on_end(Box::new(move |end| {
-            let status = match end {
-                BodyEnd::Trailers(t) => t
-                    .get("grpc-status")
-                    .and_then(GrpcCode::from_header)
-                    .map_or(http::StatusCode::SERVICE_UNAVAILABLE, GrpcCode::to_http_status),
-                // The upstream ended the call without its status: a failure.
-                BodyEnd::Ended | BodyEnd::Failed => http::StatusCode::SERVICE_UNAVAILABLE,
-                // The client went away: nothing said about the upstream.
-                BodyEnd::Dropped => return,
-            };
-            monitor.record_status(status);
-        })),
-        _ => monitor.record_status(res.status()),
+    if monitor.record_head(res.status(), res.headers(), grpc) {
+        res.body_mut().on_end(Box::new(move |end| match end {
+            BodyEnd::Trailers(t) => monitor.record_trailers(Some(t)),
+            // The upstream ended the call without its status: a failure.
+            BodyEnd::Ended | BodyEnd::Failed => monitor.record_trailers(None),
+            // The client went away: nothing said about the upstream.
+            BodyEnd::Dropped => {}
+        }));
     }
 }
 
@@ -419,7 +410,8 @@ impl Service<Request<RequestBody>> for ClusterService {
         let grpc = monitor.is_some() && is_grpc(req.headers());
         // A try dropped unanswered at its deadline timed out; one dropped before it was
         // abandoned by the client (nothing to record).
-        let mut watch = Unanswered { monitor, deadline: TryDeadline::of(req.extensions()) };
+        let deadline = monitor.is_some().then(|| TryDeadline::of(req.extensions())).flatten();
+        let mut watch = Unanswered { monitor, deadline };
         let endpoint = Endpoint::new(pool, self.settings.clone());
         let breaker = cluster.breaker.clone();
         let multiplexed = match self.settings.protocol {

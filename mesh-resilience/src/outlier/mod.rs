@@ -60,7 +60,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::StatusCode;
-use mesh_core::classify::{Failure, Outcome};
+use mesh_core::classify::{Failure, GrpcCode, Outcome};
 use tokio::time::Instant;
 
 pub use monitor::{MonitorBody, MonitorLayer, MonitorService};
@@ -715,6 +715,29 @@ impl HostMonitor {
         if n == config.consecutive_local_origin {
             detector.eject(&self.host, EjectionReason::ConsecutiveLocalOrigin);
         }
+    }
+
+    /// Records a response head: its status, or for a gRPC call (`grpc`) the HTTP status its
+    /// head `grpc-status` maps to. Returns true when a gRPC call's status is still to come,
+    /// in the trailers: record it then with [`record_trailers`](Self::record_trailers).
+    pub fn record_head(&self, status: StatusCode, headers: &http::HeaderMap, grpc: bool) -> bool {
+        match (grpc, headers.get("grpc-status").and_then(GrpcCode::from_header)) {
+            (true, Some(code)) => self.record_status(code.to_http_status()),
+            (true, None) if status == StatusCode::OK => return true,
+            _ => self.record_status(status),
+        }
+        false
+    }
+
+    /// Records the end of a gRPC call whose status comes in the trailers: their
+    /// `grpc-status`, or 503 for a call the upstream ended without one (`None`: no trailers,
+    /// or a broken body). A body the client dropped should record nothing.
+    pub fn record_trailers(&self, trailers: Option<&http::HeaderMap>) {
+        let status = trailers
+            .and_then(|t| t.get("grpc-status"))
+            .and_then(GrpcCode::from_header)
+            .map_or(StatusCode::SERVICE_UNAVAILABLE, GrpcCode::to_http_status);
+        self.record_status(status);
     }
 
     /// Records an outcome classified by mesh-core: a response's status (for a gRPC request,

@@ -6,9 +6,8 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
-use http::{HeaderMap, Request, Response, StatusCode};
+use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
-use mesh_core::classify::GrpcCode;
 use tower::{Layer, Service};
 
 use super::HostMonitor;
@@ -110,19 +109,8 @@ where
         let monitor = this.monitor.take().expect("polled after completion");
         Poll::Ready(match result {
             Ok(res) => {
-                let head_status = res.headers().get("grpc-status").and_then(GrpcCode::from_header);
-                let pending = match (*this.grpc, head_status) {
-                    (true, Some(code)) => {
-                        monitor.record_status(code.to_http_status());
-                        None
-                    }
-                    // The status comes in the trailers.
-                    (true, None) if res.status() == StatusCode::OK => Some(monitor),
-                    _ => {
-                        monitor.record_status(res.status());
-                        None
-                    }
-                };
+                // A gRPC status still to come is recorded from the trailers.
+                let pending = monitor.record_head(res.status(), res.headers(), *this.grpc).then_some(monitor);
                 Ok(res.map(|inner| MonitorBody { inner, pending }))
             }
             Err(e) => {
@@ -152,14 +140,6 @@ impl<B> MonitorBody<B> {
     }
 }
 
-/// The HTTP status a gRPC call's trailers map to (a missing status is a failure).
-fn trailers_status(trailers: &HeaderMap) -> StatusCode {
-    trailers
-        .get("grpc-status")
-        .and_then(GrpcCode::from_header)
-        .map_or(StatusCode::SERVICE_UNAVAILABLE, GrpcCode::to_http_status)
-}
-
 impl<B: Body<Data = Bytes>> Body for MonitorBody<B> {
     type Data = Bytes;
     type Error = B::Error;
@@ -167,17 +147,15 @@ impl<B: Body<Data = Bytes>> Body for MonitorBody<B> {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = self.project();
         let frame = ready!(this.inner.poll_frame(cx));
-        if this.pending.is_some() {
-            let status = match &frame {
-                Some(Ok(f)) => f.trailers_ref().map(trailers_status),
-                // The upstream ended the call without its status, or broke it: a failure.
-                Some(Err(_)) | None => Some(StatusCode::SERVICE_UNAVAILABLE),
-            };
-            if let Some(status) = status
-                && let Some(monitor) = this.pending.take()
-            {
-                monitor.record_status(status);
-            }
+        let ended = match &frame {
+            Some(Ok(f)) => f.trailers_ref().map(Some),
+            // The upstream ended the call without its status, or broke it: a failure.
+            Some(Err(_)) | None => Some(None),
+        };
+        if let Some(trailers) = ended
+            && let Some(monitor) = this.pending.take()
+        {
+            monitor.record_trailers(trailers);
         }
         // A body dropped unfinished records nothing: the client went away.
         Poll::Ready(frame)
