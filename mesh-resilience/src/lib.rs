@@ -24,3 +24,29 @@ pub mod ratelimit;
 pub mod retry;
 
 pub use local::LocalOr;
+
+/// A configuration a layer refuses (a retry policy, an outlier detector, a rate limit): the
+/// field, as the configuration names it, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct InvalidConfig {
+    field: &'static str,
+    reason: String,
+}
+
+impl InvalidConfig {
+    /// An error about `field`.
+    pub fn new(field: &'static str, reason: impl Into<String>) -> Self {
+        Self { field, reason: reason.into() }
+    }
+
+    /// The field, like `retryOn`.
+    pub fn field(&self) -> &str {
+        self.field
+    }
+
+    /// Why it is invalid.
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+}

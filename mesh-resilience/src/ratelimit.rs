@@ -70,29 +70,7 @@ use tower::{Layer, Service};
 use crate::LocalOr;
 
 /// A configuration the limiter refuses: the field and why.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{field}: {reason}")]
-pub struct InvalidRateLimit {
-    field: &'static str,
-    reason: String,
-}
-
-impl InvalidRateLimit {
-    /// An error about `field`.
-    pub fn new(field: &'static str, reason: impl Into<String>) -> Self {
-        Self { field, reason: reason.into() }
-    }
-
-    /// The field, like `fill_interval`.
-    pub fn field(&self) -> &str {
-        self.field
-    }
-
-    /// Why it is invalid.
-    pub fn reason(&self) -> &str {
-        &self.reason
-    }
-}
+pub type InvalidRateLimit = crate::InvalidConfig;
 
 // === clock ===
 

@@ -66,29 +66,7 @@ use tokio::time::Instant;
 pub use monitor::{MonitorBody, MonitorLayer, MonitorService};
 
 /// A configuration the detector refuses: the field and why.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{field}: {reason}")]
-pub struct InvalidOutlier {
-    field: &'static str,
-    reason: String,
-}
-
-impl InvalidOutlier {
-    /// An error about `field`.
-    pub fn new(field: &'static str, reason: impl Into<String>) -> Self {
-        Self { field, reason: reason.into() }
-    }
-
-    /// The field, like `interval`.
-    pub fn field(&self) -> &str {
-        self.field
-    }
-
-    /// Why it is invalid.
-    pub fn reason(&self) -> &str {
-        &self.reason
-    }
-}
+pub type InvalidOutlier = crate::InvalidConfig;
 
 // === config ===
 

@@ -8,29 +8,7 @@ use mesh_core::classify::{Failure, GrpcCode};
 use mesh_core::random::Random;
 
 /// A retry configuration that cannot be used: the field and why.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{field}: {reason}")]
-pub struct InvalidRetry {
-    field: &'static str,
-    reason: String,
-}
-
-impl InvalidRetry {
-    /// An error about `field`.
-    pub fn new(field: &'static str, reason: impl Into<String>) -> Self {
-        Self { field, reason: reason.into() }
-    }
-
-    /// The field, like `retryOn`.
-    pub fn field(&self) -> &str {
-        self.field
-    }
-
-    /// Why it is invalid.
-    pub fn reason(&self) -> &str {
-        &self.reason
-    }
-}
+pub type InvalidRetry = crate::InvalidConfig;
 
 // === RetryOn ===
 
