@@ -94,22 +94,15 @@ impl RequestCondition {
 
 impl Node {
     fn request(m: &ProfileRequestMatch, field: &str) -> Result<Node, InvalidRoute> {
+        let list = |ms: &[ProfileRequestMatch], name: &str| -> Result<Box<[Node]>, InvalidRoute> {
+            ms.iter().enumerate().map(|(i, m)| Node::request(m, &format!("{field}.{name}[{i}]"))).collect()
+        };
         let mut all = Vec::new();
-        if let Some(list) = &m.all {
-            let nodes = list
-                .iter()
-                .enumerate()
-                .map(|(i, m)| Node::request(m, &format!("{field}.all[{i}]")))
-                .collect::<Result<Vec<_>, _>>()?;
-            all.push(Node::All(nodes.into()));
+        if let Some(ms) = &m.all {
+            all.push(Node::All(list(ms, "all")?));
         }
-        if let Some(list) = &m.any {
-            let nodes = list
-                .iter()
-                .enumerate()
-                .map(|(i, m)| Node::request(m, &format!("{field}.any[{i}]")))
-                .collect::<Result<Vec<_>, _>>()?;
-            all.push(Node::Any(nodes.into()));
+        if let Some(ms) = &m.any {
+            all.push(Node::Any(list(ms, "any")?));
         }
         if let Some(method) = &m.method {
             let method = Method::from_bytes(method.as_bytes())
