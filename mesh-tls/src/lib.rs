@@ -1,11 +1,29 @@
-//! Identity and access for mesh services.
+//! Identity and access for mesh services: mTLS with SPIFFE X.509-SVIDs, PeerAuthentication,
+//! certificate rotation, AuthorizationPolicy and JWT RequestAuthentication.
 //!
-//! **Status: no code yet.** This crate will own rustls server and client configurations from
-//! PEM files, SPIFFE X.509-SVID verification in both directions, the PeerAuthentication modes
-//! (STRICT, PERMISSIVE with TLS sniffing, DISABLE), certificate hot reload, and the
-//! AuthorizationPolicy and RequestAuthentication layers. It deliberately exposes no API until
-//! that API exists and is tested.
+//! | module | what |
+//! |---|---|
+//! | [`identity`] | a workload's certificate, key and trust bundle from PEM files; rotation ([`Identity`]) |
+//! | [`config`] | rustls server and client configurations verifying SPIFFE IDs both ways |
+//! | [`accept`] | PeerAuthentication modes on accept: STRICT, PERMISSIVE (TLS sniffed), DISABLE |
+//! | [`connect`] | mTLS origination for hyper-util clients ([`MtlsConnector`]) |
+//! | [`svid`] | the X.509-SVID leaf rules applied to certificates |
+//! | [`certs`] | a development CA that issues SPIFFE workload certificates |
 //!
-//! SPIFFE ID parsing and the X.509-SVID leaf rules already live in
-//! [`mesh-core`](https://docs.rs/mesh-core) (`mesh_core::identity`), so that this crate only
-//! has to extract the certificate facts and hand them over.
+//! Every configuration uses rustls with the aws-lc-rs provider, TLS 1.3 by default. A
+//! verified peer's SPIFFE ID becomes the request extension [`mesh_core::PeerIdentity`], which
+//! authorization reads.
+
+pub mod accept;
+pub mod certs;
+pub mod config;
+pub mod connect;
+pub mod identity;
+pub mod svid;
+
+pub use accept::{AcceptError, Accepted, MeshAcceptor, MtlsMode, MtlsStream, Rewind};
+pub use certs::{DevCa, WorkloadPem};
+pub use config::{ExpectedPeer, ISTIO_ALPNS, TlsVersions, is_mesh_alpn, mesh_alpn};
+pub use connect::{MtlsConnection, MtlsConnector};
+pub use identity::{CredentialFiles, Credentials, CredentialsError, Identity, IdentityStatus};
+pub use svid::{Svid, SvidError, leaf_svid};
