@@ -36,6 +36,7 @@
 //! ```
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod body;
 pub mod classify;
 pub mod config;
 pub mod flags;
@@ -44,6 +45,7 @@ pub mod matching;
 pub mod random;
 pub mod route;
 
+pub use body::LocalOr;
 pub use classify::{Failure, GrpcCode, GrpcStatus, Outcome};
 pub use flags::ResponseFlags;
 pub use identity::{PeerIdentity, SpiffeId, TrustDomain};

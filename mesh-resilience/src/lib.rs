@@ -17,13 +17,13 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod fault;
-mod local;
+
 pub mod outlier;
 pub mod pool;
 pub mod ratelimit;
 pub mod retry;
 
-pub use local::LocalOr;
+pub use mesh_core::LocalOr;
 
 /// A configuration a layer refuses (a retry policy, an outlier detector, a rate limit): the
 /// field, as the configuration names it, and why.

@@ -8,6 +8,8 @@
 //! | [`accept`] | PeerAuthentication modes on accept: STRICT, PERMISSIVE (TLS sniffed), DISABLE |
 //! | [`connect`] | mTLS origination for hyper-util clients ([`MtlsConnector`]) |
 //! | [`svid`] | the X.509-SVID leaf rules applied to certificates |
+//! | [`authz`] | AuthorizationPolicy: compiled policies ([`authz::Authorizer`]) and [`authz::AuthorizationLayer`] |
+//! | [`jwt`] | RequestAuthentication: JWT validation against JWKS ([`jwt::RequestAuthenticationLayer`]) |
 //! | [`certs`] | a development CA that issues SPIFFE workload certificates |
 //!
 //! Every configuration uses rustls with the aws-lc-rs provider, TLS 1.3 by default. A
@@ -15,10 +17,12 @@
 //! authorization reads.
 
 pub mod accept;
+pub mod authz;
 pub mod certs;
 pub mod config;
 pub mod connect;
 pub mod identity;
+pub mod jwt;
 pub mod svid;
 
 pub use accept::{AcceptError, Accepted, MeshAcceptor, MtlsMode, MtlsStream, Rewind};
