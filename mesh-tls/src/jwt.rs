@@ -239,10 +239,11 @@ impl Drop for JwtAuthenticator {
 impl JwtAuthenticator {
     /// An authenticator for `rules`, taking each rule's keys from `source(i, rule)` (the
     /// proxy resolves `jwksUri` to a source; library users may pass their own). HTTPS
-    /// sources are fetched now (a failure leaves the provider without keys, so its tokens
-    /// fail until a refresh succeeds) and refreshed in the background (needs a tokio
-    /// runtime).
-    pub async fn new(
+    /// sources are fetched by a background task, at once and then every five minutes (when
+    /// called inside a tokio runtime; outside one they are never fetched, which suits an
+    /// offline check); until the first fetch succeeds that provider's tokens fail with
+    /// `Jwks remote fetch is failed`. [`ready`](Self::ready) waits for the keys.
+    pub fn new(
         rules: &[JwtRule],
         mut source: impl FnMut(usize, &JwtRule) -> Option<JwksSource>,
     ) -> Result<Self, InvalidJwtRule> {
@@ -268,11 +269,9 @@ impl JwtAuthenticator {
                     keys.store(Arc::new(decoding_keys(&text).map_err(|e| invalid("jwksUri", format!("{}: {e}", path.display())))?));
                 }
                 Some(JwksSource::Https { uri, roots, timeout }) => {
-                    match fetch(&uri, &roots, timeout).await {
-                        Ok(k) => keys.store(Arc::new(k)),
-                        Err(e) => tracing::warn!(%uri, error = %e, "JWKS fetch failed; retrying in the background"),
+                    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                        tasks.push(runtime.spawn(refresh(uri, roots, timeout, Arc::downgrade(&keys))));
                     }
-                    tasks.push(tokio::spawn(refresh(uri, roots, timeout, Arc::downgrade(&keys))));
                 }
                 None => return Err(invalid("jwksUri", "no keys: give `jwks` or a `jwksUri`".into())),
             }
@@ -304,6 +303,17 @@ impl JwtAuthenticator {
             });
         }
         Ok(Self { providers: Arc::new(providers), tasks: Arc::new(tasks) })
+    }
+
+    /// Waits until every provider has keys, or `timeout` passes; whether they all do.
+    pub async fn ready(&self, timeout: Duration) -> bool {
+        let all = || self.providers.iter().all(|p| !p.keys.load().is_empty());
+        let wait = async {
+            while !all() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.is_ok()
     }
 
     /// Whether there are no rules (every request passes untouched).
@@ -464,14 +474,15 @@ async fn refresh(
     keys: std::sync::Weak<ArcSwap<Vec<(Option<String>, DecodingKey)>>>,
 ) {
     loop {
-        // Envoy caches a remote JWKS for five minutes; a provider without keys retries sooner.
-        let empty = keys.upgrade().is_none_or(|k| k.load().is_empty());
-        tokio::time::sleep(if empty { Duration::from_secs(5) } else { Duration::from_secs(300) }).await;
         let Some(slot) = keys.upgrade() else { return };
         match fetch(&uri, &roots, timeout).await {
             Ok(k) => slot.store(Arc::new(k)),
-            Err(e) => tracing::warn!(%uri, error = %e, "JWKS refresh failed; keeping the last keys"),
+            Err(e) => tracing::warn!(%uri, error = %e, "JWKS fetch failed; keeping the last keys"),
         }
+        // Envoy caches a remote JWKS for five minutes; a provider without keys retries sooner.
+        let empty = slot.load().is_empty();
+        drop(slot);
+        tokio::time::sleep(if empty { Duration::from_secs(5) } else { Duration::from_secs(300) }).await;
     }
 }
 

@@ -6,6 +6,7 @@
 //! | [`identity`] | a workload's certificate, key and trust bundle from PEM files; rotation ([`Identity`]) |
 //! | [`config`] | rustls server and client configurations verifying SPIFFE IDs both ways |
 //! | [`accept`] | PeerAuthentication modes on accept: STRICT, PERMISSIVE (TLS sniffed), DISABLE |
+//! | [`peer`] | PeerAuthentication resolution: the mTLS mode of a workload port |
 //! | [`connect`] | mTLS origination for hyper-util clients ([`MtlsConnector`]) |
 //! | [`svid`] | the X.509-SVID leaf rules applied to certificates |
 //! | [`authz`] | AuthorizationPolicy: compiled policies ([`authz::Authorizer`]) and [`authz::AuthorizationLayer`] |
@@ -23,6 +24,7 @@ pub mod config;
 pub mod connect;
 pub mod identity;
 pub mod jwt;
+pub mod peer;
 pub mod svid;
 
 pub use accept::{AcceptError, Accepted, MeshAcceptor, MtlsMode, MtlsStream, Rewind};

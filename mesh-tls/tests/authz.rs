@@ -245,7 +245,7 @@ fn now() -> u64 {
 }
 
 async fn stack(rule: JwtRule, policies: Vec<Policy>) -> impl Fn(Request<Full<Bytes>>) -> std::pin::Pin<Box<dyn std::future::Future<Output = (StatusCode, String, HeaderMap)> + Send>> {
-    let jwt = JwtAuthenticator::new(&[rule], |_, _| None).await.unwrap();
+    let jwt = JwtAuthenticator::new(&[rule], |_, _| None).unwrap();
     let authz = Authorizer::new(policies).unwrap();
     let inner = tower::service_fn(|req: Request<Full<Bytes>>| async move {
         let principal = req.extensions().get::<mesh_tls::jwt::RequestAuth>().map(|a| a.principal().to_owned());
@@ -376,8 +376,8 @@ async fn jwks_are_fetched_over_https() {
     let jwt = JwtAuthenticator::new(std::slice::from_ref(&rule), |_, _| {
         Some(JwksSource::Https { uri: uri.clone(), roots: roots.clone(), timeout: std::time::Duration::from_secs(5) })
     })
-    .await
     .unwrap();
+    assert!(jwt.ready(std::time::Duration::from_secs(10)).await);
     let mut req = bearer(&iss.token(serde_json::json!({"iss": "https://auth.example.com", "sub": "bob"})));
     assert_eq!(jwt.authenticate(&mut req).unwrap().unwrap().principal(), "https://auth.example.com/bob");
 }
