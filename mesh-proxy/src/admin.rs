@@ -59,6 +59,7 @@ const INDEX: &str = "mesh-proxy admin
   /routes       virtual hosts and routes (JSON)
   /clusters     destinations, their endpoints, labels and health (JSON)
   /stats        configuration reloads and reload failures
+  /certs        the workload certificate: SPIFFE ID, expiry, rotations (JSON)
 ";
 
 fn respond(req: &Request<Incoming>, draining: bool, routes: Option<&Routes>) -> Response<Full<Bytes>> {
@@ -83,6 +84,7 @@ fn respond(req: &Request<Incoming>, draining: bool, routes: Option<&Routes>) -> 
         "/config_dump" => configured(config_dump),
         "/routes" => configured(route_dump),
         "/clusters" => configured(cluster_dump),
+        "/certs" => configured(cert_dump),
         "/stats" => match routes {
             Some(r) => {
                 let mut out = format!(
@@ -103,6 +105,20 @@ fn respond(req: &Request<Incoming>, draining: bool, routes: Option<&Routes>) -> 
                     }
                 }
                 out.push_str(&overload_stats());
+                // Envoy's names for the TLS inspector's and the listener's counters.
+                out.push_str(&format!(
+                    "inbound.plaintext_refused {}\ninbound.ssl.handshake_error {}\n",
+                    crate::INBOUND_PLAINTEXT_REFUSED.load(Ordering::Relaxed),
+                    crate::INBOUND_HANDSHAKE_FAILURES.load(Ordering::Relaxed)
+                ));
+                if let Some(identity) = &r.config().identity {
+                    let status = identity.status();
+                    let left = status.not_after.duration_since(std::time::SystemTime::now()).map_or(0, |d| d.as_secs());
+                    out.push_str(&format!(
+                        "workload_cert.seconds_until_expiry {left}\nworkload_cert.rotations {}\nworkload_cert.rotation_failures {}\n",
+                        status.reloads, status.failures
+                    ));
+                }
                 text(StatusCode::OK, out)
             }
             None => text(StatusCode::OK, format!("config_reloads 0\nconfig_reload_failures 0\n{}", overload_stats())),
@@ -125,6 +141,23 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     *res.status_mut() = status;
     res.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain"));
     res
+}
+
+fn cert_dump(routes: &Routes) -> serde_json::Value {
+    let Some(identity) = &routes.config().identity else { return json!({ "identity": null }) };
+    let status = identity.status();
+    let unix = |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let left = |t: std::time::SystemTime| t.duration_since(std::time::SystemTime::now()).map_or(0, |d| d.as_secs());
+    json!({
+        "identity": status.id.as_str(),
+        "not_after": unix(status.not_after),
+        "seconds_until_expiry": left(status.not_after),
+        "bundle_not_after": status.bundle_not_after.map(unix),
+        "rotations": status.reloads,
+        "rotation_failures": status.failures,
+        "last_rotation_error": status.last_error,
+        "inbound_mtls_mode": format!("{:?}", routes.snapshot().security.mode).to_uppercase(),
+    })
 }
 
 fn config_dump(routes: &Routes) -> serde_json::Value {

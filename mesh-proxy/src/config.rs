@@ -21,6 +21,11 @@ pub const DEFAULT_ADMIN: &str = "127.0.0.1:15000";
 pub struct ProxyConfig {
     /// The address served with HTTP/1.1 and h2c (prior knowledge), detected per connection.
     pub listen: SocketAddr,
+    /// The inbound listener (peers to the local application), if any.
+    pub inbound: Option<InboundConfig>,
+    /// The workload's identity: mTLS on the inbound listener, and for origination to
+    /// destinations whose DestinationRule says `ISTIO_MUTUAL` (or auto mTLS).
+    pub identity: Option<mesh_tls::Identity>,
     /// The one upstream every request goes to.
     pub upstream: UpstreamAddr,
     /// Which protocol to speak to the upstream.
@@ -116,6 +121,8 @@ impl Default for ProxyConfig {
     fn default() -> Self {
         Self {
             listen: DEFAULT_LISTEN.parse().expect("valid default"),
+            inbound: None,
+            identity: None,
             upstream: DEFAULT_UPSTREAM.parse().expect("valid default"),
             upstream_protocol: UpstreamProtocol::Downstream,
             admin: Some(DEFAULT_ADMIN.parse().expect("valid default")),
@@ -133,6 +140,27 @@ impl Default for ProxyConfig {
             config_paths: Vec::new(),
             reload_interval: Duration::from_secs(1),
         }
+    }
+}
+
+/// The inbound listener: where peers connect, and the local application their requests go
+/// to (after PeerAuthentication, mTLS, JWT validation and authorization).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct InboundConfig {
+    /// Where peers connect.
+    pub listen: SocketAddr,
+    /// The local application.
+    pub app: UpstreamAddr,
+    /// What the application speaks (HTTP/1.1 by default: peers' HTTP/2 is not passed on to
+    /// an application that may not speak it).
+    pub app_protocol: UpstreamProtocol,
+}
+
+impl InboundConfig {
+    /// Peers on `listen`, to the application at `app`, over HTTP/1.1.
+    pub fn new(listen: SocketAddr, app: UpstreamAddr) -> Self {
+        Self { listen, app, app_protocol: UpstreamProtocol::Http1 }
     }
 }
 

@@ -55,6 +55,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
+
 use tokio::sync::watch;
 
 mod admin;
@@ -93,6 +94,7 @@ pub struct BindError {
 pub struct Server {
     config: ProxyConfig,
     listener: TcpListener,
+    inbound: Option<TcpListener>,
     admin: Option<TcpListener>,
     routes: Option<Arc<routes::Routes>>,
     tunnels: Arc<upstream::Tunnels>,
@@ -128,6 +130,47 @@ pub fn load_snapshot(
     }
 }
 
+/// Applies a snapshot's `MeshProxy` resource to `config`: the listener and admin addresses,
+/// the inbound listener and the workload identity (whose files are read now). Errors name the
+/// file and field.
+pub fn apply_mesh_proxy(config: &mut ProxyConfig, snapshot: &snapshot::Snapshot) -> Result<(), String> {
+    let Some(mp) = &snapshot.resources.mesh_proxy else { return Ok(()) };
+    let at = |field: &str, what: String| format!("{}: error: MeshProxy: spec.{field}: {what}", mp.file.display());
+    let addr = |field: &str, value: &str| {
+        value.parse::<SocketAddr>().map_err(|_| at(field, format!("`{value}` is not an address like 127.0.0.1:15001")))
+    };
+    if let Some(listen) = &mp.spec.listen {
+        config.listen = addr("listen", listen)?;
+    }
+    match mp.spec.admin.as_deref() {
+        Some("off") => config.admin = None,
+        Some(a) => config.admin = Some(addr("admin", a)?),
+        None => {}
+    }
+    if let Some(inbound) = &mp.spec.inbound {
+        let listen = addr("inbound.listen", &inbound.listen)?;
+        let app_text = inbound.app.as_deref().or(mp.spec.app.as_deref()).unwrap_or(config::DEFAULT_UPSTREAM);
+        let app: UpstreamAddr = app_text.parse().map_err(|_| at("inbound.app", format!("`{app_text}` is not HOST:PORT")))?;
+        let mut c = config::InboundConfig::new(listen, app);
+        if let Some(p) = &inbound.app_protocol {
+            c.app_protocol = match p.as_str() {
+                "http1" => UpstreamProtocol::Http1,
+                "h2" => UpstreamProtocol::H2,
+                "downstream" => UpstreamProtocol::Downstream,
+                other => return Err(at("inbound.appProtocol", format!("`{other}` is not http1, h2 or downstream"))),
+            };
+        }
+        config.inbound = Some(c);
+    }
+    if let Some(identity) = &mp.spec.identity {
+        let base = mp.file.parent().unwrap_or(std::path::Path::new("."));
+        let files = identity.files(base).map_err(|e| at("identity", e))?;
+        let loaded = mesh_tls::Identity::from_files(files).map_err(|e| at("identity", e.to_string()))?;
+        config.identity = Some(loaded);
+    }
+    Ok(())
+}
+
 impl Server {
     /// Opens the proxy and admin listeners and forwards everything to `config.upstream`.
     /// Must run inside a tokio runtime.
@@ -143,18 +186,27 @@ impl Server {
             TcpListener::bind(addr).await.map_err(|source| BindError { addr, what, source })
         };
         let listener = bind(config.listen, "proxy listener").await?;
+        let inbound = match &config.inbound {
+            Some(inbound) => Some(bind(inbound.listen, "inbound listener").await?),
+            None => None,
+        };
         let admin = match config.admin {
             Some(addr) => Some(bind(addr, "admin listener").await?),
             None => None,
         };
         let tunnels: Arc<upstream::Tunnels> = Arc::default();
         let routes = snapshot.map(|s| Arc::new(routes::Routes::new(s, &config)));
-        Ok(Self { config, listener, admin, routes, tunnels })
+        Ok(Self { config, listener, inbound, admin, routes, tunnels })
     }
 
     /// The address the proxy listens on.
     pub fn local_addr(&self) -> SocketAddr {
         self.listener.local_addr().expect("bound listener has an address")
+    }
+
+    /// The address the inbound listener listens on, if there is one.
+    pub fn inbound_addr(&self) -> Option<SocketAddr> {
+        self.inbound.as_ref().map(|l| l.local_addr().expect("bound listener has an address"))
     }
 
     /// The address the admin server listens on, if enabled.
@@ -237,16 +289,104 @@ impl Server {
                     http1: http1.clone(),
                     max_premature_resets: self.config.max_premature_resets,
                 };
-                tokio::spawn(conn.serve(stream));
+                tokio::spawn(conn.serve(sniff::Downstream::Tcp(stream)));
+            }
+        };
+        let inbound = async {
+            let (Some(listener), Some(inbound), Some(routes)) = (&self.inbound, &self.config.inbound, &self.routes) else {
+                return std::future::pending().await;
+            };
+            let forward = proxy::Forward::inbound(&self.config, inbound, routes.clone(), self.tunnels.clone());
+            // One server configuration: it resolves the certificate and trust bundle at each
+            // handshake, so rotation needs nothing here.
+            let tls = self.config.identity.as_ref().map(|i| i.server_config(mesh_tls::TlsVersions::default()));
+            loop {
+                let (stream, peer) = match listener.accept().await {
+                    Ok(accepted) => accepted,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "inbound accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                if self.config.max_connections.is_some_and(|max| drain_tx.receiver_count() > max) {
+                    REFUSED_CONNECTIONS.fetch_add(1, Ordering::Relaxed);
+                    drop(stream);
+                    continue;
+                }
+                let _ = stream.set_nodelay(true);
+                let mode = routes.snapshot().security.mode;
+                let acceptor = match &tls {
+                    Some(config) => mesh_tls::MeshAcceptor::with_config(mode, config.clone()),
+                    // Without credentials only plaintext can be served; STRICT then refuses
+                    // everything (as it should: it cannot be honoured).
+                    None if mode == mesh_tls::MtlsMode::Strict => {
+                        tracing::warn!(%peer, "inbound connection refused: STRICT mTLS without a workload identity");
+                        continue;
+                    }
+                    None => mesh_tls::MeshAcceptor::plaintext(),
+                };
+                let conn = Conn {
+                    forward: forward.clone(),
+                    drain: drain_rx.clone(),
+                    limits,
+                    http1: http1.clone(),
+                    max_premature_resets: self.config.max_premature_resets,
+                };
+                let app = inbound.app.clone();
+                let tunnels = self.tunnels.clone();
+                tokio::spawn(async move {
+                    let local = match stream.local_addr() {
+                        Ok(local) => local,
+                        Err(_) => return,
+                    };
+                    let client = mesh_core::ClientConnection::new(peer, local);
+                    match tokio::time::timeout(OPENING_LIMIT, acceptor.accept(stream)).await {
+                        Ok(Ok(mesh_tls::Accepted::Mtls(tls))) => {
+                            let client = match tls.sni() {
+                                Some(sni) => client.with_sni(sni.clone()),
+                                None => client,
+                            };
+                            let identity = mesh_core::PeerIdentity(tls.peer().clone());
+                            let forward = conn.forward.for_client(client).for_peer(identity);
+                            Conn { forward, ..conn }.serve(sniff::Downstream::Mtls(tls)).await;
+                        }
+                        Ok(Ok(mesh_tls::Accepted::Plaintext(io))) => {
+                            let forward = conn.forward.for_client(client);
+                            Conn { forward, ..conn }.serve(sniff::Downstream::Plain(io)).await;
+                        }
+                        Ok(Ok(mesh_tls::Accepted::Opaque(mut io))) => {
+                            // The application's own TLS: passed through untouched.
+                            let _open = tunnels.open();
+                            match TcpStream::connect(app.as_str()).await {
+                                Ok(mut upstream) => {
+                                    let _ = tokio::io::copy_bidirectional(&mut io, &mut upstream).await;
+                                }
+                                Err(e) => tracing::debug!(error = %e, "inbound passthrough: the application refused"),
+                            }
+                        }
+                        Ok(Err(e)) => {
+                            if matches!(e, mesh_tls::AcceptError::PlaintextRefused) {
+                                INBOUND_PLAINTEXT_REFUSED.fetch_add(1, Ordering::Relaxed);
+                            } else {
+                                INBOUND_HANDSHAKE_FAILURES.fetch_add(1, Ordering::Relaxed);
+                            }
+                            tracing::debug!(%peer, error = %e, "inbound connection refused");
+                        }
+                        Err(_) => tracing::debug!(%peer, "inbound connection took too long to open"),
+                    }
+                });
             }
         };
         tokio::select! {
             () = accept => {}
+            () = inbound => {}
             () = shutdown => {}
         }
 
         draining.store(true, Ordering::Release);
         drop(self.listener);
+        drop(self.inbound);
         drain_tx.send_replace(true);
         drop(drain_rx);
         let open = drain_tx.receiver_count();
@@ -270,6 +410,11 @@ impl Server {
 /// Client connections refused for the connection cap (for `/stats`).
 pub(crate) static REFUSED_CONNECTIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
+/// Inbound connections refused for being plaintext under STRICT, and inbound TLS
+/// handshakes that failed (bad or missing client certificates), for `/stats`.
+pub(crate) static INBOUND_PLAINTEXT_REFUSED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+pub(crate) static INBOUND_HANDSHAKE_FAILURES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 struct Conn {
     forward: proxy::Forward,
     drain: watch::Receiver<bool>,
@@ -292,7 +437,7 @@ enum Opened {
 impl Conn {
     /// Serves HTTP/1.x (through hyper) or h2c (prior knowledge, through the `h2` crate),
     /// whichever the client speaks, with a watchdog for idle time, request timeouts and drain.
-    async fn serve(self, stream: TcpStream) {
+    async fn serve(self, stream: sniff::Downstream) {
         let state = downstream::ConnState::new();
         let Some(opened) = self.open(stream, &state).await else { return };
         self.spawn_watchdog(&state, matches!(opened, Opened::Http1(_)));
@@ -326,7 +471,7 @@ impl Conn {
     /// that takes longer than the idle timeout or the request head timeout (10 s at most, even
     /// with neither) is dropped, and so is one still opening when a drain starts: it has sent
     /// no request yet.
-    async fn open(&self, mut stream: TcpStream, state: &Arc<downstream::ConnState>) -> Option<Opened> {
+    async fn open(&self, mut stream: sniff::Downstream, state: &Arc<downstream::ConnState>) -> Option<Opened> {
         let limit = [self.limits.idle, self.limits.headers].into_iter().flatten().fold(OPENING_LIMIT, Duration::min);
         let opening = async {
             let (protocol, prefix) = match sniff::sniff(&mut stream).await {

@@ -16,7 +16,10 @@
 //! | `MeshProxy` | proxy.mesh.dev | the proxy's own settings: listener, admin, workload |
 //! | `EnvoyFilter` | networking.istio.io | local rate limits (`envoy.filters.http.local_ratelimit` patches) |
 //! | `HTTPLocalRateLimitPolicy` | policy.linkerd.io | a total rate, a rate per client identity, overrides |
-//! | `PeerAuthentication`, `AuthorizationPolicy`, `RequestAuthentication`, `Telemetry`, `Gateway`, `Sidecar`, `ProxyConfig`, `WorkloadEntry` | | parsed, warned about as not enforced yet |
+//! | `PeerAuthentication` | security.istio.io | the inbound listener's mTLS mode (STRICT, PERMISSIVE, DISABLE; port level) |
+//! | `AuthorizationPolicy` | security.istio.io | inbound authorization (ALLOW, DENY, AUDIT; CUSTOM refused) |
+//! | `RequestAuthentication` | security.istio.io | inbound JWT validation |
+//! | `Telemetry`, `Gateway`, `Sidecar`, `ProxyConfig`, `WorkloadEntry` | | parsed, warned about as not enforced yet |
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -141,6 +144,12 @@ pub struct Resources {
     pub rate_limit_policies: Vec<Resource<mesh_resilience::ratelimit::HttpLocalRateLimitPolicySpec>>,
     /// The proxy's own settings (the last one read wins).
     pub mesh_proxy: Option<Resource<MeshProxySpec>>,
+    /// AuthorizationPolicies.
+    pub authorization_policies: Vec<Resource<mesh_tls::authz::AuthorizationPolicySpec>>,
+    /// PeerAuthentications.
+    pub peer_authentications: Vec<Resource<mesh_tls::peer::PeerAuthenticationSpec>>,
+    /// RequestAuthentications.
+    pub request_authentications: Vec<Resource<mesh_tls::jwt::RequestAuthenticationSpec>>,
 }
 
 /// An EnvoyFilter's `spec`: the proxy acts on patches that insert Envoy's local rate limit
@@ -225,7 +234,7 @@ pub struct ServiceEntrySpec {
     /// Selects workloads instead of listing endpoints (not supported).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub workload_selector: Option<mesh_routing::model::NotEnforced>,
-    /// Subject alternative names (mesh-tls, not yet).
+    /// The SPIFFE IDs the service's endpoints may present under mTLS origination.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub subject_alt_names: Vec<String>,
 }
@@ -267,7 +276,8 @@ pub struct WorkloadEntry {
     /// Locality (accepted).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub locality: Option<String>,
-    /// Service account (mesh-tls, not yet).
+    /// The endpoint's service account: with mTLS origination, the SPIFFE ID its sidecar must
+    /// present (`spiffe://<trust domain>/ns/<namespace>/sa/<account>`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub service_account: Option<String>,
 }
@@ -290,6 +300,69 @@ pub struct MeshProxySpec {
     /// The DNS domain suffix of the cluster (default `cluster.local`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub domain_suffix: Option<String>,
+    /// The inbound listener: peers (other sidecars) to the local application, through
+    /// PeerAuthentication, mTLS, JWT validation and authorization.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inbound: Option<InboundSpec>,
+    /// The workload's certificate, key and trust bundle (PEM files, re-read when they
+    /// change). Paths are relative to the file that names them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity: Option<IdentitySpec>,
+    /// The mesh's root namespace (default `istio-system`): its policies apply mesh-wide.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub root_namespace: Option<String>,
+}
+
+/// The inbound listener.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, rename_all = "camelCase")]
+pub struct InboundSpec {
+    /// Where peers connect (`0.0.0.0:15006` in a pod).
+    pub listen: String,
+    /// The local application (default: the MeshProxy's `app`, else `127.0.0.1:8080`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub app: Option<String>,
+    /// The workload port PeerAuthentication's `portLevelMtls` keys refer to (default: the
+    /// application's port).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port: Option<u16>,
+    /// What the application speaks: `http1` (default), `h2`, or `downstream` (as the peer).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub app_protocol: Option<String>,
+}
+
+/// Where the workload's credentials are: the three files, or a directory in the Kubernetes
+/// Secret layout (`tls.crt`, `tls.key`, `ca.crt`).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, rename_all = "camelCase")]
+pub struct IdentitySpec {
+    /// A directory holding `tls.crt`, `tls.key` and `ca.crt`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret_dir: Option<String>,
+    /// The certificate chain, leaf first.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cert_chain: Option<String>,
+    /// The private key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub private_key: Option<String>,
+    /// The trust bundle.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trust_bundle: Option<String>,
+}
+
+impl IdentitySpec {
+    /// The files, relative paths taken from `base` (the directory of the file that named
+    /// them); an error names the missing field.
+    pub fn files(&self, base: &Path) -> Result<mesh_tls::CredentialFiles, String> {
+        let at = |p: &str| base.join(p);
+        if let Some(dir) = &self.secret_dir {
+            return Ok(mesh_tls::CredentialFiles::kubernetes_secret(at(dir)));
+        }
+        match (&self.cert_chain, &self.private_key, &self.trust_bundle) {
+            (Some(c), Some(k), Some(b)) => Ok(mesh_tls::CredentialFiles { cert_chain: at(c), private_key: at(k), trust_bundle: at(b) }),
+            _ => Err("give `secretDir`, or all of `certChain`, `privateKey` and `trustBundle`".into()),
+        }
+    }
 }
 
 /// The workload a proxy runs beside.
@@ -301,15 +374,16 @@ pub struct Workload {
     /// Its namespace (default `default`): the namespace of resources that name none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub namespace: Option<String>,
-    /// Its labels (for `sourceLabels`).
+    /// Its labels (for `sourceLabels`, and the selectors of security policies).
     pub labels: BTreeMap<String, String>,
+    /// Its service account (default `default`): with the trust domain of its certificate,
+    /// its SPIFFE ID.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service_account: Option<String>,
 }
 
 /// Kinds that are recognised and parsed but not enforced yet, with their API groups.
 const NOT_ENFORCED: &[(&str, &str)] = &[
-    ("PeerAuthentication", "security.istio.io"),
-    ("AuthorizationPolicy", "security.istio.io"),
-    ("RequestAuthentication", "security.istio.io"),
     ("Telemetry", "telemetry.istio.io"),
     ("Gateway", "networking.istio.io"),
     ("Sidecar", "networking.istio.io"),
@@ -564,6 +638,30 @@ pub fn load_text(file: &Path, text: &str, loaded: &mut Loaded) {
                     ctx.loaded.resources.service_profiles.push(r);
                 }
             }
+            ("AuthorizationPolicy", "security.istio.io") => {
+                if let Some(r) = ctx.typed::<mesh_tls::authz::AuthorizationPolicySpec>(doc()) {
+                    ctx.check_authorization_policy(&r);
+                    ctx.loaded.resources.authorization_policies.push(r);
+                }
+            }
+            ("PeerAuthentication", "security.istio.io") => {
+                if let Some(r) = ctx.typed::<mesh_tls::peer::PeerAuthenticationSpec>(doc()) {
+                    if !r.spec.port_level_mtls.is_empty() && r.spec.selector.is_none() {
+                        ctx.warn_at("spec.portLevelMtls", "only honoured with a `selector`, as in Istio; ignored");
+                    }
+                    ctx.loaded.resources.peer_authentications.push(r);
+                }
+            }
+            ("RequestAuthentication", "security.istio.io") => {
+                if let Some(r) = ctx.typed::<mesh_tls::jwt::RequestAuthenticationSpec>(doc()) {
+                    for (i, rule) in r.spec.jwt_rules.iter().enumerate() {
+                        if let Err(e) = rule.check(i) {
+                            ctx.error_at(&format!("spec.{}", e.field), &e.reason);
+                        }
+                    }
+                    ctx.loaded.resources.request_authentications.push(r);
+                }
+            }
             ("MeshProxy", "proxy.mesh.dev") => {
                 if let Some(r) = ctx.typed::<MeshProxySpec>(doc()) {
                     ctx.loaded.resources.mesh_proxy = Some(r);
@@ -583,6 +681,9 @@ pub fn load_text(file: &Path, text: &str, loaded: &mut Loaded) {
                         "EnvoyFilter",
                         "HTTPLocalRateLimitPolicy",
                         "MeshProxy",
+                        "AuthorizationPolicy",
+                        "PeerAuthentication",
+                        "RequestAuthentication",
                     ]
                     .contains(&k)
                 {
@@ -594,6 +695,21 @@ pub fn load_text(file: &Path, text: &str, loaded: &mut Loaded) {
             }
         }
     }
+}
+
+/// `…from[N].principals` → (`principals`, `source`); `…to[N].methods` → (`methods`,
+/// `operation`): an AuthorizationPolicy field written beside its block instead of inside.
+fn misplaced_policy_field(path: &str) -> Option<(&str, &'static str)> {
+    let (head, field) = path.rsplit_once('.')?;
+    let parent = if head.ends_with(']') && head.contains(".from[") && head.rsplit_once(".from[")?.1.ends_with(']') {
+        "source"
+    } else if head.ends_with(']') && head.contains(".to[") && head.rsplit_once(".to[")?.1.ends_with(']') {
+        "operation"
+    } else {
+        return None;
+    };
+    let last = head.rsplit_once('.').map_or(head, |(_, l)| l);
+    (last.starts_with("from[") || last.starts_with("to[")).then_some((field, parent))
 }
 
 /// Each document's lines: the 1-based line it starts on (its first content line, or the line
@@ -680,6 +796,13 @@ impl Ctx<'_> {
                     if path.ends_with(".destination.weight") {
                         // Istio refuses unknown fields; this one is a common slip worth naming.
                         self.error_at(&path, "unknown field: `weight` belongs beside `destination`, not inside it");
+                        continue;
+                    }
+                    // `from: [{source:, principals: …}]`: a source's field indented one level
+                    // too shallow (so `source` is empty); Istio refuses both.
+                    if let Some(inner) = misplaced_policy_field(&path) {
+                        let (field, parent) = inner;
+                        self.error_at(&path, &format!("unknown field: `{field}` belongs inside `{parent}`, not beside it"));
                         continue;
                     }
                     self.warn_at(&path, "unknown field, ignored");
@@ -820,7 +943,7 @@ impl Ctx<'_> {
         };
         const LATER: &[(&str, &str)] = &[
             ("corsPolicy:", "CORS"),
-            ("tls:", "TLS settings (mesh-tls)"),
+            ("tls:", "TLS routes"),
             ("localityLbSetting:", "locality load balancing"),
             ("warmup:", "slow start"),
             ("delegate:", "delegation"),
@@ -837,6 +960,10 @@ impl Ctx<'_> {
             }
             let t = l.trim_start().trim_start_matches("- ");
             for (key, what) in LATER {
+                // Only a VirtualService's `tls` (TLS routes) is not enforced.
+                if *key == "tls:" && !self.name.starts_with("VirtualService") {
+                    continue;
+                }
                 if t.starts_with(key) && !found.iter().any(|(k, _)| k == key) {
                     found.push((*key, n + 1));
                     let _ = what;
@@ -852,6 +979,22 @@ impl Ctx<'_> {
                 Some(key.trim_end_matches(':').into()),
                 format!("{what}: parsed, but not enforced yet"),
             );
+        }
+    }
+
+    fn check_authorization_policy(&mut self, r: &Resource<mesh_tls::authz::AuthorizationPolicySpec>) {
+        let policy = mesh_tls::authz::Policy::new(r.namespace("default"), &r.metadata.name, r.spec.clone());
+        match mesh_tls::authz::Authorizer::new([policy]) {
+            Ok(a) => {
+                for w in a.warnings() {
+                    let field = w.split(": ").nth(1).unwrap_or("spec.rules").to_owned();
+                    self.warn_at(&field, w.rsplit(": ").next().unwrap_or(w));
+                }
+            }
+            Err(e) => self.error_at(&e.field, &e.reason),
+        }
+        if r.spec.target_refs.is_some() {
+            self.warn_at("spec.targetRefs", "binds to gateways and services, not to this sidecar; the policy does not apply here");
         }
     }
 

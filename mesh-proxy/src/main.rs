@@ -105,12 +105,44 @@ struct Args {
 
 #[derive(Debug, clap::Subcommand)]
 enum Command {
+    /// Development certificates: a CA and SPIFFE workload certificates (X.509-SVIDs), in
+    /// the Kubernetes Secret layout (`tls.crt`, `tls.key`, `ca.crt`).
+    #[command(subcommand)]
+    Certs(CertsCommand),
     /// Checks configuration files offline: every error with file:line:column and field path,
     /// every unsupported field or kind as a warning. Exit status 1 on errors.
     Validate {
         /// Files or directories of YAML.
         #[arg(required = true, value_name = "PATH")]
         paths: Vec<PathBuf>,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum CertsCommand {
+    /// Creates a CA for a trust domain: DIR/ca.crt and DIR/ca.key.
+    Ca {
+        /// The trust domain.
+        #[arg(long, default_value = "cluster.local")]
+        trust_domain: String,
+        /// Where to write.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+    },
+    /// Issues a workload certificate: OUT/tls.crt, OUT/tls.key and OUT/ca.crt.
+    Issue {
+        /// The CA directory (made by `certs ca`).
+        #[arg(long, value_name = "DIR")]
+        ca: PathBuf,
+        /// The workload's SPIFFE ID, or `NAMESPACE/SERVICE-ACCOUNT` in the CA's trust domain.
+        #[arg(long)]
+        id: String,
+        /// Validity.
+        #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_duration)]
+        valid_for: Duration,
+        /// Where to write.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
     },
 }
 
@@ -152,7 +184,33 @@ fn main() -> ExitCode {
     if let Some(Command::Validate { paths }) = &args.command {
         return validate(paths);
     }
+    if let Some(Command::Certs(command)) = &args.command {
+        return match certs(command) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("mesh-proxy certs: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     init_logging(&args.log);
+
+    // The runtime first: loading the configuration may start tasks (JWKS fetches,
+    // certificate watches).
+    let workers = usize::from(args.workers);
+    let runtime = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(workers).enable_all().build()
+    };
+    let runtime = match runtime {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("mesh-proxy: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let entered = runtime.enter();
 
     let mut config = ProxyConfig::default();
     config.listen = DEFAULT_LISTEN.parse().expect("valid default");
@@ -167,20 +225,9 @@ fn main() -> ExitCode {
                 for note in &loaded.notes {
                     tracing::info!("config: {note}");
                 }
-                if let Some(mp) = &loaded.resources.mesh_proxy {
-                    if let Some(listen) = &mp.spec.listen {
-                        match listen.parse() {
-                            Ok(a) => config.listen = a,
-                            Err(_) => return config_error(&mp.file, "spec.listen", listen),
-                        }
-                    }
-                    match mp.spec.admin.as_deref().map(parse_admin) {
-                        Some(Ok(a)) => config.admin = a.0,
-                        Some(Err(_)) => {
-                            return config_error(&mp.file, "spec.admin", mp.spec.admin.as_deref().unwrap_or(""));
-                        }
-                        None => {}
-                    }
+                if let Err(e) = mesh_proxy::apply_mesh_proxy(&mut config, &loaded) {
+                    eprintln!("{e}");
+                    return ExitCode::FAILURE;
                 }
                 snapshot = Some(loaded);
             }
@@ -212,20 +259,11 @@ fn main() -> ExitCode {
     config.max_premature_resets = (args.max_premature_resets > 0).then_some(args.max_premature_resets);
     config.max_connections = (args.max_connections > 0).then_some(args.max_connections);
     config.drain_timeout = args.drain_timeout;
-    config.workers = usize::from(args.workers);
+    config.workers = workers;
+    // Certificates rotate as cert-manager or SPIRE rewrite the files.
+    let _watch = config.identity.as_ref().map(|i| i.watch(Duration::from_secs(1)));
+    drop(entered);
 
-    let runtime = if config.workers == 1 {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread().worker_threads(config.workers).enable_all().build()
-    };
-    let runtime = match runtime {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("mesh-proxy: cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
     runtime.block_on(async move {
         let routed = snapshot.is_some();
         let server = match Server::bind_routed(config, snapshot).await {
@@ -254,9 +292,13 @@ fn main() -> ExitCode {
             if c.workers == 1 { "" } else { "s" },
         );
         }
+        if let (Some(addr), Some(inbound)) = (server.inbound_addr(), &c.inbound) {
+            let identity = c.identity.as_ref().map_or("no identity: plaintext only".to_owned(), |i| format!("identity {}", i.current().id()));
+            println!("mesh-proxy: inbound on {addr} to {} ({identity})", inbound.app);
+        }
         match server.admin_addr() {
             Some(admin) if routed => {
-                println!("mesh-proxy: admin on http://{admin} (/ready, /live, /config_dump, /routes, /clusters, /stats)")
+                println!("mesh-proxy: admin on http://{admin} (/ready, /live, /config_dump, /routes, /clusters, /stats, /certs)")
             }
             Some(admin) => println!("mesh-proxy: admin on http://{admin} (/ready, /live)"),
             None => println!("mesh-proxy: admin server off"),
@@ -264,11 +306,6 @@ fn main() -> ExitCode {
         server.serve(shutdown_signal()).await;
         ExitCode::SUCCESS
     })
-}
-
-fn config_error(file: &std::path::Path, field: &str, value: &str) -> ExitCode {
-    eprintln!("{}: error: MeshProxy: {field}: `{value}` is not an address like 127.0.0.1:15001", file.display());
-    ExitCode::FAILURE
 }
 
 /// `mesh-proxy validate`: prints every diagnostic and a summary; 1 when there are errors.
@@ -292,6 +329,61 @@ fn validate(paths: &[PathBuf]) -> ExitCode {
     }
     println!("{files} file(s): {errors} error(s), {} warning(s)", diagnostics.len() - errors);
     if errors > 0 { ExitCode::FAILURE } else { ExitCode::SUCCESS }
+}
+
+fn certs(command: &CertsCommand) -> Result<(), String> {
+    let write = |dir: &std::path::Path, name: &str, text: &str| {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        let path = dir.join(name);
+        std::fs::write(&path, text).map_err(|e| format!("{}: {e}", path.display()))
+    };
+    match command {
+        CertsCommand::Ca { trust_domain, out } => {
+            let td: mesh_core::TrustDomain = trust_domain.parse().map_err(|e| format!("--trust-domain: {e}"))?;
+            let ca = mesh_tls::DevCa::new(&td).map_err(|e| e.to_string())?;
+            write(out, "ca.crt", ca.cert_pem())?;
+            write(out, "ca.key", ca.key_pem())?;
+            println!("CA for {} in {}", td.as_str(), out.display());
+        }
+        CertsCommand::Issue { ca, id, valid_for, out } => {
+            let read = |name: &str| {
+                let path = ca.join(name);
+                std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))
+            };
+            let cert = read("ca.crt")?;
+            // The trust domain is the CA certificate's own SPIFFE ID.
+            let td = {
+                use rustls_pki_types::pem::PemObject;
+                let der = rustls_pki_types::CertificateDer::from_pem_slice(cert.as_bytes()).map_err(|e| format!("ca.crt: {e}"))?;
+                x509_trust_domain(&der).ok_or("ca.crt has no SPIFFE ID naming its trust domain")?
+            };
+            let ca = mesh_tls::DevCa::from_pem(&cert, &read("ca.key")?, &td).map_err(|e| e.to_string())?;
+            let spiffe = if id.starts_with("spiffe://") {
+                id.parse::<mesh_core::SpiffeId>()
+            } else {
+                let (ns, sa) = id.split_once('/').ok_or("--id: a SPIFFE ID or NAMESPACE/SERVICE-ACCOUNT")?;
+                mesh_core::SpiffeId::for_service_account(&td, ns, sa)
+            }
+            .map_err(|e| format!("--id: {e}"))?;
+            let issued = ca.issue(&spiffe, *valid_for).map_err(|e| e.to_string())?;
+            write(out, "tls.crt", &issued.cert_chain)?;
+            write(out, "tls.key", &issued.private_key)?;
+            write(out, "ca.crt", &cert)?;
+            println!("{spiffe} in {}", out.display());
+        }
+    }
+    Ok(())
+}
+
+/// The trust domain named by a CA certificate's SPIFFE ID.
+fn x509_trust_domain(der: &rustls_pki_types::CertificateDer<'_>) -> Option<mesh_core::TrustDomain> {
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    let (_, cert) = X509Certificate::from_der(der.as_ref()).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|n| match n {
+        GeneralName::URI(uri) => uri.strip_prefix("spiffe://")?.split('/').next()?.parse().ok(),
+        _ => None,
+    })
 }
 
 fn init_logging(filter: &str) {

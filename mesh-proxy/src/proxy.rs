@@ -93,6 +93,8 @@ pub(crate) struct Forward {
     plain: Endpoint,
     request_timeout: Option<Duration>,
     client: Option<ClientConnection>,
+    /// The peer's verified identity (inbound mTLS connections).
+    peer: Option<mesh_core::PeerIdentity>,
 }
 
 impl Forward {
@@ -107,7 +109,30 @@ impl Forward {
             Some(routes) => crate::stack::Stack::routed(routes.clone(), settings),
             None => crate::stack::Stack::Plain(plain.clone()),
         };
-        Self { stack, plain, request_timeout: config.request_timeout, client: None }
+        Self { stack, plain, request_timeout: config.request_timeout, client: None, peer: None }
+    }
+
+    /// The inbound listener's: JWT validation and authorization by the current snapshot of
+    /// `routes`, then the local application of `inbound`.
+    pub(crate) fn inbound(
+        config: &ProxyConfig,
+        inbound: &crate::config::InboundConfig,
+        routes: Arc<Routes>,
+        tunnels: Arc<Tunnels>,
+    ) -> Self {
+        let settings = Arc::new(EndpointSettings {
+            protocol: inbound.app_protocol,
+            stream_idle: config.stream_idle_timeout,
+            tunnels,
+        });
+        let app = Endpoint::new(Upstream::for_addr(inbound.app.clone(), config), settings);
+        let stack = crate::stack::Stack::Inbound(crate::stack::Inbound { routes, app: app.clone(), identity: config.identity.clone() });
+        Self { stack, plain: app, request_timeout: config.request_timeout, client: None, peer: None }
+    }
+
+    /// The same, for requests of a peer with this verified identity.
+    pub(crate) fn for_peer(&self, peer: mesh_core::PeerIdentity) -> Self {
+        Self { peer: Some(peer), ..self.clone() }
     }
 
     /// The same, for requests from `client`.
@@ -139,8 +164,12 @@ impl Forward {
             crate::headers::strip_envoy_internal(req.headers_mut());
         }
         // Only layers read it (the plain stack has none): spare the plain path the map.
-        if let (Some(client), crate::stack::Stack::Routed(..)) = (&self.client, &self.stack) {
+        if let (Some(client), crate::stack::Stack::Routed(..) | crate::stack::Stack::Inbound(..)) = (&self.client, &self.stack)
+        {
             req.extensions_mut().insert(client.clone());
+        }
+        if let Some(peer) = &self.peer {
+            req.extensions_mut().insert(peer.clone());
         }
         // Each arm builds its own exchange future: one made before the `match` and moved
         // into an arm would take room in this future's state twice.

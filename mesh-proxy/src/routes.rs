@@ -152,6 +152,11 @@ impl Routes {
         all
     }
 
+    /// The proxy's configuration.
+    pub(crate) fn config(&self) -> &ProxyConfig {
+        &self.config
+    }
+
     /// The pool of endpoint `address`, made on first use.
     pub(crate) fn pool(&self, address: &Arc<str>, settings: &PoolSettings) -> Result<Arc<Upstream>, BoxError> {
         let key = (address.clone(), settings.clone());
@@ -166,7 +171,10 @@ impl Routes {
         if let Some(p) = current.get(&key) {
             return Ok(p.clone());
         }
-        let pool = Upstream::with_settings(addr, &self.config, settings);
+        let pool = Upstream::with_settings(addr, &self.config, settings).map_err(|e| {
+            tracing::warn!(endpoint = %address, error = %e, "cannot set up the endpoint's connections");
+            NoHealthyUpstream(format!("{address} ({e})"))
+        })?;
         let mut next = HashMap::clone(&current);
         next.insert(key, pool.clone());
         self.pools.store(Arc::new(next));

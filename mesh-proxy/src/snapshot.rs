@@ -43,6 +43,20 @@ pub struct Snapshot {
     /// The local rate limit every request passes first (an EnvoyFilter's or a Linkerd
     /// HTTPLocalRateLimitPolicy's).
     pub rate_limit: Option<Arc<mesh_resilience::ratelimit::RateLimitLayer>>,
+    /// What the inbound listener enforces.
+    pub security: Arc<Security>,
+}
+
+/// The inbound side's policies for this workload: its PeerAuthentication mode,
+/// RequestAuthentication and AuthorizationPolicies, scoped by namespace and selector.
+#[derive(Debug, Default)]
+pub struct Security {
+    /// The mTLS mode of the inbound port.
+    pub mode: mesh_tls::MtlsMode,
+    /// JWT validation (none without a RequestAuthentication).
+    pub jwt: Option<mesh_tls::jwt::JwtAuthenticator>,
+    /// Authorization.
+    pub authorizer: Arc<mesh_tls::authz::Authorizer>,
 }
 
 /// The endpoints of one destination and how to choose among them.
@@ -60,7 +74,8 @@ pub struct Cluster {
     pub breaker: Option<mesh_resilience::pool::CircuitBreaker>,
     /// The endpoints' connection settings (`connectionPool`).
     pub(crate) pool: crate::upstream::PoolSettings,
-    /// HTTP/2 to the endpoints, or not (`h2UpgradePolicy`); `None`: the proxy's protocol.
+    /// HTTP/2 to the endpoints, or not (`h2UpgradePolicy`; mesh mTLS implies it unless the
+    /// rule says `DO_NOT_UPGRADE`); `None`: the proxy's protocol.
     pub(crate) protocol: Option<crate::config::UpstreamProtocol>,
     /// The retry budget shared by every request to this destination: the DestinationRule's
     /// `retryBudget`, else the ServiceProfile's of the service it belongs to.
@@ -88,6 +103,9 @@ pub fn compile(resources: Resources) -> Result<Snapshot, CompileError> {
     let suffix = proxy.and_then(|p| p.domain_suffix.clone()).unwrap_or_else(|| "cluster.local".into());
     let fqdn = |name: &str, ns: &str| resolve(name, ns, &suffix);
     let mut notes = Vec::new();
+    // Relative file names in a resource are relative to the file it came from.
+    let dir_of = |file: &std::path::Path| file.parent().map(std::path::Path::to_path_buf).unwrap_or_default();
+    let proxy_base = resources.mesh_proxy.as_ref().map(|r| dir_of(&r.file)).unwrap_or_default();
 
     // Services.
     let mut services: BTreeMap<String, Service<'_>> = BTreeMap::new();
@@ -293,7 +311,13 @@ pub fn compile(resources: Resources) -> Result<Snapshot, CompileError> {
             .transpose()?
             .filter(|l| *l != mesh_resilience::pool::PoolLimits::default())
             .map(mesh_resilience::pool::CircuitBreaker::new);
-        let (pool, protocol) = pool_settings(pool_spec);
+        let (mut pool, mut protocol) = pool_settings(pool_spec);
+        pool.tls = origination(policy.tls.as_ref(), services.get(&*key.host).map(|s| s.entry), &balancer.endpoints(), &default_ns, &rule.map(|r| dir_of(&r.file)).unwrap_or_default())
+            .map_err(|message| rule_err(format!("trafficPolicy.tls.{message}")))?;
+        if matches!(pool.tls, Some(crate::upstream::Origination::Mesh { .. })) && protocol.is_none() {
+            // Between sidecars: HTTP/2 over mTLS, whatever the application speaks.
+            protocol = Some(crate::config::UpstreamProtocol::H2);
+        }
         // Envoy's `max_retries` breaker: retries in flight, when no budget is set.
         let max_retries = pool_spec
             .and_then(|p| p.http.as_ref())
@@ -350,7 +374,152 @@ pub fn compile(resources: Resources) -> Result<Snapshot, CompileError> {
         );
     }
     let rate_limit = rate_limit(&resources, proxy, &default_ns, &mut notes)?;
-    Ok(Snapshot { table: Arc::new(table), clusters, resources, notes, rate_limit })
+    let security = Arc::new(security(&resources, proxy, &default_ns, &proxy_base)?);
+    Ok(Snapshot { table: Arc::new(table), clusters, resources, notes, rate_limit, security })
+}
+
+/// The mesh's root namespace.
+const ROOT_NAMESPACE: &str = "istio-system";
+
+/// The inbound policies that apply to this workload.
+fn security(
+    resources: &Resources,
+    proxy: Option<&crate::loader::MeshProxySpec>,
+    default_ns: &str,
+    base: &std::path::Path,
+) -> Result<Security, CompileError> {
+    let root = proxy.and_then(|p| p.root_namespace.as_deref()).unwrap_or(ROOT_NAMESPACE);
+    let no_labels = BTreeMap::new();
+    let labels = proxy.map_or(&no_labels, |p| &p.workload.labels);
+    let selects = |ns: &str, sel: Option<&mesh_tls::authz::WorkloadSelector>| {
+        (ns == default_ns || ns == root) && sel.is_none_or(|s| s.selects(labels))
+    };
+    let mut policies = Vec::new();
+    for r in &resources.authorization_policies {
+        let mut policy = mesh_tls::authz::Policy::new(r.namespace(default_ns), &r.metadata.name, r.spec.clone());
+        policy.dry_run = r.metadata.annotations.get("istio.io/dry-run").is_some_and(|v| v == "true");
+        if policy.applies_to(default_ns, labels, root) {
+            policies.push(policy);
+        }
+    }
+    let authorizer = mesh_tls::authz::Authorizer::new(policies).map_err(|e| CompileError {
+        resource: format!("AuthorizationPolicy {}", e.policy),
+        message: format!("{}: {}", e.field, e.reason),
+    })?;
+    let rules: Vec<mesh_tls::jwt::JwtRule> = resources
+        .request_authentications
+        .iter()
+        .filter(|r| selects(r.namespace(default_ns), r.spec.selector.as_ref()))
+        .flat_map(|r| r.spec.jwt_rules.iter().cloned())
+        .collect();
+    let jwt = if rules.is_empty() {
+        None
+    } else {
+        let roots = jwks_roots(proxy, base);
+        let source = |_: usize, rule: &mesh_tls::jwt::JwtRule| {
+            let uri = rule.jwks_uri.as_deref()?;
+            if let Some(path) = uri.strip_prefix("file://") {
+                return Some(mesh_tls::jwt::JwksSource::File(base.join(path)));
+            }
+            let timeout = rule.timeout.map_or(Duration::from_secs(5), |t| t.get());
+            Some(mesh_tls::jwt::JwksSource::Https { uri: uri.parse().ok()?, roots: roots.clone(), timeout })
+        };
+        Some(mesh_tls::jwt::JwtAuthenticator::new(&rules, source).map_err(|e| CompileError {
+            resource: "RequestAuthentication".into(),
+            message: e.to_string(),
+        })?)
+    };
+    let peers: Vec<mesh_tls::peer::PeerAuthentication> = resources
+        .peer_authentications
+        .iter()
+        .map(|r| mesh_tls::peer::PeerAuthentication { namespace: r.namespace(default_ns).to_owned(), spec: r.spec.clone() })
+        .collect();
+    let port = proxy.and_then(|p| p.inbound.as_ref()).and_then(|i| {
+        i.port.or_else(|| i.app.as_deref().or(proxy?.app.as_deref())?.rsplit_once(':')?.1.parse().ok())
+    });
+    let mode = mesh_tls::peer::resolve_mode(&peers, default_ns, labels, root, port);
+    Ok(Security { mode, jwt, authorizer: Arc::new(authorizer) })
+}
+
+/// The CAs a `jwksUri` is verified with: the system's bundle and the mesh's.
+fn jwks_roots(proxy: Option<&crate::loader::MeshProxySpec>, base: &std::path::Path) -> Arc<rustls::RootCertStore> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    let mut files = vec![std::path::PathBuf::from("/etc/ssl/certs/ca-certificates.crt")];
+    if let Some(files_) = proxy.and_then(|p| p.identity.as_ref()).and_then(|i| i.files(base).ok()) {
+        files.push(files_.trust_bundle);
+    }
+    for file in files {
+        let Ok(pem) = std::fs::read(&file) else { continue };
+        for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&pem).flatten() {
+            let _ = roots.add(cert);
+        }
+    }
+    Arc::new(roots)
+}
+
+/// How connections to a destination's endpoints are secured: a DestinationRule's `tls`, or
+/// Istio's auto mTLS (every endpoint labelled `security.istio.io/tlsMode: istio`).
+fn origination(
+    tls: Option<&mesh_routing::model::ClientTlsSettings>,
+    service: Option<&Resource<ServiceEntrySpec>>,
+    endpoints: &[Endpoint],
+    default_ns: &str,
+    base: &std::path::Path,
+) -> Result<Option<crate::upstream::Origination>, String> {
+    let service_accounts = || -> Vec<(String, String)> {
+        let Some(se) = service else { return Vec::new() };
+        let ns = se.namespace(default_ns).to_owned();
+        let mut accounts: Vec<(String, String)> =
+            se.spec.endpoints.iter().filter_map(|e| Some((ns.clone(), e.service_account.clone()?))).collect();
+        accounts.sort();
+        accounts.dedup();
+        accounts
+    };
+    let names = |tls: Option<&mesh_routing::model::ClientTlsSettings>| -> Vec<String> {
+        let mut names = tls.map(|t| t.subject_alt_names.clone()).unwrap_or_default();
+        if names.is_empty() {
+            names = service.map(|s| s.spec.subject_alt_names.clone()).unwrap_or_default();
+        }
+        names
+    };
+    let mode = tls.and_then(|t| t.mode.as_deref());
+    match mode {
+        Some("ISTIO_MUTUAL") => Ok(Some(crate::upstream::Origination::Mesh { names: names(tls), service_accounts: service_accounts() })),
+        Some("DISABLE") => Ok(None),
+        Some(m @ ("SIMPLE" | "MUTUAL")) => {
+            let t = tls.expect("a mode comes with its block");
+            if t.insecure_skip_verify == Some(true) {
+                return Err("insecureSkipVerify: not supported: the server is always verified".into());
+            }
+            if t.credential_name.is_some() {
+                return Err("credentialName: not supported (no Kubernetes API); give the files".into());
+            }
+            let client = if m == "MUTUAL" {
+                match (&t.client_certificate, &t.private_key) {
+                    (Some(c), Some(k)) => Some((base.join(c), base.join(k))),
+                    _ => return Err("clientCertificate: MUTUAL needs `clientCertificate` and `privateKey`".into()),
+                }
+            } else {
+                None
+            };
+            Ok(Some(crate::upstream::Origination::Files {
+                ca: t.ca_certificates.as_ref().map(|c| base.join(c)),
+                client,
+                sni: t.sni.clone(),
+                names: names(tls),
+            }))
+        }
+        Some(other) => Err(format!("mode: `{other}` is not DISABLE, SIMPLE, MUTUAL or ISTIO_MUTUAL")),
+        None => {
+            let auto = !endpoints.is_empty()
+                && service.is_some_and(|se| {
+                    !se.spec.endpoints.is_empty()
+                        && se.spec.endpoints.iter().all(|e| e.labels.get("security.istio.io/tlsMode").is_some_and(|m| m == "istio"))
+                });
+            Ok(auto.then(|| crate::upstream::Origination::Mesh { names: names(None), service_accounts: service_accounts() }))
+        }
+    }
 }
 
 /// The virtual hosts' names, for an error the table could not place in one of them.

@@ -52,7 +52,53 @@ pub(crate) async fn sniff<T: AsyncRead + Unpin>(io: &mut T) -> io::Result<Option
 }
 
 /// A client connection, with the bytes sniffing read put back in front.
-pub(crate) type ClientIo = Prefixed<tokio::net::TcpStream>;
+pub(crate) type ClientIo = Prefixed<Downstream>;
+
+/// A client connection as accepted: plain TCP (the outbound listener), or as the inbound
+/// listener's PeerAuthentication left it: plaintext with the bytes it read replayed, or mTLS.
+pub(crate) enum Downstream {
+    Tcp(tokio::net::TcpStream),
+    Plain(mesh_tls::Rewind<tokio::net::TcpStream>),
+    Mtls(Box<mesh_tls::MtlsStream<tokio::net::TcpStream>>),
+}
+
+macro_rules! each {
+    ($self:expr, $s:ident => $e:expr) => {
+        match $self.get_mut() {
+            Downstream::Tcp($s) => $e,
+            Downstream::Plain($s) => $e,
+            Downstream::Mtls($s) => $e,
+        }
+    };
+}
+
+impl AsyncRead for Downstream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        each!(self, s => Pin::new(s).poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Downstream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        each!(self, s => Pin::new(s).poll_write(cx, buf))
+    }
+    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+        each!(self, s => Pin::new(s).poll_write_vectored(cx, bufs))
+    }
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Downstream::Tcp(s) => s.is_write_vectored(),
+            Downstream::Plain(s) => s.is_write_vectored(),
+            Downstream::Mtls(s) => s.is_write_vectored(),
+        }
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        each!(self, s => Pin::new(s).poll_flush(cx))
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        each!(self, s => Pin::new(s).poll_shutdown(cx))
+    }
+}
 
 /// The answer to a request head that took too long (Envoy answers 408 too).
 const REQUEST_TIMEOUT: &[u8] = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: text/plain\r\n\

@@ -72,6 +72,53 @@ pub(crate) enum Stack {
     Plain(Endpoint),
     /// Routed by the configuration (the routes give the snapshot's rate limit).
     Routed(Routed, Arc<Routes>),
+    /// The inbound listener's: JWT validation and authorization, then the local application.
+    Inbound(Inbound),
+}
+
+/// The inbound stack: the current snapshot's RequestAuthentication and AuthorizationPolicies
+/// (mesh-tls's authenticator and authorizer, the primitives its layers wrap), then the local
+/// application.
+#[derive(Clone)]
+pub(crate) struct Inbound {
+    pub(crate) routes: Arc<Routes>,
+    pub(crate) app: Endpoint,
+    pub(crate) identity: Option<mesh_tls::Identity>,
+}
+
+/// The header that tells the application who called (Envoy's name and format).
+const XFCC: http::HeaderName = http::HeaderName::from_static("x-forwarded-client-cert");
+
+impl Inbound {
+    /// The request as the application gets it, or the refusal.
+    fn admit(&self, mut req: Request<RequestBody>) -> Result<Request<RequestBody>, Response<ProxyBody>> {
+        let snapshot = self.routes.snapshot();
+        let security = &snapshot.security;
+        // Only the sidecar says who the peer is.
+        req.headers_mut().remove(&XFCC);
+        if let (Some(peer), Some(identity)) = (mesh_core::PeerIdentity::of(req.extensions()), &self.identity) {
+            let value = format!("By={};URI={peer}", identity.current().id());
+            if let Ok(v) = http::HeaderValue::from_str(&value) {
+                req.headers_mut().insert(XFCC, v);
+            }
+        }
+        if let Some(jwt) = &security.jwt {
+            match jwt.authenticate(&mut req) {
+                Ok(Some(auth)) => {
+                    req.extensions_mut().insert(auth);
+                }
+                Ok(None) => {}
+                Err(why) => return Err(mesh_tls::jwt::unauthorized::<ProxyBody>(req.headers(), why).map(ProxyBody::from)),
+            }
+        }
+        match security.authorizer.decide(&mesh_tls::authz::RequestAttrs::of(&req)) {
+            mesh_tls::authz::Decision::Allow => Ok(req),
+            mesh_tls::authz::Decision::Deny { policy } => {
+                tracing::debug!(%policy, method = %req.method(), path = req.uri().path(), "denied by authorization policy");
+                Err(mesh_tls::authz::denied::<ProxyBody>(req.headers()).map(ProxyBody::from))
+            }
+        }
+    }
 }
 
 impl Stack {
@@ -97,19 +144,25 @@ impl Stack {
     ) -> impl Future<Output = Result<Response<ProxyBody>, BoxError>> + Send + use<> {
         match self {
             Stack::Plain(endpoint) => Either::Left(endpoint.clone().send(req)),
+            Stack::Inbound(inbound) => match inbound.admit(req) {
+                Ok(req) => Either::Left(inbound.app.clone().send(req)),
+                Err(refusal) => Either::Right(Either::Right(Either::Right(std::future::ready(Ok(refusal))))),
+            },
             Stack::Routed(routed, routes) => match routes.rate_limit() {
                 None => Either::Right(Either::Left(
                     routed.clone().oneshot(req).map(|result| result.map(|res| res.map(flatten))),
                 )),
                 // The configuration's local rate limit, before routing.
-                Some(limit) => Either::Right(Either::Right(limit.layer(routed.clone()).oneshot(req).map(|result| {
-                    result.map(|res| {
-                        res.map(|body| match body.into_inner() {
-                            Ok(routed) => flatten(routed),
-                            Err(refusal) => ProxyBody::local(refusal),
+                Some(limit) => Either::Right(Either::Right(Either::Left(limit.layer(routed.clone()).oneshot(req).map(
+                    |result| {
+                        result.map(|res| {
+                            res.map(|body| match body.into_inner() {
+                                Ok(routed) => flatten(routed),
+                                Err(refusal) => ProxyBody::local(refusal),
+                            })
                         })
-                    })
-                }))),
+                    },
+                )))),
             },
         }
     }

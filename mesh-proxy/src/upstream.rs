@@ -75,6 +75,25 @@ pub(crate) struct PoolSettings {
     pub(crate) keepalive: Option<(Option<u32>, Option<Duration>, Option<Duration>)>,
     /// Streams at once on one h2c connection (beyond the peer's own limit).
     pub(crate) max_concurrent_streams: Option<usize>,
+    /// TLS to the endpoints (DestinationRule `tls`, or auto mTLS).
+    pub(crate) tls: Option<Origination>,
+}
+
+/// How connections to a destination's endpoints are secured.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum Origination {
+    /// `ISTIO_MUTUAL`: mTLS with the workload's identity. The server must present one of
+    /// `names` (SPIFFE IDs), else one of the endpoints' service accounts in the workload's
+    /// trust domain, else any SVID of that trust domain.
+    Mesh { names: Vec<String>, service_accounts: Vec<(String, String)> },
+    /// `SIMPLE` / `MUTUAL`: TLS verified against `ca` (the system's CAs without one), with a
+    /// client certificate for MUTUAL.
+    Files {
+        ca: Option<std::path::PathBuf>,
+        client: Option<(std::path::PathBuf, std::path::PathBuf)>,
+        sni: Option<String>,
+        names: Vec<String>,
+    },
 }
 
 /// The shared h2c connection: its sender, and whether the task driving it has ended.
@@ -142,17 +161,152 @@ pub(crate) struct Upstream {
     connecting: Arc<tokio::sync::Semaphore>,
     max_requests_per_connection: Option<u32>,
     keepalive: Option<(Option<u32>, Option<Duration>, Option<Duration>)>,
+    /// TLS origination, if the destination asks for it.
+    tls: Option<UpstreamTls>,
+}
+
+/// The TLS connectors of one endpoint: one offering HTTP/2 by ALPN, one HTTP/1.1.
+struct UpstreamTls {
+    h2: tokio_rustls::TlsConnector,
+    http1: tokio_rustls::TlsConnector,
+    name: rustls::pki_types::ServerName<'static>,
+}
+
+impl UpstreamTls {
+    fn new(origination: &Origination, addr: &UpstreamAddr, config: &ProxyConfig) -> Result<Self, BoxError> {
+        let host = addr.authority().host().trim_start_matches('[').trim_end_matches(']').to_owned();
+        match origination {
+            Origination::Mesh { names, service_accounts } => {
+                let identity = config
+                    .identity
+                    .as_ref()
+                    .ok_or("ISTIO_MUTUAL origination needs the workload's identity (MeshProxy spec.identity)")?;
+                let td = identity.current().trust_domain().clone();
+                let expected = if !names.is_empty() {
+                    mesh_tls::ExpectedPeer::OneOf(names.iter().map(|n| n.parse()).collect::<Result<_, _>>()?)
+                } else if !service_accounts.is_empty() {
+                    let ids = service_accounts.iter().map(|(ns, sa)| mesh_core::SpiffeId::for_service_account(&td, ns, sa));
+                    mesh_tls::ExpectedPeer::OneOf(ids.collect::<Result<_, _>>()?)
+                } else {
+                    mesh_tls::ExpectedPeer::AnyInTrustDomain
+                };
+                let make = |h2| {
+                    tokio_rustls::TlsConnector::from(identity.client_config(
+                        expected.clone(),
+                        mesh_tls::TlsVersions::default(),
+                        mesh_tls::mesh_alpn(h2),
+                    ))
+                };
+                // SPIFFE identity is verified, not the name: it is only sent as SNI.
+                let name = rustls::pki_types::ServerName::try_from(host).unwrap_or_else(|_| "mesh.invalid".try_into().expect("valid"));
+                Ok(Self { h2: make(true), http1: make(false), name })
+            }
+            Origination::Files { ca, client, sni, names: _ } => {
+                use rustls::pki_types::pem::PemObject;
+                let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+                let mut roots = rustls::RootCertStore::empty();
+                let ca = ca.clone().unwrap_or_else(|| "/etc/ssl/certs/ca-certificates.crt".into());
+                for cert in rustls::pki_types::CertificateDer::pem_slice_iter(&read(&ca)?) {
+                    roots.add(cert.map_err(|e| format!("{}: {e}", ca.display()))?)?;
+                }
+                let builder = rustls::ClientConfig::builder_with_provider(mesh_tls::identity::provider())
+                    .with_safe_default_protocol_versions()?
+                    .with_root_certificates(roots);
+                let base = match client {
+                    Some((cert, key)) => {
+                        let chain = rustls::pki_types::CertificateDer::pem_slice_iter(&read(cert)?)
+                            .collect::<Result<Vec<_>, _>>()
+                            .map_err(|e| format!("{}: {e}", cert.display()))?;
+                        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(&read(key)?)
+                            .map_err(|e| format!("{}: {e}", key.display()))?;
+                        builder.with_client_auth_cert(chain, key)?
+                    }
+                    None => builder.with_no_client_auth(),
+                };
+                let make = |alpn: &[u8]| {
+                    let mut c = base.clone();
+                    c.alpn_protocols = vec![alpn.to_vec()];
+                    tokio_rustls::TlsConnector::from(Arc::new(c))
+                };
+                let name = rustls::pki_types::ServerName::try_from(sni.clone().unwrap_or(host))?;
+                Ok(Self { h2: make(b"h2"), http1: make(b"http/1.1"), name })
+            }
+        }
+    }
+}
+
+/// A connection to an endpoint: plain TCP, or TLS over it.
+pub(crate) enum UpstreamIo {
+    Tcp(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl tokio::io::AsyncRead for UpstreamIo {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Tcp(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            UpstreamIo::Tls(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for UpstreamIo {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Tcp(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            UpstreamIo::Tls(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+        }
+    }
+    fn poll_write_vectored(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> std::task::Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamIo::Tcp(s) => std::pin::Pin::new(s).poll_write_vectored(cx, bufs),
+            UpstreamIo::Tls(s) => std::pin::Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            UpstreamIo::Tcp(s) => s.is_write_vectored(),
+            UpstreamIo::Tls(s) => s.is_write_vectored(),
+        }
+    }
+    fn poll_flush(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Tcp(s) => std::pin::Pin::new(s).poll_flush(cx),
+            UpstreamIo::Tls(s) => std::pin::Pin::new(s).poll_flush(cx),
+        }
+    }
+    fn poll_shutdown(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamIo::Tcp(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            UpstreamIo::Tls(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+        }
+    }
 }
 
 impl Upstream {
     /// A pool for one endpoint, `addr`, with a task that closes expired idle connections.
     pub(crate) fn for_addr(addr: UpstreamAddr, config: &ProxyConfig) -> Arc<Self> {
-        Self::with_settings(addr, config, &PoolSettings::default())
+        Self::with_settings(addr, config, &PoolSettings::default()).expect("no TLS, nothing to fail")
     }
 
-    /// A pool for `addr` with a destination's `settings` over the proxy's `config`.
-    pub(crate) fn with_settings(addr: UpstreamAddr, config: &ProxyConfig, settings: &PoolSettings) -> Arc<Self> {
+    /// A pool for `addr` with a destination's `settings` over the proxy's `config`; fails
+    /// when the TLS the settings ask for cannot be set up (no identity, unreadable files).
+    pub(crate) fn with_settings(addr: UpstreamAddr, config: &ProxyConfig, settings: &PoolSettings) -> Result<Arc<Self>, BoxError> {
+        let tls = settings.tls.as_ref().map(|o| UpstreamTls::new(o, &addr, config)).transpose()?;
         let pool = Arc::new(Self {
+            tls,
             addr,
             connect_timeout: settings.connect_timeout.unwrap_or(config.connect_timeout),
             max_idle: config.max_idle,
@@ -167,7 +321,7 @@ impl Upstream {
             keepalive: settings.keepalive,
         });
         tokio::spawn(reap_idle(Arc::downgrade(&pool), settings.idle_timeout.unwrap_or(config.idle_timeout)));
-        pool
+        Ok(pool)
     }
 
     pub(crate) fn addr(&self) -> &UpstreamAddr {
@@ -243,7 +397,7 @@ impl Upstream {
     }
 
     async fn connect_http1(&self) -> Result<http1::SendRequest<RequestBody>, BoxError> {
-        let io = self.connect_tcp().await?;
+        let io = self.connect_io(false).await?;
         // One write per message (head and body copied together) is cheaper on TCP than a
         // vectored write of several small buffers.
         // Response heads have the limits request heads have.
@@ -264,7 +418,7 @@ impl Upstream {
     /// Sends an upgrade request on a new HTTP/1.1 connection of its own, which becomes the
     /// upgraded connection if the upstream answers 101.
     pub(crate) async fn send_upgrade(&self, req: Request<RequestBody>) -> Result<Response<Incoming>, BoxError> {
-        let io = self.connect_tcp().await?;
+        let io = self.connect_io(false).await?;
         let (mut tx, conn) = http1::Builder::new().handshake(TokioIo::new(io)).await?;
         tokio::spawn(async move {
             if let Err(e) = conn.with_upgrades().await {
@@ -363,7 +517,7 @@ impl Upstream {
             return Ok(current);
         }
         // Every open connection (if any) is full: one more.
-        let io = self.connect_tcp().await?;
+        let io = self.connect_io(true).await?;
         let (tx, conn) = h2::client::Builder::new()
             .enable_push(false)
             .initial_window_size(H2_STREAM_WINDOW)
@@ -389,6 +543,20 @@ impl Upstream {
     }
 
     // === TCP ===
+
+    /// A TCP connection, with the TLS handshake when the destination asks for TLS (offering
+    /// HTTP/2 by ALPN when `h2`). A failed handshake is a connect failure (`UF`).
+    async fn connect_io(&self, h2: bool) -> Result<UpstreamIo, ConnectError> {
+        let tcp = self.connect_tcp().await?;
+        let Some(tls) = &self.tls else { return Ok(UpstreamIo::Tcp(tcp)) };
+        let connector = if h2 { &tls.h2 } else { &tls.http1 };
+        let handshake = connector.connect(tls.name.clone(), tcp);
+        match tokio::time::timeout(self.connect_timeout, handshake).await {
+            Ok(Ok(stream)) => Ok(UpstreamIo::Tls(Box::new(stream))),
+            Ok(Err(e)) => Err(ConnectError::new(e)),
+            Err(_) => Err(ConnectError::new(io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out"))),
+        }
+    }
 
     async fn connect_tcp(&self) -> Result<TcpStream, ConnectError> {
         let connect = TcpStream::connect(self.addr.as_str());

@@ -300,9 +300,9 @@ model! {
         /// Outlier detection ([`OutlierDetectionSpec::to_config`]).
         #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
         pub outlier_detection: Option<OutlierDetectionSpec>,
-        /// Upstream TLS (mesh-tls, not yet).
+        /// Upstream TLS: how connections to the endpoints are secured.
         #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
-        pub tls: Option<NotEnforced>,
+        pub tls: Option<ClientTlsSettings>,
         /// Per-port policies: for a destination on one of these ports, the entry's blocks
         /// replace this policy's (see [`TrafficPolicy::merged`]).
         #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Vec::is_empty"))]
@@ -330,9 +330,34 @@ model! {
         pub connection_pool: Option<ConnectionPoolSettings>,
         /// Outlier detection.
         pub outlier_detection: Option<OutlierDetectionSpec>,
-        /// Upstream TLS (mesh-tls, not yet).
+        /// Upstream TLS.
         #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
-        pub tls: Option<NotEnforced>,
+        pub tls: Option<ClientTlsSettings>,
+    }
+}
+
+model! {
+    /// `trafficPolicy.tls`: how a client secures connections to a destination. The data
+    /// only; mesh-tls and the proxy act on it.
+    pub struct ClientTlsSettings {
+        /// `DISABLE`, `SIMPLE`, `MUTUAL` or `ISTIO_MUTUAL`.
+        pub mode: Option<String>,
+        /// Identities (SPIFFE IDs) the server may present; empty: any of the trust domain
+        /// (`ISTIO_MUTUAL`) or the destination's service accounts.
+        #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Vec::is_empty"))]
+        pub subject_alt_names: Vec<String>,
+        /// The server name to send.
+        pub sni: Option<String>,
+        /// `MUTUAL`: the client certificate file.
+        pub client_certificate: Option<String>,
+        /// `MUTUAL`: the client key file.
+        pub private_key: Option<String>,
+        /// `SIMPLE` / `MUTUAL`: the CA file that verifies the server.
+        pub ca_certificates: Option<String>,
+        /// A Kubernetes Secret name (not supported: no API server).
+        pub credential_name: Option<String>,
+        /// Skip server verification (accepted, refused by the proxy).
+        pub insecure_skip_verify: Option<bool>,
     }
 }
 
@@ -348,6 +373,8 @@ pub struct MergedPolicy {
     pub outlier_detection: Option<OutlierDetectionSpec>,
     /// The retry budget.
     pub retry_budget: Option<RetryBudgetSpec>,
+    /// Upstream TLS.
+    pub tls: Option<ClientTlsSettings>,
 }
 
 impl TrafficPolicy {
@@ -364,12 +391,14 @@ impl TrafficPolicy {
                 connection_pool: e.connection_pool.clone(),
                 outlier_detection: e.outlier_detection.clone(),
                 retry_budget: self.retry_budget.clone(),
+                tls: e.tls.clone(),
             },
             None => MergedPolicy {
                 load_balancer: self.load_balancer.clone(),
                 connection_pool: self.connection_pool.clone(),
                 outlier_detection: self.outlier_detection.clone(),
                 retry_budget: self.retry_budget.clone(),
+                tls: self.tls.clone(),
             },
         };
         (merged, entry.is_some())
@@ -388,10 +417,12 @@ impl TrafficPolicy {
                 merged.load_balancer = own.load_balancer;
                 merged.connection_pool = own.connection_pool;
                 merged.outlier_detection = own.outlier_detection;
+                merged.tls = own.tls;
             } else {
                 merged.load_balancer = own.load_balancer.or(merged.load_balancer);
                 merged.connection_pool = own.connection_pool.or(merged.connection_pool);
                 merged.outlier_detection = own.outlier_detection.or(merged.outlier_detection);
+                merged.tls = own.tls.or(merged.tls);
             }
             merged.retry_budget = own.retry_budget.or(merged.retry_budget);
         }

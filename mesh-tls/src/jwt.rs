@@ -92,6 +92,40 @@ pub struct JwtRule {
     pub timeout: Option<mesh_core::config::Duration>,
 }
 
+impl JwtRule {
+    /// Checks what can be checked offline: an issuer, `jwks` or `jwksUri` (not both; an
+    /// `https://` or `file://` URI), header names. `i` is the rule's index, for the field path.
+    pub fn check(&self, i: usize) -> Result<(), InvalidJwtRule> {
+        let invalid = |field: &str, reason: String| Err(InvalidJwtRule { field: format!("jwtRules[{i}].{field}"), reason });
+        if self.issuer.is_empty() {
+            return invalid("issuer", "required".into());
+        }
+        match (&self.jwks, &self.jwks_uri) {
+            (Some(_), Some(_)) => return invalid("jwks", "`jwks` and `jwksUri` are mutually exclusive".into()),
+            (None, None) => return invalid("jwksUri", "no keys: give `jwks` or a `jwksUri`".into()),
+            (Some(jwks), None) => {
+                if let Err(e) = decoding_keys(jwks) {
+                    return invalid("jwks", e);
+                }
+            }
+            (None, Some(uri)) => {
+                if !(uri.starts_with("https://") || uri.starts_with("file://")) {
+                    return invalid("jwksUri", format!("`{uri}`: keys are fetched over https:// (or read from file://)"));
+                }
+            }
+        }
+        let names = self.from_headers.iter().map(|h| ("fromHeaders", h.name.as_str()));
+        let outputs = self.output_claim_to_headers.iter().map(|c| ("outputClaimToHeaders", c.header.as_str()));
+        let payload = self.output_payload_to_header.iter().map(|h| ("outputPayloadToHeader", h.as_str()));
+        for (field, name) in names.chain(outputs).chain(payload) {
+            if HeaderName::try_from(name).is_err() {
+                return invalid(field, format!("`{name}` is not a header name"));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// A token header and its prefix.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(default, rename_all = "camelCase")]
@@ -250,13 +284,8 @@ impl JwtAuthenticator {
         let mut providers = Vec::new();
         let mut tasks = Vec::new();
         for (i, rule) in rules.iter().enumerate() {
+            rule.check(i)?;
             let invalid = |field: &str, reason: String| InvalidJwtRule { field: format!("jwtRules[{i}].{field}"), reason };
-            if rule.issuer.is_empty() {
-                return Err(invalid("issuer", "required".into()));
-            }
-            if rule.jwks.is_some() && rule.jwks_uri.is_some() {
-                return Err(invalid("jwks", "`jwks` and `jwksUri` are mutually exclusive".into()));
-            }
             let keys = Arc::new(ArcSwap::from_pointee(Vec::new()));
             let from = match &rule.jwks {
                 Some(inline) => Some(JwksSource::Inline(inline.clone())),
