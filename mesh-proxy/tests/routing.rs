@@ -4,10 +4,9 @@
 //! file refused while the old routes keep serving; `validate` on the seed resources.
 
 use std::convert::Infallible;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -20,118 +19,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 
-/// A backend answering every request with its name.
-async fn backend(name: &'static str) -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else { return };
-            tokio::spawn(async move {
-                let svc = service_fn(move |req: Request<Incoming>| async move {
-                    let path = req.uri().path().to_owned();
-                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(format!("{name} {path}")))))
-                });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
-            });
-        }
-    });
-    addr
-}
-
-struct Proxy {
-    child: Child,
-    addr: SocketAddr,
-    admin: SocketAddr,
-}
-
-impl Proxy {
-    fn start(config: &Path) -> Proxy {
-        Self::start_logging(config, Stdio::inherit())
-    }
-
-    /// Starts the proxy with its log (at `warn`) going to `log`.
-    fn start_logging(config: &Path, log: Stdio) -> Proxy {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_mesh-proxy"))
-            .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--config"])
-            .arg(config)
-            .env("MESH_PROXY_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .expect("start mesh-proxy");
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let mut addr_after = |marker: &str| -> SocketAddr {
-            let line = lines.next().expect("a banner line").expect("readable stdout");
-            let rest = &line[line.find(marker).unwrap_or_else(|| panic!("`{marker}` in `{line}`")) + marker.len()..];
-            rest.split_whitespace().next().unwrap().parse().unwrap()
-        };
-        let addr = addr_after("listening on http://");
-        let admin = addr_after("admin on http://");
-        Proxy { child, addr, admin }
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// One keep-alive HTTP/1.1 connection.
-struct Client(hyper::client::conn::http1::SendRequest<Empty<Bytes>>);
-
-impl Client {
-    async fn connect(addr: SocketAddr) -> Client {
-        let stream = TcpStream::connect(addr).await.unwrap();
-        let (tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
-        tokio::spawn(conn);
-        Client(tx)
-    }
-
-    async fn get(&mut self, host: &str, path: &str, headers: &[(&str, &str)]) -> (StatusCode, String) {
-        let mut req = Request::get(path).header("host", host);
-        for (k, v) in headers {
-            req = req.header(*k, *v);
-        }
-        self.0.ready().await.unwrap();
-        let res = tokio::time::timeout(Duration::from_secs(10), self.0.send_request(req.body(Empty::new()).unwrap()))
-            .await
-            .expect("answered in time")
-            .unwrap();
-        let status = res.status();
-        let body = res.into_body().collect().await.unwrap().to_bytes();
-        (status, String::from_utf8_lossy(&body).into_owned())
-    }
-}
-
-async fn admin(addr: SocketAddr, path: &str) -> String {
-    Client::connect(addr).await.get("admin", path, &[]).await.1
-}
-
-fn config_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("mesh-proxy-routing-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// A ServiceEntry for `name` with one endpoint, 127.0.0.1:`port`, ending in a document
-/// separator.
-fn service_entry(name: &str, port: u16) -> String {
-    format!(
-        "apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: {name}}}\nspec:\n  hosts: [{name}]\n  ports: [{{number: 80, name: http}}]\n  endpoints: [{{address: 127.0.0.1, ports: {{http: {port}}}}}]\n---\n"
-    )
-}
-
-/// Writes `text` to `dir/name` atomically (a new file renamed over the old), as editors and
-/// Kubernetes volume updates do.
-fn write_atomically(dir: &Path, name: &str, text: &str) {
-    let tmp = dir.join(format!(".{name}.tmp"));
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, dir.join(name)).unwrap();
-}
+mod support;
+use support::*;
 
 fn services(v1: SocketAddr, v2: SocketAddr) -> String {
     format!(
@@ -357,7 +246,13 @@ fn validate_the_seed_resources() {
         assert!(!errors.iter().any(|l| l.contains(clean)), "{clean}: {text}");
     }
     assert_eq!(errors.iter().filter(|l| l.contains("001_")).count(), 1, "{text}");
-    assert!(text.contains("AuthorizationPolicy ecommerce/deny-delete: parsed, but not enforced yet"), "{text}");
+    // The security kinds are enforced now: no "not enforced" note for them, and 004's
+    // `principals` written beside `source` is refused as Istio refuses it.
+    assert!(!text.contains("deny-delete: parsed, but not enforced yet"), "{text}");
+    assert!(
+        text.contains("004_3d2bbe7e826deccf.yaml:230:7: error: AuthorizationPolicy default/backend-access: spec.rules[0].from[0].principals: unknown field: `principals` belongs inside `source`"),
+        "{text}"
+    );
     // 004's `weight` written inside `destination` is refused, as Istio refuses the unknown field.
     assert!(
         text.contains("spec.http[0].route[0].destination.weight: unknown field: `weight` belongs beside `destination`")

@@ -3,6 +3,7 @@
 #   ca.pem/ca.key          CA of trust domain cluster.local
 #   other-ca.pem           CA of trust domain other.org
 #   server, client         good SVIDs (server also has DNS:localhost and IP:127.0.0.1 SANs)
+#   other                  good SVID of cluster.local for another service account
 #   intruder               good SVID of other.org, signed by other-ca
 #   foreign                spiffe://other.org/... signed by ca (wrong trust domain for the bundle)
 #   expired                good SVID that expired in 2021
@@ -34,6 +35,7 @@ ca ca cluster.local
 ca other-ca other.org
 leaf server ca "URI:spiffe://cluster.local/ns/default/sa/server,DNS:localhost,IP:127.0.0.1"
 leaf client ca "URI:spiffe://cluster.local/ns/default/sa/client"
+leaf other ca "URI:spiffe://cluster.local/ns/default/sa/other"
 leaf intruder other-ca "URI:spiffe://other.org/ns/default/sa/client"
 leaf foreign ca "URI:spiffe://other.org/ns/default/sa/client"
 leaf ca-leaf ca "URI:spiffe://cluster.local/ns/default/sa/client" "CA:TRUE" "keyCertSign,cRLSign,digitalSignature"
