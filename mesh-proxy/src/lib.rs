@@ -299,7 +299,9 @@ impl Server {
             let forward = proxy::Forward::inbound(&self.config, inbound, routes.clone(), self.tunnels.clone());
             // One server configuration: it resolves the certificate and trust bundle at each
             // handshake, so rotation needs nothing here.
-            let tls = self.config.identity.as_ref().map(|i| i.server_config(mesh_tls::TlsVersions::default()));
+            // TLS 1.2 as well as 1.3: an Envoy client that Istio did not configure offers at
+            // most TLS 1.2.
+            let tls = self.config.identity.as_ref().map(|i| i.server_config(mesh_tls::TlsVersions::Tls12And13));
             loop {
                 let (stream, peer) = match listener.accept().await {
                     Ok(accepted) => accepted,
