@@ -150,7 +150,8 @@ pub fn apply_mesh_proxy(config: &mut ProxyConfig, snapshot: &snapshot::Snapshot)
     if let Some(inbound) = &mp.spec.inbound {
         let listen = addr("inbound.listen", &inbound.listen)?;
         let app_text = inbound.app.as_deref().or(mp.spec.app.as_deref()).unwrap_or(config::DEFAULT_UPSTREAM);
-        let app: UpstreamAddr = app_text.parse().map_err(|_| at("inbound.app", format!("`{app_text}` is not HOST:PORT")))?;
+        let app: UpstreamAddr =
+            app_text.parse().map_err(|_| at("inbound.app", format!("`{app_text}` is not HOST:PORT")))?;
         let mut c = config::InboundConfig::new(listen, app);
         if let Some(p) = &inbound.app_protocol {
             c.app_protocol = match p.as_str() {
@@ -293,7 +294,8 @@ impl Server {
             }
         };
         let inbound = async {
-            let (Some(listener), Some(inbound), Some(routes)) = (&self.inbound, &self.config.inbound, &self.routes) else {
+            let (Some(listener), Some(inbound), Some(routes)) = (&self.inbound, &self.config.inbound, &self.routes)
+            else {
                 return std::future::pending().await;
             };
             let forward = proxy::Forward::inbound(&self.config, inbound, routes.clone(), self.tunnels.clone());

@@ -359,7 +359,9 @@ impl IdentitySpec {
             return Ok(mesh_tls::CredentialFiles::kubernetes_secret(at(dir)));
         }
         match (&self.cert_chain, &self.private_key, &self.trust_bundle) {
-            (Some(c), Some(k), Some(b)) => Ok(mesh_tls::CredentialFiles { cert_chain: at(c), private_key: at(k), trust_bundle: at(b) }),
+            (Some(c), Some(k), Some(b)) => {
+                Ok(mesh_tls::CredentialFiles { cert_chain: at(c), private_key: at(k), trust_bundle: at(b) })
+            }
             _ => Err("give `secretDir`, or all of `certChain`, `privateKey` and `trustBundle`".into()),
         }
     }
@@ -802,7 +804,10 @@ impl Ctx<'_> {
                     // too shallow (so `source` is empty); Istio refuses both.
                     if let Some(inner) = misplaced_policy_field(&path) {
                         let (field, parent) = inner;
-                        self.error_at(&path, &format!("unknown field: `{field}` belongs inside `{parent}`, not beside it"));
+                        self.error_at(
+                            &path,
+                            &format!("unknown field: `{field}` belongs inside `{parent}`, not beside it"),
+                        );
                         continue;
                     }
                     self.warn_at(&path, "unknown field, ignored");
@@ -994,7 +999,10 @@ impl Ctx<'_> {
             Err(e) => self.error_at(&e.field, &e.reason),
         }
         if r.spec.target_refs.is_some() {
-            self.warn_at("spec.targetRefs", "binds to gateways and services, not to this sidecar; the policy does not apply here");
+            self.warn_at(
+                "spec.targetRefs",
+                "binds to gateways and services, not to this sidecar; the policy does not apply here",
+            );
         }
     }
 

@@ -354,7 +354,8 @@ fn certs(command: &CertsCommand) -> Result<(), String> {
             // The trust domain is the CA certificate's own SPIFFE ID.
             let td = {
                 use rustls_pki_types::pem::PemObject;
-                let der = rustls_pki_types::CertificateDer::from_pem_slice(cert.as_bytes()).map_err(|e| format!("ca.crt: {e}"))?;
+                let der = rustls_pki_types::CertificateDer::from_pem_slice(cert.as_bytes())
+                    .map_err(|e| format!("ca.crt: {e}"))?;
                 x509_trust_domain(&der).ok_or("ca.crt has no SPIFFE ID naming its trust domain")?
             };
             let ca = mesh_tls::DevCa::from_pem(&cert, &read("ca.key")?, &td).map_err(|e| e.to_string())?;

@@ -126,7 +126,11 @@ impl Forward {
             tunnels,
         });
         let app = Endpoint::new(Upstream::for_addr(inbound.app.clone(), config), settings);
-        let stack = crate::stack::Stack::Inbound(crate::stack::Inbound { routes, app: app.clone(), identity: config.identity.clone() });
+        let stack = crate::stack::Stack::Inbound(crate::stack::Inbound {
+            routes,
+            app: app.clone(),
+            identity: config.identity.clone(),
+        });
         Self { stack, plain: app, request_timeout: config.request_timeout, client: None, peer: None }
     }
 
@@ -164,7 +168,8 @@ impl Forward {
             crate::headers::strip_envoy_internal(req.headers_mut());
         }
         // Only layers read it (the plain stack has none): spare the plain path the map.
-        if let (Some(client), crate::stack::Stack::Routed(..) | crate::stack::Stack::Inbound(..)) = (&self.client, &self.stack)
+        if let (Some(client), crate::stack::Stack::Routed(..) | crate::stack::Stack::Inbound(..)) =
+            (&self.client, &self.stack)
         {
             req.extensions_mut().insert(client.clone());
         }

@@ -312,8 +312,14 @@ pub fn compile(resources: Resources) -> Result<Snapshot, CompileError> {
             .filter(|l| *l != mesh_resilience::pool::PoolLimits::default())
             .map(mesh_resilience::pool::CircuitBreaker::new);
         let (mut pool, mut protocol) = pool_settings(pool_spec);
-        pool.tls = origination(policy.tls.as_ref(), services.get(&*key.host).map(|s| s.entry), &balancer.endpoints(), &default_ns, &rule.map(|r| dir_of(&r.file)).unwrap_or_default())
-            .map_err(|message| rule_err(format!("trafficPolicy.tls.{message}")))?;
+        pool.tls = origination(
+            policy.tls.as_ref(),
+            services.get(&*key.host).map(|s| s.entry),
+            &balancer.endpoints(),
+            &default_ns,
+            &rule.map(|r| dir_of(&r.file)).unwrap_or_default(),
+        )
+        .map_err(|message| rule_err(format!("trafficPolicy.tls.{message}")))?;
         if matches!(pool.tls, Some(crate::upstream::Origination::Mesh { .. })) && protocol.is_none() {
             // Between sidecars: HTTP/2 over mTLS, whatever the application speaks.
             protocol = Some(crate::config::UpstreamProtocol::H2);
@@ -424,19 +430,22 @@ fn security(
             let timeout = rule.timeout.map_or(Duration::from_secs(5), |t| t.get());
             Some(mesh_tls::jwt::JwksSource::Https { uri: uri.parse().ok()?, roots: roots.clone(), timeout })
         };
-        Some(mesh_tls::jwt::JwtAuthenticator::new(&rules, source).map_err(|e| CompileError {
-            resource: "RequestAuthentication".into(),
-            message: e.to_string(),
-        })?)
+        Some(
+            mesh_tls::jwt::JwtAuthenticator::new(&rules, source)
+                .map_err(|e| CompileError { resource: "RequestAuthentication".into(), message: e.to_string() })?,
+        )
     };
     let peers: Vec<mesh_tls::peer::PeerAuthentication> = resources
         .peer_authentications
         .iter()
-        .map(|r| mesh_tls::peer::PeerAuthentication { namespace: r.namespace(default_ns).to_owned(), spec: r.spec.clone() })
+        .map(|r| mesh_tls::peer::PeerAuthentication {
+            namespace: r.namespace(default_ns).to_owned(),
+            spec: r.spec.clone(),
+        })
         .collect();
-    let port = proxy.and_then(|p| p.inbound.as_ref()).and_then(|i| {
-        i.port.or_else(|| i.app.as_deref().or(proxy?.app.as_deref())?.rsplit_once(':')?.1.parse().ok())
-    });
+    let port = proxy
+        .and_then(|p| p.inbound.as_ref())
+        .and_then(|i| i.port.or_else(|| i.app.as_deref().or(proxy?.app.as_deref())?.rsplit_once(':')?.1.parse().ok()));
     let mode = mesh_tls::peer::resolve_mode(&peers, default_ns, labels, root, port);
     Ok(Security { mode, jwt, authorizer: Arc::new(authorizer) })
 }
@@ -485,7 +494,9 @@ fn origination(
     };
     let mode = tls.and_then(|t| t.mode.as_deref());
     match mode {
-        Some("ISTIO_MUTUAL") => Ok(Some(crate::upstream::Origination::Mesh { names: names(tls), service_accounts: service_accounts() })),
+        Some("ISTIO_MUTUAL") => {
+            Ok(Some(crate::upstream::Origination::Mesh { names: names(tls), service_accounts: service_accounts() }))
+        }
         Some("DISABLE") => Ok(None),
         Some(m @ ("SIMPLE" | "MUTUAL")) => {
             let t = tls.expect("a mode comes with its block");
@@ -515,9 +526,16 @@ fn origination(
             let auto = !endpoints.is_empty()
                 && service.is_some_and(|se| {
                     !se.spec.endpoints.is_empty()
-                        && se.spec.endpoints.iter().all(|e| e.labels.get("security.istio.io/tlsMode").is_some_and(|m| m == "istio"))
+                        && se
+                            .spec
+                            .endpoints
+                            .iter()
+                            .all(|e| e.labels.get("security.istio.io/tlsMode").is_some_and(|m| m == "istio"))
                 });
-            Ok(auto.then(|| crate::upstream::Origination::Mesh { names: names(None), service_accounts: service_accounts() }))
+            Ok(auto.then(|| crate::upstream::Origination::Mesh {
+                names: names(None),
+                service_accounts: service_accounts(),
+            }))
         }
     }
 }

@@ -91,6 +91,7 @@ const XFCC: http::HeaderName = http::HeaderName::from_static("x-forwarded-client
 
 impl Inbound {
     /// The request as the application gets it, or the refusal.
+    #[expect(clippy::result_large_err, reason = "either is moved on at once; a refusal is rare")]
     fn admit(&self, mut req: Request<RequestBody>) -> Result<Request<RequestBody>, Response<ProxyBody>> {
         let snapshot = self.routes.snapshot();
         let security = &snapshot.security;
@@ -108,7 +109,9 @@ impl Inbound {
                     req.extensions_mut().insert(auth);
                 }
                 Ok(None) => {}
-                Err(why) => return Err(mesh_tls::jwt::unauthorized::<ProxyBody>(req.headers(), why).map(ProxyBody::from)),
+                Err(why) => {
+                    return Err(mesh_tls::jwt::unauthorized::<ProxyBody>(req.headers(), why).map(ProxyBody::from));
+                }
             }
         }
         match security.authorizer.decide(&mesh_tls::authz::RequestAttrs::of(&req)) {
@@ -153,16 +156,16 @@ impl Stack {
                     routed.clone().oneshot(req).map(|result| result.map(|res| res.map(flatten))),
                 )),
                 // The configuration's local rate limit, before routing.
-                Some(limit) => Either::Right(Either::Right(Either::Left(limit.layer(routed.clone()).oneshot(req).map(
-                    |result| {
+                Some(limit) => {
+                    Either::Right(Either::Right(Either::Left(limit.layer(routed.clone()).oneshot(req).map(|result| {
                         result.map(|res| {
                             res.map(|body| match body.into_inner() {
                                 Ok(routed) => flatten(routed),
                                 Err(refusal) => ProxyBody::local(refusal),
                             })
                         })
-                    },
-                )))),
+                    }))))
+                }
             },
         }
     }

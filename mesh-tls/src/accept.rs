@@ -18,7 +18,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use mesh_core::SpiffeId;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
-use crate::config::{is_mesh_alpn, TlsVersions};
+use crate::config::{TlsVersions, is_mesh_alpn};
 use crate::identity::Identity;
 use crate::svid::leaf_svid;
 
@@ -213,7 +213,11 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> AsyncWrite for MtlsStream<IO> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         self.project().stream.poll_write(cx, buf)
     }
-    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
         self.project().stream.poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
@@ -271,7 +275,11 @@ impl<IO: AsyncWrite> AsyncWrite for Rewind<IO> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         self.project().io.poll_write(cx, buf)
     }
-    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
         self.project().io.poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {

@@ -316,7 +316,18 @@ pub struct RequestAttrs<'a> {
 impl<'a> RequestAttrs<'a> {
     /// Attributes with only the request line and headers; set the rest as known.
     pub fn new(method: &'a str, path: &'a str, host: &'a str, headers: &'a HeaderMap) -> Self {
-        Self { method, path, host, headers, peer: None, source_ip: None, remote_ip: None, destination: None, sni: None, auth: None }
+        Self {
+            method,
+            path,
+            host,
+            headers,
+            peer: None,
+            source_ip: None,
+            remote_ip: None,
+            destination: None,
+            sni: None,
+            auth: None,
+        }
     }
 
     /// Everything a request carries: its line and headers, and the extensions the server and
@@ -569,7 +580,8 @@ fn field(ctx: &Ctx<'_>, kind: Kind, values: &[String], negated: bool, arg: &[Str
             Box::new(move |a| ms.iter().any(|m| m.matches(a.path)))
         }
         Kind::Header => {
-            let name = http::HeaderName::try_from(arg[0].as_str()).map_err(|_| ctx.invalid(format!("`{}` is not a header name", arg[0])))?;
+            let name = http::HeaderName::try_from(arg[0].as_str())
+                .map_err(|_| ctx.invalid(format!("`{}` is not a header name", arg[0])))?;
             let ms: Vec<StrMatch> = values.iter().map(|v| StrMatch::new(v)).collect();
             Box::new(move |a| {
                 let mut seen = a.headers.get_all(&name).iter().filter_map(|v| v.to_str().ok()).peekable();
@@ -760,7 +772,9 @@ fn compile(policy: &Policy, warnings: &mut Vec<String>) -> Result<CompiledPolicy
     let action = spec.action.unwrap_or_default();
     let mut ctx = Ctx { policy, field: "spec.action".into() };
     if action == Action::Custom {
-        return Err(ctx.invalid("CUSTOM needs an external authorizer, which this proxy does not call; use ALLOW or DENY"));
+        return Err(
+            ctx.invalid("CUSTOM needs an external authorizer, which this proxy does not call; use ALLOW or DENY")
+        );
     }
     if spec.provider.is_some() {
         ctx.field = "spec.provider".into();
@@ -812,7 +826,12 @@ fn compile(policy: &Policy, warnings: &mut Vec<String>) -> Result<CompiledPolicy
                 return Err(ctx.invalid("a condition needs `values` or `notValues`"));
             }
             let Some((kind, args)) = condition_kind(&cond.key) else {
-                warnings.push(format!("{}: {}: unsupported key `{}`; the rule is skipped", ctx.invalid("").policy, ctx.field, cond.key));
+                warnings.push(format!(
+                    "{}: {}: unsupported key `{}`; the rule is skipped",
+                    ctx.invalid("").policy,
+                    ctx.field,
+                    cond.key
+                ));
                 continue 'rules;
             };
             if let Some(values) = &cond.values {
@@ -964,7 +983,8 @@ where
 /// 403 `RBAC: access denied`, or gRPC `PERMISSION_DENIED`; flag `RBAC`.
 pub fn denied<RB>(request_headers: &HeaderMap) -> Response<LocalOr<RB>> {
     const BODY: &str = "RBAC: access denied";
-    let grpc = request_headers.get(http::header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let grpc =
+        request_headers.get(http::header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     let mut res = if grpc {
         let mut res = Response::new(LocalOr::local(Bytes::new()));
         let h = res.headers_mut();

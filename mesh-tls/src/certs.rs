@@ -44,7 +44,8 @@ impl DevCa {
         let mut params = CertificateParams::default();
         params.distinguished_name = name(&format!("mesh dev CA ({})", trust_domain.as_str()));
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         params.subject_alt_names = vec![SanType::URI(trust_domain.id_string().try_into()?)];
         let now = SystemTime::now();
         params.not_before = (now - Duration::from_secs(3600)).into();
@@ -59,7 +60,12 @@ impl DevCa {
     pub fn from_pem(cert_pem: &str, key_pem: &str, trust_domain: &TrustDomain) -> Result<Self, CertError> {
         let key = KeyPair::from_pem(key_pem)?;
         let issuer = Issuer::from_ca_cert_pem(cert_pem, key)?;
-        Ok(Self { issuer, cert_pem: cert_pem.to_owned(), key_pem: key_pem.to_owned(), trust_domain: trust_domain.clone() })
+        Ok(Self {
+            issuer,
+            cert_pem: cert_pem.to_owned(),
+            key_pem: key_pem.to_owned(),
+            trust_domain: trust_domain.clone(),
+        })
     }
 
     /// The CA certificate: the trust bundle.
@@ -85,7 +91,12 @@ impl DevCa {
 
     /// A workload certificate for `id` valid from `not_before` to `not_after` (a past
     /// `not_after` makes an expired one, for tests).
-    pub fn issue_between(&self, id: &SpiffeId, not_before: SystemTime, not_after: SystemTime) -> Result<WorkloadPem, CertError> {
+    pub fn issue_between(
+        &self,
+        id: &SpiffeId,
+        not_before: SystemTime,
+        not_after: SystemTime,
+    ) -> Result<WorkloadPem, CertError> {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::default();
         params.distinguished_name = name(id.principal());

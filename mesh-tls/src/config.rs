@@ -5,16 +5,16 @@ use std::fmt;
 use std::sync::Arc;
 
 use mesh_core::SpiffeId;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::ResolvesClientCert;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ParsedCertificate, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme};
 
-use crate::identity::{provider, Identity};
-use crate::svid::{peer_svid, SvidError};
+use crate::identity::{Identity, provider};
+use crate::svid::{SvidError, peer_svid};
 
 /// ALPN: HTTP/2.
 pub const ALPN_H2: &[u8] = b"h2";
@@ -22,7 +22,8 @@ pub const ALPN_H2: &[u8] = b"h2";
 pub const ALPN_HTTP11: &[u8] = b"http/1.1";
 /// Istio's in-mesh ALPN tokens: a client sidecar offers them when it originates mesh mTLS,
 /// and a PERMISSIVE server tells mesh mTLS from application TLS by them (SEMANTICS.md 6.1).
-pub const ISTIO_ALPNS: [&[u8]; 5] = [b"istio-peer-exchange", b"istio", b"istio-http/1.0", b"istio-http/1.1", b"istio-h2"];
+pub const ISTIO_ALPNS: [&[u8]; 5] =
+    [b"istio-peer-exchange", b"istio", b"istio-http/1.0", b"istio-http/1.1", b"istio-h2"];
 
 /// Whether a ClientHello's ALPN list marks mesh mTLS (any of [`ISTIO_ALPNS`]).
 pub fn is_mesh_alpn<'a>(mut offered: impl Iterator<Item = &'a [u8]>) -> bool {
@@ -100,7 +101,12 @@ impl Identity {
     /// whose SVID chains to the bundle, belongs to its trust domain and is `expected`. The
     /// server name is not checked against DNS SANs: SPIFFE identity replaces it. `alpn` is
     /// offered as given (see [`mesh_alpn`]).
-    pub fn client_config(&self, expected: ExpectedPeer, versions: TlsVersions, alpn: Vec<Vec<u8>>) -> Arc<rustls::ClientConfig> {
+    pub fn client_config(
+        &self,
+        expected: ExpectedPeer,
+        versions: TlsVersions,
+        alpn: Vec<Vec<u8>>,
+    ) -> Arc<rustls::ClientConfig> {
         let mut config = rustls::ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(versions.versions())
             .expect("the provider supports TLS 1.2 and 1.3")

@@ -28,7 +28,7 @@ use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 
-use crate::config::{mesh_alpn, ExpectedPeer, TlsVersions};
+use crate::config::{ExpectedPeer, TlsVersions, mesh_alpn};
 use crate::identity::Identity;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -81,7 +81,8 @@ where
         Box::pin(async move {
             let tcp = connecting.await.map_err(Into::into)?.into_inner();
             // SPIFFE identity, not the name, is verified; the name is only sent as SNI.
-            let name = ServerName::try_from(host).unwrap_or_else(|_| ServerName::try_from("mesh.invalid").expect("a valid DNS name"));
+            let name = ServerName::try_from(host)
+                .unwrap_or_else(|_| ServerName::try_from("mesh.invalid").expect("a valid DNS name"));
             let stream = tls.connect(name, tcp).await?;
             Ok(MtlsConnection(TokioIo::new(stream)))
         })
@@ -111,7 +112,11 @@ impl Connection for MtlsConnection {
 }
 
 impl hyper::rt::Read for MtlsConnection {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: hyper::rt::ReadBufCursor<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().0).poll_read(cx, buf)
     }
 }

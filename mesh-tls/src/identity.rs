@@ -19,10 +19,10 @@ use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use mesh_core::{SpiffeId, TrustDomain};
+use rustls::RootCertStore;
 use rustls::crypto::CryptoProvider;
 use rustls::server::danger::ClientCertVerifier;
 use rustls::sign::CertifiedKey;
-use rustls::RootCertStore;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
@@ -97,7 +97,8 @@ impl CredentialFiles {
     }
 
     fn read(&self) -> Result<[Vec<u8>; 3], CredentialsError> {
-        let read = |path: &Path| std::fs::read(path).map_err(|source| CredentialsError::Read { path: path.into(), source });
+        let read =
+            |path: &Path| std::fs::read(path).map_err(|source| CredentialsError::Read { path: path.into(), source });
         Ok([read(&self.cert_chain)?, read(&self.private_key)?, read(&self.trust_bundle)?])
     }
 }
@@ -137,7 +138,12 @@ impl Credentials {
         Self::parse(&chain, &key, &bundle, names(files))
     }
 
-    fn parse(chain: &[u8], key: &[u8], bundle: &[u8], [chain_name, key_name, bundle_name]: [String; 3]) -> Result<Self, CredentialsError> {
+    fn parse(
+        chain: &[u8],
+        key: &[u8],
+        bundle: &[u8],
+        [chain_name, key_name, bundle_name]: [String; 3],
+    ) -> Result<Self, CredentialsError> {
         let pem = |what: &String, reason: String| CredentialsError::Pem { what: what.clone(), reason };
         let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(chain)
             .collect::<Result<_, _>>()

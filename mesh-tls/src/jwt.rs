@@ -96,7 +96,8 @@ impl JwtRule {
     /// Checks what can be checked offline: an issuer, `jwks` or `jwksUri` (not both; an
     /// `https://` or `file://` URI), header names. `i` is the rule's index, for the field path.
     pub fn check(&self, i: usize) -> Result<(), InvalidJwtRule> {
-        let invalid = |field: &str, reason: String| Err(InvalidJwtRule { field: format!("jwtRules[{i}].{field}"), reason });
+        let invalid =
+            |field: &str, reason: String| Err(InvalidJwtRule { field: format!("jwtRules[{i}].{field}"), reason });
         if self.issuer.is_empty() {
             return invalid("issuer", "required".into());
         }
@@ -110,7 +111,10 @@ impl JwtRule {
             }
             (None, Some(uri)) => {
                 if !(uri.starts_with("https://") || uri.starts_with("file://")) {
-                    return invalid("jwksUri", format!("`{uri}`: keys are fetched over https:// (or read from file://)"));
+                    return invalid(
+                        "jwksUri",
+                        format!("`{uri}`: keys are fetched over https:// (or read from file://)"),
+                    );
                 }
             }
         }
@@ -175,7 +179,8 @@ impl RequestAuth {
         for key in rest {
             value = value.and_then(|v| v.get(key));
         }
-        let split = path.len() == 1 && (["scope", "permission"].contains(&first.as_str()) || self.space_delimited.contains(first));
+        let split = path.len() == 1
+            && (["scope", "permission"].contains(&first.as_str()) || self.space_delimited.contains(first));
         match value {
             Some(Value::String(s)) if split => s.split(' ').filter(|p| !p.is_empty()).collect(),
             Some(Value::String(s)) => vec![s.as_str()],
@@ -215,6 +220,9 @@ pub struct InvalidJwtRule {
     pub reason: String,
 }
 
+/// A provider's keys, with their `kid`s.
+type Keys = Vec<(Option<String>, DecodingKey)>;
+
 enum Location {
     Header { name: HeaderName, prefix: String },
     Param(String),
@@ -224,7 +232,7 @@ enum Location {
 struct Provider {
     issuer: String,
     audiences: Vec<String>,
-    keys: Arc<ArcSwap<Vec<(Option<String>, DecodingKey)>>>,
+    keys: Arc<ArcSwap<Keys>>,
     locations: Vec<Location>,
     forward: bool,
     payload_header: Option<HeaderName>,
@@ -232,7 +240,7 @@ struct Provider {
     space_delimited: Arc<[String]>,
 }
 
-fn decoding_keys(jwks: &str) -> Result<Vec<(Option<String>, DecodingKey)>, String> {
+fn decoding_keys(jwks: &str) -> Result<Keys, String> {
     let set: JwkSet = serde_json::from_str(jwks).map_err(|e| format!("not a JWKS document: {e}"))?;
     let mut keys = Vec::new();
     for jwk in &set.keys {
@@ -285,17 +293,23 @@ impl JwtAuthenticator {
         let mut tasks = Vec::new();
         for (i, rule) in rules.iter().enumerate() {
             rule.check(i)?;
-            let invalid = |field: &str, reason: String| InvalidJwtRule { field: format!("jwtRules[{i}].{field}"), reason };
+            let invalid =
+                |field: &str, reason: String| InvalidJwtRule { field: format!("jwtRules[{i}].{field}"), reason };
             let keys = Arc::new(ArcSwap::from_pointee(Vec::new()));
             let from = match &rule.jwks {
                 Some(inline) => Some(JwksSource::Inline(inline.clone())),
                 None => source(i, rule),
             };
             match from {
-                Some(JwksSource::Inline(text)) => keys.store(Arc::new(decoding_keys(&text).map_err(|e| invalid("jwks", e))?)),
+                Some(JwksSource::Inline(text)) => {
+                    keys.store(Arc::new(decoding_keys(&text).map_err(|e| invalid("jwks", e))?))
+                }
                 Some(JwksSource::File(path)) => {
-                    let text = std::fs::read_to_string(&path).map_err(|e| invalid("jwksUri", format!("{}: {e}", path.display())))?;
-                    keys.store(Arc::new(decoding_keys(&text).map_err(|e| invalid("jwksUri", format!("{}: {e}", path.display())))?));
+                    let text = std::fs::read_to_string(&path)
+                        .map_err(|e| invalid("jwksUri", format!("{}: {e}", path.display())))?;
+                    keys.store(Arc::new(
+                        decoding_keys(&text).map_err(|e| invalid("jwksUri", format!("{}: {e}", path.display())))?,
+                    ));
                 }
                 Some(JwksSource::Https { uri, roots, timeout }) => {
                     if let Ok(runtime) = tokio::runtime::Handle::try_current() {
@@ -306,7 +320,8 @@ impl JwtAuthenticator {
             }
             let mut locations = Vec::new();
             for h in &rule.from_headers {
-                let name = HeaderName::try_from(h.name.as_str()).map_err(|_| invalid("fromHeaders", format!("`{}` is not a header name", h.name)))?;
+                let name = HeaderName::try_from(h.name.as_str())
+                    .map_err(|_| invalid("fromHeaders", format!("`{}` is not a header name", h.name)))?;
                 locations.push(Location::Header { name, prefix: h.prefix.clone() });
             }
             locations.extend(rule.from_params.iter().cloned().map(Location::Param));
@@ -315,14 +330,20 @@ impl JwtAuthenticator {
                 locations.push(Location::Header { name: http::header::AUTHORIZATION, prefix: "Bearer ".into() });
                 locations.push(Location::Param("access_token".into()));
             }
-            let header = |name: &str, field: &str| HeaderName::try_from(name).map_err(|_| invalid(field, format!("`{name}` is not a header name")));
+            let header = |name: &str, field: &str| {
+                HeaderName::try_from(name).map_err(|_| invalid(field, format!("`{name}` is not a header name")))
+            };
             providers.push(Provider {
                 issuer: rule.issuer.clone(),
                 audiences: rule.audiences.clone(),
                 keys,
                 locations,
                 forward: rule.forward_original_token,
-                payload_header: rule.output_payload_to_header.as_deref().map(|h| header(h, "outputPayloadToHeader")).transpose()?,
+                payload_header: rule
+                    .output_payload_to_header
+                    .as_deref()
+                    .map(|h| header(h, "outputPayloadToHeader"))
+                    .transpose()?,
                 claim_headers: rule
                     .output_claim_to_headers
                     .iter()
@@ -354,12 +375,13 @@ impl JwtAuthenticator {
     /// the header rewrites; `Err` with the 401 body text.
     pub fn authenticate<B>(&self, req: &mut Request<B>) -> Result<Option<RequestAuth>, &'static str> {
         // The first location (in rule order) that holds a token decides.
-        let Some((provider, location, token)) = self.providers.iter().find_map(|p| {
-            p.locations.iter().find_map(|l| extract(req, l).map(|t| (p, l, t)))
-        }) else {
+        let Some((provider, location, token)) =
+            self.providers.iter().find_map(|p| p.locations.iter().find_map(|l| extract(req, l).map(|t| (p, l, t))))
+        else {
             return Ok(None);
         };
-        let payload = payload(&token).ok_or("Jwt is not in the form of Header.Payload.Signature with two dots and 3 sections")?;
+        let payload =
+            payload(&token).ok_or("Jwt is not in the form of Header.Payload.Signature with two dots and 3 sections")?;
         let issuer = payload.get("iss").and_then(Value::as_str).unwrap_or("");
         // A token of another configured issuer is verified by that issuer's provider.
         let provider = self.providers.iter().find(|p| p.issuer == issuer).unwrap_or(provider);
@@ -390,7 +412,11 @@ impl JwtAuthenticator {
             }
         }
         let sub = claims.get("sub").and_then(Value::as_str).unwrap_or("");
-        Ok(Some(RequestAuth { principal: format!("{issuer}/{sub}"), claims, space_delimited: provider.space_delimited.clone() }))
+        Ok(Some(RequestAuth {
+            principal: format!("{issuer}/{sub}"),
+            claims,
+            space_delimited: provider.space_delimited.clone(),
+        }))
     }
 }
 
@@ -463,7 +489,11 @@ fn verify(provider: &Provider, token: &str) -> Result<Map<String, Value>, &'stat
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Fetches a JWKS over HTTPS (HTTP/1.1, verifying the server's name against `roots`).
-pub async fn fetch(uri: &http::Uri, roots: &Arc<rustls::RootCertStore>, timeout: Duration) -> Result<Vec<(Option<String>, DecodingKey)>, BoxError> {
+pub async fn fetch(
+    uri: &http::Uri,
+    roots: &Arc<rustls::RootCertStore>,
+    timeout: Duration,
+) -> Result<Keys, BoxError> {
     let text = tokio::time::timeout(timeout, get(uri, roots)).await.map_err(|_| "timed out")??;
     Ok(decoding_keys(&text)?)
 }
@@ -500,7 +530,7 @@ async fn refresh(
     uri: http::Uri,
     roots: Arc<rustls::RootCertStore>,
     timeout: Duration,
-    keys: std::sync::Weak<ArcSwap<Vec<(Option<String>, DecodingKey)>>>,
+    keys: std::sync::Weak<ArcSwap<Keys>>,
 ) {
     loop {
         let Some(slot) = keys.upgrade() else { return };
@@ -571,7 +601,8 @@ where
 
 /// 401 with the reason, as Envoy's jwt_authn filter answers.
 pub fn unauthorized<RB>(request_headers: &HeaderMap, why: &'static str) -> Response<LocalOr<RB>> {
-    let grpc = request_headers.get(http::header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    let grpc =
+        request_headers.get(http::header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     let mut res = Response::new(LocalOr::local(if grpc { Bytes::new() } else { Bytes::from_static(why.as_bytes()) }));
     if !grpc {
         *res.status_mut() = StatusCode::UNAUTHORIZED;
@@ -584,7 +615,10 @@ pub fn unauthorized<RB>(request_headers: &HeaderMap, why: &'static str) -> Respo
     } else {
         h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     }
-    h.insert(http::header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"mesh\", error=\"invalid_token\""));
+    h.insert(
+        http::header::WWW_AUTHENTICATE,
+        HeaderValue::from_static("Bearer realm=\"mesh\", error=\"invalid_token\""),
+    );
     res
 }
 

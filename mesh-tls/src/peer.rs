@@ -81,7 +81,9 @@ pub fn resolve_mode(
     port: Option<u16>,
 ) -> MtlsMode {
     let workload = policies.iter().find(|p| {
-        p.namespace == namespace && namespace != root_namespace && p.spec.selector.as_ref().is_some_and(|s| s.selects(labels))
+        p.namespace == namespace
+            && namespace != root_namespace
+            && p.spec.selector.as_ref().is_some_and(|s| s.selects(labels))
     });
     let namespace_wide = policies.iter().find(|p| p.namespace == namespace && p.spec.selector.is_none());
     let mesh = policies.iter().find(|p| p.namespace == root_namespace && p.spec.selector.is_none());

@@ -69,7 +69,11 @@ pub fn leaf_svid(der: &CertificateDer<'_>) -> Result<Svid, SvidError> {
         return Err(SvidError::NoDigitalSignature);
     }
     let validity = cert.validity();
-    Ok(Svid { id, not_before: to_system_time(validity.not_before.timestamp()), not_after: to_system_time(validity.not_after.timestamp()) })
+    Ok(Svid {
+        id,
+        not_before: to_system_time(validity.not_before.timestamp()),
+        not_after: to_system_time(validity.not_after.timestamp()),
+    })
 }
 
 /// Checks a verified peer's leaf: an SVID of `trust_domain`.

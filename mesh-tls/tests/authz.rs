@@ -10,7 +10,9 @@ use bytes::Bytes;
 use http::{HeaderMap, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
 use mesh_core::SpiffeId;
-use mesh_tls::authz::{AuthorizationLayer, AuthorizationPolicySpec, Authorizer, Decision, InvalidPolicy, Policy, RequestAttrs};
+use mesh_tls::authz::{
+    AuthorizationLayer, AuthorizationPolicySpec, Authorizer, Decision, InvalidPolicy, Policy, RequestAttrs,
+};
 use mesh_tls::jwt::{JwksSource, JwtAuthenticator, JwtRule, RequestAuthenticationLayer};
 use tower::{Layer, ServiceExt};
 
@@ -74,7 +76,9 @@ fn vector_27_deny_post_from_the_dev_namespace() {
 
 #[test]
 fn vector_28_principals_exact_and_any() {
-    let exact = Authorizer::new([policy("ns", "p", "rules: [{from: [{source: {principals: [cluster.local/ns/a/sa/b]}}]}]")]).unwrap();
+    let exact =
+        Authorizer::new([policy("ns", "p", "rules: [{from: [{source: {principals: [cluster.local/ns/a/sa/b]}}]}]")])
+            .unwrap();
     assert!(Req::new("GET", "/").from("spiffe://cluster.local/ns/a/sa/b").decide(&exact));
     assert!(!Req::new("GET", "/").from("spiffe://cluster.local/ns/a/sa/c").decide(&exact));
     assert!(!Req::new("GET", "/").from("spiffe://other.org/ns/a/sa/b").decide(&exact));
@@ -82,7 +86,12 @@ fn vector_28_principals_exact_and_any() {
     assert!(Req::new("GET", "/").from("spiffe://x.org/anything").decide(&any));
     assert!(!Req::new("GET", "/").decide(&any));
     // notPrincipals always match a plaintext peer.
-    let not = Authorizer::new([policy("ns", "p", "action: DENY\nrules: [{from: [{source: {notPrincipals: [cluster.local/ns/a/sa/b]}}]}]")]).unwrap();
+    let not = Authorizer::new([policy(
+        "ns",
+        "p",
+        "action: DENY\nrules: [{from: [{source: {notPrincipals: [cluster.local/ns/a/sa/b]}}]}]",
+    )])
+    .unwrap();
     assert!(!Req::new("GET", "/").decide(&not));
     assert!(Req::new("GET", "/").from("spiffe://cluster.local/ns/a/sa/b").decide(&not));
 }
@@ -142,9 +151,17 @@ fn invalid_policies_are_refused_with_the_field_and_unknown_condition_keys_skip_t
     assert_eq!(err("rules: [{from: []}]").field, "spec.rules[0].from");
     assert_eq!(err("rules: [{from: [{source: {}}]}]").field, "spec.rules[0].from[0].source");
     assert_eq!(err("rules: [{to: [{operation: {ports: [http]}}]}]").field, "spec.rules[0].to[0].operation.ports");
-    assert_eq!(err("rules: [{from: [{source: {ipBlocks: ['10.0.0.0/33']}}]}]").field, "spec.rules[0].from[0].source.ipBlocks");
+    assert_eq!(
+        err("rules: [{from: [{source: {ipBlocks: ['10.0.0.0/33']}}]}]").field,
+        "spec.rules[0].from[0].source.ipBlocks"
+    );
     assert_eq!(err("rules: [{when: [{key: source.ip}]}]").field, "spec.rules[0].when[0]");
-    let skipped = Authorizer::new([policy("ns", "p", "rules: [{when: [{key: 'request.regex.headers[x]', values: [a]}]}, {to: [{operation: {methods: [GET]}}]}]")]).unwrap();
+    let skipped = Authorizer::new([policy(
+        "ns",
+        "p",
+        "rules: [{when: [{key: 'request.regex.headers[x]', values: [a]}]}, {to: [{operation: {methods: [GET]}}]}]",
+    )])
+    .unwrap();
     assert_eq!(skipped.warnings().len(), 1);
     assert!(Req::new("GET", "/").decide(&skipped));
     assert!(!Req::new("POST", "/").decide(&skipped));
@@ -244,7 +261,12 @@ fn now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
 }
 
-async fn stack(rule: JwtRule, policies: Vec<Policy>) -> impl Fn(Request<Full<Bytes>>) -> std::pin::Pin<Box<dyn std::future::Future<Output = (StatusCode, String, HeaderMap)> + Send>> {
+async fn stack(
+    rule: JwtRule,
+    policies: Vec<Policy>,
+) -> impl Fn(
+    Request<Full<Bytes>>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = (StatusCode, String, HeaderMap)> + Send>> {
     let jwt = JwtAuthenticator::new(&[rule], |_, _| None).unwrap();
     let authz = Authorizer::new(policies).unwrap();
     let inner = tower::service_fn(|req: Request<Full<Bytes>>| async move {
@@ -271,7 +293,12 @@ fn bearer(token: &str) -> Request<Full<Bytes>> {
 #[tokio::test]
 async fn vector_29_no_token_passes_an_expired_one_is_401_and_a_required_principal_is_403() {
     let iss = issuer();
-    let rule = JwtRule { issuer: "https://auth.example.com".into(), jwks: Some(iss.jwks.clone()), audiences: vec!["ecommerce-api".into()], ..Default::default() };
+    let rule = JwtRule {
+        issuer: "https://auth.example.com".into(),
+        jwks: Some(iss.jwks.clone()),
+        audiences: vec!["ecommerce-api".into()],
+        ..Default::default()
+    };
     let open = stack(rule.clone(), vec![]).await;
     assert_eq!(open(Request::get("/").body(Full::default()).unwrap()).await.0, StatusCode::OK);
     let expired = iss.token(serde_json::json!({"iss": "https://auth.example.com", "sub": "u1", "aud": "ecommerce-api", "exp": now() - 3600}));
@@ -287,7 +314,9 @@ async fn vector_29_no_token_passes_an_expired_one_is_401_and_a_required_principa
     assert_eq!((status, body.as_str()), (StatusCode::OK, "https://auth.example.com/u1"));
     // Not forwarded by default.
     assert!(!headers.contains_key("authorization"));
-    let guest = iss.token(serde_json::json!({"iss": "https://auth.example.com", "sub": "u2", "aud": "ecommerce-api", "role": "guest"}));
+    let guest = iss.token(
+        serde_json::json!({"iss": "https://auth.example.com", "sub": "u2", "aud": "ecommerce-api", "role": "guest"}),
+    );
     assert_eq!(required(bearer(&guest)).await.0, StatusCode::FORBIDDEN);
 }
 
@@ -325,9 +354,20 @@ async fn bad_tokens_get_envoys_reasons_and_valid_ones_fill_the_configured_header
     };
     let other = issuer();
     assert_eq!(reason(other.token(claims.clone())).await.1, "Jwt verification fails");
-    assert_eq!(reason(iss.token(serde_json::json!({"iss": "someone-else", "sub": "a", "aud": "api"}))).await.1, "Jwt issuer is not configured");
-    assert_eq!(reason(iss.token(serde_json::json!({"iss": "testing@secure.istio.io", "sub": "a", "aud": "web"}))).await.1, "Audiences in Jwt are not allowed");
-    assert_eq!(reason(iss.token(serde_json::json!({"iss": "testing@secure.istio.io", "aud": "api", "nbf": now() + 3600}))).await.1, "Jwt not yet valid");
+    assert_eq!(
+        reason(iss.token(serde_json::json!({"iss": "someone-else", "sub": "a", "aud": "api"}))).await.1,
+        "Jwt issuer is not configured"
+    );
+    assert_eq!(
+        reason(iss.token(serde_json::json!({"iss": "testing@secure.istio.io", "sub": "a", "aud": "web"}))).await.1,
+        "Audiences in Jwt are not allowed"
+    );
+    assert_eq!(
+        reason(iss.token(serde_json::json!({"iss": "testing@secure.istio.io", "aud": "api", "nbf": now() + 3600})))
+            .await
+            .1,
+        "Jwt not yet valid"
+    );
     let (status, body, _) = reason("not-a-jwt".into()).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert!(body.starts_with("Jwt is not in the form"), "{body}");
@@ -348,7 +388,10 @@ async fn jwks_are_fetched_over_https() {
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_no_client_auth()
-        .with_single_cert(vec![leaf.der().clone()], rustls_pki_types::PrivateKeyDer::try_from(leaf_key.serialize_der()).unwrap())
+        .with_single_cert(
+            vec![leaf.der().clone()],
+            rustls_pki_types::PrivateKeyDer::try_from(leaf_key.serialize_der()).unwrap(),
+        )
         .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr: SocketAddr = listener.local_addr().unwrap();
@@ -364,7 +407,9 @@ async fn jwks_are_fetched_over_https() {
                     let jwks = jwks.clone();
                     async move { Ok::<_, std::convert::Infallible>(http::Response::new(Full::new(Bytes::from(jwks)))) }
                 });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(tls), svc).await;
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                    .await;
             });
         }
     });
@@ -372,7 +417,8 @@ async fn jwks_are_fetched_over_https() {
     roots.add(ca_cert.der().clone()).unwrap();
     let roots = std::sync::Arc::new(roots);
     let uri: http::Uri = format!("https://localhost:{}/.well-known/jwks.json", addr.port()).parse().unwrap();
-    let rule = JwtRule { issuer: "https://auth.example.com".into(), jwks_uri: Some(uri.to_string()), ..Default::default() };
+    let rule =
+        JwtRule { issuer: "https://auth.example.com".into(), jwks_uri: Some(uri.to_string()), ..Default::default() };
     let jwt = JwtAuthenticator::new(std::slice::from_ref(&rule), |_, _| {
         Some(JwksSource::Https { uri: uri.clone(), roots: roots.clone(), timeout: std::time::Duration::from_secs(5) })
     })

@@ -7,12 +7,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use mesh_core::SpiffeId;
-use mesh_tls::{leaf_svid, Credentials, DevCa, ExpectedPeer, Identity, MeshAcceptor, MtlsConnector, MtlsMode, SvidError};
-use support::{files, openssl_certs, pem, server, Seen};
+use mesh_tls::{
+    Credentials, DevCa, ExpectedPeer, Identity, MeshAcceptor, MtlsConnector, MtlsMode, SvidError, leaf_svid,
+};
+use support::{Seen, files, openssl_certs, pem, server};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn id(s: &str) -> SpiffeId {
@@ -21,7 +23,10 @@ fn id(s: &str) -> SpiffeId {
 
 fn dev_identity(ca: &DevCa, who: &str) -> Identity {
     let issued = ca.issue(&id(who), Duration::from_secs(3600)).unwrap();
-    Identity::new(Credentials::from_pem(issued.cert_chain.as_bytes(), issued.private_key.as_bytes(), ca.cert_pem().as_bytes()).unwrap())
+    Identity::new(
+        Credentials::from_pem(issued.cert_chain.as_bytes(), issued.private_key.as_bytes(), ca.cert_pem().as_bytes())
+            .unwrap(),
+    )
 }
 
 async fn get(identity: &Identity, expected: ExpectedPeer, h2: bool, url: String) -> Result<String, String> {
@@ -40,8 +45,14 @@ async fn two_dev_identities_speak_mtls_over_http1_and_http2_and_see_each_other()
     let (addr, _) = server(MeshAcceptor::new(MtlsMode::Strict, &server_id)).await;
     let url = format!("http://{addr}/");
     let expected = ExpectedPeer::id(id("spiffe://cluster.local/ns/shop/sa/reviews"));
-    assert_eq!(get(&client_id, expected.clone(), false, url.clone()).await.unwrap(), "spiffe://cluster.local/ns/shop/sa/frontend HTTP/1.1");
-    assert_eq!(get(&client_id, expected, true, url.clone()).await.unwrap(), "spiffe://cluster.local/ns/shop/sa/frontend HTTP/2.0");
+    assert_eq!(
+        get(&client_id, expected.clone(), false, url.clone()).await.unwrap(),
+        "spiffe://cluster.local/ns/shop/sa/frontend HTTP/1.1"
+    );
+    assert_eq!(
+        get(&client_id, expected, true, url.clone()).await.unwrap(),
+        "spiffe://cluster.local/ns/shop/sa/frontend HTTP/2.0"
+    );
     // The client refuses a server that is not the one it expects.
     let wrong = ExpectedPeer::id(id("spiffe://cluster.local/ns/shop/sa/ratings"));
     let err = get(&client_id, wrong, false, url.clone()).await.unwrap_err();
@@ -180,12 +191,16 @@ async fn the_connector_verifies_an_openssl_server_and_presents_its_svid() {
     tokio::time::timeout(Duration::from_secs(10), up).await.unwrap();
     let client = Identity::from_files(files(&d, "client")).unwrap();
     let url = format!("http://127.0.0.1:{port}/");
-    let body = get(&client, ExpectedPeer::id(id("spiffe://cluster.local/ns/default/sa/server")), false, url.clone()).await.unwrap();
+    let body = get(&client, ExpectedPeer::id(id("spiffe://cluster.local/ns/default/sa/server")), false, url.clone())
+        .await
+        .unwrap();
     // s_server -www describes the session, client certificate included.
     assert!(body.contains("TLSv1.3") && body.contains("Client certificate"), "{body}");
-    let err = get(&client, ExpectedPeer::id(id("spiffe://cluster.local/ns/default/sa/other")), false, url).await.unwrap_err();
+    let err =
+        get(&client, ExpectedPeer::id(id("spiffe://cluster.local/ns/default/sa/other")), false, url).await.unwrap_err();
     assert!(err.contains("Unexpected("), "{err}");
     let _ = s_server.kill();
+    let _ = s_server.wait();
 }
 
 /// Vector 31's certificate half, on openssl-made certificates.

@@ -4,19 +4,21 @@
 mod support;
 
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use mesh_core::SpiffeId;
-use mesh_tls::{CredentialFiles, Credentials, DevCa, ExpectedPeer, Identity, MeshAcceptor, MtlsConnector, MtlsMode, TlsVersions};
-use rustls_pki_types::pem::PemObject;
+use mesh_tls::{
+    CredentialFiles, Credentials, DevCa, ExpectedPeer, Identity, MeshAcceptor, MtlsConnector, MtlsMode, TlsVersions,
+};
 use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
 
 /// Writes a set of files into `dir/..<version>` and points `dir/..data` at it atomically.
 fn publish(dir: &Path, version: &str, cert: &str, key: &str, ca: &str) {
@@ -51,7 +53,9 @@ async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     };
-    tokio::time::timeout(Duration::from_secs(10), waiting).await.unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+    tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -65,8 +69,12 @@ async fn certificates_rotate_under_load_without_a_failed_request_and_a_broken_se
     let _watch = identity.watch(Duration::from_millis(20));
     let (addr, _) = support::server(MeshAcceptor::new(MtlsMode::Strict, &identity)).await;
 
-    let issued = ca.issue(&"spiffe://cluster.local/ns/shop/sa/frontend".parse().unwrap(), Duration::from_secs(3600)).unwrap();
-    let client_id = Identity::new(Credentials::from_pem(issued.cert_chain.as_bytes(), issued.private_key.as_bytes(), ca.cert_pem().as_bytes()).unwrap());
+    let issued =
+        ca.issue(&"spiffe://cluster.local/ns/shop/sa/frontend".parse().unwrap(), Duration::from_secs(3600)).unwrap();
+    let client_id = Identity::new(
+        Credentials::from_pem(issued.cert_chain.as_bytes(), issued.private_key.as_bytes(), ca.cert_pem().as_bytes())
+            .unwrap(),
+    );
     assert_eq!(served_leaf(&client_id, addr).await, der(&first.cert_chain));
 
     // Two clients send without pause: one keeps its connections, one opens a new one for
@@ -75,7 +83,8 @@ async fn certificates_rotate_under_load_without_a_failed_request_and_a_broken_se
     let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let mut clients = Vec::new();
     for fresh in [false, true] {
-        let connector = MtlsConnector::new(HttpConnector::new(), &client_id, ExpectedPeer::id(server_id.clone()), false);
+        let connector =
+            MtlsConnector::new(HttpConnector::new(), &client_id, ExpectedPeer::id(server_id.clone()), false);
         let mut builder = Client::builder(TokioExecutor::new());
         if fresh {
             builder.pool_max_idle_per_host(0);

@@ -138,4 +138,3 @@ pub fn write_atomically(dir: &Path, name: &str, text: &str) {
     std::fs::write(&tmp, text).unwrap();
     std::fs::rename(&tmp, dir.join(name)).unwrap();
 }
-
