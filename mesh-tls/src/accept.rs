@@ -292,3 +292,88 @@ impl<IO: AsyncWrite> AsyncWrite for Rewind<IO> {
         self.project().io.poll_shutdown(cx)
     }
 }
+
+/// Records a connection's peer on every request served on it: the [`PeerIdentity`] of an
+/// mTLS peer (which [`crate::authz::AuthorizationLayer`] reads) and its
+/// [`mesh_core::ClientConnection`] (addresses and SNI, for `ipBlocks`, `destination.port` and
+/// `connection.sni`). Wrap the per-connection service with it:
+///
+/// ```no_run
+/// # async fn run(acceptor: mesh_tls::MeshAcceptor, app: axum::Router) -> Result<(), Box<dyn std::error::Error>> {
+/// use hyper_util::rt::{TokioExecutor, TokioIo};
+/// use hyper_util::service::TowerToHyperService;
+/// use mesh_tls::{Accepted, PeerLayer};
+/// use tower::Layer;
+///
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:8443").await?;
+/// loop {
+///     let (tcp, peer) = listener.accept().await?;
+///     let local = tcp.local_addr()?;
+///     let (acceptor, app) = (acceptor.clone(), app.clone());
+///     tokio::spawn(async move {
+///         let Ok(Accepted::Mtls(tls)) = acceptor.accept(tcp).await else { return };
+///         let service = PeerLayer::for_mtls(&tls, peer, local).layer(app);
+///         let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+///             .serve_connection(TokioIo::new(*tls), TowerToHyperService::new(service))
+///             .await;
+///     });
+/// }
+/// # }
+/// ```
+#[derive(Debug, Clone)]
+pub struct PeerLayer {
+    peer: Option<mesh_core::PeerIdentity>,
+    connection: mesh_core::ClientConnection,
+}
+
+impl PeerLayer {
+    /// For an mTLS connection from `peer` accepted on `local`.
+    pub fn for_mtls<IO>(stream: &MtlsStream<IO>, peer: std::net::SocketAddr, local: std::net::SocketAddr) -> Self {
+        let connection = mesh_core::ClientConnection::new(peer, local);
+        let connection = match stream.sni() {
+            Some(sni) => connection.with_sni(sni.clone()),
+            None => connection,
+        };
+        Self { peer: Some(mesh_core::PeerIdentity(stream.peer().clone())), connection }
+    }
+
+    /// For a plaintext connection (no identity).
+    pub fn plaintext(peer: std::net::SocketAddr, local: std::net::SocketAddr) -> Self {
+        Self { peer: None, connection: mesh_core::ClientConnection::new(peer, local) }
+    }
+}
+
+impl<S> tower::Layer<S> for PeerLayer {
+    type Service = WithPeer<S>;
+    fn layer(&self, inner: S) -> WithPeer<S> {
+        WithPeer { inner, layer: self.clone() }
+    }
+}
+
+/// The service of [`PeerLayer`].
+#[derive(Debug, Clone)]
+pub struct WithPeer<S> {
+    inner: S,
+    layer: PeerLayer,
+}
+
+impl<S, B> tower::Service<http::Request<B>> for WithPeer<S>
+where
+    S: tower::Service<http::Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        if let Some(peer) = &self.layer.peer {
+            req.extensions_mut().insert(peer.clone());
+        }
+        req.extensions_mut().insert(self.layer.connection.clone());
+        self.inner.call(req)
+    }
+}

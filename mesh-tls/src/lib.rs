@@ -27,7 +27,7 @@ pub mod jwt;
 pub mod peer;
 pub mod svid;
 
-pub use accept::{AcceptError, Accepted, MeshAcceptor, MtlsMode, MtlsStream, Rewind};
+pub use accept::{AcceptError, Accepted, MeshAcceptor, MtlsMode, MtlsStream, PeerLayer, Rewind, WithPeer};
 pub use certs::{DevCa, WorkloadPem};
 pub use config::{ExpectedPeer, ISTIO_ALPNS, TlsVersions, is_mesh_alpn, mesh_alpn};
 pub use connect::{MtlsConnection, MtlsConnector};

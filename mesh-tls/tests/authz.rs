@@ -427,3 +427,51 @@ async fn jwks_are_fetched_over_https() {
     let mut req = bearer(&iss.token(serde_json::json!({"iss": "https://auth.example.com", "sub": "bob"})));
     assert_eq!(jwt.authenticate(&mut req).unwrap().unwrap().principal(), "https://auth.example.com/bob");
 }
+
+/// The seed PeerAuthentications of 001: a mesh-wide STRICT, STRICT for `production`, a
+/// PERMISSIVE default for `default`, and STRICT for `app: external-service` there.
+#[test]
+fn the_seed_peer_authentications_resolve_as_istio_does() {
+    use mesh_tls::MtlsMode;
+    use mesh_tls::peer::{PeerAuthentication, PeerAuthenticationSpec, resolve_mode};
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/seeds/001_20ec9f7b39974c56.yaml")).unwrap();
+    let mut policies = Vec::new();
+    for doc in yaml_serde::Deserializer::from_str(&text) {
+        let v: yaml_serde::Value = serde::Deserialize::deserialize(doc).unwrap();
+        if v["kind"].as_str() == Some("PeerAuthentication") {
+            let namespace = v["metadata"]["namespace"].as_str().unwrap_or("default").to_owned();
+            let spec: PeerAuthenticationSpec = yaml_serde::from_value(v["spec"].clone()).unwrap();
+            policies.push(PeerAuthentication { namespace, spec });
+        }
+    }
+    assert_eq!(policies.len(), 4);
+    let mode = |ns: &str, app: &str| {
+        let labels = BTreeMap::from([("app".to_owned(), app.to_owned())]);
+        resolve_mode(&policies, ns, &labels, "istio-system", Some(8080))
+    };
+    assert_eq!(mode("default", "web"), MtlsMode::Permissive);
+    assert_eq!(mode("default", "external-service"), MtlsMode::Strict);
+    assert_eq!(mode("production", "web"), MtlsMode::Strict);
+    assert_eq!(mode("shop", "web"), MtlsMode::Strict);
+    // Nothing at all: PERMISSIVE.
+    assert_eq!(resolve_mode(&[], "shop", &BTreeMap::new(), "istio-system", None), MtlsMode::Permissive);
+}
+
+#[test]
+fn port_level_mtls_overrides_the_workload_and_unset_inherits() {
+    use mesh_tls::MtlsMode;
+    use mesh_tls::peer::{PeerAuthentication, PeerAuthenticationSpec, resolve_mode};
+    let spec = |yaml: &str| yaml_serde::from_str::<PeerAuthenticationSpec>(yaml).unwrap();
+    let policies = vec![
+        PeerAuthentication { namespace: "shop".into(), spec: spec("mtls: {mode: STRICT}") },
+        PeerAuthentication {
+            namespace: "shop".into(),
+            spec: spec("selector: {matchLabels: {app: db}}\nmtls: {mode: UNSET}\nportLevelMtls: {5432: {mode: DISABLE}, 9090: {mode: PERMISSIVE}}"),
+        },
+    ];
+    let db = BTreeMap::from([("app".to_owned(), "db".to_owned())]);
+    assert_eq!(resolve_mode(&policies, "shop", &db, "istio-system", Some(5432)), MtlsMode::Disable);
+    assert_eq!(resolve_mode(&policies, "shop", &db, "istio-system", Some(9090)), MtlsMode::Permissive);
+    // UNSET on the workload: the namespace's STRICT.
+    assert_eq!(resolve_mode(&policies, "shop", &db, "istio-system", Some(80)), MtlsMode::Strict);
+}
