@@ -69,7 +69,8 @@ fn plain_configs() -> (Arc<ClientConfig>, Arc<ServerConfig>) {
     let roots = Arc::new(roots);
     let (server_chain, server_key) = leaf("localhost");
     let (client_chain, client_key) = leaf("client");
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone()).build().unwrap();
+    let verifier =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone()).build().unwrap();
     let server = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
@@ -89,7 +90,14 @@ fn mesh_configs() -> (Arc<ClientConfig>, Arc<ServerConfig>) {
     let ca = DevCa::new(&"cluster.local".parse().unwrap()).unwrap();
     let identity = |id: &str| {
         let issued = ca.issue(&id.parse().unwrap(), Duration::from_secs(3600)).unwrap();
-        Identity::new(Credentials::from_pem(issued.cert_chain.as_bytes(), issued.private_key.as_bytes(), ca.cert_pem().as_bytes()).unwrap())
+        Identity::new(
+            Credentials::from_pem(
+                issued.cert_chain.as_bytes(),
+                issued.private_key.as_bytes(),
+                ca.cert_pem().as_bytes(),
+            )
+            .unwrap(),
+        )
     };
     let server = identity("spiffe://cluster.local/ns/shop/sa/reviews");
     let client = identity("spiffe://cluster.local/ns/shop/sa/frontend");
@@ -137,7 +145,9 @@ fn authorization(c: &mut Criterion) {
         });
         let mut denied = allowed.clone();
         denied.method = "DELETE";
-        group.bench_with_input(BenchmarkId::new("denied", n), &denied, |b, a| b.iter(|| black_box(authorizer.decide(black_box(a)))));
+        group.bench_with_input(BenchmarkId::new("denied", n), &denied, |b, a| {
+            b.iter(|| black_box(authorizer.decide(black_box(a))))
+        });
     }
     group.finish();
 }

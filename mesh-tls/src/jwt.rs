@@ -489,11 +489,7 @@ fn verify(provider: &Provider, token: &str) -> Result<Map<String, Value>, &'stat
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Fetches a JWKS over HTTPS (HTTP/1.1, verifying the server's name against `roots`).
-pub async fn fetch(
-    uri: &http::Uri,
-    roots: &Arc<rustls::RootCertStore>,
-    timeout: Duration,
-) -> Result<Keys, BoxError> {
+pub async fn fetch(uri: &http::Uri, roots: &Arc<rustls::RootCertStore>, timeout: Duration) -> Result<Keys, BoxError> {
     let text = tokio::time::timeout(timeout, get(uri, roots)).await.map_err(|_| "timed out")??;
     Ok(decoding_keys(&text)?)
 }

@@ -434,7 +434,10 @@ async fn jwks_are_fetched_over_https() {
 fn the_seed_peer_authentications_resolve_as_istio_does() {
     use mesh_tls::MtlsMode;
     use mesh_tls::peer::{PeerAuthentication, PeerAuthenticationSpec, resolve_mode};
-    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/seeds/001_20ec9f7b39974c56.yaml")).unwrap();
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/seeds/001_20ec9f7b39974c56.yaml"),
+    )
+    .unwrap();
     let mut policies = Vec::new();
     for doc in yaml_serde::Deserializer::from_str(&text) {
         let v: yaml_serde::Value = serde::Deserialize::deserialize(doc).unwrap();
@@ -466,7 +469,9 @@ fn port_level_mtls_overrides_the_workload_and_unset_inherits() {
         PeerAuthentication { namespace: "shop".into(), spec: spec("mtls: {mode: STRICT}") },
         PeerAuthentication {
             namespace: "shop".into(),
-            spec: spec("selector: {matchLabels: {app: db}}\nmtls: {mode: UNSET}\nportLevelMtls: {5432: {mode: DISABLE}, 9090: {mode: PERMISSIVE}}"),
+            spec: spec(
+                "selector: {matchLabels: {app: db}}\nmtls: {mode: UNSET}\nportLevelMtls: {5432: {mode: DISABLE}, 9090: {mode: PERMISSIVE}}",
+            ),
         },
     ];
     let db = BTreeMap::from([("app".to_owned(), "db".to_owned())]);

@@ -15,12 +15,17 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::service::TowerToHyperService;
 use mesh_tls::authz::{AuthorizationLayer, Authorizer, Policy};
 use mesh_tls::jwt::{JwtAuthenticator, RequestAuthenticationLayer};
-use mesh_tls::{Accepted, Credentials, DevCa, ExpectedPeer, Identity, MeshAcceptor, MtlsConnector, MtlsMode, PeerLayer};
+use mesh_tls::{
+    Accepted, Credentials, DevCa, ExpectedPeer, Identity, MeshAcceptor, MtlsConnector, MtlsMode, PeerLayer,
+};
 use tower::Layer;
 
 fn identity(ca: &DevCa, id: &str) -> Identity {
     let issued = ca.issue(&id.parse().unwrap(), Duration::from_secs(3600)).unwrap();
-    Identity::new(Credentials::from_pem(issued.cert_chain.as_bytes(), issued.private_key.as_bytes(), ca.cert_pem().as_bytes()).unwrap())
+    Identity::new(
+        Credentials::from_pem(issued.cert_chain.as_bytes(), issued.private_key.as_bytes(), ca.cert_pem().as_bytes())
+            .unwrap(),
+    )
 }
 
 async fn serve(app: Router, server: &Identity) -> SocketAddr {
@@ -68,7 +73,11 @@ async fn an_axum_router_with_authorization_over_mtls() {
         async move {
             let connector = MtlsConnector::new(HttpConnector::new(), &client_id, ExpectedPeer::AnyInTrustDomain, false);
             let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build(connector);
-            let req = http::Request::builder().method(method).uri(format!("http://{addr}/api/items")).body(Empty::new()).unwrap();
+            let req = http::Request::builder()
+                .method(method)
+                .uri(format!("http://{addr}/api/items"))
+                .body(Empty::new())
+                .unwrap();
             let res = client.request(req).await.unwrap();
             let status = res.status();
             let body = res.into_body().collect().await.unwrap().to_bytes();
@@ -76,6 +85,12 @@ async fn an_axum_router_with_authorization_over_mtls() {
         }
     };
     assert_eq!(call("spiffe://cluster.local/ns/shop/sa/frontend", http::Method::GET).await, (200, "items\n".into()));
-    assert_eq!(call("spiffe://cluster.local/ns/shop/sa/frontend", http::Method::DELETE).await, (403, "RBAC: access denied".into()));
-    assert_eq!(call("spiffe://cluster.local/ns/shop/sa/batch", http::Method::GET).await, (403, "RBAC: access denied".into()));
+    assert_eq!(
+        call("spiffe://cluster.local/ns/shop/sa/frontend", http::Method::DELETE).await,
+        (403, "RBAC: access denied".into())
+    );
+    assert_eq!(
+        call("spiffe://cluster.local/ns/shop/sa/batch", http::Method::GET).await,
+        (403, "RBAC: access denied".into())
+    );
 }
