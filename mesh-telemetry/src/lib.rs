@@ -1,9 +1,17 @@
-//! Telemetry for mesh services.
+//! Telemetry for mesh services: trace context and request ids, and Prometheus metrics with
+//! Istio's names, as tower layers.
 //!
-//! **Status: no code yet.** This crate will own W3C `traceparent`/`tracestate` and B3
-//! propagation with OpenTelemetry spans, OTLP export set-up, Prometheus RED metrics with
-//! Istio-compatible names and labels, and JSON access logs. It deliberately exposes no API
-//! until that API exists and is tested.
+//! | module | what |
+//! |---|---|
+//! | [`propagation`] | W3C `traceparent` / `tracestate`, B3 (multi and single header), `x-request-id` |
+//! | [`trace`] | [`trace::TraceLayer`]: request ids, continuing or starting traces, sampling |
+//! | [`metrics`] | [`metrics::IstioMetrics`] and [`metrics::MetricsLayer`]: `istio_requests_total` and friends |
 //!
-//! It will read, never decide: the `Outcome` and response flags that other layers record
-//! through `mesh_core::classify` and `mesh_core::flags`.
+//! It reads, never decides: the response flags and gRPC statuses other layers record.
+//! OTLP export and access logs are not written yet.
+
+pub mod metrics;
+pub mod propagation;
+pub mod trace;
+
+pub use prometheus_client::registry::Registry;

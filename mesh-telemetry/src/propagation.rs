@@ -118,7 +118,14 @@ impl TraceContext {
         };
         let debug = get(&X_B3_FLAGS) == Some("1");
         let sampled = debug || matches!(get(&X_B3_SAMPLED), Some("1" | "true"));
-        Some(Self { trace_id, span_id, parent_id, flags: if sampled { SAMPLED } else { 0 }, debug, tracestate: Vec::new() })
+        Some(Self {
+            trace_id,
+            span_id,
+            parent_id,
+            flags: if sampled { SAMPLED } else { 0 },
+            debug,
+            tracestate: Vec::new(),
+        })
     }
 
     /// The trace id.
@@ -172,7 +179,8 @@ impl TraceContext {
         for p in propagators {
             match p {
                 Propagator::W3c => {
-                    headers.insert(TRACEPARENT, HeaderValue::from_str(&self.traceparent()).expect("hex is a valid value"));
+                    headers
+                        .insert(TRACEPARENT, HeaderValue::from_str(&self.traceparent()).expect("hex is a valid value"));
                     headers.remove(TRACESTATE);
                     if !self.tracestate.is_empty() {
                         let mut s = String::new();
@@ -306,7 +314,14 @@ fn parse_b3_single(s: &str) -> Option<TraceContext> {
     if parts.next().is_some() {
         return None;
     }
-    Some(TraceContext { trace_id, span_id, parent_id, flags: if sampled { SAMPLED } else { 0 }, debug, tracestate: Vec::new() })
+    Some(TraceContext {
+        trace_id,
+        span_id,
+        parent_id,
+        flags: if sampled { SAMPLED } else { 0 },
+        debug,
+        tracestate: Vec::new(),
+    })
 }
 
 /// A UUIDv4 (RFC 9562) from 128 random bits, as Envoy generates `x-request-id`.

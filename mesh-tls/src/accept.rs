@@ -293,7 +293,7 @@ impl<IO: AsyncWrite> AsyncWrite for Rewind<IO> {
     }
 }
 
-/// Records a connection's peer on every request served on it: the [`PeerIdentity`] of an
+/// Records a connection's peer on every request served on it: the [`mesh_core::PeerIdentity`] of an
 /// mTLS peer (which [`crate::authz::AuthorizationLayer`] reads) and its
 /// [`mesh_core::ClientConnection`] (addresses and SNI, for `ipBlocks`, `destination.port` and
 /// `connection.sni`). Wrap the per-connection service with it:

@@ -1,0 +1,123 @@
+//! Trace context and request ids on every request, as a sidecar handles them.
+//!
+//! [`TraceLayer`] gives each request an `x-request-id` (a UUIDv4 when it has none, as Envoy
+//! generates one), continues the trace the request carries (by the configured
+//! [`Propagator`]s) or starts one (sampled at Telemetry's `randomSamplingPercentage`; a
+//! caller's decision is kept, which is the parent-based default), makes the span of this hop
+//! a child of the caller's, and writes it back in every configured format so the next hop
+//! sees this one as its parent. The span's context is the request extension
+//! [`TraceContext`], for access logs and exporters.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{HeaderValue, Request};
+use mesh_core::random::Random;
+
+use crate::propagation::{Propagator, TraceContext, X_REQUEST_ID, request_id};
+
+/// The request's id (the `x-request-id` it carries or was given), as a request extension.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestId(pub Arc<str>);
+
+/// Propagates trace context and request ids (see the module docs).
+#[derive(Clone, Debug)]
+pub struct TraceLayer {
+    propagators: Arc<[Propagator]>,
+    /// Sampling of new traces, in parts per million.
+    sampling_ppm: u32,
+    random: Arc<Random>,
+}
+
+impl TraceLayer {
+    /// W3C then B3, every new trace sampled, randomness from the system.
+    pub fn new() -> Self {
+        Self {
+            propagators: Arc::from([Propagator::W3c, Propagator::B3]),
+            sampling_ppm: 1_000_000,
+            random: Arc::new(Random::from_entropy()),
+        }
+    }
+
+    /// The formats read (first match wins) and written.
+    pub fn propagators(mut self, propagators: &[Propagator]) -> Self {
+        self.propagators = Arc::from(propagators);
+        self
+    }
+
+    /// Telemetry's `randomSamplingPercentage` for new traces (clamped to 0–100).
+    pub fn sampling_percentage(mut self, percent: f64) -> Self {
+        self.sampling_ppm = (percent.clamp(0.0, 100.0) * 10_000.0).round() as u32;
+        self
+    }
+
+    /// Seeded randomness (for deterministic tests).
+    pub fn random(mut self, random: Random) -> Self {
+        self.random = Arc::new(random);
+        self
+    }
+
+    /// Applies the layer's rules to `req`'s headers and extensions; returns this hop's span.
+    pub fn apply<B>(&self, req: &mut Request<B>) -> TraceContext {
+        let id = match req.headers().get(X_REQUEST_ID).and_then(|v| v.to_str().ok()).filter(|v| !v.is_empty()) {
+            Some(id) => Arc::from(id),
+            None => {
+                let random = (u128::from(self.random.next_u64()) << 64) | u128::from(self.random.next_u64());
+                let id = request_id(random);
+                req.headers_mut().insert(X_REQUEST_ID, HeaderValue::from_str(&id).expect("hex and dashes"));
+                Arc::from(id)
+            }
+        };
+        req.extensions_mut().insert(RequestId(id));
+        let span_id = self.random.next_u64();
+        let span = match TraceContext::extract(req.headers(), &self.propagators) {
+            Some(parent) => parent.child(span_id),
+            None => {
+                let trace_id = (u128::from(self.random.next_u64()) << 64) | u128::from(self.random.next_u64());
+                let sampled = self.random.below(1_000_000) < u64::from(self.sampling_ppm);
+                TraceContext::root(trace_id, span_id, sampled)
+            }
+        };
+        span.inject(req.headers_mut(), &self.propagators);
+        req.extensions_mut().insert(span.clone());
+        span
+    }
+}
+
+impl Default for TraceLayer {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<S> tower::Layer<S> for TraceLayer {
+    type Service = Trace<S>;
+    fn layer(&self, inner: S) -> Trace<S> {
+        Trace { inner, layer: self.clone() }
+    }
+}
+
+/// The service of [`TraceLayer`].
+#[derive(Clone, Debug)]
+pub struct Trace<S> {
+    inner: S,
+    layer: TraceLayer,
+}
+
+impl<S, B> tower::Service<Request<B>> for Trace<S>
+where
+    S: tower::Service<Request<B>>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        self.layer.apply(&mut req);
+        self.inner.call(req)
+    }
+}
