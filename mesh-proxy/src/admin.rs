@@ -18,7 +18,12 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::routes::Routes;
 
-pub(crate) async fn serve(listener: TcpListener, draining: Arc<AtomicBool>, routes: Option<Arc<Routes>>) {
+pub(crate) async fn serve(
+    listener: TcpListener,
+    draining: Arc<AtomicBool>,
+    routes: Option<Arc<Routes>>,
+    telemetry: Option<Arc<crate::telemetry::Telemetry>>,
+) {
     // Each connection holds a clone: the count of clones is the count of connections.
     let open = Arc::new(());
     loop {
@@ -31,18 +36,23 @@ pub(crate) async fn serve(listener: TcpListener, draining: Arc<AtomicBool>, rout
             continue;
         }
         let held = open.clone();
-        let (draining, routes) = (draining.clone(), routes.clone());
+        let (draining, routes, telemetry) = (draining.clone(), routes.clone(), telemetry.clone());
         tokio::spawn(async move {
-            serve_conn(stream, draining, routes).await;
+            serve_conn(stream, draining, routes, telemetry).await;
             drop(held);
         });
     }
 }
 
-async fn serve_conn(stream: TcpStream, draining: Arc<AtomicBool>, routes: Option<Arc<Routes>>) {
+async fn serve_conn(
+    stream: TcpStream,
+    draining: Arc<AtomicBool>,
+    routes: Option<Arc<Routes>>,
+    telemetry: Option<Arc<crate::telemetry::Telemetry>>,
+) {
     let service = service_fn(move |req: Request<Incoming>| {
         let draining = draining.load(Ordering::Acquire);
-        let res = respond(&req, draining, routes.as_deref());
+        let res = respond(&req, draining, routes.as_deref(), telemetry.as_deref());
         async move { Ok::<_, Infallible>(res) }
     });
     let conn = hyper::server::conn::http1::Builder::new()
@@ -60,9 +70,15 @@ const INDEX: &str = "mesh-proxy admin
   /clusters     destinations, their endpoints, labels and health (JSON)
   /stats        configuration reloads and reload failures
   /certs        the workload certificate: SPIFFE ID, expiry, rotations (JSON)
+  /metrics      Istio's request metrics (Prometheus text format)
 ";
 
-fn respond(req: &Request<Incoming>, draining: bool, routes: Option<&Routes>) -> Response<Full<Bytes>> {
+fn respond(
+    req: &Request<Incoming>,
+    draining: bool,
+    routes: Option<&Routes>,
+    telemetry: Option<&crate::telemetry::Telemetry>,
+) -> Response<Full<Bytes>> {
     if !matches!(*req.method(), Method::GET | Method::HEAD) {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n".into());
     }
@@ -85,6 +101,17 @@ fn respond(req: &Request<Incoming>, draining: bool, routes: Option<&Routes>) -> 
         "/routes" => configured(route_dump),
         "/clusters" => configured(cluster_dump),
         "/certs" => configured(cert_dump),
+        "/metrics" => match telemetry {
+            Some(t) => {
+                let mut res = text(StatusCode::OK, t.encode());
+                res.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static(mesh_telemetry::metrics::CONTENT_TYPE),
+                );
+                res
+            }
+            None => text(StatusCode::NOT_FOUND, "no configuration loaded (run with --config)\n".into()),
+        },
         "/stats" => match routes {
             Some(r) => {
                 let mut out = format!(

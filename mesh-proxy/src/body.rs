@@ -115,14 +115,18 @@ pin_project_lite::pin_project! {
         pub(crate) in_flight: Option<InFlight>,
         // The route timeout's deadline, when the response must be complete by then.
         deadline: Option<Pin<Box<tokio::time::Sleep>>>,
-        // Told how the body ended: with its trailers, or without (ended, failed or dropped).
+        // Told how the body ended: with its trailers, or without (ended, failed or dropped),
+        // and how many body bytes went out.
         on_end: Option<OnEnd>,
+        // Body bytes sent so far (counted only while someone listens for the end).
+        sent: u64,
     }
 
     impl PinnedDrop for ProxyBody {
         fn drop(this: Pin<&mut Self>) {
-            if let Some(on_end) = this.project().on_end.take() {
-                on_end(BodyEnd::Dropped);
+            let this = this.project();
+            if let Some(on_end) = this.on_end.take() {
+                on_end(BodyEnd::Dropped, *this.sent);
             }
         }
     }
@@ -142,7 +146,7 @@ pub(crate) enum BodyEnd<'a> {
 }
 
 /// What [`ProxyBody::on_end`] calls.
-pub(crate) type OnEnd = Box<dyn FnOnce(BodyEnd<'_>) + Send + Sync>;
+pub(crate) type OnEnd = Box<dyn FnOnce(BodyEnd<'_>, u64) + Send + Sync>;
 
 pin_project_lite::pin_project! {
     #[project = InnerProj]
@@ -167,11 +171,11 @@ impl ProxyBody {
                 c.release();
             }
         }
-        ProxyBody { inner: Inner::Upstream { body, checkout }, in_flight: None, deadline: None, on_end: None }
+        ProxyBody { inner: Inner::Upstream { body, checkout }, in_flight: None, deadline: None, on_end: None, sent: 0 }
     }
 
     pub(crate) fn h2(body: H2Recv) -> Self {
-        ProxyBody { inner: Inner::H2 { body }, in_flight: None, deadline: None, on_end: None }
+        ProxyBody { inner: Inner::H2 { body }, in_flight: None, deadline: None, on_end: None, sent: 0 }
     }
 
     /// A local reply's text, if this is one.
@@ -183,11 +187,11 @@ impl ProxyBody {
     }
 
     pub(crate) fn local(data: Bytes) -> Self {
-        ProxyBody { inner: Inner::Local { data: Some(data) }, in_flight: None, deadline: None, on_end: None }
+        ProxyBody { inner: Inner::Local { data: Some(data) }, in_flight: None, deadline: None, on_end: None, sent: 0 }
     }
 
     pub(crate) fn empty() -> Self {
-        ProxyBody { inner: Inner::Local { data: None }, in_flight: None, deadline: None, on_end: None }
+        ProxyBody { inner: Inner::Local { data: None }, in_flight: None, deadline: None, on_end: None, sent: 0 }
     }
 }
 
@@ -203,13 +207,13 @@ impl ProxyBody {
     /// Calls `f` once the body has ended, saying how. Several calls chain.
     pub(crate) fn on_end(&mut self, f: OnEnd) {
         if self.is_end_stream() {
-            return f(BodyEnd::Ended);
+            return f(BodyEnd::Ended, self.sent);
         }
         self.on_end = Some(match self.on_end.take() {
             None => f,
-            Some(before) => Box::new(move |trailers| {
-                before(trailers);
-                f(trailers);
+            Some(before) => Box::new(move |trailers, sent| {
+                before(trailers, sent);
+                f(trailers, sent);
             }),
         });
     }
@@ -224,21 +228,25 @@ impl Body for ProxyBody {
         if self.on_end.is_some() {
             let ended = self.is_end_stream();
             let this = self.as_mut().project();
+            if let Some(Ok(data)) = frame.as_ref().map(|f| f.as_ref().map(Frame::data_ref)) {
+                *this.sent += data.map_or(0, |d| d.len() as u64);
+            }
+            let sent = *this.sent;
             match &frame {
                 Some(Ok(f)) if f.is_trailers() => {
                     if let (Some(on_end), Some(trailers)) = (this.on_end.take(), f.trailers_ref()) {
-                        on_end(BodyEnd::Trailers(trailers));
+                        on_end(BodyEnd::Trailers(trailers), sent);
                     }
                 }
                 Some(Ok(_)) if !ended => {}
                 Some(Err(_)) => {
                     if let Some(on_end) = this.on_end.take() {
-                        on_end(BodyEnd::Failed);
+                        on_end(BodyEnd::Failed, sent);
                     }
                 }
                 _ => {
                     if let Some(on_end) = this.on_end.take() {
-                        on_end(BodyEnd::Ended);
+                        on_end(BodyEnd::Ended, sent);
                     }
                 }
             }

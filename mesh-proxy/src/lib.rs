@@ -74,6 +74,7 @@ mod routes;
 pub mod snapshot;
 mod sniff;
 mod stack;
+mod telemetry;
 mod tunnel;
 mod upstream;
 
@@ -93,6 +94,7 @@ pub struct BindError {
 /// A bound proxy, ready to [`serve`](Server::serve).
 pub struct Server {
     config: ProxyConfig,
+    telemetry: Option<Arc<telemetry::Telemetry>>,
     listener: TcpListener,
     inbound: Option<TcpListener>,
     admin: Option<TcpListener>,
@@ -196,8 +198,22 @@ impl Server {
             None => None,
         };
         let tunnels: Arc<upstream::Tunnels> = Arc::default();
+        let telemetry = snapshot.as_ref().map(|s| {
+            let spec = s.resources.mesh_proxy.as_ref().map(|r| &r.spec);
+            let label = |k: &str| spec.and_then(|p| p.workload.labels.get(k).cloned());
+            telemetry::Telemetry::new(&telemetry::Workload {
+                name: spec
+                    .map(|p| p.workload.name.clone())
+                    .filter(|n| !n.is_empty())
+                    .unwrap_or_else(|| "unknown".into()),
+                namespace: spec.and_then(|p| p.workload.namespace.clone()).unwrap_or_else(|| "default".into()),
+                app: label("app"),
+                version: label("version"),
+                principal: config.identity.as_ref().map(|i| i.current().id().to_string()),
+            })
+        });
         let routes = snapshot.map(|s| Arc::new(routes::Routes::new(s, &config)));
-        Ok(Self { config, listener, inbound, admin, routes, tunnels })
+        Ok(Self { config, telemetry, listener, inbound, admin, routes, tunnels })
     }
 
     /// The address the proxy listens on.
@@ -228,7 +244,14 @@ impl Server {
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
         let draining = Arc::new(AtomicBool::new(false));
         let (drain_tx, drain_rx) = watch::channel(false);
-        let forward = proxy::Forward::new(&self.config, self.routes.clone(), self.tunnels.clone());
+        // Istio's default sampling (1 %) for traces this proxy starts; a caller's decision
+        // is kept.
+        let trace = mesh_telemetry::trace::TraceLayer::new().sampling_percentage(1.0);
+        let with_telemetry = |f: proxy::Forward| match &self.telemetry {
+            Some(t) => f.with_telemetry(t.clone(), trace.clone()),
+            None => f,
+        };
+        let forward = with_telemetry(proxy::Forward::new(&self.config, self.routes.clone(), self.tunnels.clone()));
         if let Some(routes) = &self.routes
             && !self.config.config_paths.is_empty()
         {
@@ -256,7 +279,7 @@ impl Server {
         http1.max_headers(config::MAX_HEADERS);
 
         if let Some(admin) = self.admin {
-            tokio::spawn(admin::serve(admin, draining.clone(), self.routes.clone()));
+            tokio::spawn(admin::serve(admin, draining.clone(), self.routes.clone(), self.telemetry.clone()));
         }
 
         let accept = async {
@@ -298,7 +321,8 @@ impl Server {
             else {
                 return std::future::pending().await;
             };
-            let forward = proxy::Forward::inbound(&self.config, inbound, routes.clone(), self.tunnels.clone());
+            let forward =
+                with_telemetry(proxy::Forward::inbound(&self.config, inbound, routes.clone(), self.tunnels.clone()));
             // One server configuration: it resolves the certificate and trust bundle at each
             // handshake, so rotation needs nothing here.
             // TLS 1.2 as well as 1.3: an Envoy client that Istio did not configure offers at

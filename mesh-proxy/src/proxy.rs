@@ -95,6 +95,9 @@ pub(crate) struct Forward {
     client: Option<ClientConnection>,
     /// The peer's verified identity (inbound mTLS connections).
     peer: Option<mesh_core::PeerIdentity>,
+    /// Request ids, trace context and metrics (with a configuration).
+    telemetry: Option<Arc<crate::telemetry::Telemetry>>,
+    trace: Option<mesh_telemetry::trace::TraceLayer>,
 }
 
 impl Forward {
@@ -109,7 +112,26 @@ impl Forward {
             Some(routes) => crate::stack::Stack::routed(routes.clone(), settings),
             None => crate::stack::Stack::Plain(plain.clone()),
         };
-        Self { stack, plain, request_timeout: config.request_timeout, client: None, peer: None }
+        Self {
+            stack,
+            plain,
+            request_timeout: config.request_timeout,
+            client: None,
+            peer: None,
+            telemetry: None,
+            trace: None,
+        }
+    }
+
+    /// The same, with request ids, trace context and metrics.
+    pub(crate) fn with_telemetry(
+        mut self,
+        telemetry: Arc<crate::telemetry::Telemetry>,
+        trace: mesh_telemetry::trace::TraceLayer,
+    ) -> Self {
+        self.telemetry = Some(telemetry);
+        self.trace = Some(trace);
+        self
     }
 
     /// The inbound listener's: JWT validation and authorization by the current snapshot of
@@ -131,7 +153,15 @@ impl Forward {
             app: app.clone(),
             identity: config.identity.clone(),
         });
-        Self { stack, plain: app, request_timeout: config.request_timeout, client: None, peer: None }
+        Self {
+            stack,
+            plain: app,
+            request_timeout: config.request_timeout,
+            client: None,
+            peer: None,
+            telemetry: None,
+            trace: None,
+        }
     }
 
     /// The same, for requests of a peer with this verified identity.
@@ -176,6 +206,14 @@ impl Forward {
         if let Some(peer) = &self.peer {
             req.extensions_mut().insert(peer.clone());
         }
+        // Only a configured proxy keeps telemetry: the plain path stays as it was.
+        let started = match (&self.telemetry, &self.trace) {
+            (Some(telemetry), Some(trace)) => {
+                trace.apply(&mut req);
+                Some(telemetry.start(&req, matches!(self.stack, crate::stack::Stack::Inbound(..))))
+            }
+            _ => None,
+        };
         // Each arm builds its own exchange future: one made before the `match` and moved
         // into an arm would take room in this future's state twice.
         let result = match self.request_timeout {
@@ -192,6 +230,9 @@ impl Forward {
             Ok(res) => res,
             Err(e) => local_reply(&*e, grpc),
         };
+        if let (Some(telemetry), Some(started)) = (&self.telemetry, started) {
+            telemetry.finish(started, &mut res);
+        }
         res.body_mut().in_flight = Some(in_flight);
         Ok(res)
     }

@@ -336,7 +336,7 @@ fn record(monitor: HostMonitor, grpc: bool, result: &mut Result<Response<ProxyBo
         }
     };
     if monitor.record_head(res.status(), res.headers(), grpc) {
-        res.body_mut().on_end(Box::new(move |end| match end {
+        res.body_mut().on_end(Box::new(move |end, _| match end {
             BodyEnd::Trailers(t) => monitor.record_trailers(Some(t)),
             // The upstream ended the call without its status: a failure.
             BodyEnd::Ended | BodyEnd::Failed => monitor.record_trailers(None),
@@ -485,7 +485,7 @@ impl Service<Request<RequestBody>> for ClusterService {
             let mut result = endpoint.send(req).await;
             if let (Some(admission), Ok(res)) = (admission, &mut result) {
                 // The connection is busy until the response body has ended.
-                res.body_mut().on_end(Box::new(move |_| drop(admission)));
+                res.body_mut().on_end(Box::new(move |_, _| drop(admission)));
             }
             if let Some(monitor) = watch.monitor.take() {
                 record(monitor, grpc, &mut result);

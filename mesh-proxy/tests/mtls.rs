@@ -218,6 +218,27 @@ async fn two_sidecars_speak_mtls_over_http2_and_only_the_allowed_identity_gets_i
     assert!(certs_page.contains("\"identity\": \"spiffe://cluster.local/ns/default/sa/server\""), "{certs_page}");
     assert!(certs_page.contains("\"inbound_mtls_mode\": \"STRICT\""), "{certs_page}");
 
+    // Istio's metrics on both sides: B reports the caller's identity over mutual TLS, and
+    // its denials with the RBAC flag; A reports the destination service.
+    let b_metrics = admin(b.admin, "/metrics").await;
+    let inbound_ok = "istio_requests_total{reporter=\"destination\",source_workload=\"unknown\",source_workload_namespace=\"default\",source_principal=\"spiffe://cluster.local/ns/default/sa/client\"";
+    assert!(b_metrics.contains(inbound_ok), "{b_metrics}");
+    assert!(b_metrics.contains("destination_workload=\"reviews\""), "{b_metrics}");
+    let count = |text: &str, principal: &str, code: &str| -> Option<String> {
+        text.lines()
+            .filter(|l| l.starts_with("istio_requests_total{") && l.contains(principal) && l.contains(code))
+            .map(|l| l.rsplit(' ').next().unwrap().to_owned())
+            .next()
+    };
+    let client = "source_principal=\"spiffe://cluster.local/ns/default/sa/client\"";
+    assert_eq!(count(&b_metrics, client, "response_code=\"200\",grpc_response_status=\"\",response_flags=\"-\",connection_security_policy=\"mutual_tls\"").as_deref(), Some("3"));
+    assert_eq!(count(&b_metrics, client, "response_code=\"403\",grpc_response_status=\"\",response_flags=\"RBAC\",connection_security_policy=\"mutual_tls\"").as_deref(), Some("2"));
+    assert_eq!(count(&b_metrics, "sa/other", "response_code=\"403\"").as_deref(), Some("1"));
+    let a_metrics = admin(a.admin, "/metrics").await;
+    assert!(a_metrics.contains("istio_requests_total{reporter=\"source\",source_workload=\"client\""), "{a_metrics}");
+    assert!(a_metrics.contains("destination_service=\"reviews\""), "{a_metrics}");
+    assert!(a_metrics.contains("response_code=\"200\""), "{a_metrics}");
+
     // PERMISSIVE (a reload): plaintext is served, without an identity, so the policy that
     // wants one refuses it; mTLS still works.
     write_atomically(&b_dir, "b.yaml", &sidecar_b(&certs, app_b, "PERMISSIVE"));

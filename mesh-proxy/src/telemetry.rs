@@ -1,0 +1,165 @@
+//! The proxy's telemetry, from mesh-telemetry: request ids and trace context on every
+//! request (the snapshot's Telemetry sampling), and Istio's request metrics for both
+//! listeners, served on the admin server's `/metrics`.
+//!
+//! The labels that do not change per request are resolved once per authority (outbound:
+//! `destination_service`) or per peer identity (inbound: `source_principal`,
+//! `source_workload_namespace`) and cached; at most [`MAX_SERIES_KEYS`] of each, beyond
+//! which the value is `unknown`, so that a client cannot grow the series without bound.
+//! Per request only the status, gRPC status and flags are added.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use http::{Request, Response};
+use mesh_core::ResponseFlags;
+use mesh_telemetry::Registry;
+use mesh_telemetry::metrics::{IstioMetrics, Peers, Reporter, RequestLabels};
+use tokio::time::Instant;
+
+use crate::body::{BodyEnd, ProxyBody, RequestBody};
+
+/// The most authorities (or peers) given series of their own.
+pub(crate) const MAX_SERIES_KEYS: usize = 1024;
+
+/// Telemetry shared by both listeners.
+pub(crate) struct Telemetry {
+    pub(crate) registry: Mutex<Registry>,
+    metrics: IstioMetrics,
+    outbound: Labels,
+    inbound: Labels,
+}
+
+/// Fixed labels by key, bounded.
+struct Labels {
+    base: Arc<Peers>,
+    by_key: Mutex<HashMap<Box<str>, Arc<Peers>>>,
+}
+
+impl Labels {
+    fn get(&self, key: &str, make: impl FnOnce(&Peers) -> Peers) -> Arc<Peers> {
+        let mut map = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = map.get(key) {
+            return p.clone();
+        }
+        if map.len() >= MAX_SERIES_KEYS {
+            return self.base.clone();
+        }
+        let peers = Arc::new(make(&self.base));
+        map.insert(key.into(), peers.clone());
+        peers
+    }
+}
+
+/// The workload this proxy runs beside.
+pub(crate) struct Workload {
+    pub(crate) name: String,
+    pub(crate) namespace: String,
+    pub(crate) app: Option<String>,
+    pub(crate) version: Option<String>,
+    pub(crate) principal: Option<String>,
+}
+
+impl Telemetry {
+    pub(crate) fn new(workload: &Workload) -> Arc<Self> {
+        let mut registry = Registry::default();
+        let metrics = IstioMetrics::register(&mut registry);
+        let name: Arc<str> = workload.name.as_str().into();
+        let ns: Arc<str> = workload.namespace.as_str().into();
+        let app: Arc<str> = workload.app.as_deref().unwrap_or("unknown").into();
+        let version: Arc<str> = workload.version.as_deref().unwrap_or("unknown").into();
+        let principal: Arc<str> = workload.principal.as_deref().unwrap_or("unknown").into();
+        let mut out = Peers::unknown(Reporter::Source);
+        out.source_workload = name.clone();
+        out.source_workload_namespace = ns.clone();
+        out.source_app = app.clone();
+        out.source_version = version.clone();
+        out.source_principal = principal.clone();
+        let mut inb = Peers::unknown(Reporter::Destination);
+        inb.destination_workload = name;
+        inb.destination_workload_namespace = ns;
+        inb.destination_app = app;
+        inb.destination_version = version;
+        inb.destination_principal = principal;
+        inb.connection_security_policy = "none".into();
+        Arc::new(Self {
+            registry: Mutex::new(registry),
+            metrics,
+            outbound: Labels { base: Arc::new(out), by_key: Mutex::default() },
+            inbound: Labels { base: Arc::new(inb), by_key: Mutex::default() },
+        })
+    }
+
+    /// `/metrics`, in the Prometheus text format.
+    pub(crate) fn encode(&self) -> String {
+        mesh_telemetry::metrics::encode(&self.registry.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// What a request's record needs, read before it goes down the stack.
+    pub(crate) fn start(&self, req: &Request<RequestBody>, inbound: bool) -> Started {
+        let grpc = crate::reply::is_grpc(req.headers());
+        let peers = if inbound {
+            match mesh_core::PeerIdentity::of(req.extensions()) {
+                Some(peer) => self.inbound.get(peer.as_str(), |base| {
+                    let mut p = base.clone();
+                    p.source_principal = peer.as_str().into();
+                    if let Some(ns) = peer.namespace() {
+                        p.source_workload_namespace = ns.into();
+                    }
+                    p.connection_security_policy = "mutual_tls".into();
+                    p
+                }),
+                None => self.inbound.base.clone(),
+            }
+        } else {
+            let host =
+                req.uri().host().or_else(|| req.headers().get(http::header::HOST)?.to_str().ok()?.split(':').next());
+            match host {
+                Some(host) => self.outbound.get(host, |base| {
+                    let mut p = base.clone();
+                    p.destination_service = host.into();
+                    p.destination_service_name = host.split('.').next().unwrap_or(host).into();
+                    p
+                }),
+                None => self.outbound.base.clone(),
+            }
+        };
+        let request_bytes =
+            req.headers().get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok()).unwrap_or(0);
+        Started { peers, grpc, request_bytes, at: Instant::now() }
+    }
+
+    /// Records the request once `res`'s body has ended.
+    pub(crate) fn finish(self: &Arc<Self>, started: Started, res: &mut Response<ProxyBody>) {
+        let code = res.status().as_u16();
+        let grpc_head = res.headers().get("grpc-status").and_then(|v| v.to_str().ok()?.parse().ok());
+        let flags = ResponseFlags::of(res.extensions());
+        let telemetry = self.clone();
+        res.body_mut().on_end(Box::new(move |end, sent| {
+            let grpc_status = match end {
+                BodyEnd::Trailers(t) => t.get("grpc-status").and_then(|v| v.to_str().ok()?.parse().ok()).or(grpc_head),
+                _ => grpc_head,
+            };
+            let mut flags = flags;
+            if matches!(end, BodyEnd::Dropped) {
+                flags.insert(ResponseFlags::DOWNSTREAM_CONNECTION_TERMINATION);
+            }
+            let labels = RequestLabels {
+                peers: started.peers,
+                grpc: started.grpc,
+                response_code: code,
+                grpc_status: grpc_status.filter(|_| started.grpc),
+                flags,
+            };
+            telemetry.metrics.record(&labels, started.at.elapsed(), started.request_bytes, sent);
+        }));
+    }
+}
+
+/// A request on its way down the stack.
+pub(crate) struct Started {
+    peers: Arc<Peers>,
+    grpc: bool,
+    request_bytes: u64,
+    at: Instant,
+}
