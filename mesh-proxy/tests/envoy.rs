@@ -8,20 +8,13 @@
 
 mod support;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Request, Response, StatusCode};
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use http::StatusCode;
 use support::*;
-use tokio::net::TcpListener;
 
 fn envoy_bin() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("ENVOY_BIN") {
@@ -33,28 +26,6 @@ fn envoy_bin() -> Option<PathBuf> {
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// The application: answers with its protocol and the client certificate its proxy reports.
-async fn app() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else { return };
-            tokio::spawn(async move {
-                let svc = service_fn(|req: Request<Incoming>| async move {
-                    let xfcc = req.headers().get("x-forwarded-client-cert").map(|v| v.to_str().unwrap().to_owned());
-                    let body = format!("{:?} xfcc={}", req.version(), xfcc.unwrap_or_default());
-                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    addr
 }
 
 struct Envoy(Child);
@@ -151,14 +122,8 @@ async fn envoy_and_mesh_proxy_speak_mtls_to_each_other_with_spiffe_identities() 
     };
     let dir = config_dir("envoy-interop");
     let certs = dir.join("certs");
-    let status = Command::new("sh")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("../mesh-tls/tests/openssl-certs.sh"))
-        .arg(&certs)
-        .stdout(Stdio::null())
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let app = app().await;
+    openssl_certs(&certs);
+    let app = app(|req| format!("{:?} xfcc={}", req.version(), header(req, "x-forwarded-client-cert"))).await;
 
     // mesh-proxy: an inbound listener (identity `server`, STRICT, only `client` allowed) and
     // an outbound side (identity `client`) whose `envoy-h1` / `envoy-h2` services are Envoy's

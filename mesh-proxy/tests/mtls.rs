@@ -5,56 +5,15 @@
 
 mod support;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode};
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use http::{Request, StatusCode};
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
-
-/// The openssl-made certificates of mesh-tls's tests.
-fn openssl_certs(dir: &Path) {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../mesh-tls/tests/openssl-certs.sh");
-    let status = Command::new("sh").arg(script).arg(dir).stdout(Stdio::null()).status().unwrap();
-    assert!(status.success());
-}
-
-/// App B: HTTP/1.1 and h2c; answers with what it saw.
-async fn app() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else { return };
-            tokio::spawn(async move {
-                let svc = service_fn(|req: Request<Incoming>| async move {
-                    let xfcc = req.headers().get("x-forwarded-client-cert").map(|v| v.to_str().unwrap().to_owned());
-                    let body = format!(
-                        "{} {} {:?} xfcc={}",
-                        req.method(),
-                        req.uri().path(),
-                        req.version(),
-                        xfcc.unwrap_or_default()
-                    );
-                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
-    });
-    addr
-}
 
 fn identity(certs: &Path, name: &str) -> String {
     format!(
@@ -138,7 +97,16 @@ async fn two_sidecars_speak_mtls_over_http2_and_only_the_allowed_identity_gets_i
     let dir = config_dir("mtls-two-sidecars");
     let certs = dir.join("certs");
     openssl_certs(&certs);
-    let app_b = app().await;
+    let app_b = app(|req| {
+        format!(
+            "{} {} {:?} xfcc={}",
+            req.method(),
+            req.uri().path(),
+            req.version(),
+            header(req, "x-forwarded-client-cert")
+        )
+    })
+    .await;
     let b_dir = dir.join("b");
     std::fs::create_dir_all(&b_dir).unwrap();
     std::fs::write(b_dir.join("b.yaml"), sidecar_b(&certs, app_b, "STRICT")).unwrap();

@@ -20,6 +20,7 @@
 //! appends `_total` to counters itself and encodes both the Prometheus text format (what
 //! `/metrics` serves) and OpenMetrics.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
@@ -193,7 +194,47 @@ pub struct IstioMetrics {
     duration: Hist,
     request_bytes: Hist,
     response_bytes: Hist,
+    /// The four handles of each series, by the identity of its fixed labels and the outcome:
+    /// a request hashes a few integers, not twenty label strings four times.
+    series: Arc<std::sync::Mutex<HashMap<SeriesKey, Arc<Series>>>>,
 }
+
+/// A series' key: the fixed labels by identity (the `Arc` held keeps the address unique)
+/// and the outcome.
+#[derive(Clone)]
+struct SeriesKey {
+    peers: Arc<Peers>,
+    grpc: bool,
+    code: u16,
+    grpc_status: Option<u32>,
+    flags: ResponseFlags,
+}
+
+impl PartialEq for SeriesKey {
+    fn eq(&self, o: &Self) -> bool {
+        Arc::ptr_eq(&self.peers, &o.peers)
+            && (self.grpc, self.code, self.grpc_status, self.flags) == (o.grpc, o.code, o.grpc_status, o.flags)
+    }
+}
+
+impl Eq for SeriesKey {}
+
+impl std::hash::Hash for SeriesKey {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        (Arc::as_ptr(&self.peers) as usize, self.grpc, self.code, self.grpc_status, self.flags).hash(h);
+    }
+}
+
+struct Series {
+    requests: Counter,
+    duration: Histogram,
+    request_bytes: Histogram,
+    response_bytes: Histogram,
+}
+
+/// Series handles kept before the cache is cleared (the label space is bounded by the
+/// caller; this bounds the memory of distinct `Peers` values made per request).
+const MAX_CACHED_SERIES: usize = 16_384;
 
 impl fmt::Debug for IstioMetrics {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -209,6 +250,7 @@ impl IstioMetrics {
             duration: Family::new_with_constructor(buckets as fn() -> Histogram),
             request_bytes: Family::new_with_constructor(buckets as fn() -> Histogram),
             response_bytes: Family::new_with_constructor(buckets as fn() -> Histogram),
+            series: Arc::default(),
         };
         registry.register("istio_requests", "Requests, counted when they end", m.requests.clone());
         registry.register(
@@ -223,10 +265,35 @@ impl IstioMetrics {
 
     /// Records one request.
     pub fn record(&self, labels: &RequestLabels, duration: Duration, request_bytes: u64, response_bytes: u64) {
-        self.requests.get_or_create(labels).inc();
-        self.duration.get_or_create(labels).observe(duration.as_secs_f64() * 1000.0);
-        self.request_bytes.get_or_create(labels).observe(request_bytes as f64);
-        self.response_bytes.get_or_create(labels).observe(response_bytes as f64);
+        let key = SeriesKey {
+            peers: labels.peers.clone(),
+            grpc: labels.grpc,
+            code: labels.response_code,
+            grpc_status: labels.grpc_status,
+            flags: labels.flags,
+        };
+        let cached = self.series.lock().unwrap_or_else(|p| p.into_inner()).get(&key).cloned();
+        let series = match cached {
+            Some(s) => s,
+            None => {
+                let s = Arc::new(Series {
+                    requests: self.requests.get_or_create_owned(labels),
+                    duration: self.duration.get_or_create_owned(labels),
+                    request_bytes: self.request_bytes.get_or_create_owned(labels),
+                    response_bytes: self.response_bytes.get_or_create_owned(labels),
+                });
+                let mut map = self.series.lock().unwrap_or_else(|p| p.into_inner());
+                if map.len() >= MAX_CACHED_SERIES {
+                    map.clear();
+                }
+                map.insert(key, s.clone());
+                s
+            }
+        };
+        series.requests.inc();
+        series.duration.observe(duration.as_secs_f64() * 1000.0);
+        series.request_bytes.observe(request_bytes as f64);
+        series.response_bytes.observe(response_bytes as f64);
     }
 }
 

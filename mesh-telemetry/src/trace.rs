@@ -70,15 +70,20 @@ impl TraceLayer {
         };
         req.extensions_mut().insert(RequestId(id));
         let span_id = self.random.next_u64();
-        let span = match TraceContext::extract(req.headers(), &self.propagators) {
-            Some(parent) => parent.child(span_id),
+        // A caller's context is answered in its own format; a new trace in the first one.
+        let found = self.propagators.iter().find_map(|p| Some((*p, TraceContext::extract(req.headers(), &[*p])?)));
+        let (format, span) = match found {
+            Some((format, parent)) => (format, parent.child(span_id)),
             None => {
                 let trace_id = (u128::from(self.random.next_u64()) << 64) | u128::from(self.random.next_u64());
                 let sampled = self.random.below(1_000_000) < u64::from(self.sampling_ppm);
-                TraceContext::root(trace_id, span_id, sampled)
+                (
+                    self.propagators.first().copied().unwrap_or(Propagator::W3c),
+                    TraceContext::root(trace_id, span_id, sampled),
+                )
             }
         };
-        span.inject(req.headers_mut(), &self.propagators);
+        span.inject(req.headers_mut(), &[format]);
         req.extensions_mut().insert(span.clone());
         span
     }

@@ -787,38 +787,16 @@ fn compile(policy: &Policy, warnings: &mut Vec<String>) -> Result<CompiledPolicy
     let mut rules = Vec::new();
     'rules: for (i, rule) in spec.rules.iter().flatten().enumerate() {
         let at = format!("spec.rules[{i}]");
-        let mut from = None;
-        if let Some(entries) = &rule.from {
-            ctx.field = format!("{at}.from");
-            if entries.is_empty() {
-                return Err(ctx.invalid("an empty list; leave `from` out to match any source"));
-            }
-            let mut compiled = Vec::new();
-            for (j, entry) in entries.iter().enumerate() {
-                ctx.field = format!("{at}.from[{j}].source");
-                let Some(source) = entry.source.as_ref().filter(|s| **s != Source::default()) else {
-                    return Err(ctx.invalid("a `from` entry needs a non-empty `source`"));
-                };
-                compiled.push(source_preds(&mut ctx, source)?);
-            }
-            from = Some(compiled);
-        }
-        let mut to = None;
-        if let Some(entries) = &rule.to {
-            ctx.field = format!("{at}.to");
-            if entries.is_empty() {
-                return Err(ctx.invalid("an empty list; leave `to` out to match any operation"));
-            }
-            let mut compiled = Vec::new();
-            for (j, entry) in entries.iter().enumerate() {
-                ctx.field = format!("{at}.to[{j}].operation");
-                let Some(op) = entry.operation.as_ref().filter(|o| **o != Operation::default()) else {
-                    return Err(ctx.invalid("a `to` entry needs a non-empty `operation`"));
-                };
-                compiled.push(operation_preds(&mut ctx, op)?);
-            }
-            to = Some(compiled);
-        }
+        let from =
+            entries(&mut ctx, &at, rule.from.as_ref(), ("from", "source"), |e: &From| e.source.as_ref(), source_preds)?;
+        let to = entries(
+            &mut ctx,
+            &at,
+            rule.to.as_ref(),
+            ("to", "operation"),
+            |e: &To| e.operation.as_ref(),
+            operation_preds,
+        )?;
         let mut when = Vec::new();
         for (j, cond) in rule.when.iter().flatten().enumerate() {
             ctx.field = format!("{at}.when[{j}]");
@@ -867,14 +845,7 @@ fn source_preds(ctx: &mut Ctx<'_>, s: &Source) -> Result<Vec<Pred>, InvalidPolic
         (&s.trust_domains, "trustDomains", Kind::TrustDomain, false),
         (&s.not_trust_domains, "notTrustDomains", Kind::TrustDomain, true),
     ];
-    let mut preds = Vec::new();
-    for (values, name, kind, negated) in fields {
-        if let Some(values) = values {
-            ctx.field = format!("{base}.{name}");
-            preds.push(field(ctx, kind, values, negated, &[])?);
-        }
-    }
-    Ok(preds)
+    compile_fields(ctx, &base, &fields)
 }
 
 fn operation_preds(ctx: &mut Ctx<'_>, o: &Operation) -> Result<Vec<Pred>, InvalidPolicy> {
@@ -889,14 +860,49 @@ fn operation_preds(ctx: &mut Ctx<'_>, o: &Operation) -> Result<Vec<Pred>, Invali
         (&o.paths, "paths", Kind::Path, false),
         (&o.not_paths, "notPaths", Kind::Path, true),
     ];
+    compile_fields(ctx, &base, &fields)
+}
+
+/// A source's or operation's fields, each present one a predicate (ANDed by the caller).
+fn compile_fields(
+    ctx: &mut Ctx<'_>,
+    base: &str,
+    fields: &[(&Option<Vec<String>>, &str, Kind, bool)],
+) -> Result<Vec<Pred>, InvalidPolicy> {
     let mut preds = Vec::new();
     for (values, name, kind, negated) in fields {
         if let Some(values) = values {
             ctx.field = format!("{base}.{name}");
-            preds.push(field(ctx, kind, values, negated, &[])?);
+            preds.push(field(ctx, *kind, values, *negated, &[])?);
         }
     }
     Ok(preds)
+}
+
+/// A rule's `from` or `to` list: absent matches anything; present, each entry needs its
+/// non-empty block (`source` / `operation`), compiled by `compile`.
+fn entries<E, B: PartialEq + Default>(
+    ctx: &mut Ctx<'_>,
+    at: &str,
+    list: Option<&Vec<E>>,
+    (list_name, block_name): (&str, &str),
+    block: impl Fn(&E) -> Option<&B>,
+    compile: impl Fn(&mut Ctx<'_>, &B) -> Result<Vec<Pred>, InvalidPolicy>,
+) -> Result<Option<Vec<Vec<Pred>>>, InvalidPolicy> {
+    let Some(list) = list else { return Ok(None) };
+    ctx.field = format!("{at}.{list_name}");
+    if list.is_empty() {
+        return Err(ctx.invalid(format!("an empty list; leave `{list_name}` out to match anything")));
+    }
+    let mut compiled = Vec::new();
+    for (j, entry) in list.iter().enumerate() {
+        ctx.field = format!("{at}.{list_name}[{j}].{block_name}");
+        let Some(b) = block(entry).filter(|b| **b != B::default()) else {
+            return Err(ctx.invalid(format!("a `{list_name}` entry needs a non-empty `{block_name}`")));
+        };
+        compiled.push(compile(ctx, b)?);
+    }
+    Ok(Some(compiled))
 }
 
 // === the layer ===

@@ -138,3 +138,36 @@ pub fn write_atomically(dir: &Path, name: &str, text: &str) {
     std::fs::write(&tmp, text).unwrap();
     std::fs::rename(&tmp, dir.join(name)).unwrap();
 }
+
+/// An application speaking HTTP/1.1 and h2c that answers each request with `describe(req)`.
+pub async fn app(describe: fn(&Request<Incoming>) -> String) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let body = describe(&req);
+                    async move { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body)))) }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// A request header's value, or "".
+pub fn header(req: &Request<Incoming>, name: &str) -> String {
+    req.headers().get(name).map(|v| v.to_str().unwrap().to_owned()).unwrap_or_default()
+}
+
+/// The openssl-made certificates of mesh-tls's tests (`openssl-certs.sh`), into `dir`.
+pub fn openssl_certs(dir: &Path) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../mesh-tls/tests/openssl-certs.sh");
+    let status = Command::new("sh").arg(script).arg(dir).stdout(Stdio::null()).status().unwrap();
+    assert!(status.success());
+}
