@@ -118,14 +118,11 @@ impl TraceContext {
         };
         let debug = get(&X_B3_FLAGS) == Some("1");
         let sampled = debug || matches!(get(&X_B3_SAMPLED), Some("1" | "true"));
-        Some(Self {
-            trace_id,
-            span_id,
-            parent_id,
-            flags: if sampled { SAMPLED } else { 0 },
-            debug,
-            tracestate: Vec::new(),
-        })
+        Some(Self::b3(trace_id, span_id, parent_id, sampled, debug))
+    }
+
+    fn b3(trace_id: u128, span_id: u64, parent_id: Option<u64>, sampled: bool, debug: bool) -> Self {
+        Self { trace_id, span_id, parent_id, flags: if sampled { SAMPLED } else { 0 }, debug, tracestate: Vec::new() }
     }
 
     /// The trace id.
@@ -314,14 +311,7 @@ fn parse_b3_single(s: &str) -> Option<TraceContext> {
     if parts.next().is_some() {
         return None;
     }
-    Some(TraceContext {
-        trace_id,
-        span_id,
-        parent_id,
-        flags: if sampled { SAMPLED } else { 0 },
-        debug,
-        tracestate: Vec::new(),
-    })
+    Some(TraceContext::b3(trace_id, span_id, parent_id, sampled, debug))
 }
 
 /// A UUIDv4 (RFC 9562) from 128 random bits, as Envoy generates `x-request-id`.
