@@ -180,3 +180,7 @@ impl TryDeadline {
         }
     }
 }
+
+/// Response extension: the endpoint (`host:port`) that answered, for access logs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamHost(pub Arc<str>);

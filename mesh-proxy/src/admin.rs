@@ -138,6 +138,9 @@ fn respond(
                     crate::INBOUND_PLAINTEXT_REFUSED.load(Ordering::Relaxed),
                     crate::INBOUND_HANDSHAKE_FAILURES.load(Ordering::Relaxed)
                 ));
+                if let Some(log) = telemetry.and_then(|t| t.access_log.as_ref()) {
+                    out.push_str(&format!("access_log.dropped {}\n", log.dropped()));
+                }
                 if let Some(identity) = &r.config().identity {
                     let status = identity.status();
                     let left = status.not_after.duration_since(std::time::SystemTime::now()).map_or(0, |d| d.as_secs());

@@ -23,6 +23,8 @@ pub struct ProxyConfig {
     pub listen: SocketAddr,
     /// The inbound listener (peers to the local application), if any.
     pub inbound: Option<InboundConfig>,
+    /// Where the JSON access log goes (`-`: standard output); `None`: no access log.
+    pub access_log: Option<std::path::PathBuf>,
     /// The workload's identity: mTLS on the inbound listener, and for origination to
     /// destinations whose DestinationRule says `ISTIO_MUTUAL` (or auto mTLS).
     pub identity: Option<mesh_tls::Identity>,
@@ -123,6 +125,7 @@ impl Default for ProxyConfig {
             listen: DEFAULT_LISTEN.parse().expect("valid default"),
             inbound: None,
             identity: None,
+            access_log: None,
             upstream: DEFAULT_UPSTREAM.parse().expect("valid default"),
             upstream_protocol: UpstreamProtocol::Downstream,
             admin: Some(DEFAULT_ADMIN.parse().expect("valid default")),

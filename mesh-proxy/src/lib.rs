@@ -198,19 +198,36 @@ impl Server {
             None => None,
         };
         let tunnels: Arc<upstream::Tunnels> = Arc::default();
+        let access_log = match config.access_log.as_deref() {
+            None => None,
+            Some(p) if p == std::path::Path::new("-") => {
+                Some(mesh_telemetry::access_log::AccessLog::to_stdout(ACCESS_LOG_QUEUE))
+            }
+            Some(p) => {
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .map_err(|source| BindError { addr: config.listen, what: "access log file", source })?;
+                Some(mesh_telemetry::access_log::AccessLog::to_writer(file, ACCESS_LOG_QUEUE))
+            }
+        };
         let telemetry = snapshot.as_ref().map(|s| {
             let spec = s.resources.mesh_proxy.as_ref().map(|r| &r.spec);
             let label = |k: &str| spec.and_then(|p| p.workload.labels.get(k).cloned());
-            telemetry::Telemetry::new(&telemetry::Workload {
-                name: spec
-                    .map(|p| p.workload.name.clone())
-                    .filter(|n| !n.is_empty())
-                    .unwrap_or_else(|| "unknown".into()),
-                namespace: spec.and_then(|p| p.workload.namespace.clone()).unwrap_or_else(|| "default".into()),
-                app: label("app"),
-                version: label("version"),
-                principal: config.identity.as_ref().map(|i| i.current().id().to_string()),
-            })
+            telemetry::Telemetry::new(
+                &telemetry::Workload {
+                    name: spec
+                        .map(|p| p.workload.name.clone())
+                        .filter(|n| !n.is_empty())
+                        .unwrap_or_else(|| "unknown".into()),
+                    namespace: spec.and_then(|p| p.workload.namespace.clone()).unwrap_or_else(|| "default".into()),
+                    app: label("app"),
+                    version: label("version"),
+                    principal: config.identity.as_ref().map(|i| i.current().id().to_string()),
+                },
+                access_log.clone(),
+            )
         });
         let routes = snapshot.map(|s| Arc::new(routes::Routes::new(s, &config)));
         Ok(Self { config, telemetry, listener, inbound, admin, routes, tunnels })
@@ -437,6 +454,9 @@ impl Server {
 /// What serving one downstream connection needs.
 /// Client connections refused for the connection cap (for `/stats`).
 pub(crate) static REFUSED_CONNECTIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Access log lines that may wait for the writer; beyond, lines are dropped and counted.
+const ACCESS_LOG_QUEUE: usize = 8192;
 
 /// Inbound connections refused for being plaintext under STRICT, and inbound TLS
 /// handshakes that failed (bad or missing client certificates), for `/stats`.

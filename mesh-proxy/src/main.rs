@@ -99,6 +99,11 @@ struct Args {
     workers: u16,
 
     /// Log filter (tracing `EnvFilter` syntax, e.g. `info`, `mesh_proxy=debug`).
+    /// The JSON access log (one line per request, with a configuration): a file, or `-` for
+    /// standard output. Lines are dropped (and counted in /stats) rather than slow requests.
+    #[arg(long, value_name = "PATH|-", env = "MESH_PROXY_ACCESS_LOG")]
+    access_log: Option<PathBuf>,
+
     #[arg(long, value_name = "FILTER", env = "MESH_PROXY_LOG", default_value = "info")]
     log: String,
 }
@@ -260,6 +265,7 @@ fn main() -> ExitCode {
     config.max_connections = (args.max_connections > 0).then_some(args.max_connections);
     config.drain_timeout = args.drain_timeout;
     config.workers = workers;
+    config.access_log = args.access_log.clone();
     // Certificates rotate as cert-manager or SPIRE rewrite the files.
     let _watch = config.identity.as_ref().map(|i| i.watch(Duration::from_secs(1)));
     drop(entered);

@@ -151,6 +151,7 @@ impl Forward {
         let stack = crate::stack::Stack::Inbound(crate::stack::Inbound {
             routes,
             app: app.clone(),
+            app_host: mesh_core::UpstreamHost(inbound.app.as_str().into()),
             identity: config.identity.clone(),
         });
         Self {

@@ -83,6 +83,8 @@ pub(crate) enum Stack {
 pub(crate) struct Inbound {
     pub(crate) routes: Arc<Routes>,
     pub(crate) app: Endpoint,
+    /// The application's address, for access logs.
+    pub(crate) app_host: mesh_core::UpstreamHost,
     pub(crate) identity: Option<mesh_tls::Identity>,
 }
 
@@ -147,10 +149,21 @@ impl Stack {
     ) -> impl Future<Output = Result<Response<ProxyBody>, BoxError>> + Send + use<> {
         match self {
             Stack::Plain(endpoint) => Either::Left(endpoint.clone().send(req)),
-            Stack::Inbound(inbound) => match inbound.admit(req) {
-                Ok(req) => Either::Left(inbound.app.clone().send(req)),
-                Err(refusal) => Either::Right(Either::Right(Either::Right(std::future::ready(Ok(refusal))))),
-            },
+            Stack::Inbound(inbound) => {
+                let admitted = inbound.admit(req);
+                let (app, host) = (inbound.app.clone(), inbound.app_host.clone());
+                let answer: BoxFuture = Box::pin(async move {
+                    match admitted {
+                        Ok(req) => {
+                            let mut res = app.send(req).await?;
+                            res.extensions_mut().insert(host);
+                            Ok(res)
+                        }
+                        Err(refusal) => Ok(refusal),
+                    }
+                });
+                Either::Right(Either::Right(Either::Right(answer)))
+            }
             Stack::Routed(routed, routes) => match routes.rate_limit() {
                 None => Either::Right(Either::Left(
                     routed.clone().oneshot(req).map(|result| result.map(|res| res.map(flatten))),
@@ -459,6 +472,7 @@ impl Service<Request<RequestBody>> for ClusterService {
         let Some(picked) = cluster.balancer.pick_avoiding(hash, health, tried) else {
             return Box::pin(std::future::ready(Err(NoHealthyUpstream(self.key.to_string()).into())));
         };
+        let upstream_host = mesh_core::UpstreamHost(picked.endpoint().address().clone());
         let (pool, monitor) = match self.pool(picked.endpoint().address()) {
             Ok(found) => found,
             Err(e) => return Box::pin(std::future::ready(Err(e))),
@@ -496,6 +510,7 @@ impl Service<Request<RequestBody>> for ClusterService {
             if let Some(cookie) = set_cookie {
                 res.headers_mut().append(SET_COOKIE, cookie);
             }
+            res.extensions_mut().insert(upstream_host);
             Ok(res)
         })
     }

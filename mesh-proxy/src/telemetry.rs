@@ -1,6 +1,7 @@
 //! The proxy's telemetry, from mesh-telemetry: request ids and trace context on every
-//! request (the snapshot's Telemetry sampling), and Istio's request metrics for both
-//! listeners, served on the admin server's `/metrics`.
+//! request (Istio's default 1 % sampling for new traces), Istio's request metrics for both
+//! listeners, served on the admin server's `/metrics`, and the JSON access log
+//! (`--access-log`).
 //!
 //! The labels that do not change per request are resolved once per authority (outbound:
 //! `destination_service`) or per peer identity (inbound: `source_principal`,
@@ -25,6 +26,7 @@ pub(crate) const MAX_SERIES_KEYS: usize = 1024;
 /// Telemetry shared by both listeners.
 pub(crate) struct Telemetry {
     pub(crate) registry: Mutex<Registry>,
+    pub(crate) access_log: Option<mesh_telemetry::access_log::AccessLog>,
     metrics: IstioMetrics,
     outbound: Labels,
     inbound: Labels,
@@ -61,7 +63,7 @@ pub(crate) struct Workload {
 }
 
 impl Telemetry {
-    pub(crate) fn new(workload: &Workload) -> Arc<Self> {
+    pub(crate) fn new(workload: &Workload, access_log: Option<mesh_telemetry::access_log::AccessLog>) -> Arc<Self> {
         let mut registry = Registry::default();
         let metrics = IstioMetrics::register(&mut registry);
         let name: Arc<str> = workload.name.as_str().into();
@@ -84,6 +86,7 @@ impl Telemetry {
         inb.connection_security_policy = "none".into();
         Arc::new(Self {
             registry: Mutex::new(registry),
+            access_log,
             metrics,
             outbound: Labels { base: Arc::new(out), by_key: Mutex::default() },
             inbound: Labels { base: Arc::new(inb), by_key: Mutex::default() },
@@ -126,7 +129,29 @@ impl Telemetry {
         };
         let request_bytes =
             req.headers().get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok()).unwrap_or(0);
-        Started { peers, grpc, request_bytes, at: Instant::now() }
+        let entry = self.access_log.as_ref().filter(|log| log.sampled()).map(|_| {
+            let h = req.headers();
+            let text = |name: http::header::HeaderName| h.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+            let protocol = match req.version() {
+                http::Version::HTTP_2 => "HTTP/2",
+                http::Version::HTTP_10 => "HTTP/1.0",
+                _ => "HTTP/1.1",
+            };
+            let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+            let mut e = mesh_telemetry::access_log::Entry::new(req.method().as_str(), path, protocol);
+            e.authority = req.uri().authority().map(|a| a.to_string()).or_else(|| text(http::header::HOST));
+            e.user_agent = text(http::header::USER_AGENT);
+            e.x_forwarded_for = text(http::header::HeaderName::from_static("x-forwarded-for"));
+            e.request_id = req.extensions().get::<mesh_telemetry::trace::RequestId>().map(|r| r.0.clone());
+            e.trace_id = req.extensions().get::<mesh_telemetry::propagation::TraceContext>().map(|t| t.trace_id_hex());
+            e.peer_identity = mesh_core::PeerIdentity::of(req.extensions()).map(|p| p.to_string());
+            if let Some(c) = mesh_core::ClientConnection::of(req.extensions()) {
+                e.downstream_remote_address = Some(c.peer);
+                e.downstream_local_address = Some(c.local);
+            }
+            Box::new(e)
+        });
+        Started { peers, grpc, request_bytes, at: Instant::now(), entry }
     }
 
     /// Records the request once `res`'s body has ended.
@@ -134,6 +159,7 @@ impl Telemetry {
         let code = res.status().as_u16();
         let grpc_head = res.headers().get("grpc-status").and_then(|v| v.to_str().ok()?.parse().ok());
         let flags = ResponseFlags::of(res.extensions());
+        let upstream_host = res.extensions().get::<mesh_core::UpstreamHost>().map(|h| h.0.clone());
         let telemetry = self.clone();
         res.body_mut().on_end(Box::new(move |end, sent| {
             let grpc_status = match end {
@@ -151,7 +177,17 @@ impl Telemetry {
                 grpc_status: grpc_status.filter(|_| started.grpc),
                 flags,
             };
-            telemetry.metrics.record(&labels, started.at.elapsed(), started.request_bytes, sent);
+            let elapsed = started.at.elapsed();
+            if let (Some(log), Some(mut e)) = (&telemetry.access_log, started.entry) {
+                e.response_code = code;
+                e.response_flags = labels.flags;
+                e.bytes_received = started.request_bytes;
+                e.bytes_sent = sent;
+                e.duration = elapsed;
+                e.upstream_host = upstream_host;
+                log.log(&e);
+            }
+            telemetry.metrics.record(&labels, elapsed, started.request_bytes, sent);
         }));
     }
 }
@@ -162,4 +198,6 @@ pub(crate) struct Started {
     grpc: bool,
     request_bytes: u64,
     at: Instant,
+    /// The access log's entry, when this request is logged.
+    entry: Option<Box<mesh_telemetry::access_log::Entry>>,
 }

@@ -110,7 +110,8 @@ async fn two_sidecars_speak_mtls_over_http2_and_only_the_allowed_identity_gets_i
     let b_dir = dir.join("b");
     std::fs::create_dir_all(&b_dir).unwrap();
     std::fs::write(b_dir.join("b.yaml"), sidecar_b(&certs, app_b, "STRICT")).unwrap();
-    let b = Proxy::start(&b_dir);
+    let access_log = dir.join("b-access.log");
+    let b = Proxy::start_with(&b_dir, std::process::Stdio::inherit(), &["--access-log", access_log.to_str().unwrap()]);
     let b_inbound = b.inbound.expect("sidecar B has an inbound listener");
 
     let start_caller = |name: &str| {
@@ -206,6 +207,29 @@ async fn two_sidecars_speak_mtls_over_http2_and_only_the_allowed_identity_gets_i
     assert!(a_metrics.contains("istio_requests_total{reporter=\"source\",source_workload=\"client\""), "{a_metrics}");
     assert!(a_metrics.contains("destination_service=\"reviews\""), "{a_metrics}");
     assert!(a_metrics.contains("response_code=\"200\""), "{a_metrics}");
+
+    // B's access log: one JSON line per request, with the caller's identity, the request id
+    // and trace id the sidecars gave it, and why a request was refused.
+    let lines = async {
+        loop {
+            let text = std::fs::read_to_string(&access_log).unwrap_or_default();
+            if text.lines().count() >= 6 {
+                return text;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let text = tokio::time::timeout(Duration::from_secs(10), lines).await.unwrap();
+    let entries: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let denied = entries.iter().find(|e| e["method"] == "DELETE").expect("the DELETE is logged");
+    assert_eq!(denied["response_code"], 403);
+    assert_eq!(denied["response_flags"], "RBAC");
+    assert_eq!(denied["downstream_peer_uri_san"], "spiffe://cluster.local/ns/default/sa/client");
+    assert_eq!(denied["protocol"], "HTTP/2");
+    assert_eq!(denied["request_id"].as_str().map(str::len), Some(36));
+    assert_eq!(denied["trace_id"].as_str().map(str::len), Some(32));
+    let ok = entries.iter().find(|e| e["response_code"] == 200).unwrap();
+    assert_eq!(ok["upstream_host"].as_str(), Some(app_b.to_string().as_str()));
 
     // PERMISSIVE (a reload): plaintext is served, without an identity, so the policy that
     // wants one refuses it; mTLS still works.

@@ -5,11 +5,13 @@
 //! |---|---|
 //! | [`propagation`] | W3C `traceparent` / `tracestate`, B3 (multi and single header), `x-request-id` |
 //! | [`trace`] | [`trace::TraceLayer`]: request ids, continuing or starting traces, sampling |
+//! | [`access_log`] | one JSON line per request, written by a thread of its own; drops (and counts) rather than stalls |
 //! | [`metrics`] | [`metrics::IstioMetrics`] and [`metrics::MetricsLayer`]: `istio_requests_total` and friends |
 //!
 //! It reads, never decides: the response flags and gRPC statuses other layers record.
-//! OTLP export and access logs are not written yet.
+//! OTLP export is not written yet.
 
+pub mod access_log;
 pub mod metrics;
 pub mod propagation;
 pub mod trace;

@@ -51,9 +51,15 @@ impl Proxy {
 
     /// Starts the proxy with its log (at `warn`) going to `log`.
     pub fn start_logging(config: &Path, log: Stdio) -> Proxy {
+        Self::start_with(config, log, &[])
+    }
+
+    /// The same with more arguments.
+    pub fn start_with(config: &Path, log: Stdio, extra: &[&str]) -> Proxy {
         let mut child = Command::new(env!("CARGO_BIN_EXE_mesh-proxy"))
             .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--config"])
             .arg(config)
+            .args(extra)
             .env("MESH_PROXY_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(log)
