@@ -230,6 +230,11 @@ impl Server {
             )
         });
         let routes = snapshot.map(|s| Arc::new(routes::Routes::new(s, &config)));
+        if let (Some(t), Some(r)) = (&telemetry, &routes) {
+            t.configure(&r.snapshot());
+            let t = t.clone();
+            r.on_store(Box::new(move |s| t.configure(s)));
+        }
         Ok(Self { config, telemetry, listener, inbound, admin, routes, tunnels })
     }
 
@@ -261,11 +266,8 @@ impl Server {
     pub async fn serve(self, shutdown: impl Future<Output = ()>) {
         let draining = Arc::new(AtomicBool::new(false));
         let (drain_tx, drain_rx) = watch::channel(false);
-        // Istio's default sampling (1 %) for traces this proxy starts; a caller's decision
-        // is kept.
-        let trace = mesh_telemetry::trace::TraceLayer::new().sampling_percentage(1.0);
         let with_telemetry = |f: proxy::Forward| match &self.telemetry {
-            Some(t) => f.with_telemetry(t.clone(), trace.clone()),
+            Some(t) => f.with_telemetry(t.clone()),
             None => f,
         };
         let forward = with_telemetry(proxy::Forward::new(&self.config, self.routes.clone(), self.tunnels.clone()));

@@ -19,7 +19,8 @@
 //! | `PeerAuthentication` | security.istio.io | the inbound listener's mTLS mode (STRICT, PERMISSIVE, DISABLE; port level) |
 //! | `AuthorizationPolicy` | security.istio.io | inbound authorization (ALLOW, DENY, AUDIT; CUSTOM refused) |
 //! | `RequestAuthentication` | security.istio.io | inbound JWT validation |
-//! | `Telemetry`, `Gateway`, `Sidecar`, `ProxyConfig`, `WorkloadEntry` | | parsed, warned about as not enforced yet |
+//! | `Telemetry` | telemetry.istio.io | tracing sampling, access logging on or off (metric overrides and tags: not enforced) |
+//! | `Gateway`, `Sidecar`, `ProxyConfig`, `WorkloadEntry` | | parsed, warned about as not enforced yet |
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -150,6 +151,61 @@ pub struct Resources {
     pub peer_authentications: Vec<Resource<mesh_tls::peer::PeerAuthenticationSpec>>,
     /// RequestAuthentications.
     pub request_authentications: Vec<Resource<mesh_tls::jwt::RequestAuthenticationSpec>>,
+    /// Telemetry resources (their tracing sampling and access-log switch).
+    pub telemetries: Vec<Resource<TelemetrySpec>>,
+}
+
+/// `Telemetry.spec` (telemetry.istio.io): what the proxy acts on is the tracing sampling
+/// percentage and whether access logging is disabled; metrics overrides, custom tags and
+/// providers are accepted and reported as not enforced.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, rename_all = "camelCase")]
+pub struct TelemetrySpec {
+    /// The workloads it applies to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub selector: Option<mesh_tls::authz::WorkloadSelector>,
+    /// Tracing settings (the first entry's sampling applies).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tracing: Vec<TracingSpec>,
+    /// Metrics overrides (not enforced: Istio's standard metrics are always on).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<serde_json::Value>,
+    /// Access logging (the first entry's `disabled` applies).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub access_logging: Vec<AccessLoggingSpec>,
+}
+
+/// One `tracing` entry.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, rename_all = "camelCase")]
+pub struct TracingSpec {
+    /// The share of new traces sampled, 0–100.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub random_sampling_percentage: Option<f64>,
+    /// Span tags (not enforced: spans are not exported yet).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub custom_tags: Option<serde_json::Value>,
+    /// Providers (accepted).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub providers: Option<serde_json::Value>,
+    /// Span reporting switch (accepted).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disable_span_reporting: Option<bool>,
+}
+
+/// One `accessLogging` entry.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, rename_all = "camelCase")]
+pub struct AccessLoggingSpec {
+    /// No access log for this workload.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disabled: Option<bool>,
+    /// Providers (accepted).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub providers: Option<serde_json::Value>,
+    /// A CEL filter (not enforced).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub filter: Option<serde_json::Value>,
 }
 
 /// An EnvoyFilter's `spec`: the proxy acts on patches that insert Envoy's local rate limit
@@ -386,7 +442,6 @@ pub struct Workload {
 
 /// Kinds that are recognised and parsed but not enforced yet, with their API groups.
 const NOT_ENFORCED: &[(&str, &str)] = &[
-    ("Telemetry", "telemetry.istio.io"),
     ("Gateway", "networking.istio.io"),
     ("Sidecar", "networking.istio.io"),
     ("ProxyConfig", "networking.istio.io"),
@@ -664,6 +719,36 @@ pub fn load_text(file: &Path, text: &str, loaded: &mut Loaded) {
                     ctx.loaded.resources.request_authentications.push(r);
                 }
             }
+            ("Telemetry", "telemetry.istio.io") => {
+                if let Some(r) = ctx.typed::<TelemetrySpec>(doc()) {
+                    for (i, t) in r.spec.tracing.iter().enumerate() {
+                        if t.random_sampling_percentage.is_some_and(|p| !(0.0..=100.0).contains(&p)) {
+                            ctx.error_at(
+                                &format!("spec.tracing[{i}].randomSamplingPercentage"),
+                                "must be between 0 and 100",
+                            );
+                        }
+                        if t.custom_tags.is_some() {
+                            ctx.warn_at(
+                                &format!("spec.tracing[{i}].customTags"),
+                                "span tags: parsed, but not enforced yet (no span export)",
+                            );
+                        }
+                    }
+                    if r.spec.metrics.is_some() {
+                        ctx.warn_at("spec.metrics", "metric overrides: parsed, but not enforced yet (Istio's standard metrics are served as they are)");
+                    }
+                    for (i, a) in r.spec.access_logging.iter().enumerate() {
+                        if a.filter.is_some() {
+                            ctx.warn_at(
+                                &format!("spec.accessLogging[{i}].filter"),
+                                "CEL filters: parsed, but not enforced yet",
+                            );
+                        }
+                    }
+                    ctx.loaded.resources.telemetries.push(r);
+                }
+            }
             ("MeshProxy", "proxy.mesh.dev") => {
                 if let Some(r) = ctx.typed::<MeshProxySpec>(doc()) {
                     ctx.loaded.resources.mesh_proxy = Some(r);
@@ -686,6 +771,7 @@ pub fn load_text(file: &Path, text: &str, loaded: &mut Loaded) {
                         "AuthorizationPolicy",
                         "PeerAuthentication",
                         "RequestAuthentication",
+                        "Telemetry",
                     ]
                     .contains(&k)
                 {

@@ -97,7 +97,6 @@ pub(crate) struct Forward {
     peer: Option<mesh_core::PeerIdentity>,
     /// Request ids, trace context and metrics (with a configuration).
     telemetry: Option<Arc<crate::telemetry::Telemetry>>,
-    trace: Option<mesh_telemetry::trace::TraceLayer>,
 }
 
 impl Forward {
@@ -112,25 +111,12 @@ impl Forward {
             Some(routes) => crate::stack::Stack::routed(routes.clone(), settings),
             None => crate::stack::Stack::Plain(plain.clone()),
         };
-        Self {
-            stack,
-            plain,
-            request_timeout: config.request_timeout,
-            client: None,
-            peer: None,
-            telemetry: None,
-            trace: None,
-        }
+        Self { stack, plain, request_timeout: config.request_timeout, client: None, peer: None, telemetry: None }
     }
 
     /// The same, with request ids, trace context and metrics.
-    pub(crate) fn with_telemetry(
-        mut self,
-        telemetry: Arc<crate::telemetry::Telemetry>,
-        trace: mesh_telemetry::trace::TraceLayer,
-    ) -> Self {
+    pub(crate) fn with_telemetry(mut self, telemetry: Arc<crate::telemetry::Telemetry>) -> Self {
         self.telemetry = Some(telemetry);
-        self.trace = Some(trace);
         self
     }
 
@@ -154,15 +140,7 @@ impl Forward {
             app_host: mesh_core::UpstreamHost(inbound.app.as_str().into()),
             identity: config.identity.clone(),
         });
-        Self {
-            stack,
-            plain: app,
-            request_timeout: config.request_timeout,
-            client: None,
-            peer: None,
-            telemetry: None,
-            trace: None,
-        }
+        Self { stack, plain: app, request_timeout: config.request_timeout, client: None, peer: None, telemetry: None }
     }
 
     /// The same, for requests of a peer with this verified identity.
@@ -208,13 +186,10 @@ impl Forward {
             req.extensions_mut().insert(peer.clone());
         }
         // Only a configured proxy keeps telemetry: the plain path stays as it was.
-        let started = match (&self.telemetry, &self.trace) {
-            (Some(telemetry), Some(trace)) => {
-                trace.apply(&mut req);
-                Some(telemetry.start(&req, matches!(self.stack, crate::stack::Stack::Inbound(..))))
-            }
-            _ => None,
-        };
+        let started = self.telemetry.as_ref().map(|telemetry| {
+            telemetry.trace(&mut req);
+            telemetry.start(&req, matches!(self.stack, crate::stack::Stack::Inbound(..)))
+        });
         // Each arm builds its own exchange future: one made before the `match` and moved
         // into an arm would take room in this future's state twice.
         let result = match self.request_timeout {

@@ -45,6 +45,10 @@ pub struct Snapshot {
     pub rate_limit: Option<Arc<mesh_resilience::ratelimit::RateLimitLayer>>,
     /// What the inbound listener enforces.
     pub security: Arc<Security>,
+    /// Telemetry's tracing sampling for new traces, 0–100 (none: Istio's default, 1).
+    pub trace_sampling: Option<f64>,
+    /// Telemetry's access logging switched off for this workload.
+    pub access_log_disabled: bool,
 }
 
 /// The inbound side's policies for this workload: its PeerAuthentication mode,
@@ -381,7 +385,43 @@ pub fn compile(resources: Resources) -> Result<Snapshot, CompileError> {
     }
     let rate_limit = rate_limit(&resources, proxy, &default_ns, &mut notes)?;
     let security = Arc::new(security(&resources, proxy, &default_ns, &proxy_base)?);
-    Ok(Snapshot { table: Arc::new(table), clusters, resources, notes, rate_limit, security })
+    let (trace_sampling, access_log_disabled) = telemetry(&resources, proxy, &default_ns);
+    Ok(Snapshot {
+        table: Arc::new(table),
+        clusters,
+        resources,
+        notes,
+        rate_limit,
+        security,
+        trace_sampling,
+        access_log_disabled,
+    })
+}
+
+/// The Telemetry settings of this workload: a selector's resource, else its namespace's,
+/// else the root namespace's (Istio's precedence); the first of each kind found.
+fn telemetry(
+    resources: &Resources,
+    proxy: Option<&crate::loader::MeshProxySpec>,
+    default_ns: &str,
+) -> (Option<f64>, bool) {
+    let root = proxy.and_then(|p| p.root_namespace.as_deref()).unwrap_or(ROOT_NAMESPACE);
+    let no_labels = BTreeMap::new();
+    let labels = proxy.map_or(&no_labels, |p| &p.workload.labels);
+    let rank = |r: &Resource<crate::loader::TelemetrySpec>| {
+        let ns = r.namespace(default_ns);
+        match &r.spec.selector {
+            Some(sel) if ns == default_ns && sel.selects(labels) => Some(0),
+            None if ns == default_ns => Some(1),
+            None if ns == root => Some(2),
+            _ => None,
+        }
+    };
+    let mut applicable: Vec<_> = resources.telemetries.iter().filter_map(|r| Some((rank(r)?, r))).collect();
+    applicable.sort_by_key(|(rank, _)| *rank);
+    let sampling = applicable.iter().find_map(|(_, r)| r.spec.tracing.first()?.random_sampling_percentage);
+    let disabled = applicable.iter().find_map(|(_, r)| r.spec.access_logging.first()?.disabled).unwrap_or(false);
+    (sampling, disabled)
 }
 
 /// The mesh's root namespace.
@@ -760,6 +800,28 @@ mod tests {
         crate::loader::load_text(std::path::Path::new("t.yaml"), yaml, &mut loaded);
         assert!(!loaded.has_errors(), "{:?}", loaded.diagnostics);
         compile(loaded.resources)
+    }
+
+    #[test]
+    fn telemetry_sampling_and_access_logging_follow_istios_precedence() {
+        let telemetry = |ns: &str, selector: &str, body: &str| {
+            format!(
+                "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {{name: t, namespace: {ns}}}\nspec:\n{selector}{body}---\n"
+            )
+        };
+        let proxy = "apiVersion: proxy.mesh.dev/v1alpha1\nkind: MeshProxy\nmetadata: {name: p}\nspec:\n  workload: {name: web, namespace: shop, labels: {app: web}}\n---\n";
+        let mesh = telemetry("istio-system", "", "  tracing: [{randomSamplingPercentage: 100}]\n");
+        let s = compile_text(&format!("{proxy}{mesh}")).unwrap();
+        assert_eq!((s.trace_sampling, s.access_log_disabled), (Some(100.0), false));
+        let namespace = telemetry("shop", "", "  tracing: [{randomSamplingPercentage: 25}]\n");
+        let workload =
+            telemetry("shop", "  selector: {matchLabels: {app: web}}\n", "  accessLogging: [{disabled: true}]\n");
+        let other =
+            telemetry("shop", "  selector: {matchLabels: {app: db}}\n", "  tracing: [{randomSamplingPercentage: 0}]\n");
+        let s = compile_text(&format!("{proxy}{mesh}{other}{workload}{namespace}")).unwrap();
+        assert_eq!((s.trace_sampling, s.access_log_disabled), (Some(25.0), true));
+        let s = compile_text(proxy).unwrap();
+        assert_eq!((s.trace_sampling, s.access_log_disabled), (None, false));
     }
 
     #[test]

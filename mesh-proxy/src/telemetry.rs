@@ -27,6 +27,10 @@ pub(crate) const MAX_SERIES_KEYS: usize = 1024;
 pub(crate) struct Telemetry {
     pub(crate) registry: Mutex<Registry>,
     pub(crate) access_log: Option<mesh_telemetry::access_log::AccessLog>,
+    /// The trace rules of the current snapshot (its Telemetry sampling).
+    trace: arc_swap::ArcSwap<mesh_telemetry::trace::TraceLayer>,
+    /// The current snapshot's Telemetry turned access logging off.
+    logging_off: std::sync::atomic::AtomicBool,
     metrics: IstioMetrics,
     outbound: Labels,
     inbound: Labels,
@@ -87,10 +91,25 @@ impl Telemetry {
         Arc::new(Self {
             registry: Mutex::new(registry),
             access_log,
+            trace: arc_swap::ArcSwap::from_pointee(mesh_telemetry::trace::TraceLayer::new().sampling_percentage(1.0)),
+            logging_off: std::sync::atomic::AtomicBool::new(false),
             metrics,
             outbound: Labels { base: Arc::new(out), by_key: Mutex::default() },
             inbound: Labels { base: Arc::new(inb), by_key: Mutex::default() },
         })
+    }
+
+    /// Applies a snapshot's Telemetry: the sampling of new traces (Istio's 1 % when unset)
+    /// and the access-log switch.
+    pub(crate) fn configure(&self, snapshot: &crate::snapshot::Snapshot) {
+        let sampling = snapshot.trace_sampling.unwrap_or(1.0);
+        self.trace.store(Arc::new(mesh_telemetry::trace::TraceLayer::new().sampling_percentage(sampling)));
+        self.logging_off.store(snapshot.access_log_disabled, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Gives `req` its request id and trace context.
+    pub(crate) fn trace(&self, req: &mut Request<RequestBody>) {
+        self.trace.load().apply(req);
     }
 
     /// `/metrics`, in the Prometheus text format.
@@ -129,7 +148,8 @@ impl Telemetry {
         };
         let request_bytes =
             req.headers().get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok()).unwrap_or(0);
-        let entry = self.access_log.as_ref().filter(|log| log.sampled()).map(|_| {
+        let logging = !self.logging_off.load(std::sync::atomic::Ordering::Relaxed);
+        let entry = self.access_log.as_ref().filter(|log| logging && log.sampled()).map(|_| {
             let h = req.headers();
             let text = |name: http::header::HeaderName| h.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
             let protocol = match req.version() {
