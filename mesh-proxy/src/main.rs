@@ -6,6 +6,13 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+
+/// With the `jemalloc` feature (the default): jemalloc, which returns freed memory to the
+/// system from a background thread (settings in `.cargo/config.toml`; `_RJEM_MALLOC_CONF`
+/// overrides them).
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 use mesh_proxy::config::{DEFAULT_ADMIN, DEFAULT_LISTEN, DEFAULT_UPSTREAM};
 use mesh_proxy::{ProxyConfig, Server, UpstreamAddr, UpstreamProtocol};
 
