@@ -1081,19 +1081,29 @@ spec:
 }
 
 /// An h2c backend that takes one stream at a time per connection (its
-/// `SETTINGS_MAX_CONCURRENT_STREAMS` is 1) and answers after 300 ms, counting connections.
+/// `SETTINGS_MAX_CONCURRENT_STREAMS` is 1), counting connections. It answers its first
+/// request at once, and holds every later one until three are in flight together (10 s at
+/// most), so that concurrent requests overlap however slowly they arrive.
 async fn one_stream_h2_backend() -> (SocketAddr, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let connections = Arc::new(AtomicUsize::new(0));
     let counted = connections.clone();
+    let requests = Arc::new(AtomicUsize::new(0));
+    let together = Arc::new(tokio::sync::Barrier::new(3));
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             counted.fetch_add(1, Ordering::SeqCst);
+            let (requests, together) = (requests.clone(), together.clone());
             tokio::spawn(async move {
-                let svc = service_fn(|_req: Request<Incoming>| async {
-                    tokio::time::sleep(Duration::from_millis(300)).await;
-                    Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"h2"))))
+                let svc = service_fn(move |_req: Request<Incoming>| {
+                    let (requests, together) = (requests.clone(), together.clone());
+                    async move {
+                        if requests.fetch_add(1, Ordering::SeqCst) > 0 {
+                            let _ = tokio::time::timeout(Duration::from_secs(10), together.wait()).await;
+                        }
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"h2"))))
+                    }
                 });
                 let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
                     .max_concurrent_streams(1)
