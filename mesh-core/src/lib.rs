@@ -49,4 +49,4 @@ pub use body::LocalOr;
 pub use classify::{Failure, GrpcCode, GrpcStatus, Outcome};
 pub use flags::ResponseFlags;
 pub use identity::{PeerIdentity, SpiffeId, TrustDomain};
-pub use route::{ClientConnection, RouteDecision, TriedEndpoints, TryDeadline, UpstreamHost};
+pub use route::{ClientConnection, ResendCount, RouteDecision, TriedEndpoints, TryDeadline, UpstreamHost};

@@ -181,6 +181,19 @@ impl TryDeadline {
     }
 }
 
+/// Request extension on a retry: how many tries were made before it (OpenTelemetry's
+/// `http.request.resend_count`; a first try has none). A retry layer sets it for the span
+/// and log layers below.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResendCount(pub u32);
+
+impl ResendCount {
+    /// The count `extensions` carry, if this is a retry.
+    pub fn of(extensions: &http::Extensions) -> Option<u32> {
+        extensions.get::<Self>().map(|r| r.0)
+    }
+}
+
 /// Response extension: the endpoint (`host:port`) that answered, for access logs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamHost(pub Arc<str>);

@@ -214,6 +214,73 @@ impl TraceContext {
     }
 }
 
+impl TraceContext {
+    /// Writes this context in the formats the headers already carry (of `propagators`), or
+    /// in the first of them when they carry none: how a hop below the one that answered the
+    /// caller in its own format replaces the span id with its own.
+    pub fn reinject(&self, headers: &mut HeaderMap, propagators: &[Propagator]) {
+        let mut wrote = false;
+        for p in propagators {
+            let present = match p {
+                Propagator::W3c => headers.contains_key(TRACEPARENT),
+                Propagator::B3 => headers.contains_key(B3) || headers.contains_key(X_B3_TRACEID),
+            };
+            if present {
+                self.inject(headers, std::slice::from_ref(p));
+                wrote = true;
+            }
+        }
+        if !wrote && let Some(first) = propagators.first() {
+            self.inject(headers, std::slice::from_ref(first));
+        }
+    }
+
+    /// This span as OpenTelemetry's [`SpanContext`](opentelemetry::trace::SpanContext)
+    /// (`remote`: received from another process, rather than made here).
+    pub fn span_context(&self, remote: bool) -> opentelemetry::trace::SpanContext {
+        use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceId, TraceState};
+        let state = TraceState::from_key_value(self.tracestate.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .unwrap_or_default();
+        SpanContext::new(
+            TraceId::from_bytes(self.trace_id.to_be_bytes()),
+            SpanId::from_bytes(self.span_id.to_be_bytes()),
+            TraceFlags::new(self.flags & KNOWN_FLAGS),
+            remote,
+            state,
+        )
+    }
+
+    /// An OpenTelemetry [`Context`](opentelemetry::Context) whose (remote) parent is this
+    /// span: attach it in a handler and the application's own spans are children of the
+    /// layer's.
+    pub fn otel_context(&self) -> opentelemetry::Context {
+        use opentelemetry::trace::TraceContextExt as _;
+        opentelemetry::Context::new().with_remote_span_context(self.span_context(true))
+    }
+
+    /// The context of an OpenTelemetry span (the application's current one, say), if valid.
+    pub fn from_span_context(span: &opentelemetry::trace::SpanContext) -> Option<Self> {
+        if !span.is_valid() {
+            return None;
+        }
+        let tracestate = span
+            .trace_state()
+            .header()
+            .split(',')
+            .filter_map(|m| m.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        Some(Self {
+            trace_id: u128::from_be_bytes(span.trace_id().to_bytes()),
+            span_id: u64::from_be_bytes(span.span_id().to_bytes()),
+            parent_id: None,
+            flags: span.trace_flags().to_u8() & KNOWN_FLAGS,
+            debug: false,
+            tracestate,
+        })
+    }
+}
+
 fn lower_hex(s: &str) -> bool {
     !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }

@@ -6,15 +6,19 @@
 //! caller's decision is kept, which is the parent-based default), makes the span of this hop
 //! a child of the caller's, and writes it back in every configured format so the next hop
 //! sees this one as its parent. The span's context is the request extension
-//! [`TraceContext`], for access logs and exporters.
+//! [`TraceContext`], for access logs and exporters; with a [`Tracer`] the span is recorded
+//! (a server span, ended with the response body), and
+//! [`ClientSpanLayer`](crate::span::ClientSpanLayer) below it records each attempt the
+//! service sends.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use http::{HeaderValue, Request};
+use http::{HeaderValue, Request, Response};
 use mesh_core::random::Random;
 
 use crate::propagation::{Propagator, TraceContext, X_REQUEST_ID, request_id};
+use crate::span::{Kind, Span, SpanBody, SpanFuture, Tracer};
 
 /// The request's id (the `x-request-id` it carries or was given), as a request extension.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,6 +31,7 @@ pub struct TraceLayer {
     /// Sampling of new traces, in parts per million.
     sampling_ppm: u32,
     random: Arc<Random>,
+    tracer: Option<Tracer>,
 }
 
 impl TraceLayer {
@@ -36,7 +41,27 @@ impl TraceLayer {
             propagators: Arc::from([Propagator::W3c, Propagator::B3]),
             sampling_ppm: 1_000_000,
             random: Arc::new(Random::from_entropy()),
+            tracer: None,
         }
+    }
+
+    /// Records a server span for each sampled request, ended with its response body.
+    pub fn tracer(mut self, tracer: Tracer) -> Self {
+        self.tracer = Some(tracer);
+        self
+    }
+
+    /// The tracer spans go to, if any.
+    pub fn span_tracer(&self) -> Option<&Tracer> {
+        self.tracer.as_ref()
+    }
+
+    /// The request's server span (after [`apply`](Self::apply)), if sampled and traced.
+    pub fn server_span<B>(&self, req: &Request<B>) -> Option<Span> {
+        let context = req.extensions().get::<TraceContext>()?;
+        let mut span = self.tracer.as_ref()?.start(context, Kind::Server, req.method().as_str().to_owned())?;
+        span.set_request(req);
+        Some(span)
     }
 
     /// The formats read (first match wins) and written.
@@ -109,13 +134,14 @@ pub struct Trace<S> {
     layer: TraceLayer,
 }
 
-impl<S, B> tower::Service<Request<B>> for Trace<S>
+impl<S, B, RB> tower::Service<Request<B>> for Trace<S>
 where
-    S: tower::Service<Request<B>>,
+    S: tower::Service<Request<B>, Response = Response<RB>>,
+    S::Error: std::fmt::Display,
 {
-    type Response = S::Response;
+    type Response = Response<SpanBody<RB>>;
     type Error = S::Error;
-    type Future = S::Future;
+    type Future = SpanFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -123,6 +149,7 @@ where
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         self.layer.apply(&mut req);
-        self.inner.call(req)
+        let span = self.layer.server_span(&req);
+        SpanFuture::new(self.inner.call(req), span)
     }
 }

@@ -501,6 +501,7 @@ where
         drop(result);
         let mut svc = svc.clone();
         let mut req = Request::from_parts(head.clone(), body);
+        req.extensions_mut().insert(mesh_core::ResendCount(tries));
         if let Some(tried) = &tried {
             req.extensions_mut().insert(tried.clone());
         }
