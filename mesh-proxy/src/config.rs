@@ -25,6 +25,9 @@ pub struct ProxyConfig {
     pub inbound: Option<InboundConfig>,
     /// Where the JSON access log goes (`-`: standard output); `None`: no access log.
     pub access_log: Option<std::path::PathBuf>,
+    /// Where spans are exported (the `MeshProxy`'s `tracing`); `None`: trace context is
+    /// propagated, no span is recorded.
+    pub tracing: Option<TracingConfig>,
     /// The workload's identity: mTLS on the inbound listener, and for origination to
     /// destinations whose DestinationRule says `ISTIO_MUTUAL` (or auto mTLS).
     pub identity: Option<mesh_tls::Identity>,
@@ -126,6 +129,7 @@ impl Default for ProxyConfig {
             inbound: None,
             identity: None,
             access_log: None,
+            tracing: None,
             upstream: DEFAULT_UPSTREAM.parse().expect("valid default"),
             upstream_protocol: UpstreamProtocol::Downstream,
             admin: Some(DEFAULT_ADMIN.parse().expect("valid default")),
@@ -258,5 +262,28 @@ mod tests {
         assert_eq!(c.admin.unwrap().to_string(), DEFAULT_ADMIN);
         assert_eq!(c.upstream_protocol, UpstreamProtocol::Downstream);
         assert_eq!(c.workers, 1);
+    }
+}
+
+/// Span export: OTLP to a collector.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TracingConfig {
+    /// The collector (`http://otel-collector:4317` for gRPC, `:4318` for HTTP).
+    pub endpoint: String,
+    /// gRPC (the default) or protobuf over HTTP.
+    pub protocol: mesh_telemetry::span::OtlpProtocol,
+    /// The spans' `service.name` (Istio's default: `app.namespace`).
+    pub service_name: String,
+}
+
+impl TracingConfig {
+    /// OTLP over gRPC to `endpoint`, as `service_name`.
+    pub fn grpc(endpoint: impl Into<String>, service_name: impl Into<String>) -> Self {
+        Self {
+            endpoint: endpoint.into(),
+            protocol: mesh_telemetry::span::OtlpProtocol::Grpc,
+            service_name: service_name.into(),
+        }
     }
 }

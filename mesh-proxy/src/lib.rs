@@ -165,6 +165,35 @@ pub fn apply_mesh_proxy(config: &mut ProxyConfig, snapshot: &snapshot::Snapshot)
         }
         config.inbound = Some(c);
     }
+    if let Some(tracing) = &mp.spec.tracing {
+        let endpoint = &tracing.otlp.endpoint;
+        match endpoint.parse::<http::Uri>() {
+            Ok(uri) if matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some() => {}
+            _ => {
+                return Err(at(
+                    "tracing.otlp.endpoint",
+                    format!("`{endpoint}` is not a URL like http://127.0.0.1:4317"),
+                ));
+            }
+        }
+        let protocol = match tracing.otlp.protocol.as_deref() {
+            None | Some("grpc") => mesh_telemetry::span::OtlpProtocol::Grpc,
+            Some("http/protobuf" | "http") => mesh_telemetry::span::OtlpProtocol::HttpProtobuf,
+            Some(other) => {
+                return Err(at("tracing.otlp.protocol", format!("`{other}` is not grpc or http/protobuf")));
+            }
+        };
+        let workload = &mp.spec.workload;
+        let app = workload.labels.get("app").cloned().unwrap_or_else(|| workload.name.clone());
+        let app = if app.is_empty() { "unknown".to_owned() } else { app };
+        let namespace = workload.namespace.as_deref().unwrap_or("default");
+        let mut t = config::TracingConfig::grpc(endpoint.clone(), format!("{app}.{namespace}"));
+        t.protocol = protocol;
+        if let Some(name) = &tracing.service_name {
+            t.service_name = name.clone();
+        }
+        config.tracing = Some(t);
+    }
     if let Some(identity) = &mp.spec.identity {
         let base = mp.file.parent().unwrap_or(std::path::Path::new("."));
         let files = identity.files(base).map_err(|e| at("identity", e))?;
@@ -212,6 +241,24 @@ impl Server {
                 Some(mesh_telemetry::access_log::AccessLog::to_writer(file, ACCESS_LOG_QUEUE))
             }
         };
+        // Spans go to the collector from a task on this runtime.
+        let tracer = match &config.tracing {
+            Some(t) => {
+                let export = match t.protocol {
+                    mesh_telemetry::span::OtlpProtocol::Grpc => mesh_telemetry::span::OtlpExport::grpc(&t.endpoint),
+                    mesh_telemetry::span::OtlpProtocol::HttpProtobuf => {
+                        mesh_telemetry::span::OtlpExport::http(&t.endpoint)
+                    }
+                };
+                let tracer = export.build(&t.service_name).map_err(|e| BindError {
+                    addr: config.listen,
+                    what: "OTLP exporter",
+                    source: std::io::Error::other(e.to_string()),
+                })?;
+                Some(tracer)
+            }
+            None => None,
+        };
         let telemetry = snapshot.as_ref().map(|s| {
             let spec = s.resources.mesh_proxy.as_ref().map(|r| &r.spec);
             let label = |k: &str| spec.and_then(|p| p.workload.labels.get(k).cloned());
@@ -227,9 +274,13 @@ impl Server {
                     principal: config.identity.as_ref().map(|i| i.current().id().to_string()),
                 },
                 access_log.clone(),
+                tracer.clone(),
             )
         });
         let routes = snapshot.map(|s| Arc::new(routes::Routes::new(s, &config)));
+        if let (Some(tracer), Some(routes)) = (tracer, &routes) {
+            let _ = routes.client_spans.set(mesh_telemetry::span::ClientSpanLayer::new(tracer));
+        }
         if let (Some(t), Some(r)) = (&telemetry, &routes) {
             t.configure(&r.snapshot());
             let t = t.clone();
@@ -448,6 +499,14 @@ impl Server {
             () = drained => tracing::info!("drained"),
             () = tokio::time::sleep(self.config.drain_timeout) => {
                 tracing::warn!("drain timeout reached; closing the remaining connections");
+            }
+        }
+        // The spans still queued go to the collector (a blocking call: the export runs on
+        // this runtime meanwhile).
+        if let Some(tracer) = self.telemetry.as_ref().and_then(|t| t.tracer().cloned()) {
+            let flushed = tokio::task::spawn_blocking(move || tracer.shutdown(Duration::from_secs(5))).await;
+            if let Ok(Err(e)) = flushed {
+                tracing::warn!(error = %e, "spans not exported at exit");
             }
         }
     }

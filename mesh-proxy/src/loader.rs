@@ -367,6 +367,32 @@ pub struct MeshProxySpec {
     /// The mesh's root namespace (default `istio-system`): its policies apply mesh-wide.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub root_namespace: Option<String>,
+    /// Where spans go (Istio's OpenTelemetry extension provider, for this proxy).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tracing: Option<ExportSpec>,
+}
+
+/// `MeshProxy.spec.tracing`: span export.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, rename_all = "camelCase")]
+pub struct ExportSpec {
+    /// OTLP export.
+    pub otlp: OtlpSpec,
+    /// The spans' `service.name` (default: the workload's `app` label, else its name, then
+    /// `.namespace`, as Istio's `APP_LABEL_AND_NAMESPACE`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub service_name: Option<String>,
+}
+
+/// `MeshProxy.spec.tracing.otlp`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, rename_all = "camelCase")]
+pub struct OtlpSpec {
+    /// The collector's URL: `http://host:4317` (gRPC) or `http://host:4318` (HTTP).
+    pub endpoint: String,
+    /// `grpc` (default) or `http/protobuf`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
 }
 
 /// The inbound listener.

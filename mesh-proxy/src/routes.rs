@@ -43,6 +43,8 @@ pub(crate) struct Routes {
     /// Snapshots swapped in, and reloads refused.
     pub(crate) reloads: AtomicU64,
     pub(crate) reload_failures: AtomicU64,
+    /// A client span for every try, when spans are exported.
+    pub(crate) client_spans: std::sync::OnceLock<mesh_telemetry::span::ClientSpanLayer>,
 }
 
 impl Routes {
@@ -58,6 +60,7 @@ impl Routes {
             config: config.clone(),
             reloads: AtomicU64::new(0),
             reload_failures: AtomicU64::new(0),
+            client_spans: std::sync::OnceLock::new(),
         }
     }
 

@@ -293,9 +293,12 @@ impl MakeDestination for MakeCluster {
         let mut retry = RetryLayer::new(RetryPolicy::none());
         // Retries need no extensions below here but the client's address, when the cluster
         // hashes on it (the tried endpoints are carried anyway).
-        retry = match cluster.cluster.as_ref().and_then(|c| c.hash_key.as_ref()) {
-            Some(_) => retry.carrying_extensions(carry_client_connection),
-            None => retry.without_extensions(),
+        // And the request's span, whose child each try's span is, when spans are exported.
+        let traced = self.routes.client_spans.get().is_some();
+        retry = match (cluster.cluster.as_ref().and_then(|c| c.hash_key.as_ref()), traced) {
+            (Some(_), _) => retry.carrying_extensions(carry_client_connection),
+            (None, true) => retry.carrying_extensions(carry_trace),
+            (None, false) => retry.without_extensions(),
         };
         // Retries go to another endpoint than the one that failed, when there is another.
         let endpoints = cluster.cluster.as_ref().map_or(0, |c| c.balancer.endpoints().len());
@@ -359,7 +362,15 @@ fn record(monitor: HostMonitor, grpc: bool, result: &mut Result<Response<ProxyBo
     }
 }
 
+/// Copies a sampled request's trace context (unsampled ones make no spans).
+fn carry_trace(from: &http::Extensions, to: &mut http::Extensions) {
+    if let Some(context) = from.get::<mesh_telemetry::propagation::TraceContext>().filter(|c| c.sampled()) {
+        to.insert(context.clone());
+    }
+}
+
 fn carry_client_connection(from: &http::Extensions, to: &mut http::Extensions) {
+    carry_trace(from, to);
     if let Some(connection) = ClientConnection::of(from) {
         to.insert(connection.clone());
     }
@@ -448,7 +459,7 @@ impl Service<Request<RequestBody>> for ClusterService {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<RequestBody>) -> BoxFuture {
+    fn call(&mut self, mut req: Request<RequestBody>) -> BoxFuture {
         let Some(cluster) = &self.cluster else {
             return Box::pin(std::future::ready(Err(NoCluster(self.key.to_string()).into())));
         };
@@ -473,6 +484,13 @@ impl Service<Request<RequestBody>> for ClusterService {
             return Box::pin(std::future::ready(Err(NoHealthyUpstream(self.key.to_string()).into())));
         };
         let upstream_host = mesh_core::UpstreamHost(picked.endpoint().address().clone());
+        // This try's client span, a child of the request's server span.
+        let mut span = self.routes.client_spans.get().and_then(|layer| {
+            let mut span = layer.start(&mut req)?;
+            span.set_attribute(mesh_telemetry::span::KeyValue::new("upstream.address", upstream_host.0.to_string()));
+            span.set_attribute(mesh_telemetry::span::KeyValue::new("upstream_cluster", self.key.to_string()));
+            Some(span)
+        });
         let (pool, monitor) = match self.pool(picked.endpoint().address()) {
             Ok(found) => found,
             Err(e) => return Box::pin(std::future::ready(Err(e))),
@@ -497,6 +515,11 @@ impl Service<Request<RequestBody>> for ClusterService {
                 None => None,
             };
             let mut result = endpoint.send(req).await;
+            match (&mut result, span.as_mut()) {
+                (Ok(res), Some(s)) => s.set_status_code(res.status().as_u16()),
+                (Err(e), Some(s)) => s.set_error(e),
+                _ => {}
+            }
             if let (Some(admission), Ok(res)) = (admission, &mut result) {
                 // The connection is busy until the response body has ended.
                 res.body_mut().on_end(Box::new(move |_, _| drop(admission)));
@@ -509,6 +532,10 @@ impl Service<Request<RequestBody>> for ClusterService {
             drop(picked);
             if let Some(cookie) = set_cookie {
                 res.headers_mut().append(SET_COOKIE, cookie);
+            }
+            if let Some(span) = span {
+                // The try's span ends with its response body.
+                res.body_mut().on_end(Box::new(move |_, _| drop(span)));
             }
             res.extensions_mut().insert(upstream_host);
             Ok(res)

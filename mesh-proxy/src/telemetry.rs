@@ -29,6 +29,8 @@ pub(crate) struct Telemetry {
     pub(crate) access_log: Option<mesh_telemetry::access_log::AccessLog>,
     /// The trace rules of the current snapshot (its Telemetry sampling).
     trace: arc_swap::ArcSwap<mesh_telemetry::trace::TraceLayer>,
+    /// Where server spans go, if anywhere.
+    tracer: Option<mesh_telemetry::span::Tracer>,
     /// The current snapshot's Telemetry turned access logging off.
     logging_off: std::sync::atomic::AtomicBool,
     metrics: IstioMetrics,
@@ -67,7 +69,11 @@ pub(crate) struct Workload {
 }
 
 impl Telemetry {
-    pub(crate) fn new(workload: &Workload, access_log: Option<mesh_telemetry::access_log::AccessLog>) -> Arc<Self> {
+    pub(crate) fn new(
+        workload: &Workload,
+        access_log: Option<mesh_telemetry::access_log::AccessLog>,
+        tracer: Option<mesh_telemetry::span::Tracer>,
+    ) -> Arc<Self> {
         let mut registry = Registry::default();
         let metrics = IstioMetrics::register(&mut registry);
         let name: Arc<str> = workload.name.as_str().into();
@@ -91,7 +97,8 @@ impl Telemetry {
         Arc::new(Self {
             registry: Mutex::new(registry),
             access_log,
-            trace: arc_swap::ArcSwap::from_pointee(mesh_telemetry::trace::TraceLayer::new().sampling_percentage(1.0)),
+            trace: arc_swap::ArcSwap::from_pointee(trace_layer(1.0, tracer.as_ref())),
+            tracer,
             logging_off: std::sync::atomic::AtomicBool::new(false),
             metrics,
             outbound: Labels { base: Arc::new(out), by_key: Mutex::default() },
@@ -103,13 +110,18 @@ impl Telemetry {
     /// and the access-log switch.
     pub(crate) fn configure(&self, snapshot: &crate::snapshot::Snapshot) {
         let sampling = snapshot.trace_sampling.unwrap_or(1.0);
-        self.trace.store(Arc::new(mesh_telemetry::trace::TraceLayer::new().sampling_percentage(sampling)));
+        self.trace.store(Arc::new(trace_layer(sampling, self.tracer.as_ref())));
         self.logging_off.store(snapshot.access_log_disabled, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Gives `req` its request id and trace context.
     pub(crate) fn trace(&self, req: &mut Request<RequestBody>) {
         self.trace.load().apply(req);
+    }
+
+    /// The span exporter, for the flush at exit.
+    pub(crate) fn tracer(&self) -> Option<&mesh_telemetry::span::Tracer> {
+        self.tracer.as_ref()
     }
 
     /// `/metrics`, in the Prometheus text format.
@@ -171,7 +183,8 @@ impl Telemetry {
             }
             Box::new(e)
         });
-        Started { peers, grpc, request_bytes, at: Instant::now(), entry }
+        let span = self.trace.load().server_span(req);
+        Started { peers, grpc, request_bytes, at: Instant::now(), entry, span }
     }
 
     /// Records the request once `res`'s body has ended.
@@ -198,6 +211,15 @@ impl Telemetry {
                 flags,
             };
             let elapsed = started.at.elapsed();
+            if let Some(mut span) = started.span {
+                span.set_status_code(code);
+                if !labels.flags.is_empty() {
+                    span.set_attribute(mesh_telemetry::span::KeyValue::new("response_flags", labels.flags.to_string()));
+                }
+                if let Some(host) = &upstream_host {
+                    span.set_attribute(mesh_telemetry::span::KeyValue::new("upstream.address", host.to_string()));
+                }
+            }
             if let (Some(log), Some(mut e)) = (&telemetry.access_log, started.entry) {
                 e.response_code = code;
                 e.response_flags = labels.flags;
@@ -220,4 +242,14 @@ pub(crate) struct Started {
     at: Instant,
     /// The access log's entry, when this request is logged.
     entry: Option<Box<mesh_telemetry::access_log::Entry>>,
+    /// The server span, when sampled and exported (ended with the response body).
+    span: Option<mesh_telemetry::span::Span>,
+}
+
+fn trace_layer(sampling: f64, tracer: Option<&mesh_telemetry::span::Tracer>) -> mesh_telemetry::trace::TraceLayer {
+    let layer = mesh_telemetry::trace::TraceLayer::new().sampling_percentage(sampling);
+    match tracer {
+        Some(t) => layer.tracer(t.clone()),
+        None => layer,
+    }
 }

@@ -37,13 +37,15 @@ use std::time::{Duration, SystemTime};
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use mesh_core::random::Random;
+use opentelemetry::InstrumentationScope;
 use opentelemetry::trace::{SpanId, SpanKind, Status};
-use opentelemetry::{InstrumentationScope, KeyValue};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanLinks, SpanProcessor};
 use pin_project_lite::pin_project;
 
 use crate::propagation::{Propagator, TraceContext};
+
+pub use opentelemetry::KeyValue;
 
 /// Which side of an exchange a span is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,0 +1,146 @@
+//! Traces across two mesh-proxy sidecars, exported as OTLP/gRPC to a receiver built from the
+//! OpenTelemetry protos: caller → sidecar A (server span; a client span per try, the route
+//! retrying a 503) → sidecar B's inbound listener (a server span per try, whose parent is A's
+//! try) → app B, which sees B's span as its parent. One trace id throughout.
+
+#[path = "../../mesh-telemetry/tests/support/otlp.rs"]
+mod otlp;
+mod support;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use support::*;
+use tokio::net::TcpListener;
+
+/// An application that answers 503 to its first request and 200 after, keeping each
+/// request's `traceparent`.
+async fn flaky_app() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let shared = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            let (seen, calls) = (shared.clone(), calls.clone());
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    seen.lock().unwrap().push(header(&req, "traceparent"));
+                    let status = if calls.fetch_add(1, Ordering::SeqCst) == 0 { 503 } else { 200 };
+                    async move {
+                        Ok::<_, Infallible>(
+                            Response::builder().status(status).body(Full::new(Bytes::from("ratings"))).unwrap(),
+                        )
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+fn mesh_proxy(name: &str, otlp: SocketAddr, extra: &str) -> String {
+    format!(
+        "apiVersion: proxy.mesh.dev/v1alpha1\nkind: MeshProxy\nmetadata: {{name: {name}}}\nspec:\n  workload: {{name: {name}, namespace: shop, labels: {{app: {name}}}}}\n  tracing:\n    otlp: {{endpoint: \"http://{otlp}\", protocol: grpc}}\n{extra}---\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trace_crosses_two_sidecars_with_a_span_per_try() {
+    let (otlp, received) = otlp::grpc_receiver().await;
+    let (app_b, app_saw) = flaky_app().await;
+    let dir = config_dir("tracing-two-sidecars");
+    let (a_dir, b_dir) = (dir.join("a"), dir.join("b"));
+    std::fs::create_dir_all(&a_dir).unwrap();
+    std::fs::create_dir_all(&b_dir).unwrap();
+    std::fs::write(
+        b_dir.join("b.yaml"),
+        mesh_proxy("reviews", otlp, &format!("  inbound: {{listen: \"127.0.0.1:0\", app: \"{app_b}\"}}\n")),
+    )
+    .unwrap();
+    let b = Proxy::start(&b_dir);
+    let b_inbound = b.inbound.unwrap();
+    let routes = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews}\nspec:\n  hosts: [reviews]\n  http:\n  - route: [{destination: {host: reviews}}]\n    retries: {attempts: 2, retryOn: 5xx}\n";
+    std::fs::write(
+        a_dir.join("a.yaml"),
+        format!("{}{}{routes}", mesh_proxy("productpage", otlp, ""), service_entry("reviews", b_inbound.port())),
+    )
+    .unwrap();
+    let a = Proxy::start(&a_dir);
+
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let caller = "00f067aa0ba902b7";
+    let traceparent = format!("00-{trace}-{caller}-01");
+    let (status, body) =
+        Client::connect(a.addr).await.get("reviews", "/ratings", &[("traceparent", traceparent.as_str())]).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "ratings"));
+
+    // A: the server span and two tries; B: a server span per try. Batches go out every 5 s;
+    // SIGTERM drains each proxy and flushes its spans before it exits.
+    for mut proxy in [a, b] {
+        let pid = proxy.child.id().to_string();
+        assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+        let exit = tokio::task::spawn_blocking(move || proxy.child.wait().map(|s| s.success())).await.unwrap();
+        assert!(exit.unwrap(), "a clean exit");
+    }
+    let spans = received.spans();
+    assert_eq!(spans.len(), 5, "{spans:#?}");
+    assert!(spans.iter().all(|s| s.trace_id == trace), "{spans:#?}");
+    let of = |service: &str, kind: i32| -> Vec<&otlp::ReceivedSpan> {
+        spans.iter().filter(|s| s.service == service && s.kind == kind).collect()
+    };
+    let a_server = of("productpage.shop", 2);
+    assert_eq!(a_server.len(), 1);
+    assert_eq!(a_server[0].parent_span_id, caller);
+    assert_eq!(a_server[0].attribute("http.response.status_code"), Some("200"));
+    let mut tries = of("productpage.shop", 3);
+    tries.sort_by_key(|s| s.attribute("http.request.resend_count").map(str::to_owned));
+    assert_eq!(tries.len(), 2);
+    assert!(tries.iter().all(|t| t.parent_span_id == a_server[0].span_id));
+    assert_eq!(tries[0].attribute("http.response.status_code"), Some("503"));
+    assert_eq!(tries[1].attribute("http.request.resend_count"), Some("1"));
+    assert_eq!(tries[1].attribute("http.response.status_code"), Some("200"));
+    assert_eq!(tries[1].attribute("upstream.address"), Some(format!("127.0.0.1:{}", b_inbound.port()).as_str()));
+    // B's server spans: each a child of the try that reached it.
+    let b_server = of("reviews.shop", 2);
+    assert_eq!(b_server.len(), 2);
+    for t in &tries {
+        let served = b_server.iter().find(|s| s.parent_span_id == t.span_id).expect("B's span of this try");
+        assert_eq!(served.attribute("http.response.status_code"), t.attribute("http.response.status_code"));
+    }
+    // App B's parent is B's server span (no client span on the inbound side).
+    let mut expected: Vec<String> = b_server.iter().map(|s| format!("00-{trace}-{}-01", s.span_id)).collect();
+    let mut saw = app_saw.lock().unwrap().clone();
+    expected.sort();
+    saw.sort();
+    assert_eq!(saw, expected);
+}
+
+/// A collector address that is not a URL stops the start with the file and the field named.
+#[test]
+fn a_bad_collector_endpoint_is_refused_with_its_field() {
+    let dir = config_dir("tracing-bad-endpoint");
+    let text = "apiVersion: proxy.mesh.dev/v1alpha1\nkind: MeshProxy\nmetadata: {name: a}\nspec:\n  tracing:\n    otlp: {endpoint: \"collector:4317\"}\n";
+    std::fs::write(dir.join("a.yaml"), text).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_mesh-proxy"))
+        .args(["--listen", "127.0.0.1:0", "--admin", "off", "--config"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("a.yaml: error: MeshProxy: spec.tracing.otlp.endpoint: `collector:4317` is not a URL"),
+        "{err}"
+    );
+}
