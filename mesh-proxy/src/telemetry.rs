@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use http::{Request, Response};
 use mesh_core::ResponseFlags;
 use mesh_telemetry::Registry;
-use mesh_telemetry::metrics::{IstioMetrics, Peers, Reporter, RequestLabels};
+use mesh_telemetry::metrics::{IstioMetrics, PeerMetrics, Peers, Reporter};
 use tokio::time::Instant;
 
 use crate::body::{BodyEnd, ProxyBody, RequestBody};
@@ -33,19 +33,23 @@ pub(crate) struct Telemetry {
     tracer: Option<mesh_telemetry::span::Tracer>,
     /// The current snapshot's Telemetry turned access logging off.
     logging_off: std::sync::atomic::AtomicBool,
-    metrics: IstioMetrics,
     outbound: Labels,
     inbound: Labels,
 }
 
-/// Fixed labels by key, bounded.
+/// Fixed labels by key, bounded, with their series resolved.
 struct Labels {
-    base: Arc<Peers>,
-    by_key: Mutex<HashMap<Box<str>, Arc<Peers>>>,
+    metrics: IstioMetrics,
+    base: Arc<PeerMetrics>,
+    by_key: Mutex<HashMap<Box<str>, Arc<PeerMetrics>>>,
 }
 
 impl Labels {
-    fn get(&self, key: &str, make: impl FnOnce(&Peers) -> Peers) -> Arc<Peers> {
+    fn new(metrics: &IstioMetrics, base: Peers) -> Self {
+        Self { metrics: metrics.clone(), base: metrics.for_peers(Arc::new(base)), by_key: Mutex::default() }
+    }
+
+    fn get(&self, key: &str, make: impl FnOnce(&Peers) -> Peers) -> Arc<PeerMetrics> {
         let mut map = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(p) = map.get(key) {
             return p.clone();
@@ -53,7 +57,7 @@ impl Labels {
         if map.len() >= MAX_SERIES_KEYS {
             return self.base.clone();
         }
-        let peers = Arc::new(make(&self.base));
+        let peers = self.metrics.for_peers(Arc::new(make(self.base.peers())));
         map.insert(key.into(), peers.clone());
         peers
     }
@@ -100,9 +104,8 @@ impl Telemetry {
             trace: arc_swap::ArcSwap::from_pointee(trace_layer(1.0, tracer.as_ref())),
             tracer,
             logging_off: std::sync::atomic::AtomicBool::new(false),
-            metrics,
-            outbound: Labels { base: Arc::new(out), by_key: Mutex::default() },
-            inbound: Labels { base: Arc::new(inb), by_key: Mutex::default() },
+            outbound: Labels::new(&metrics, out),
+            inbound: Labels::new(&metrics, inb),
         })
     }
 
@@ -174,7 +177,7 @@ impl Telemetry {
             e.authority = req.uri().authority().map(|a| a.to_string()).or_else(|| text(http::header::HOST));
             e.user_agent = text(http::header::USER_AGENT);
             e.x_forwarded_for = text(http::header::HeaderName::from_static("x-forwarded-for"));
-            e.request_id = req.extensions().get::<mesh_telemetry::trace::RequestId>().map(|r| r.0.clone());
+            e.request_id = mesh_telemetry::trace::RequestId::of(req.headers()).map(std::sync::Arc::from);
             e.trace_id = req.extensions().get::<mesh_telemetry::propagation::TraceContext>().map(|t| t.trace_id_hex());
             e.peer_identity = mesh_core::PeerIdentity::of(req.extensions()).map(|p| p.to_string());
             if let Some(c) = mesh_core::ClientConnection::of(req.extensions()) {
@@ -203,18 +206,12 @@ impl Telemetry {
             if matches!(end, BodyEnd::Dropped) {
                 flags.insert(ResponseFlags::DOWNSTREAM_CONNECTION_TERMINATION);
             }
-            let labels = RequestLabels {
-                peers: started.peers,
-                grpc: started.grpc,
-                response_code: code,
-                grpc_status: grpc_status.filter(|_| started.grpc),
-                flags,
-            };
+            let grpc_status = grpc_status.filter(|_| started.grpc);
             let elapsed = started.at.elapsed();
             if let Some(mut span) = started.span {
                 span.set_status_code(code);
-                if !labels.flags.is_empty() {
-                    span.set_attribute(mesh_telemetry::span::KeyValue::new("response_flags", labels.flags.to_string()));
+                if !flags.is_empty() {
+                    span.set_attribute(mesh_telemetry::span::KeyValue::new("response_flags", flags.to_string()));
                 }
                 if let Some(host) = &upstream_host {
                     span.set_attribute(mesh_telemetry::span::KeyValue::new("upstream.address", host.to_string()));
@@ -222,21 +219,21 @@ impl Telemetry {
             }
             if let (Some(log), Some(mut e)) = (&telemetry.access_log, started.entry) {
                 e.response_code = code;
-                e.response_flags = labels.flags;
+                e.response_flags = flags;
                 e.bytes_received = started.request_bytes;
                 e.bytes_sent = sent;
                 e.duration = elapsed;
                 e.upstream_host = upstream_host;
                 log.log(&e);
             }
-            telemetry.metrics.record(&labels, elapsed, started.request_bytes, sent);
+            started.peers.record(started.grpc, code, grpc_status, flags, elapsed, started.request_bytes, sent);
         }));
     }
 }
 
 /// A request on its way down the stack.
 pub(crate) struct Started {
-    peers: Arc<Peers>,
+    peers: Arc<PeerMetrics>,
     grpc: bool,
     request_bytes: u64,
     at: Instant,

@@ -190,13 +190,17 @@ fn buckets() -> Histogram {
 /// Istio's request metrics. Clones share the series.
 #[derive(Clone)]
 pub struct IstioMetrics {
+    inner: Arc<Families>,
+}
+
+struct Families {
     requests: Family<RequestLabels, Counter>,
     duration: Hist,
     request_bytes: Hist,
     response_bytes: Hist,
     /// The four handles of each series, by the identity of its fixed labels and the outcome:
     /// a request hashes a few integers, not twenty label strings four times.
-    series: Arc<std::sync::Mutex<HashMap<SeriesKey, Arc<Series>>>>,
+    series: std::sync::Mutex<HashMap<SeriesKey, Arc<Series>>>,
 }
 
 /// A series' key: the fixed labels by identity (the `Arc` held keeps the address unique)
@@ -232,6 +236,61 @@ struct Series {
     response_bytes: Histogram,
 }
 
+impl Series {
+    fn observe(&self, duration: Duration, request_bytes: u64, response_bytes: u64) {
+        self.requests.inc();
+        self.duration.observe(duration.as_secs_f64() * 1000.0);
+        self.request_bytes.observe(request_bytes as f64);
+        self.response_bytes.observe(response_bytes as f64);
+    }
+}
+
+/// The series of one set of fixed labels ([`Peers`]), resolved once, when the peer or
+/// destination is first seen (see [`IstioMetrics::for_peers`]), rather than per request: a
+/// request with the common outcome (200, or gRPC OK, and no flags) records through handles
+/// held here, without a lock or a hash; others look their series up.
+pub struct PeerMetrics {
+    metrics: IstioMetrics,
+    peers: Arc<Peers>,
+    /// The series of a 200 without flags: HTTP, then gRPC with status 0.
+    ok: [std::sync::OnceLock<Arc<Series>>; 2],
+}
+
+impl fmt::Debug for PeerMetrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PeerMetrics").field("peers", &self.peers).finish_non_exhaustive()
+    }
+}
+
+impl PeerMetrics {
+    /// The fixed labels.
+    pub fn peers(&self) -> &Arc<Peers> {
+        &self.peers
+    }
+
+    /// Records one request with these labels and its outcome (`grpc_status` only for gRPC).
+    #[expect(clippy::too_many_arguments, reason = "one request's record, each a plain value")]
+    pub fn record(
+        &self,
+        grpc: bool,
+        code: u16,
+        grpc_status: Option<u32>,
+        flags: ResponseFlags,
+        duration: Duration,
+        request_bytes: u64,
+        response_bytes: u64,
+    ) {
+        let labels = || RequestLabels { peers: self.peers.clone(), grpc, response_code: code, grpc_status, flags };
+        let common = code == 200 && flags.is_empty() && grpc_status == if grpc { Some(0) } else { None };
+        if common {
+            let series = self.ok[usize::from(grpc)].get_or_init(|| self.metrics.series(&labels()));
+            series.observe(duration, request_bytes, response_bytes);
+        } else {
+            self.metrics.series(&labels()).observe(duration, request_bytes, response_bytes);
+        }
+    }
+}
+
 /// Series handles kept before the cache is cleared (the label space is bounded by the
 /// caller; this bounds the memory of distinct `Peers` values made per request).
 const MAX_CACHED_SERIES: usize = 16_384;
@@ -245,12 +304,12 @@ impl fmt::Debug for IstioMetrics {
 impl IstioMetrics {
     /// Makes the metrics and registers them into `registry`.
     pub fn register(registry: &mut Registry) -> Self {
-        let m = Self {
+        let m = Families {
             requests: Family::default(),
             duration: Family::new_with_constructor(buckets as fn() -> Histogram),
             request_bytes: Family::new_with_constructor(buckets as fn() -> Histogram),
             response_bytes: Family::new_with_constructor(buckets as fn() -> Histogram),
-            series: Arc::default(),
+            series: std::sync::Mutex::default(),
         };
         registry.register("istio_requests", "Requests, counted when they end", m.requests.clone());
         registry.register(
@@ -260,11 +319,23 @@ impl IstioMetrics {
         );
         registry.register("istio_request_bytes", "Request body sizes, in bytes", m.request_bytes.clone());
         registry.register("istio_response_bytes", "Response body sizes, in bytes", m.response_bytes.clone());
-        m
+        Self { inner: Arc::new(m) }
+    }
+
+    /// The handles of the series with the fixed labels `peers`: resolve them once per
+    /// destination or peer and record through them.
+    pub fn for_peers(&self, peers: Arc<Peers>) -> Arc<PeerMetrics> {
+        Arc::new(PeerMetrics { metrics: self.clone(), peers, ok: Default::default() })
     }
 
     /// Records one request.
     pub fn record(&self, labels: &RequestLabels, duration: Duration, request_bytes: u64, response_bytes: u64) {
+        self.series(labels).observe(duration, request_bytes, response_bytes);
+    }
+
+    /// The handles of `labels`' series, from the cache or made.
+    fn series(&self, labels: &RequestLabels) -> Arc<Series> {
+        let m = &*self.inner;
         let key = SeriesKey {
             peers: labels.peers.clone(),
             grpc: labels.grpc,
@@ -272,28 +343,24 @@ impl IstioMetrics {
             grpc_status: labels.grpc_status,
             flags: labels.flags,
         };
-        let cached = self.series.lock().unwrap_or_else(|p| p.into_inner()).get(&key).cloned();
-        let series = match cached {
+        let cached = m.series.lock().unwrap_or_else(|p| p.into_inner()).get(&key).cloned();
+        match cached {
             Some(s) => s,
             None => {
                 let s = Arc::new(Series {
-                    requests: self.requests.get_or_create_owned(labels),
-                    duration: self.duration.get_or_create_owned(labels),
-                    request_bytes: self.request_bytes.get_or_create_owned(labels),
-                    response_bytes: self.response_bytes.get_or_create_owned(labels),
+                    requests: m.requests.get_or_create_owned(labels),
+                    duration: m.duration.get_or_create_owned(labels),
+                    request_bytes: m.request_bytes.get_or_create_owned(labels),
+                    response_bytes: m.response_bytes.get_or_create_owned(labels),
                 });
-                let mut map = self.series.lock().unwrap_or_else(|p| p.into_inner());
+                let mut map = m.series.lock().unwrap_or_else(|p| p.into_inner());
                 if map.len() >= MAX_CACHED_SERIES {
                     map.clear();
                 }
                 map.insert(key, s.clone());
                 s
             }
-        };
-        series.requests.inc();
-        series.duration.observe(duration.as_secs_f64() * 1000.0);
-        series.request_bytes.observe(request_bytes as f64);
-        series.response_bytes.observe(response_bytes as f64);
+        }
     }
 }
 
@@ -312,14 +379,13 @@ pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 /// Records [`IstioMetrics`] for every request (see the module docs).
 #[derive(Clone, Debug)]
 pub struct MetricsLayer {
-    metrics: IstioMetrics,
-    peers: Arc<Peers>,
+    series: Arc<PeerMetrics>,
 }
 
 impl MetricsLayer {
-    /// Records into `metrics`, with `peers` as the fixed labels.
+    /// Records into `metrics`, with `peers` as the fixed labels (their series resolved now).
     pub fn new(metrics: IstioMetrics, peers: Peers) -> Self {
-        Self { metrics, peers: Arc::new(peers) }
+        Self { series: metrics.for_peers(Arc::new(peers)) }
     }
 }
 
@@ -366,8 +432,7 @@ where
             .or_else(|| req.body().size_hint().exact())
             .unwrap_or(0);
         let pending = Pending {
-            metrics: self.layer.metrics.clone(),
-            peers: self.layer.peers.clone(),
+            series: self.layer.series.clone(),
             grpc: is_grpc(req.headers()),
             start: Instant::now(),
             request_bytes,
@@ -377,8 +442,7 @@ where
 }
 
 struct Pending {
-    metrics: IstioMetrics,
-    peers: Arc<Peers>,
+    series: Arc<PeerMetrics>,
     grpc: bool,
     start: Instant,
     request_bytes: u64,
@@ -386,8 +450,16 @@ struct Pending {
 
 impl Pending {
     fn record(self, code: u16, grpc_status: Option<u32>, flags: ResponseFlags, response_bytes: u64) {
-        let labels = RequestLabels { peers: self.peers, grpc: self.grpc, response_code: code, grpc_status, flags };
-        self.metrics.record(&labels, self.start.elapsed(), self.request_bytes, response_bytes);
+        let grpc_status = grpc_status.filter(|_| self.grpc);
+        self.series.record(
+            self.grpc,
+            code,
+            grpc_status,
+            flags,
+            self.start.elapsed(),
+            self.request_bytes,
+            response_bytes,
+        );
     }
 }
 

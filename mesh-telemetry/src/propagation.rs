@@ -168,7 +168,16 @@ impl TraceContext {
 
     /// `traceparent`, as version `00`.
     pub fn traceparent(&self) -> String {
-        format!("00-{:032x}-{:016x}-{:02x}", self.trace_id, self.span_id, self.flags & KNOWN_FLAGS)
+        String::from_utf8(self.traceparent_bytes().to_vec()).expect("hex and dashes")
+    }
+
+    /// `traceparent` in a buffer of its own (no formatting machinery on the request path).
+    fn traceparent_bytes(&self) -> [u8; 55] {
+        let mut b = *b"00-00000000000000000000000000000000-0000000000000000-00";
+        hex_into(&mut b[3..35], self.trace_id);
+        hex_into(&mut b[36..52], u128::from(self.span_id));
+        hex_into(&mut b[53..55], u128::from(self.flags & KNOWN_FLAGS));
+        b
     }
 
     /// Writes this context in each format, replacing what the headers held.
@@ -176,8 +185,10 @@ impl TraceContext {
         for p in propagators {
             match p {
                 Propagator::W3c => {
-                    headers
-                        .insert(TRACEPARENT, HeaderValue::from_str(&self.traceparent()).expect("hex is a valid value"));
+                    headers.insert(
+                        TRACEPARENT,
+                        HeaderValue::from_bytes(&self.traceparent_bytes()).expect("hex is a valid value"),
+                    );
                     headers.remove(TRACESTATE);
                     if !self.tracestate.is_empty() {
                         let mut s = String::new();
@@ -384,6 +395,23 @@ fn parse_b3_single(s: &str) -> Option<TraceContext> {
 /// A UUIDv4 (RFC 9562) from 128 random bits, as Envoy generates `x-request-id`.
 pub fn request_id(random: u128) -> String {
     let v = (random & !(0xf << 76) | (0x4 << 76)) & !(0x3 << 62) | (0x2 << 62);
-    let h = format!("{v:032x}");
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    let mut h = [0u8; 32];
+    hex_into(&mut h, v);
+    let mut out = String::with_capacity(36);
+    for (i, part) in [&h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32]].into_iter().enumerate() {
+        if i > 0 {
+            out.push('-');
+        }
+        out.push_str(std::str::from_utf8(part).expect("hex digits"));
+    }
+    out
+}
+
+/// Writes `value`'s low `out.len() * 4` bits as lowercase hex, most significant first.
+fn hex_into(out: &mut [u8], value: u128) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let n = out.len();
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = DIGITS[((value >> (4 * (n - 1 - i))) & 0xf) as usize];
+    }
 }

@@ -20,9 +20,17 @@ use mesh_core::random::Random;
 use crate::propagation::{Propagator, TraceContext, X_REQUEST_ID, request_id};
 use crate::span::{Kind, Span, SpanBody, SpanFuture, Tracer};
 
-/// The request's id (the `x-request-id` it carries or was given), as a request extension.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RequestId(pub Arc<str>);
+/// The request's id: the `x-request-id` header it carries or was given by [`TraceLayer`]
+/// (read from the header; nothing is copied per request).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestId;
+
+impl RequestId {
+    /// The id of a request with these headers (after [`TraceLayer`], always there).
+    pub fn of(headers: &http::HeaderMap) -> Option<&str> {
+        headers.get(X_REQUEST_ID)?.to_str().ok().filter(|v| !v.is_empty())
+    }
+}
 
 /// Propagates trace context and request ids (see the module docs).
 #[derive(Clone, Debug)]
@@ -58,8 +66,9 @@ impl TraceLayer {
 
     /// The request's server span (after [`apply`](Self::apply)), if sampled and traced.
     pub fn server_span<B>(&self, req: &Request<B>) -> Option<Span> {
+        let tracer = self.tracer.as_ref()?;
         let context = req.extensions().get::<TraceContext>()?;
-        let mut span = self.tracer.as_ref()?.start(context, Kind::Server, req.method().as_str().to_owned())?;
+        let mut span = tracer.start(context, Kind::Server, req.method().as_str().to_owned())?;
         span.set_request(req);
         Some(span)
     }
@@ -84,16 +93,11 @@ impl TraceLayer {
 
     /// Applies the layer's rules to `req`'s headers and extensions; returns this hop's span.
     pub fn apply<B>(&self, req: &mut Request<B>) -> TraceContext {
-        let id = match req.headers().get(X_REQUEST_ID).and_then(|v| v.to_str().ok()).filter(|v| !v.is_empty()) {
-            Some(id) => Arc::from(id),
-            None => {
-                let random = (u128::from(self.random.next_u64()) << 64) | u128::from(self.random.next_u64());
-                let id = request_id(random);
-                req.headers_mut().insert(X_REQUEST_ID, HeaderValue::from_str(&id).expect("hex and dashes"));
-                Arc::from(id)
-            }
-        };
-        req.extensions_mut().insert(RequestId(id));
+        if RequestId::of(req.headers()).is_none() {
+            let random = (u128::from(self.random.next_u64()) << 64) | u128::from(self.random.next_u64());
+            let id = request_id(random);
+            req.headers_mut().insert(X_REQUEST_ID, HeaderValue::from_str(&id).expect("hex and dashes"));
+        }
         let span_id = self.random.next_u64();
         // A caller's context is answered in its own format; a new trace in the first one.
         let found = self.propagators.iter().find_map(|p| Some((*p, TraceContext::extract(req.headers(), &[*p])?)));
