@@ -54,12 +54,17 @@ spec:
     - {destination: {host: backend.bench, subset: v1}, weight: 90}
     - {destination: {host: backend.bench, subset: v2}, weight: 10}
 YAML
-exec $bin --listen 127.0.0.1:\$1 --admin off --config "\$3/mesh.yaml"
+exec $bin --listen 127.0.0.1:\$1 --admin off --config "\$3/mesh.yaml" "\${@:4}"
 SH
 chmod +x "$here/target/bench/routed-start.sh"
+configs=("mesh-proxy|$bin --listen 127.0.0.1:{port} --upstream {upstream} --admin off"
+         "mesh-proxy-routed|$here/target/bench/routed-start.sh {port} {upstream_port} {rundir}")
+# ACCESS_LOG=1: also the routed proxy writing every request's JSON line to a file.
+if [[ ${ACCESS_LOG:-0} == 1 ]]; then
+  configs+=("mesh-proxy-routed-logged|$here/target/bench/routed-start.sh {port} {upstream_port} {rundir} --access-log {rundir}/access.log")
+fi
 for pass in $(seq 1 "$passes"); do
-  for cfg in "mesh-proxy|$bin --listen 127.0.0.1:{port} --upstream {upstream} --admin off" \
-             "mesh-proxy-routed|$here/target/bench/routed-start.sh {port} {upstream_port} {rundir}"; do
+  for cfg in "${configs[@]}"; do
     IFS='|' read -r name start <<<"$cfg"
     echo "=== pass $pass: $name"
     python3 "$harness/bench.py" --name "$name" --start "$start" --h1 --h2 --conc 16 --h2conc 4x16 \
@@ -74,14 +79,16 @@ by = collections.defaultdict(dict)
 for r in rows:
     key = (r["proto"], r["conc"], r["run"])
     by[key][r["name"]] = r
-print("| protocol | conc | pass | plain CPU s/100k | routed CPU s/100k | routed / plain | plain p99 | routed p99 | non-2xx routed |")
-print("|---|---|---|---|---|---|---|---|---|")
+print("| protocol | conc | pass | variant | plain CPU s/100k | variant CPU s/100k | variant / plain | plain p99 | variant p99 | non-2xx |")
+print("|---|---|---|---|---|---|---|---|---|---|")
 for key in sorted(by, key=str):
     d = by[key]
-    if "mesh-proxy" in d and "mesh-proxy-routed" in d:
-        a = d["mesh-proxy"].get("proxy_cpu_s_per_100k"); b = d["mesh-proxy-routed"].get("proxy_cpu_s_per_100k")
-        if a and b:
-            pa = d["mesh-proxy"].get("p99_us"); pb = d["mesh-proxy-routed"].get("p99_us")
-            nb = d["mesh-proxy-routed"].get("non2xx")
-            print(f"| {key[0]} | {key[1]} | {key[2]} | {a:.3f} | {b:.3f} | {b/a:.3f}x | {pa} us | {pb} us | {nb} |")
+    for variant in ("mesh-proxy-routed", "mesh-proxy-routed-logged"):
+        if "mesh-proxy" in d and variant in d:
+            a = d["mesh-proxy"].get("proxy_cpu_s_per_100k"); b = d[variant].get("proxy_cpu_s_per_100k")
+            if a and b:
+                pa = d["mesh-proxy"].get("p99_us"); pb = d[variant].get("p99_us")
+                nb = d[variant].get("non2xx")
+                name = variant.removeprefix("mesh-proxy-")
+                print(f"| {key[0]} | {key[1]} | {key[2]} | {name} | {a:.3f} | {b:.3f} | {b/a:.3f}x | {pa} us | {pb} us | {nb} |")
 PY

@@ -224,7 +224,7 @@ impl Telemetry {
                 e.bytes_sent = sent;
                 e.duration = elapsed;
                 e.upstream_host = upstream_host;
-                log.log(&e);
+                log.log(e);
             }
             started.peers.record(started.grpc, code, grpc_status, flags, elapsed, started.request_bytes, sent);
         }));

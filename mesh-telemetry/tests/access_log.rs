@@ -63,7 +63,7 @@ fn a_stalled_writer_drops_and_counts_instead_of_blocking() {
     let log = AccessLog::to_writer(gate.clone(), 4);
     let entry = Entry::new("GET", "/", "HTTP/1.1");
     for _ in 0..100 {
-        log.log(&entry);
+        log.log(Box::new(entry.clone()));
     }
     // Every call returned while the sink was stalled. What got through: the channel's 4,
     // and what the writer took into its 8 KiB buffer before the sink stopped it (lines of
