@@ -68,6 +68,7 @@ mod h2server;
 mod headers;
 pub mod loader;
 mod proxy;
+mod proxy_metrics;
 mod reload;
 mod reply;
 mod routes;
@@ -282,6 +283,13 @@ impl Server {
             let _ = routes.client_spans.set(mesh_telemetry::span::ClientSpanLayer::new(tracer));
         }
         if let (Some(t), Some(r)) = (&telemetry, &routes) {
+            t.registry.lock().unwrap_or_else(|p| p.into_inner()).register_collector(Box::new(
+                proxy_metrics::ProxyCollector {
+                    routes: r.clone(),
+                    in_flight: t.in_flight.clone(),
+                    access_log: t.access_log.clone(),
+                },
+            ));
             t.configure(&r.snapshot());
             let t = t.clone();
             r.on_store(Box::new(move |s| t.configure(s)));

@@ -84,6 +84,8 @@ pub struct Cluster {
     /// The retry budget shared by every request to this destination: the DestinationRule's
     /// `retryBudget`, else the ServiceProfile's of the service it belongs to.
     pub retry_budget: Option<Arc<dyn mesh_resilience::retry::RetryBudget>>,
+    /// Retries sent to this destination (for `/metrics`).
+    pub(crate) retries: std::sync::atomic::AtomicU64,
 }
 
 /// A configuration that cannot be compiled.
@@ -380,6 +382,7 @@ pub fn compile(resources: Resources) -> Result<Snapshot, CompileError> {
                 pool,
                 protocol,
                 retry_budget,
+                retries: std::sync::atomic::AtomicU64::new(0),
             }),
         );
     }

@@ -475,6 +475,9 @@ impl Service<Request<RequestBody>> for ClusterService {
                 _ => None,
             })
         });
+        if mesh_core::ResendCount::of(req.extensions()).is_some() {
+            cluster.retries.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         let tried = TriedEndpoints::of(req.extensions());
         let health: &dyn HealthView = match &cluster.outlier {
             Some(detector) => detector,

@@ -35,6 +35,8 @@ pub(crate) struct Telemetry {
     logging_off: std::sync::atomic::AtomicBool,
     outbound: Labels,
     inbound: Labels,
+    /// Requests between their head and the end of their response: outbound, inbound.
+    pub(crate) in_flight: Arc<[std::sync::atomic::AtomicI64; 2]>,
 }
 
 /// Fixed labels by key, bounded, with their series resolved.
@@ -106,6 +108,7 @@ impl Telemetry {
             logging_off: std::sync::atomic::AtomicBool::new(false),
             outbound: Labels::new(&metrics, out),
             inbound: Labels::new(&metrics, inb),
+            in_flight: Arc::default(),
         })
     }
 
@@ -187,7 +190,9 @@ impl Telemetry {
             Box::new(e)
         });
         let span = self.trace.load().server_span(req);
-        Started { peers, grpc, request_bytes, at: Instant::now(), entry, span }
+        let direction = usize::from(inbound);
+        self.in_flight[direction].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Started { peers, grpc, request_bytes, at: Instant::now(), entry, span, direction }
     }
 
     /// Records the request once `res`'s body has ended.
@@ -206,6 +211,7 @@ impl Telemetry {
             if matches!(end, BodyEnd::Dropped) {
                 flags.insert(ResponseFlags::DOWNSTREAM_CONNECTION_TERMINATION);
             }
+            telemetry.in_flight[started.direction].fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             let grpc_status = grpc_status.filter(|_| started.grpc);
             let elapsed = started.at.elapsed();
             if let Some(mut span) = started.span {
@@ -241,6 +247,8 @@ pub(crate) struct Started {
     entry: Option<Box<mesh_telemetry::access_log::Entry>>,
     /// The server span, when sampled and exported (ended with the response body).
     span: Option<mesh_telemetry::span::Span>,
+    /// 0 outbound, 1 inbound.
+    direction: usize,
 }
 
 fn trace_layer(sampling: f64, tracer: Option<&mesh_telemetry::span::Tracer>) -> mesh_telemetry::trace::TraceLayer {

@@ -190,6 +190,29 @@ async fn the_alert_rules_fire_on_the_series_the_proxy_produced() {
     }
     let proxy = proxy_with_traffic("prometheus-rules").await;
     let exposition = admin(proxy.admin, "/metrics").await;
+    // The proxy's own series sit beside Istio's, and promtool accepts the whole page.
+    assert_eq!(metric(proxy.admin, "mesh_requests_in_flight").await, 0.0);
+    assert!(exposition.contains("mesh_config_reloads_total 0"), "{exposition}");
+    assert!(exposition.contains("# TYPE mesh_requests_in_flight gauge"), "{exposition}");
+    let mut check = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut check.stdin.take().unwrap(), exposition.as_bytes()).unwrap();
+    let out = check.wait_with_output().unwrap();
+    let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    // The one lint allowed: Istio's own metric name, in milliseconds as its dashboards need.
+    assert!(
+        out.status.success()
+            || report
+                .lines()
+                .filter(|l| !l.trim().is_empty())
+                .all(|l| l.contains("istio_request_duration_milliseconds")),
+        "promtool check metrics: {report}"
+    );
     let mut series = input_series(&exposition, "istio_requests_total");
     assert!(series.len() >= 2, "{exposition}");
     series.extend(input_series(&exposition, "istio_request_duration_milliseconds_bucket"));

@@ -508,6 +508,10 @@ spec:
         assert_eq!(status, StatusCode::OK, "{body}");
     }
     assert!(all.load(Ordering::SeqCst) >= 50);
+    // Each 503 was retried, and /metrics counts the retries.
+    let retried = all.load(Ordering::SeqCst) - 50;
+    assert!(retried >= 25, "{retried}");
+    assert_eq!(metric(proxy.admin, "mesh_retries_total").await, retried as f64);
 
     // A POST is not replayed once sent (its 503 comes back), and a 1 MB body would not be
     // either (it exceeds the 64 KiB replay buffer).
@@ -802,6 +806,8 @@ spec:
     assert!(durations[1] >= Duration::from_millis(3500) && durations[1] < Duration::from_millis(5000), "{durations:?}");
     let (sent, failed) = send(&mut client, 0).await;
     assert!(failed * 1000 <= sent, "{failed} of {sent} failed");
+    assert_eq!(metric(proxy.admin, "mesh_outlier_ejections_total").await, 2.0);
+    assert_eq!(metric(proxy.admin, "mesh_outlier_ejections_active").await, 0.0);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -878,6 +884,7 @@ spec:
     assert_eq!(seen.load(Ordering::SeqCst), 2, "the overflow never reached the backend, nor was retried");
     let clusters = admin(proxy.admin, "/clusters").await;
     assert!(clusters.contains(r#""overflows": 1"#), "{clusters}");
+    assert_eq!(metric(proxy.admin, "mesh_pool_overflow_total").await, 1.0);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -1063,6 +1070,7 @@ spec:
     assert_eq!(client.get("api", "/", &[]).await.0, StatusCode::OK);
     let stats = admin(proxy.admin, "/stats").await;
     assert!(stats.contains("http_local_rate_limit.enforced 20\n"), "{stats}");
+    assert_eq!(metric(proxy.admin, "mesh_rate_limited_total").await, 20.0);
     drop(proxy);
     let _ = std::fs::remove_dir_all(&dir);
 

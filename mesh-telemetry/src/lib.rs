@@ -17,4 +17,6 @@ pub mod propagation;
 pub mod span;
 pub mod trace;
 
+/// The metrics crate, for collectors of one's own beside these metrics.
+pub use prometheus_client;
 pub use prometheus_client::registry::Registry;

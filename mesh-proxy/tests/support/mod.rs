@@ -177,3 +177,12 @@ pub fn openssl_certs(dir: &Path) {
     let status = Command::new("sh").arg(script).arg(dir).stdout(Stdio::null()).status().unwrap();
     assert!(status.success());
 }
+
+/// The sum of the samples of `name` on the admin server's `/metrics` (0 when absent).
+pub async fn metric(admin_addr: SocketAddr, name: &str) -> f64 {
+    let text = admin(admin_addr, "/metrics").await;
+    text.lines()
+        .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' ')))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}

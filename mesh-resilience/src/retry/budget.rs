@@ -27,6 +27,8 @@ pub trait RetryBudget: Send + Sync + std::fmt::Debug {
     fn deposit(&self) -> RequestGuard;
     /// A retry asks to go; `None` refuses it.
     fn withdraw(&self) -> Option<RetryGuard>;
+    /// Retries refused so far (Envoy's `upstream_rq_retry_overflow`).
+    fn refused(&self) -> u64;
 }
 
 /// Held while an original request is in flight (the concurrency budget counts them).
@@ -68,6 +70,7 @@ pub struct TokenBudget {
     slice: Duration,
     start: Instant,
     window: Mutex<Window>,
+    refused: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -95,6 +98,7 @@ impl TokenBudget {
             slice: ttl / SLICES as u32,
             start: Instant::now(),
             window: Mutex::new(Window { newest: 0, ring: [(0, 0); SLICES] }),
+            refused: AtomicU64::new(0),
         })
     }
 
@@ -137,14 +141,22 @@ impl RetryBudget for TokenBudget {
     }
 
     fn withdraw(&self) -> Option<RetryGuard> {
-        self.with_window(|w| {
+        let admitted = self.with_window(|w| {
             if self.balance(w) < UNIT {
                 return None;
             }
             let i = (w.newest % SLICES as u64) as usize;
             w.ring[i].1 += UNIT;
             Some(RetryGuard(None))
-        })
+        });
+        if admitted.is_none() {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+        }
+        admitted
+    }
+
+    fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
     }
 }
 
@@ -176,11 +188,6 @@ impl ConcurrencyBudget {
         })
     }
 
-    /// Retries refused so far (Envoy's `upstream_rq_retry_overflow`).
-    pub fn refused(&self) -> u64 {
-        self.refused.load(Ordering::Relaxed)
-    }
-
     /// Requests and retries in flight.
     pub fn in_flight(&self) -> (usize, usize) {
         (self.requests.load(Ordering::Acquire), self.retries.load(Ordering::Acquire))
@@ -203,5 +210,9 @@ impl RetryBudget for ConcurrencyBudget {
             return None;
         }
         Some(RetryGuard(Some(self.retries.clone())))
+    }
+
+    fn refused(&self) -> u64 {
+        self.refused.load(Ordering::Relaxed)
     }
 }
