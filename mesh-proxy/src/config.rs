@@ -265,12 +265,15 @@ mod tests {
     }
 }
 
-/// Span export: OTLP to a collector.
+/// Trace context formats and span export (OTLP to a collector).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct TracingConfig {
-    /// The collector (`http://otel-collector:4317` for gRPC, `:4318` for HTTP).
-    pub endpoint: String,
+    /// The collector (`http://otel-collector:4317` for gRPC, `:4318` for HTTP); none: no
+    /// spans are recorded.
+    pub endpoint: Option<String>,
+    /// The formats read and written, in order (default: W3C, then B3).
+    pub propagators: Vec<mesh_telemetry::propagation::Propagator>,
     /// gRPC (the default) or protobuf over HTTP.
     pub protocol: mesh_telemetry::span::OtlpProtocol,
     /// The spans' `service.name` (Istio's default: `app.namespace`).
@@ -281,7 +284,11 @@ impl TracingConfig {
     /// OTLP over gRPC to `endpoint`, as `service_name`.
     pub fn grpc(endpoint: impl Into<String>, service_name: impl Into<String>) -> Self {
         Self {
-            endpoint: endpoint.into(),
+            endpoint: Some(endpoint.into()),
+            propagators: vec![
+                mesh_telemetry::propagation::Propagator::W3c,
+                mesh_telemetry::propagation::Propagator::B3,
+            ],
             protocol: mesh_telemetry::span::OtlpProtocol::Grpc,
             service_name: service_name.into(),
         }

@@ -167,29 +167,52 @@ pub fn apply_mesh_proxy(config: &mut ProxyConfig, snapshot: &snapshot::Snapshot)
         config.inbound = Some(c);
     }
     if let Some(tracing) = &mp.spec.tracing {
-        let endpoint = &tracing.otlp.endpoint;
-        match endpoint.parse::<http::Uri>() {
-            Ok(uri) if matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some() => {}
-            _ => {
-                return Err(at(
-                    "tracing.otlp.endpoint",
-                    format!("`{endpoint}` is not a URL like http://127.0.0.1:4317"),
-                ));
-            }
-        }
-        let protocol = match tracing.otlp.protocol.as_deref() {
-            None | Some("grpc") => mesh_telemetry::span::OtlpProtocol::Grpc,
-            Some("http/protobuf" | "http") => mesh_telemetry::span::OtlpProtocol::HttpProtobuf,
-            Some(other) => {
-                return Err(at("tracing.otlp.protocol", format!("`{other}` is not grpc or http/protobuf")));
-            }
-        };
         let workload = &mp.spec.workload;
         let app = workload.labels.get("app").cloned().unwrap_or_else(|| workload.name.clone());
         let app = if app.is_empty() { "unknown".to_owned() } else { app };
         let namespace = workload.namespace.as_deref().unwrap_or("default");
-        let mut t = config::TracingConfig::grpc(endpoint.clone(), format!("{app}.{namespace}"));
-        t.protocol = protocol;
+        let mut t = config::TracingConfig::grpc(String::new(), format!("{app}.{namespace}"));
+        t.endpoint = None;
+        if let Some(otlp) = &tracing.otlp {
+            let endpoint = &otlp.endpoint;
+            match endpoint.parse::<http::Uri>() {
+                Ok(uri) if matches!(uri.scheme_str(), Some("http" | "https")) && uri.host().is_some() => {}
+                _ => {
+                    return Err(at(
+                        "tracing.otlp.endpoint",
+                        format!("`{endpoint}` is not a URL like http://127.0.0.1:4317"),
+                    ));
+                }
+            }
+            t.protocol = match otlp.protocol.as_deref() {
+                None | Some("grpc") => mesh_telemetry::span::OtlpProtocol::Grpc,
+                Some("http/protobuf" | "http") => mesh_telemetry::span::OtlpProtocol::HttpProtobuf,
+                Some(other) => {
+                    return Err(at("tracing.otlp.protocol", format!("`{other}` is not grpc or http/protobuf")));
+                }
+            };
+            t.endpoint = Some(endpoint.clone());
+        }
+        if !tracing.propagators.is_empty() {
+            use mesh_telemetry::propagation::Propagator;
+            let mut formats = Vec::new();
+            for (i, p) in tracing.propagators.iter().enumerate() {
+                let format = match p.as_str() {
+                    "tracecontext" | "w3c" => Propagator::W3c,
+                    "b3" | "b3multi" => Propagator::B3,
+                    other => {
+                        return Err(at(
+                            &format!("tracing.propagators[{i}]"),
+                            format!("`{other}` is not tracecontext or b3"),
+                        ));
+                    }
+                };
+                if !formats.contains(&format) {
+                    formats.push(format);
+                }
+            }
+            t.propagators = formats;
+        }
         if let Some(name) = &tracing.service_name {
             t.service_name = name.clone();
         }
@@ -243,12 +266,12 @@ impl Server {
             }
         };
         // Spans go to the collector from a task on this runtime.
-        let tracer = match &config.tracing {
-            Some(t) => {
+        let tracer = match config.tracing.as_ref().and_then(|t| Some((t, t.endpoint.as_ref()?))) {
+            Some((t, endpoint)) => {
                 let export = match t.protocol {
-                    mesh_telemetry::span::OtlpProtocol::Grpc => mesh_telemetry::span::OtlpExport::grpc(&t.endpoint),
+                    mesh_telemetry::span::OtlpProtocol::Grpc => mesh_telemetry::span::OtlpExport::grpc(endpoint),
                     mesh_telemetry::span::OtlpProtocol::HttpProtobuf => {
-                        mesh_telemetry::span::OtlpExport::http(&t.endpoint)
+                        mesh_telemetry::span::OtlpExport::http(endpoint)
                     }
                 };
                 let tracer = export.build(&t.service_name).map_err(|e| BindError {
@@ -276,11 +299,16 @@ impl Server {
                 },
                 access_log.clone(),
                 tracer.clone(),
+                config.tracing.as_ref().map_or(&[][..], |t| &t.propagators),
             )
         });
         let routes = snapshot.map(|s| Arc::new(routes::Routes::new(s, &config)));
         if let (Some(tracer), Some(routes)) = (tracer, &routes) {
-            let _ = routes.client_spans.set(mesh_telemetry::span::ClientSpanLayer::new(tracer));
+            let mut layer = mesh_telemetry::span::ClientSpanLayer::new(tracer);
+            if let Some(t) = &config.tracing {
+                layer = layer.propagators(&t.propagators);
+            }
+            let _ = routes.client_spans.set(layer);
         }
         if let (Some(t), Some(r)) = (&telemetry, &routes) {
             t.registry.lock().unwrap_or_else(|p| p.into_inner()).register_collector(Box::new(

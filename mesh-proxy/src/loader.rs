@@ -156,8 +156,9 @@ pub struct Resources {
 }
 
 /// `Telemetry.spec` (telemetry.istio.io): what the proxy acts on is the tracing sampling
-/// percentage and whether access logging is disabled; metrics overrides, custom tags and
-/// providers are accepted and reported as not enforced.
+/// percentage, custom tags and span reporting switch, and whether access logging is
+/// disabled; metrics overrides and providers are accepted and reported as not enforced
+/// (spans go to the `MeshProxy`'s collector).
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(default, rename_all = "camelCase")]
 pub struct TelemetrySpec {
@@ -182,15 +183,50 @@ pub struct TracingSpec {
     /// The share of new traces sampled, 0–100.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub random_sampling_percentage: Option<f64>,
-    /// Span tags (not enforced: spans are not exported yet).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub custom_tags: Option<serde_json::Value>,
+    /// Span attributes added to each server span: a literal, an environment variable of the
+    /// proxy's, or a request header.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub custom_tags: BTreeMap<String, CustomTag>,
     /// Providers (accepted).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub providers: Option<serde_json::Value>,
-    /// Span reporting switch (accepted).
+    /// No spans from this workload (trace context is still propagated).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub disable_span_reporting: Option<bool>,
+}
+
+/// One `customTags` value: exactly one of its fields.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, rename_all = "camelCase")]
+pub struct CustomTag {
+    /// A fixed value.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub literal: Option<LiteralTag>,
+    /// The proxy's environment variable `name` (or `defaultValue`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub environment: Option<NamedTag>,
+    /// The request header `name` (or `defaultValue`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub header: Option<NamedTag>,
+}
+
+/// `customTags.*.literal`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, rename_all = "camelCase")]
+pub struct LiteralTag {
+    /// The value.
+    pub value: String,
+}
+
+/// `customTags.*.environment` and `.header`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, rename_all = "camelCase")]
+pub struct NamedTag {
+    /// The variable or header.
+    pub name: String,
+    /// The value when it is absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default_value: Option<String>,
 }
 
 /// One `accessLogging` entry.
@@ -376,8 +412,13 @@ pub struct MeshProxySpec {
 #[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 #[serde(default, rename_all = "camelCase")]
 pub struct ExportSpec {
-    /// OTLP export.
-    pub otlp: OtlpSpec,
+    /// OTLP export (none: trace context is propagated, spans are not recorded).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub otlp: Option<OtlpSpec>,
+    /// The trace context formats read and written, in order: `tracecontext` (W3C, the
+    /// default first) and `b3` (Zipkin; read as single or multi header, written as multi).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub propagators: Vec<String>,
     /// The spans' `service.name` (default: the workload's `app` label, else its name, then
     /// `.namespace`, as Istio's `APP_LABEL_AND_NAMESPACE`).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -754,10 +795,10 @@ pub fn load_text(file: &Path, text: &str, loaded: &mut Loaded) {
                                 "must be between 0 and 100",
                             );
                         }
-                        if t.custom_tags.is_some() {
+                        if i > 0 {
                             ctx.warn_at(
-                                &format!("spec.tracing[{i}].customTags"),
-                                "span tags: parsed, but not enforced yet (no span export)",
+                                &format!("spec.tracing[{i}]"),
+                                "only the first tracing entry applies (one provider: the MeshProxy's collector)",
                             );
                         }
                     }

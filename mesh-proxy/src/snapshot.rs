@@ -49,6 +49,31 @@ pub struct Snapshot {
     pub trace_sampling: Option<f64>,
     /// Telemetry's access logging switched off for this workload.
     pub access_log_disabled: bool,
+    /// Telemetry's `customTags`, added to each server span.
+    pub span_tags: Vec<SpanTag>,
+    /// Telemetry's `disableSpanReporting`: no spans from this workload.
+    pub span_reporting_disabled: bool,
+}
+
+/// A span attribute from Telemetry's `customTags`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SpanTag {
+    /// A fixed value (a `literal`, or an `environment` variable read when compiled).
+    Literal {
+        /// The attribute.
+        name: String,
+        /// Its value.
+        value: String,
+    },
+    /// A request header's value, or the default.
+    Header {
+        /// The attribute.
+        name: String,
+        /// The header.
+        header: http::HeaderName,
+        /// The value without the header (none: no attribute).
+        default: Option<String>,
+    },
 }
 
 /// The inbound side's policies for this workload: its PeerAuthentication mode,
@@ -388,7 +413,7 @@ pub fn compile(resources: Resources) -> Result<Snapshot, CompileError> {
     }
     let rate_limit = rate_limit(&resources, proxy, &default_ns, &mut notes)?;
     let security = Arc::new(security(&resources, proxy, &default_ns, &proxy_base)?);
-    let (trace_sampling, access_log_disabled) = telemetry(&resources, proxy, &default_ns);
+    let t = telemetry(&resources, proxy, &default_ns)?;
     Ok(Snapshot {
         table: Arc::new(table),
         clusters,
@@ -396,18 +421,30 @@ pub fn compile(resources: Resources) -> Result<Snapshot, CompileError> {
         notes,
         rate_limit,
         security,
-        trace_sampling,
-        access_log_disabled,
+        trace_sampling: t.sampling,
+        access_log_disabled: t.access_log_disabled,
+        span_tags: t.tags,
+        span_reporting_disabled: t.span_reporting_disabled,
     })
 }
 
 /// The Telemetry settings of this workload: a selector's resource, else its namespace's,
 /// else the root namespace's (Istio's precedence); the first of each kind found.
+/// What the applicable Telemetry resources say.
+struct TelemetrySettings {
+    sampling: Option<f64>,
+    access_log_disabled: bool,
+    tags: Vec<SpanTag>,
+    span_reporting_disabled: bool,
+}
+
+/// The Telemetry settings for this workload: each field from the most specific resource
+/// that sets it (workload selector, then namespace, then root namespace), as Istio merges.
 fn telemetry(
     resources: &Resources,
     proxy: Option<&crate::loader::MeshProxySpec>,
     default_ns: &str,
-) -> (Option<f64>, bool) {
+) -> Result<TelemetrySettings, CompileError> {
     let root = proxy.and_then(|p| p.root_namespace.as_deref()).unwrap_or(ROOT_NAMESPACE);
     let no_labels = BTreeMap::new();
     let labels = proxy.map_or(&no_labels, |p| &p.workload.labels);
@@ -424,7 +461,40 @@ fn telemetry(
     applicable.sort_by_key(|(rank, _)| *rank);
     let sampling = applicable.iter().find_map(|(_, r)| r.spec.tracing.first()?.random_sampling_percentage);
     let disabled = applicable.iter().find_map(|(_, r)| r.spec.access_logging.first()?.disabled).unwrap_or(false);
-    (sampling, disabled)
+    let span_reporting_disabled =
+        applicable.iter().find_map(|(_, r)| r.spec.tracing.first()?.disable_span_reporting).unwrap_or(false);
+    let mut tags = Vec::new();
+    let tagged = applicable.iter().find(|(_, r)| r.spec.tracing.first().is_some_and(|t| !t.custom_tags.is_empty()));
+    if let Some((_, r)) = tagged {
+        let error = |name: &str, what: &str| CompileError {
+            resource: format!(
+                "Telemetry {}/{} ({}:{})",
+                r.namespace(default_ns),
+                r.metadata.name,
+                r.file.display(),
+                r.line
+            ),
+            message: format!("spec.tracing[0].customTags.{name}: {what}"),
+        };
+        for (name, tag) in &r.spec.tracing[0].custom_tags {
+            let tag = match (&tag.literal, &tag.environment, &tag.header) {
+                (Some(l), None, None) => SpanTag::Literal { name: name.clone(), value: l.value.clone() },
+                (None, Some(e), None) => match std::env::var(&e.name).ok().or_else(|| e.default_value.clone()) {
+                    Some(value) => SpanTag::Literal { name: name.clone(), value },
+                    None => continue,
+                },
+                (None, None, Some(h)) => SpanTag::Header {
+                    name: name.clone(),
+                    header: http::HeaderName::try_from(h.name.as_str())
+                        .map_err(|_| error(name, &format!("`{}` is not a header name", h.name)))?,
+                    default: h.default_value.clone(),
+                },
+                _ => return Err(error(name, "set exactly one of literal, environment and header")),
+            };
+            tags.push(tag);
+        }
+    }
+    Ok(TelemetrySettings { sampling, access_log_disabled: disabled, tags, span_reporting_disabled })
 }
 
 /// The mesh's root namespace.
@@ -816,6 +886,33 @@ mod tests {
         let mesh = telemetry("istio-system", "", "  tracing: [{randomSamplingPercentage: 100}]\n");
         let s = compile_text(&format!("{proxy}{mesh}")).unwrap();
         assert_eq!((s.trace_sampling, s.access_log_disabled), (Some(100.0), false));
+        let tags = telemetry(
+            "shop",
+            "",
+            "  tracing:\n  - customTags:\n      zone: {literal: {value: eu-1}}\n      user: {header: {name: x-user, defaultValue: anon}}\n      node: {environment: {name: MESH_TEST_UNSET_VARIABLE, defaultValue: n1}}\n    disableSpanReporting: true\n",
+        );
+        let s = compile_text(&format!("{proxy}{mesh}{tags}")).unwrap();
+        assert_eq!(s.trace_sampling, Some(100.0), "the namespace's resource sets no sampling: the root's applies");
+        assert!(s.span_reporting_disabled);
+        assert_eq!(
+            s.span_tags,
+            [
+                SpanTag::Literal { name: "node".into(), value: "n1".into() },
+                SpanTag::Header {
+                    name: "user".into(),
+                    header: http::HeaderName::from_static("x-user"),
+                    default: Some("anon".into())
+                },
+                SpanTag::Literal { name: "zone".into(), value: "eu-1".into() },
+            ]
+        );
+        let bad = telemetry(
+            "shop",
+            "",
+            "  tracing:\n  - customTags:\n      both: {literal: {value: a}, header: {name: b}}\n",
+        );
+        let e = compile_text(&format!("{proxy}{bad}")).unwrap_err();
+        assert!(e.to_string().contains("spec.tracing[0].customTags.both: set exactly one"), "{e}");
         let namespace = telemetry("shop", "", "  tracing: [{randomSamplingPercentage: 25}]\n");
         let workload =
             telemetry("shop", "  selector: {matchLabels: {app: web}}\n", "  accessLogging: [{disabled: true}]\n");

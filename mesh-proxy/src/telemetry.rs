@@ -31,6 +31,10 @@ pub(crate) struct Telemetry {
     trace: arc_swap::ArcSwap<mesh_telemetry::trace::TraceLayer>,
     /// Where server spans go, if anywhere.
     tracer: Option<mesh_telemetry::span::Tracer>,
+    /// The trace context formats (none configured: the layer's default).
+    propagators: Box<[mesh_telemetry::propagation::Propagator]>,
+    /// The current snapshot's Telemetry `customTags`.
+    span_tags: arc_swap::ArcSwap<Vec<crate::snapshot::SpanTag>>,
     /// The current snapshot's Telemetry turned access logging off.
     logging_off: std::sync::atomic::AtomicBool,
     outbound: Labels,
@@ -79,6 +83,7 @@ impl Telemetry {
         workload: &Workload,
         access_log: Option<mesh_telemetry::access_log::AccessLog>,
         tracer: Option<mesh_telemetry::span::Tracer>,
+        propagators: &[mesh_telemetry::propagation::Propagator],
     ) -> Arc<Self> {
         let mut registry = Registry::default();
         let metrics = IstioMetrics::register(&mut registry);
@@ -103,8 +108,10 @@ impl Telemetry {
         Arc::new(Self {
             registry: Mutex::new(registry),
             access_log,
-            trace: arc_swap::ArcSwap::from_pointee(trace_layer(1.0, tracer.as_ref())),
+            trace: arc_swap::ArcSwap::from_pointee(trace_layer(1.0, tracer.as_ref(), propagators)),
             tracer,
+            propagators: propagators.into(),
+            span_tags: arc_swap::ArcSwap::from_pointee(Vec::new()),
             logging_off: std::sync::atomic::AtomicBool::new(false),
             outbound: Labels::new(&metrics, out),
             inbound: Labels::new(&metrics, inb),
@@ -116,7 +123,10 @@ impl Telemetry {
     /// and the access-log switch.
     pub(crate) fn configure(&self, snapshot: &crate::snapshot::Snapshot) {
         let sampling = snapshot.trace_sampling.unwrap_or(1.0);
-        self.trace.store(Arc::new(trace_layer(sampling, self.tracer.as_ref())));
+        // Telemetry's `disableSpanReporting`: propagate, record nothing.
+        let tracer = self.tracer.as_ref().filter(|_| !snapshot.span_reporting_disabled);
+        self.trace.store(Arc::new(trace_layer(sampling, tracer, &self.propagators)));
+        self.span_tags.store(Arc::new(snapshot.span_tags.clone()));
         self.logging_off.store(snapshot.access_log_disabled, std::sync::atomic::Ordering::Relaxed);
     }
 
@@ -189,7 +199,22 @@ impl Telemetry {
             }
             Box::new(e)
         });
-        let span = self.trace.load().server_span(req);
+        let mut span = self.trace.load().server_span(req);
+        if let Some(span) = &mut span {
+            for tag in self.span_tags.load().iter() {
+                match tag {
+                    crate::snapshot::SpanTag::Literal { name, value } => {
+                        span.set_attribute(mesh_telemetry::span::KeyValue::new(name.clone(), value.clone()));
+                    }
+                    crate::snapshot::SpanTag::Header { name, header, default } => {
+                        let value = req.headers().get(header).and_then(|v| v.to_str().ok()).or(default.as_deref());
+                        if let Some(value) = value {
+                            span.set_attribute(mesh_telemetry::span::KeyValue::new(name.clone(), value.to_owned()));
+                        }
+                    }
+                }
+            }
+        }
         let direction = usize::from(inbound);
         self.in_flight[direction].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Started { peers, grpc, request_bytes, at: Instant::now(), entry, span, direction }
@@ -251,8 +276,15 @@ pub(crate) struct Started {
     direction: usize,
 }
 
-fn trace_layer(sampling: f64, tracer: Option<&mesh_telemetry::span::Tracer>) -> mesh_telemetry::trace::TraceLayer {
-    let layer = mesh_telemetry::trace::TraceLayer::new().sampling_percentage(sampling);
+fn trace_layer(
+    sampling: f64,
+    tracer: Option<&mesh_telemetry::span::Tracer>,
+    propagators: &[mesh_telemetry::propagation::Propagator],
+) -> mesh_telemetry::trace::TraceLayer {
+    let mut layer = mesh_telemetry::trace::TraceLayer::new().sampling_percentage(sampling);
+    if !propagators.is_empty() {
+        layer = layer.propagators(propagators);
+    }
     match tracer {
         Some(t) => layer.tracer(t.clone()),
         None => layer,

@@ -65,7 +65,11 @@ async fn a_trace_crosses_two_sidecars_with_a_span_per_try() {
     std::fs::create_dir_all(&b_dir).unwrap();
     std::fs::write(
         b_dir.join("b.yaml"),
-        mesh_proxy("reviews", otlp, &format!("  inbound: {{listen: \"127.0.0.1:0\", app: \"{app_b}\"}}\n")),
+        format!(
+            "{}{}",
+            mesh_proxy("reviews", otlp, &format!("  inbound: {{listen: \"127.0.0.1:0\", app: \"{app_b}\"}}\n")),
+            "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: tags, namespace: shop}\nspec:\n  tracing:\n  - customTags:\n      zone: {literal: {value: eu-1}}\n      user: {header: {name: x-user, defaultValue: anonymous}}\n"
+        ),
     )
     .unwrap();
     let b = Proxy::start(&b_dir);
@@ -81,8 +85,10 @@ async fn a_trace_crosses_two_sidecars_with_a_span_per_try() {
     let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
     let caller = "00f067aa0ba902b7";
     let traceparent = format!("00-{trace}-{caller}-01");
-    let (status, body) =
-        Client::connect(a.addr).await.get("reviews", "/ratings", &[("traceparent", traceparent.as_str())]).await;
+    let (status, body) = Client::connect(a.addr)
+        .await
+        .get("reviews", "/ratings", &[("traceparent", traceparent.as_str()), ("x-user", "jason")])
+        .await;
     assert_eq!((status, body.as_str()), (StatusCode::OK, "ratings"));
 
     // A: the server span and two tries; B: a server span per try. Batches go out every 5 s;
@@ -117,6 +123,8 @@ async fn a_trace_crosses_two_sidecars_with_a_span_per_try() {
     for t in &tries {
         let served = b_server.iter().find(|s| s.parent_span_id == t.span_id).expect("B's span of this try");
         assert_eq!(served.attribute("http.response.status_code"), t.attribute("http.response.status_code"));
+        // B's Telemetry customTags: a literal and a request header.
+        assert_eq!((served.attribute("zone"), served.attribute("user")), (Some("eu-1"), Some("jason")));
     }
     // App B's parent is B's server span (no client span on the inbound side).
     let mut expected: Vec<String> = b_server.iter().map(|s| format!("00-{trace}-{}-01", s.span_id)).collect();
@@ -143,4 +151,27 @@ fn a_bad_collector_endpoint_is_refused_with_its_field() {
         err.contains("a.yaml: error: MeshProxy: spec.tracing.otlp.endpoint: `collector:4317` is not a URL"),
         "{err}"
     );
+}
+
+/// `propagators: [b3]` without a collector: a new trace is written in Zipkin's headers only,
+/// and nothing is exported.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn b3_only_propagation_without_a_collector() {
+    let backend =
+        app(|req| format!("b3={} w3c={}", header(req, "x-b3-traceid").len(), header(req, "traceparent"))).await;
+    let dir = config_dir("tracing-b3");
+    let text = format!(
+        "apiVersion: proxy.mesh.dev/v1alpha1\nkind: MeshProxy\nmetadata: {{name: a}}\nspec:\n  tracing: {{propagators: [b3]}}\n---\n{}apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: api}}\nspec:\n  hosts: [api]\n  http:\n  - route: [{{destination: {{host: api}}}}]\n",
+        service_entry("api", backend.port())
+    );
+    std::fs::write(dir.join("a.yaml"), text).unwrap();
+    let proxy = Proxy::start(&dir);
+    let (status, body) = Client::connect(proxy.addr).await.get("api", "/", &[]).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "b3=32 w3c="));
+    // A caller's W3C context is not read (only B3 is configured): a new trace, in B3.
+    let (_, body) = Client::connect(proxy.addr)
+        .await
+        .get("api", "/", &[("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")])
+        .await;
+    assert!(body.starts_with("b3=32 w3c=00-4bf92f"), "the caller's header passes untouched: {body}");
 }
