@@ -14,8 +14,12 @@
 //! [`ProxyBody`]); client connections idle for `downstream_idle_timeout` are closed, and
 //! HTTP/1.x clients slower than `request_headers_timeout` to send a request head are answered
 //! 408 and closed; an admin server answers `/ready` and `/live`, and with a configuration
-//! `/config_dump`, `/routes`, `/clusters` and `/stats`; SIGTERM and Ctrl-C drain in-flight
-//! requests before exit. Retries, mTLS and telemetry arrive as the other crates gain them.
+//! `/config_dump`, `/routes`, `/clusters`, `/certs`, `/stats` and `/metrics`; SIGTERM and
+//! Ctrl-C drain in-flight requests (and flush queued spans) before exit. Retries, outlier
+//! detection, connection-pool limits, faults and local rate limits come from
+//! mesh-resilience; the inbound listener's mTLS, JWT validation and authorization from
+//! mesh-tls; trace context, spans (OTLP), Istio's metrics and access logs from
+//! mesh-telemetry (`telemetry.rs`, `proxy_metrics.rs`).
 //!
 //! The request path (see `stack.rs`): the per-connection servers hand each request to the
 //! stack; routing, the route timeout, per-destination dispatch and the cluster's balancer are

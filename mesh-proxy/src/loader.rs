@@ -13,13 +13,13 @@
 //! | `ServiceEntry` | networking.istio.io | services and their endpoints (static addresses with labels, or DNS names) |
 //! | `TrafficSplit` | split.smi-spec.io | a weighted split of a service among backends |
 //! | `ServiceProfile` | linkerd.io | routes of a service (conditions, response classes, `isRetryable`, timeouts) and its retry budget |
-//! | `MeshProxy` | proxy.mesh.dev | the proxy's own settings: listener, admin, workload |
+//! | `MeshProxy` | proxy.mesh.dev | the proxy's own settings: listener, admin, workload, inbound listener, identity, tracing (OTLP collector, propagators) |
 //! | `EnvoyFilter` | networking.istio.io | local rate limits (`envoy.filters.http.local_ratelimit` patches) |
 //! | `HTTPLocalRateLimitPolicy` | policy.linkerd.io | a total rate, a rate per client identity, overrides |
 //! | `PeerAuthentication` | security.istio.io | the inbound listener's mTLS mode (STRICT, PERMISSIVE, DISABLE; port level) |
 //! | `AuthorizationPolicy` | security.istio.io | inbound authorization (ALLOW, DENY, AUDIT; CUSTOM refused) |
 //! | `RequestAuthentication` | security.istio.io | inbound JWT validation |
-//! | `Telemetry` | telemetry.istio.io | tracing sampling, access logging on or off (metric overrides and tags: not enforced) |
+//! | `Telemetry` | telemetry.istio.io | tracing sampling, custom tags, span reporting, access logging on or off (metric overrides and CEL filters: not enforced) |
 //! | `Gateway`, `Sidecar`, `ProxyConfig`, `WorkloadEntry` | | parsed, warned about as not enforced yet |
 
 use std::collections::BTreeMap;

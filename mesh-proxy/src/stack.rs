@@ -12,7 +12,8 @@
 //!      on reload; mirrors)
 //!   -> Retry (mesh-resilience: the route's `retries`, or Istio's default; bodies replayed
 //!      from a capped recording; URX when retries run out; each try picks an endpoint anew)
-//!   -> Cluster (the destination's balancer picks an endpoint: 503 NC / UH)
+//!   -> Cluster (the destination's balancer picks an endpoint: 503 NC / UH; a client span
+//!      per try when spans are exported)
 //!   -> Endpoint (the pooled HTTP/1.1 or h2c client of one endpoint)
 //! ```
 //!

@@ -1,7 +1,9 @@
 //! The proxy's telemetry, from mesh-telemetry: request ids and trace context on every
-//! request (Istio's default 1 % sampling for new traces), Istio's request metrics for both
-//! listeners, served on the admin server's `/metrics`, and the JSON access log
-//! (`--access-log`).
+//! request (Istio's default 1 % sampling for new traces; the `MeshProxy`'s propagators), a
+//! server span per sampled request when a collector is configured (the client span of each
+//! try is started in the stack's cluster service), Istio's request metrics for both
+//! listeners, served on the admin server's `/metrics` with the proxy's own series
+//! (`proxy_metrics.rs`), and the JSON access log (`--access-log`).
 //!
 //! The labels that do not change per request are resolved once per authority (outbound:
 //! `destination_service`) or per peer identity (inbound: `source_principal`,
