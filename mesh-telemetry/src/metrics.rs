@@ -374,6 +374,38 @@ pub fn encode(registry: &Registry) -> String {
 /// The content type of [`encode`]'s output.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
+/// A `/metrics` endpoint as a tower service: every request is answered with the registry's
+/// exposition. Mount it with axum's `Router::route_service("/metrics", …)`, or serve it with
+/// hyper through hyper-util's `TowerToHyperService`.
+#[derive(Clone, Debug)]
+pub struct MetricsService {
+    registry: Arc<std::sync::Mutex<Registry>>,
+}
+
+impl MetricsService {
+    /// Serves `registry`, which the service can keep registering into meanwhile.
+    pub fn new(registry: Arc<std::sync::Mutex<Registry>>) -> Self {
+        Self { registry }
+    }
+}
+
+impl<B> tower::Service<Request<B>> for MetricsService {
+    type Response = Response<String>;
+    type Error = std::convert::Infallible;
+    type Future = std::future::Ready<Result<Response<String>, std::convert::Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Request<B>) -> Self::Future {
+        let text = encode(&self.registry.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut res = Response::new(text);
+        res.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static(CONTENT_TYPE));
+        std::future::ready(Ok(res))
+    }
+}
+
 // === the layer ===
 
 /// Records [`IstioMetrics`] for every request (see the module docs).

@@ -12,7 +12,7 @@ use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
 use mesh_core::random::Random;
 use mesh_telemetry::Registry;
-use mesh_telemetry::metrics::{IstioMetrics, MetricsLayer, Peers, Reporter, encode};
+use mesh_telemetry::metrics::{IstioMetrics, MetricsLayer, MetricsService, Peers, Reporter};
 use mesh_telemetry::trace::TraceLayer;
 
 async fn get_once(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (StatusCode, String) {
@@ -50,7 +50,7 @@ async fn istio_metrics_and_trace_context_in_an_axum_service() {
         .route("/missing", get(|| async { (StatusCode::NOT_FOUND, "no\n") }))
         .layer(MetricsLayer::new(metrics, peers))
         .layer(TraceLayer::new().random(Random::seeded(7)))
-        .route("/metrics", get(move || async move { encode(&scrape.lock().unwrap()) }));
+        .route_service("/metrics", MetricsService::new(scrape));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
