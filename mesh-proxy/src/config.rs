@@ -63,9 +63,14 @@ pub struct ProxyConfig {
     /// once (its client is not reading an earlier response) is dropped instead, an eighth of a
     /// period later.
     ///
+    /// On HTTP/2 the head is a header block: from a HEADERS frame's header to the end of the
+    /// frame that carries END_HEADERS (the client's I/O follows its frames). A block open for
+    /// longer (a HEADERS frame whose CONTINUATION never comes, or CONTINUATIONs trickled in)
+    /// loses its connection, as the client may send no other frame meanwhile.
+    ///
     /// Not covered: the start of a head that arrives before the previous exchange has ended,
-    /// pipelined (which a client can do on purpose), and HTTP/2, whose streams open only once
-    /// their headers are complete. The idle timeout bounds those; keep one as the backstop.
+    /// pipelined (which a client can do on purpose). The idle timeout bounds that; keep one as
+    /// the backstop.
     /// The first head also has the opening limit (at most this, 10 s) to show its protocol.
     pub request_headers_timeout: Option<Duration>,
     /// How long a client connection with a request in flight may go without a byte moving

@@ -106,6 +106,9 @@ pub(crate) struct ConnState {
     waker: Mutex<Option<Waker>>,
     /// Notified when the serving task has finished.
     ended: Notify,
+    /// HTTP/2: the number of the client's header block in progress (counted from 1, odd
+    /// while one is open, even when closed); HTTP/1.x: 0.
+    h2_head: AtomicU64,
 }
 
 impl ConnState {
@@ -158,9 +161,32 @@ impl ConnState {
         self.received.load(Ordering::Relaxed).wrapping_add(self.sent.load(Ordering::Relaxed))
     }
 
-    /// Whether bytes arrived after the last exchange ended, with none in flight: a request
-    /// head in progress. Also returns the mark they are counted from.
-    fn in_head(&self) -> (bool, u64) {
+    /// The connection speaks HTTP/2: its request heads are its header blocks.
+    pub(crate) fn mark_h2(&self) {
+        self.h2_head.store(2, Ordering::SeqCst);
+    }
+
+    fn is_h2(&self) -> bool {
+        self.h2_head.load(Ordering::SeqCst) != 0
+    }
+
+    /// HTTP/2: a header block opened (`true`) or ended; an opening wakes a lazy watchdog.
+    pub(crate) fn set_h2_head(&self, open: bool) {
+        let n = self.h2_head.fetch_add(1, Ordering::SeqCst) + 1;
+        debug_assert_eq!(n % 2 == 1, open, "header blocks open and end in turn");
+        if open && self.lazy.load(Ordering::SeqCst) {
+            self.hurry.notify_one();
+        }
+    }
+
+    /// Whether a request head is in progress, and the mark that tells it from later ones.
+    /// HTTP/1.x: bytes arrived after the last exchange ended, with none in flight. HTTP/2: a
+    /// header block is open (streams open only once theirs is complete).
+    pub(crate) fn in_head(&self) -> (bool, u64) {
+        let h2 = self.h2_head.load(Ordering::SeqCst);
+        if h2 != 0 {
+            return (h2 % 2 == 1, h2);
+        }
         let idle = self.activity.load(Ordering::SeqCst) & IN_FLIGHT_MASK == 0;
         let mark = self.head_mark.load(Ordering::SeqCst);
         (idle && self.received.load(Ordering::SeqCst) != mark, mark)
@@ -472,8 +498,15 @@ pub(crate) async fn watchdog(state: Arc<ConnState>, mut drain: watch::Receiver<b
                     "whose request head takes too long",
                     // Not a graceful close: hyper closes at once a connection that has
                     // completed an exchange, without reading further, so the 408 would
-                    // never go out.
-                    |state| state.answer_head_timeout(mark),
+                    // never go out. HTTP/2: the connection is dropped (there is no stream
+                    // to answer, and the client may send nothing else meanwhile).
+                    |state| {
+                        if state.is_h2() {
+                            state.request_close(ABORT);
+                        } else {
+                            state.answer_head_timeout(mark);
+                        }
+                    },
                 ),
                 // A new head, or none (one asked to close may have completed in time after
                 // all): it starts afresh.

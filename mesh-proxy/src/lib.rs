@@ -589,7 +589,7 @@ impl Conn {
     async fn serve(self, stream: sniff::Downstream) {
         let state = downstream::ConnState::new();
         let Some(opened) = self.open(stream, &state).await else { return };
-        self.spawn_watchdog(&state, matches!(opened, Opened::Http1(_)));
+        self.spawn_watchdog(&state);
         match opened {
             Opened::H2c(conn) => {
                 let (forward, streams) = (self.forward, state.clone());
@@ -635,6 +635,9 @@ impl Conn {
             // Counted from the start, both protocols: for the stream idle timeout, and for
             // HTTP/1.x also the request head timeout.
             io.count_io(state.clone());
+            if protocol == sniff::Protocol::H2c {
+                io.track_h2_heads();
+            }
             match protocol {
                 sniff::Protocol::Http1 => Some(Opened::Http1(io)),
                 sniff::Protocol::H2c => match h2server::handshake(io).await {
@@ -653,10 +656,10 @@ impl Conn {
         }
     }
 
-    fn spawn_watchdog(&self, state: &Arc<downstream::ConnState>, http1: bool) {
-        // HTTP/2 streams open once their headers are complete: no head to time.
-        let limits = downstream::Limits { headers: self.limits.headers.filter(|_| http1), ..self.limits };
-        let watchdog = downstream::watchdog(state.clone(), self.drain.clone(), limits);
+    fn spawn_watchdog(&self, state: &Arc<downstream::ConnState>) {
+        // HTTP/1.x heads are timed from their first byte, HTTP/2 header blocks from their
+        // HEADERS frame (the client's I/O follows its frames).
+        let watchdog = downstream::watchdog(state.clone(), self.drain.clone(), self.limits);
         tokio::spawn(watchdog);
     }
 }

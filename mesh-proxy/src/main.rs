@@ -73,8 +73,9 @@ struct Args {
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
     downstream_idle_timeout: Duration,
 
-    /// Time an HTTP/1.x client has to send a request head, from its first byte, before it is
-    /// answered 408 and closed; 0 disables it.
+    /// Time a client has to send a request head, from its first byte, before it is answered
+    /// 408 and closed (HTTP/2: a header block, from its HEADERS frame, before the connection
+    /// is dropped); 0 disables it.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     request_headers_timeout: Duration,
 

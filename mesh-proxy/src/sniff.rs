@@ -126,12 +126,24 @@ pin_project_lite::pin_project! {
         counter: Option<Arc<ConnState>>,
         // The last write left bytes unwritten (or failed): the writer still holds some.
         unsent: bool,
+        // HTTP/2: where the client's frames are, to time header blocks.
+        frames: Option<Box<H2Frames>>,
     }
 }
 
 impl<T> Prefixed<T> {
     pub(crate) fn new(prefix: Bytes, io: T) -> Self {
-        Self { prefix, io, counter: None, unsent: false }
+        Self { prefix, io, counter: None, unsent: false, frames: None }
+    }
+
+    /// Follows the client's HTTP/2 frames (from its connection preface on) and tells the
+    /// counted state when a header block is open, for the request head timeout
+    /// ([`ConnState::set_h2_head`]).
+    pub(crate) fn track_h2_heads(&mut self) {
+        if let Some(state) = &self.counter {
+            state.mark_h2();
+            self.frames = Some(Box::default());
+        }
     }
 
     /// Counts every byte read and written from now on into `state`.
@@ -167,6 +179,9 @@ impl<T: AsyncRead + AsyncWrite> AsyncRead for Prefixed<T> {
         if let Some(state) = this.counter
             && n > 0
         {
+            if let Some(frames) = this.frames {
+                frames.scan(&buf.filled()[before..], state);
+            }
             state.note_received(n);
         }
         Poll::Ready(Ok(()))
@@ -338,5 +353,131 @@ mod tests {
         let mut rest = Vec::new();
         io.read_to_end(&mut rest).await.unwrap();
         assert_eq!(rest, b"lo world");
+    }
+}
+
+/// Where a client's HTTP/2 byte stream is: the connection preface, then frames (a 9-byte
+/// header and a payload each). A header block runs from the header of a HEADERS frame to the
+/// end of the frame (that frame or a CONTINUATION) that carries END_HEADERS; RFC 9113 allows
+/// no other frame in between.
+#[derive(Debug)]
+pub(crate) struct H2Frames {
+    /// Bytes of the connection preface still to pass.
+    preface: usize,
+    header: [u8; 9],
+    header_len: usize,
+    payload_left: usize,
+    /// The current frame belongs to a header block, and ends it.
+    ends_block: bool,
+    in_block: bool,
+}
+
+impl Default for H2Frames {
+    fn default() -> Self {
+        Self { preface: 24, header: [0; 9], header_len: 0, payload_left: 0, ends_block: false, in_block: false }
+    }
+}
+
+const FRAME_HEADERS: u8 = 0x1;
+const FRAME_CONTINUATION: u8 = 0x9;
+const FLAG_END_HEADERS: u8 = 0x4;
+
+impl H2Frames {
+    /// Follows `data`, the next bytes from the client.
+    pub(crate) fn scan(&mut self, mut data: &[u8], state: &ConnState) {
+        while !data.is_empty() {
+            if self.preface > 0 {
+                let n = self.preface.min(data.len());
+                self.preface -= n;
+                data = &data[n..];
+            } else if self.payload_left > 0 {
+                let n = self.payload_left.min(data.len());
+                self.payload_left -= n;
+                data = &data[n..];
+                if self.payload_left == 0 {
+                    self.frame_done(state);
+                }
+            } else {
+                let n = (9 - self.header_len).min(data.len());
+                self.header[self.header_len..self.header_len + n].copy_from_slice(&data[..n]);
+                self.header_len += n;
+                data = &data[n..];
+                if self.header_len == 9 {
+                    self.header_len = 0;
+                    let h = self.header;
+                    let length = usize::from(h[0]) << 16 | usize::from(h[1]) << 8 | usize::from(h[2]);
+                    let (kind, flags) = (h[3], h[4]);
+                    let header_frame = kind == FRAME_HEADERS || (kind == FRAME_CONTINUATION && self.in_block);
+                    if header_frame && !self.in_block {
+                        self.in_block = true;
+                        state.set_h2_head(true);
+                    }
+                    self.ends_block = header_frame && flags & FLAG_END_HEADERS != 0;
+                    self.payload_left = length;
+                    if length == 0 {
+                        self.frame_done(state);
+                    }
+                }
+            }
+        }
+    }
+
+    fn frame_done(&mut self, state: &ConnState) {
+        if self.ends_block {
+            self.ends_block = false;
+            self.in_block = false;
+            state.set_h2_head(false);
+        }
+    }
+}
+
+#[cfg(test)]
+mod h2_frames_tests {
+    use super::*;
+
+    fn frame(kind: u8, flags: u8, payload: &[u8]) -> Vec<u8> {
+        let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        f.extend_from_slice(&[kind, flags, 0, 0, 0, 1]);
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// Feeds `parts` in chunks of `chunk` bytes; after each part, whether a block is open.
+    fn open_after(parts: &[Vec<u8>], chunk: usize) -> Vec<bool> {
+        let state = ConnState::new();
+        state.mark_h2();
+        let mut frames = H2Frames::default();
+        let mut seen = Vec::new();
+        for part in parts {
+            for c in part.chunks(chunk) {
+                frames.scan(c, &state);
+            }
+            seen.push(state.in_head().0);
+        }
+        seen
+    }
+
+    #[test]
+    fn header_blocks_open_at_headers_and_end_with_end_headers_however_the_bytes_are_cut() {
+        let parts = [
+            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec(),
+            frame(0x4, 0, &[0; 6]),       // SETTINGS
+            frame(0x1, 0x1, &[0x82; 5]),  // HEADERS, END_STREAM only: the block stays open
+            frame(0x9, 0, &[0x86; 3]),    // CONTINUATION
+            frame(0x9, 0x4, &[0x84; 2]),  // CONTINUATION, END_HEADERS
+            frame(0x0, 0x1, b"body"),     // DATA
+            frame(0x1, 0x4 | 0x1, &[]),   // HEADERS with END_HEADERS, empty
+            frame(0x1, 0x0, &[0x82; 40]), // HEADERS, left open
+        ];
+        for chunk in [1, 2, 5, 9, 64] {
+            assert_eq!(
+                open_after(&parts, chunk),
+                [false, false, true, true, false, false, false, true],
+                "chunks of {chunk}"
+            );
+        }
+        // Half of the last HEADERS frame's header: not yet a block.
+        let half = [parts[0].clone(), parts[7][..5].to_vec()];
+        assert_eq!(open_after(&half, 1), [false, false]);
     }
 }

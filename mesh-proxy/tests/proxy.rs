@@ -1828,3 +1828,75 @@ async fn cancelled_requests_open_a_bounded_number_of_upstream_connections() {
     // Per client: the budget (100) and the streams in flight when it ran out.
     assert!(connections <= CLIENTS * (100 + 20), "{connections} upstream connections");
 }
+
+/// The request head timeout on HTTP/2: a HEADERS frame without END_HEADERS whose
+/// CONTINUATION never comes, and a header block trickled in a CONTINUATION at a time, each
+/// lose their connection about a head timeout later, while another h2c client on the proxy
+/// is served throughout and an idle h2c connection is left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_header_blocks_that_never_end_lose_their_connection() {
+    let upstream = Upstream::start(echo()).await;
+    let proxy = Proxy::start(upstream.addr, &["--downstream-idle-timeout", "0", "--request-headers-timeout", "300ms"]);
+    // HPACK for `:method GET`, `:scheme http`, `:path /` (static table 2, 6, 4) and
+    // `:authority x` (literal, indexed name 1).
+    let block: &[u8] = &[0x82, 0x86, 0x84, 0x41, 0x01, b'x'];
+    let frame = |kind: u8, flags: u8, stream: u32, payload: &[u8]| {
+        let mut f = Vec::new();
+        f.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
+        f.extend_from_slice(&[kind, flags]);
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    };
+    let open = |first: &[u8]| {
+        let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        bytes.extend(frame(0x4, 0, 0, &[])); // SETTINGS
+        bytes.extend(frame(0x1, 0x0, 1, first)); // HEADERS, no END_HEADERS
+        bytes
+    };
+    // A well-behaved h2c client, and an idle one.
+    let mut good = h2_client(proxy.addr).await;
+    let idle = h2_client(proxy.addr).await;
+
+    // Stalled: the block's first half, then nothing.
+    let started = std::time::Instant::now();
+    let mut stalled = TcpStream::connect(proxy.addr).await.unwrap();
+    stalled.write_all(&open(&block[..3])).await.unwrap();
+    // Trickled: a CONTINUATION of one byte every 100 ms, never the last one.
+    let trickled = TcpStream::connect(proxy.addr).await.unwrap();
+    let (trickled_read, mut trickled_write) = trickled.into_split();
+    trickled_write.write_all(&open(&block[..1])).await.unwrap();
+    let trickler = tokio::spawn(async move {
+        for _ in 0..100 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if trickled_write.write_all(&frame(0x9, 0, 1, &[0x86])).await.is_err() {
+                return;
+            }
+        }
+    });
+    for _ in 0..5 {
+        let req = Request::get(format!("http://{}/", proxy.addr)).body(BoxBody::default()).unwrap();
+        let res = good.send_request(req).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Both stuck clients are dropped, each a head timeout (and at most a few ticks) after
+    // its HEADERS frame.
+    let closed = |mut read: Box<dyn tokio::io::AsyncRead + Unpin + Send>| async move {
+        let mut sink = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), read.read_to_end(&mut sink))
+            .await
+            .expect("the header block loses its connection")
+            .ok();
+        started.elapsed()
+    };
+    let (stalled_took, trickled_took) = tokio::join!(closed(Box::new(stalled)), closed(Box::new(trickled_read)));
+    trickler.abort();
+    for took in [stalled_took, trickled_took] {
+        assert!(took >= Duration::from_millis(300) && took < Duration::from_secs(2), "{took:?}");
+    }
+    // The idle connection (no header block open) is still there; the good one still serves.
+    assert!(!idle.is_closed() && !good.is_closed());
+    let req = Request::get(format!("http://{}/", proxy.addr)).body(BoxBody::default()).unwrap();
+    assert_eq!(good.send_request(req).await.unwrap().status(), StatusCode::OK);
+}
