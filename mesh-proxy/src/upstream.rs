@@ -140,6 +140,14 @@ const H2_SEND_BUFFER: usize = 1 << 20;
 /// HTTP/1.1 connects in flight at once to one endpoint; more requests wait for one to end.
 const MAX_CONNECTING: usize = 64;
 
+/// h2c: dials (TCP, and TLS when the destination asks for it) in flight at once to one
+/// endpoint, and connections kept dialled for the next connect.
+const MAX_H2_DIALS: usize = 4;
+
+/// h2c: how long a connection dialled for a request that went away waits for the next
+/// connect before it is let go.
+const SPARE_TTL: Duration = Duration::from_secs(5);
+
 /// The reaper ticks four times per idle timeout; a connection idle for five epochs has been
 /// idle for between one and one and a quarter idle timeouts, and is closed. No clock is read
 /// on the request path.
@@ -155,6 +163,9 @@ pub(crate) struct Upstream {
     /// `SETTINGS_MAX_CONCURRENT_STREAMS` (or the destination's `maxConcurrentStreams`).
     h2: Mutex<Vec<H2Conn>>,
     h2_connecting: tokio::sync::Mutex<()>,
+    /// Dials in flight (bounded), and their results that no request waited for.
+    h2_dials: Arc<tokio::sync::Semaphore>,
+    spare_h2: Mutex<Vec<(std::time::Instant, UpstreamIo)>>,
     max_concurrent_streams: Option<usize>,
     next_h2_id: AtomicU64,
     /// Connects in flight to this endpoint (bounded).
@@ -323,6 +334,8 @@ impl Upstream {
             epoch: AtomicU64::new(0),
             h2: Mutex::new(Vec::new()),
             h2_connecting: tokio::sync::Mutex::new(()),
+            h2_dials: Arc::new(tokio::sync::Semaphore::new(MAX_H2_DIALS)),
+            spare_h2: Mutex::new(Vec::new()),
             max_concurrent_streams: settings.max_concurrent_streams,
             next_h2_id: AtomicU64::new(0),
             connecting: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTING)),
@@ -443,7 +456,7 @@ impl Upstream {
     /// request body, if any, is sent by a task of its own, so that it can keep streaming
     /// after the response has arrived.
     pub(crate) async fn send_h2(
-        &self,
+        self: &Arc<Self>,
         req: Request<RequestBody>,
     ) -> Result<(Response<RecvStream>, ActiveStream), BoxError> {
         let (tx, id, streams, mut active) = match self.current_h2() {
@@ -519,14 +532,15 @@ impl Upstream {
         }
     }
 
-    async fn connect_h2(&self) -> Result<H2Handle, BoxError> {
+    async fn connect_h2(self: &Arc<Self>) -> Result<H2Handle, BoxError> {
         // One connection attempt at a time; latecomers reuse its result.
         let _connecting = self.h2_connecting.lock().await;
         if let Some(current) = self.current_h2() {
             return Ok(current);
         }
-        // Every open connection (if any) is full: one more.
-        let io = self.connect_io(true).await?;
+        // Every open connection (if any) is full: one more. The handshake is made here, with
+        // the request, so that what the upstream answers reaches it as it did.
+        let io = self.dial_h2().await?;
         let (tx, conn) = h2::client::Builder::new()
             .enable_push(false)
             .initial_window_size(H2_STREAM_WINDOW)
@@ -549,6 +563,40 @@ impl Upstream {
         let conn = H2Conn { tx: tx.clone(), closed, streams: streams.clone(), active: active.clone(), id };
         self.h2.lock().unwrap_or_else(|p| p.into_inner()).push(conn);
         Ok((tx, id, streams, ActiveStream(active)))
+    }
+
+    /// A connection for a new h2c connection: one dialled earlier for a request that went
+    /// away meanwhile, or a new one, dialled on a task of its own (at most [`MAX_H2_DIALS`]
+    /// at a time) so that a request cancelled while it connects does not throw the connect
+    /// away for the next request to start again; that connect is kept for the next.
+    async fn dial_h2(self: &Arc<Self>) -> Result<UpstreamIo, ConnectError> {
+        if let Some(io) = self.take_spare_h2() {
+            return Ok(io);
+        }
+        let permit = self.h2_dials.clone().acquire_owned().await.expect("the semaphore is never closed");
+        // A dial that ended while this waited may have left its connection.
+        if let Some(io) = self.take_spare_h2() {
+            return Ok(io);
+        }
+        let (out, answer) = tokio::sync::oneshot::channel();
+        let pool = self.clone();
+        tokio::spawn(async move {
+            let result = pool.connect_io(true).await;
+            drop(permit);
+            if let Err(Ok(io)) = out.send(result) {
+                let mut spare = pool.spare_h2.lock().unwrap_or_else(|p| p.into_inner());
+                if spare.len() < MAX_H2_DIALS {
+                    spare.push((std::time::Instant::now(), io));
+                }
+            }
+        });
+        answer.await.unwrap_or_else(|_| Err(ConnectError::new(io::Error::other("the upstream connect task ended"))))
+    }
+
+    fn take_spare_h2(&self) -> Option<UpstreamIo> {
+        let mut spare = self.spare_h2.lock().unwrap_or_else(|p| p.into_inner());
+        spare.retain(|(at, _)| at.elapsed() < SPARE_TTL);
+        spare.pop().map(|(_, io)| io)
     }
 
     // === TCP ===

@@ -1158,3 +1158,58 @@ spec:
     assert_eq!(connections.load(Ordering::SeqCst), 3, "two more connections for the streams that did not fit");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// h2c streams cancelled while the TLS connection to their endpoint is still opening: the
+/// connects are not thrown away and restarted per request. An endpoint that accepts TCP and
+/// never answers the TLS handshake gets at most the proxy's bound of dials in flight (4),
+/// however many requests were cancelled meanwhile; before, each request that came to the
+/// front of the queue started a connect of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_cancelled_while_their_tls_connection_opens_share_a_bounded_number_of_connects() {
+    let dir = config_dir("h2-cold-connect");
+    let certs = dir.join("certs");
+    openssl_certs(&certs);
+    // Accepts, counts, and holds each connection without a word for 5 s.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let count = accepted.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                drop(stream);
+            });
+        }
+    });
+    let rule = format!(
+        "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: slow}}\nspec:\n  host: slow\n  trafficPolicy:\n    tls: {{mode: SIMPLE, caCertificates: {}, sni: localhost}}\n    connectionPool:\n      tcp: {{connectTimeout: 3s}}\n      http: {{h2UpgradePolicy: UPGRADE}}\n",
+        certs.join("ca.pem").display()
+    );
+    write_atomically(&dir, "mesh.yaml", &format!("{}{rule}", service_entry("slow", port)));
+    let proxy = Proxy::start(&dir);
+
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(stream).await.unwrap();
+    tokio::spawn(conn);
+    let mut cancelled = 0;
+    // 8 batches of 10 (below the premature-reset budget), each cancelled after 30 ms.
+    for _ in 0..8 {
+        let mut batch = Vec::new();
+        for _ in 0..10 {
+            let mut ready = client.clone().ready().await.unwrap();
+            let (response, _) = ready.send_request(Request::get("http://slow/").body(()).unwrap(), true).unwrap();
+            batch.push(response);
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        cancelled += batch.len();
+        drop(batch);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let connects = accepted.load(Ordering::SeqCst);
+    eprintln!("{cancelled} cancelled requests made {connects} connects");
+    assert!((1..=4).contains(&connects), "{connects} connects for {cancelled} cancelled requests");
+    let _ = std::fs::remove_dir_all(&dir);
+}
