@@ -112,6 +112,19 @@ impl Peers {
             connection_security_policy: u,
         }
     }
+
+    /// The labels a service reports about the requests it serves: reporter `destination`,
+    /// this `workload` (also its app) in `namespace`, no transport security; the caller
+    /// `unknown`.
+    pub fn destination(workload: &str, namespace: &str) -> Self {
+        let mut p = Self::unknown(Reporter::Destination);
+        p.destination_workload = workload.into();
+        p.destination_app = workload.into();
+        p.destination_workload_namespace = namespace.into();
+        p.destination_service_namespace = namespace.into();
+        p.connection_security_policy = "none".into();
+        p
+    }
 }
 
 /// One series: the fixed labels and the request's outcome.
