@@ -84,7 +84,9 @@ fn stack(c: &mut Criterion) {
                 .layer(MonitorLayer::new(detector.monitor(endpoint).expect("watched")))
                 .service_fn(ok::<ReplayBody<Full<Bytes>>>)
         }))
-        .service_fn(|_req: Request<Full<Bytes>>| async { unreachable!("DispatchLayer does not call its inner service") });
+        .service_fn(|_req: Request<Full<Bytes>>| async {
+            unreachable!("DispatchLayer does not call its inner service")
+        });
     g.bench_function("mesh: trace + metrics + rate limit + routing + retries + outlier", |b| {
         b.iter(|| black_box(run(&rt, &full)))
     });

@@ -425,12 +425,51 @@ impl<B> tower::Service<Request<B>> for MetricsService {
 #[derive(Clone, Debug)]
 pub struct MetricsLayer {
     series: Arc<PeerMetrics>,
+    /// Reporter `destination`: the series of each calling identity.
+    by_peer: Option<Arc<ByPeer>>,
+}
+
+/// The series of each mTLS peer, bounded: past [`MAX_PEERS`] identities the rest share the
+/// base labels (`unknown`), so that callers cannot grow the series without end.
+#[derive(Debug)]
+struct ByPeer {
+    metrics: IstioMetrics,
+    map: std::sync::Mutex<HashMap<Arc<str>, Arc<PeerMetrics>>>,
+}
+
+/// The most peer identities given series of their own by one [`MetricsLayer`].
+pub const MAX_PEERS: usize = 1024;
+
+impl ByPeer {
+    fn get(&self, base: &Arc<PeerMetrics>, peer: &mesh_core::SpiffeId) -> Arc<PeerMetrics> {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = map.get(peer.as_str()) {
+            return s.clone();
+        }
+        if map.len() >= MAX_PEERS {
+            return base.clone();
+        }
+        let mut p = Peers::clone(base.peers());
+        p.source_principal = peer.as_str().into();
+        if let Some(ns) = peer.namespace() {
+            p.source_workload_namespace = ns.into();
+        }
+        p.connection_security_policy = "mutual_tls".into();
+        let series = self.metrics.for_peers(Arc::new(p));
+        map.insert(peer.as_str().into(), series.clone());
+        series
+    }
 }
 
 impl MetricsLayer {
     /// Records into `metrics`, with `peers` as the fixed labels (their series resolved now).
+    /// With reporter `destination`, a request whose caller an mTLS acceptor identified (the
+    /// `PeerIdentity` extension) is reported with its `source_principal`, its namespace and
+    /// `connection_security_policy="mutual_tls"`, as Istio's server side does.
     pub fn new(metrics: IstioMetrics, peers: Peers) -> Self {
-        Self { series: metrics.for_peers(Arc::new(peers)) }
+        let by_peer = (peers.reporter == Reporter::Destination)
+            .then(|| Arc::new(ByPeer { metrics: metrics.clone(), map: std::sync::Mutex::default() }));
+        Self { series: metrics.for_peers(Arc::new(peers)), by_peer }
     }
 }
 
@@ -477,7 +516,10 @@ where
             .or_else(|| req.body().size_hint().exact())
             .unwrap_or(0);
         let pending = Pending {
-            series: self.layer.series.clone(),
+            series: match (&self.layer.by_peer, mesh_core::PeerIdentity::of(req.extensions())) {
+                (Some(by_peer), Some(peer)) => by_peer.get(&self.layer.series, peer),
+                _ => self.layer.series.clone(),
+            },
             grpc: is_grpc(req.headers()),
             start: Instant::now(),
             request_bytes,
