@@ -7,47 +7,10 @@
 mod otlp;
 mod support;
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 
-use bytes::Bytes;
-use http::{Request, Response, StatusCode};
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper_util::rt::TokioIo;
+use http::StatusCode;
 use support::*;
-use tokio::net::TcpListener;
-
-/// An application that answers 503 to its first request and 200 after, keeping each
-/// request's `traceparent`.
-async fn flaky_app() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let calls = Arc::new(AtomicUsize::new(0));
-    let shared = seen.clone();
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else { return };
-            let (seen, calls) = (shared.clone(), calls.clone());
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    seen.lock().unwrap().push(header(&req, "traceparent"));
-                    let status = if calls.fetch_add(1, Ordering::SeqCst) == 0 { 503 } else { 200 };
-                    async move {
-                        Ok::<_, Infallible>(
-                            Response::builder().status(status).body(Full::new(Bytes::from("ratings"))).unwrap(),
-                        )
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
-            });
-        }
-    });
-    (addr, seen)
-}
 
 fn mesh_proxy(name: &str, otlp: SocketAddr, extra: &str) -> String {
     format!(
@@ -58,7 +21,7 @@ fn mesh_proxy(name: &str, otlp: SocketAddr, extra: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trace_crosses_two_sidecars_with_a_span_per_try() {
     let (otlp, received) = otlp::grpc_receiver().await;
-    let (app_b, app_saw) = flaky_app().await;
+    let (app_b, app_saw) = otlp::flaky_backend().await;
     let dir = config_dir("tracing-two-sidecars");
     let (a_dir, b_dir) = (dir.join("a"), dir.join("b"));
     std::fs::create_dir_all(&a_dir).unwrap();

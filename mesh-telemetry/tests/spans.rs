@@ -7,10 +7,7 @@ mod support {
     pub mod otlp;
 }
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::{Extension, State};
@@ -22,7 +19,7 @@ use mesh_resilience::retry::{ReplayBody, RetryLayer, RetryPolicy};
 use mesh_telemetry::propagation::TraceContext;
 use mesh_telemetry::span::{ClientSpanLayer, OtlpExport, Tracer};
 use mesh_telemetry::trace::TraceLayer;
-use support::otlp::ReceivedSpan;
+use support::otlp::{ReceivedSpan, flaky_backend};
 use tokio::net::{TcpListener, TcpStream};
 use tower::{Layer, ServiceBuilder, ServiceExt};
 
@@ -32,34 +29,6 @@ type Client = tower::util::BoxCloneSyncService<
     Response<mesh_telemetry::span::SpanBody<hyper::body::Incoming>>,
     BoxError,
 >;
-
-/// A backend that answers 503 to its first request and 200 after, keeping each request's
-/// `traceparent`.
-async fn flaky_backend() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let calls = Arc::new(AtomicUsize::new(0));
-    let shared = seen.clone();
-    tokio::spawn(async move {
-        loop {
-            let (stream, _) = listener.accept().await.unwrap();
-            let (seen, calls) = (shared.clone(), calls.clone());
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                    let tp = req.headers().get("traceparent").map(|v| v.to_str().unwrap().to_owned());
-                    seen.lock().unwrap().push(tp.unwrap_or_default());
-                    let status = if calls.fetch_add(1, Ordering::SeqCst) == 0 { 503 } else { 200 };
-                    async move {
-                        Ok::<_, Infallible>(Response::builder().status(status).body(Empty::<Bytes>::new()).unwrap())
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
-            });
-        }
-    });
-    (addr, seen)
-}
 
 /// One HTTP/1.1 connection per request (enough for a test client).
 async fn send(

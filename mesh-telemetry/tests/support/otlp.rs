@@ -1,7 +1,8 @@
-//! An OTLP trace receiver on 127.0.0.1 for tests: the collector's gRPC service generated from
-//! the OpenTelemetry protos (`opentelemetry-proto`, served by tonic), and the same messages
-//! posted over HTTP to `/v1/traces` (served by hyper, decoded by prost). Both keep every span
-//! they receive, flattened with its service name.
+//! What the trace tests share: an OTLP trace receiver on 127.0.0.1 (the collector's gRPC
+//! service generated from the OpenTelemetry protos, `opentelemetry-proto`, served by tonic;
+//! and the same messages posted over HTTP to `/v1/traces`, served by hyper and decoded by
+//! prost; both keep every span they receive, flattened with its service name), and a flaky
+//! backend that shows which span each request came from.
 //!
 //! Shared by mesh-telemetry's and mesh-proxy's tests (`#[path]`-included).
 
@@ -180,4 +181,36 @@ pub async fn http_receiver() -> (SocketAddr, Received) {
         }
     });
     (addr, received)
+}
+
+/// A backend that answers 503 to its first request and 200 (`ratings`) after, keeping each
+/// request's `traceparent`.
+pub async fn flaky_backend() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let shared = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { return };
+            let (seen, calls) = (shared.clone(), calls.clone());
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let tp = req.headers().get("traceparent").and_then(|v| v.to_str().ok()).unwrap_or_default();
+                    seen.lock().unwrap().push(tp.to_owned());
+                    let first = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
+                    let res = http::Response::builder()
+                        .status(if first { 503 } else { 200 })
+                        .body(http_body_util::Full::new(bytes::Bytes::from("ratings")))
+                        .unwrap();
+                    async move { Ok::<_, std::convert::Infallible>(res) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, seen)
 }
