@@ -6,8 +6,16 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use libfuzzer_sys::fuzz_target;
 use mesh_telemetry::propagation::{MAX_TRACESTATE_MEMBERS, Propagator, TraceContext};
 
-const NAMES: [&str; 8] =
-    ["traceparent", "tracestate", "b3", "x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled", "x-b3-flags"];
+const NAMES: [&str; 8] = [
+    "traceparent",
+    "tracestate",
+    "b3",
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-parentspanid",
+    "x-b3-sampled",
+    "x-b3-flags",
+];
 
 fuzz_target!(|input: Vec<(u8, &[u8])>| {
     let mut headers = HeaderMap::new();
@@ -21,7 +29,10 @@ fuzz_target!(|input: Vec<(u8, &[u8])>| {
         let mut out = HeaderMap::new();
         context.inject(&mut out, &[format]);
         let again = TraceContext::extract(&out, &[format]).expect("what was written reads back");
-        assert_eq!((again.trace_id(), again.span_id(), again.sampled()), (context.trace_id(), context.span_id(), context.sampled()));
+        assert_eq!(
+            (again.trace_id(), again.span_id(), again.sampled()),
+            (context.trace_id(), context.span_id(), context.sampled())
+        );
         let child = context.child(7);
         assert_eq!(child.trace_id(), context.trace_id());
     }
