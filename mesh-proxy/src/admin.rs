@@ -71,7 +71,59 @@ const INDEX: &str = "mesh-proxy admin
   /stats        configuration reloads and reload failures
   /certs        the workload certificate: SPIFFE ID, expiry, rotations (JSON)
   /metrics      Istio's request metrics (Prometheus text format)
+  /logging      the log filter; POST /logging?level=FILTER changes it (tracing EnvFilter syntax)
 ";
+
+/// Changes the process's log filter: given a filter (`debug`, `mesh_proxy=trace,info`), the
+/// filter now in force, or why it was refused.
+pub type LogFilterHook = Box<dyn Fn(Option<&str>) -> Result<String, String> + Send + Sync>;
+
+static LOG_FILTER: std::sync::OnceLock<LogFilterHook> = std::sync::OnceLock::new();
+
+/// Lets the admin server's `/logging` read and change the log filter (the binary installs
+/// its subscriber's reload handle here; a library user may install their own). Only the first
+/// call takes effect.
+pub fn set_log_filter_hook(hook: LogFilterHook) {
+    let _ = LOG_FILTER.set(hook);
+}
+
+/// `/logging`: GET shows the filter, POST `?level=FILTER` sets it (Envoy's admin endpoint has
+/// the same name and verb).
+fn logging(req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let Some(hook) = LOG_FILTER.get() else {
+        return text(StatusCode::NOT_FOUND, "the log filter cannot be changed in this process\n".into());
+    };
+    let level = req.uri().query().into_iter().flat_map(|q| q.split('&')).find_map(|p| p.strip_prefix("level="));
+    let wanted = match (req.method(), level) {
+        (&Method::POST, Some(level)) => match percent_decode(level) {
+            Some(level) => Some(level),
+            None => return text(StatusCode::BAD_REQUEST, "level: not valid percent-encoded UTF-8\n".into()),
+        },
+        (&Method::POST, None) => return text(StatusCode::BAD_REQUEST, "POST /logging?level=FILTER\n".into()),
+        _ => None,
+    };
+    match hook(wanted.as_deref()) {
+        Ok(now) => text(StatusCode::OK, format!("log filter: {now}\n")),
+        Err(why) => text(StatusCode::BAD_REQUEST, format!("log filter refused: {why}\n")),
+    }
+}
+
+/// `%XX` escapes and `+` (a space) decoded.
+fn percent_decode(s: &str) -> Option<String> {
+    let mut out = Vec::with_capacity(s.len());
+    let mut bytes = s.bytes();
+    while let Some(b) = bytes.next() {
+        match b {
+            b'%' => {
+                let hex = [bytes.next()?, bytes.next()?];
+                out.push(u8::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()?);
+            }
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+    }
+    String::from_utf8(out).ok()
+}
 
 fn respond(
     req: &Request<Incoming>,
@@ -79,6 +131,9 @@ fn respond(
     routes: Option<&Routes>,
     telemetry: Option<&crate::telemetry::Telemetry>,
 ) -> Response<Full<Bytes>> {
+    if req.uri().path() == "/logging" && matches!(*req.method(), Method::GET | Method::POST) {
+        return logging(req);
+    }
     if !matches!(*req.method(), Method::GET | Method::HEAD) {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n".into());
     }

@@ -14,7 +14,9 @@
 //! [`ProxyBody`]); client connections idle for `downstream_idle_timeout` are closed, and
 //! HTTP/1.x clients slower than `request_headers_timeout` to send a request head are answered
 //! 408 and closed; an admin server answers `/ready` and `/live`, and with a configuration
-//! `/config_dump`, `/routes`, `/clusters`, `/certs`, `/stats` and `/metrics`; SIGTERM and
+//! `/config_dump`, `/routes`, `/clusters`, `/certs`, `/stats` and `/metrics`, and `/logging`
+//! switches the log filter at run time (`--check` prints the effective settings and exits
+//! instead of serving); SIGTERM and
 //! Ctrl-C drain in-flight requests (and flush queued spans) before exit. Retries, outlier
 //! detection, connection-pool limits, faults and local rate limits come from
 //! mesh-resilience; the inbound listener's mTLS, JWT validation and authorization from
@@ -63,6 +65,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 mod admin;
+pub use admin::{LogFilterHook, set_log_filter_hook};
 mod body;
 pub mod config;
 mod downstream;

@@ -114,6 +114,11 @@ struct Args {
 
     #[arg(long, value_name = "FILTER", env = "MESH_PROXY_LOG", default_value = "info")]
     log: String,
+
+    /// Loads the configuration (and the workload certificate), prints the effective
+    /// settings and exits: 0 when the proxy would start with them, 1 when it would not.
+    #[arg(long)]
+    check: bool,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -274,6 +279,10 @@ fn main() -> ExitCode {
     config.drain_timeout = args.drain_timeout;
     config.workers = workers;
     config.access_log = args.access_log.clone();
+    if args.check {
+        print_check(&config, snapshot.as_ref());
+        return ExitCode::SUCCESS;
+    }
     // Certificates rotate as cert-manager or SPIRE rewrite the files.
     let _watch = config.identity.as_ref().map(|i| i.watch(Duration::from_secs(1)));
     drop(entered);
@@ -401,13 +410,72 @@ fn x509_trust_domain(der: &rustls_pki_types::CertificateDer<'_>) -> Option<mesh_
     })
 }
 
+/// `--check`: the settings the proxy would start with.
+fn print_check(config: &ProxyConfig, snapshot: Option<&mesh_proxy::snapshot::Snapshot>) {
+    println!("mesh-proxy {} configuration check: ok", env!("CARGO_PKG_VERSION"));
+    println!("  listen           {}", config.listen);
+    println!("  admin            {}", config.admin.map_or("off".to_owned(), |a| a.to_string()));
+    match &config.inbound {
+        Some(i) => println!("  inbound          {} -> {} ({:?})", i.listen, i.app, i.app_protocol),
+        None => println!("  inbound          none"),
+    }
+    match &config.identity {
+        Some(identity) => {
+            let status = identity.status();
+            let left = status.not_after.duration_since(std::time::SystemTime::now()).map_or(0, |d| d.as_secs());
+            println!("  identity         {} (expires in {left} s)", status.id);
+        }
+        None => println!("  identity         none (no mTLS)"),
+    }
+    match config.tracing.as_ref().and_then(|t| Some((t, t.endpoint.as_ref()?))) {
+        Some((t, endpoint)) => println!("  spans            {endpoint} ({:?}) as {}", t.protocol, t.service_name),
+        None => println!("  spans            not exported"),
+    }
+    println!("  access log       {}", config.access_log.as_ref().map_or("off".to_owned(), |p| p.display().to_string()));
+    match snapshot {
+        Some(s) => {
+            println!("  destinations     {}", s.clusters.len());
+            println!("  inbound mTLS     {:?}", s.security.mode);
+            println!(
+                "  trace sampling   {} %",
+                s.trace_sampling.map_or("1 (Istio's default)".to_owned(), |p| p.to_string())
+            );
+            for note in &s.notes {
+                println!("  note: {note}");
+            }
+        }
+        None => println!("  routing          none: everything to {}", config.upstream),
+    }
+}
+
 fn init_logging(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|e| {
-        eprintln!("mesh-proxy: ignoring log filter `{filter}`: {e}");
-        tracing_subscriber::EnvFilter::new("info")
-    });
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
+    let (filter, text) = match tracing_subscriber::EnvFilter::try_new(filter) {
+        Ok(f) => (f, filter.to_owned()),
+        Err(e) => {
+            eprintln!("mesh-proxy: ignoring log filter `{filter}`: {e}");
+            (tracing_subscriber::EnvFilter::new("info"), "info".to_owned())
+        }
+    };
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init();
+    // The filter can be swapped at run time: the admin server's `/logging`.
+    let (filter, handle) = tracing_subscriber::reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(tracing_subscriber::fmt::layer().with_ansi(ansi).with_writer(std::io::stderr))
+        .init();
+    let current = std::sync::Mutex::new(text);
+    mesh_proxy::set_log_filter_hook(Box::new(move |wanted| {
+        let mut current = current.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(wanted) = wanted {
+            let filter = tracing_subscriber::EnvFilter::try_new(wanted).map_err(|e| e.to_string())?;
+            handle.reload(filter).map_err(|e| e.to_string())?;
+            tracing::info!(filter = wanted, "log filter changed");
+            *current = wanted.to_owned();
+        }
+        Ok(current.clone())
+    }));
 }
 
 /// Resolves on the first SIGTERM or Ctrl-C; a second one exits at once.

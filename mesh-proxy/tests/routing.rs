@@ -1213,3 +1213,79 @@ async fn streams_cancelled_while_their_tls_connection_opens_share_a_bounded_numb
     assert!((1..=4).contains(&connects), "{connects} connects for {cancelled} cancelled requests");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// One HTTP/1.1 exchange on a new connection, raw: the status line and the body.
+async fn raw(addr: SocketAddr, method: &str, target: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let head = format!("{method} {target} HTTP/1.1\r\nhost: admin\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = String::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut answer)).await.unwrap().unwrap();
+    let status = answer.lines().next().unwrap_or_default().to_owned();
+    let body = answer.split_once("\r\n\r\n").map(|(_, b)| b.trim_end().to_owned()).unwrap_or_default();
+    format!("{status} | {body}")
+}
+
+/// Operations: `/logging` shows and switches the log filter at run time (a bad filter is
+/// refused, the old one kept), and `--check` prints the effective settings and exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_filter_switches_at_run_time_and_check_prints_the_settings() {
+    use tokio::io::AsyncWriteExt;
+    let backend = backend("reviews").await;
+    let dir = config_dir("operations");
+    write_atomically(&dir, "mesh.yaml", &service_entry("reviews", backend.port()));
+    let log_path = dir.with_extension("log");
+    let proxy = Proxy::start_logging(&dir, std::fs::File::create(&log_path).unwrap().into());
+
+    assert_eq!(raw(proxy.admin, "GET", "/logging").await, "HTTP/1.1 200 OK | log filter: warn");
+    // A debug event before the switch is not logged; after it, it is.
+    let half_preface = |addr| async move {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"PRI * HTTP/2.0\r\n\r\nS").await.unwrap();
+        s.shutdown().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    half_preface(proxy.addr).await;
+    assert!(!std::fs::read_to_string(&log_path).unwrap().contains("h2c handshake failed"));
+    assert_eq!(
+        raw(proxy.admin, "POST", "/logging?level=mesh_proxy%3Ddebug").await,
+        "HTTP/1.1 200 OK | log filter: mesh_proxy=debug"
+    );
+    half_preface(proxy.addr).await;
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(log.contains("h2c handshake failed"), "{log}");
+    let refused = raw(proxy.admin, "POST", "/logging?level=mesh_proxy%3D%5B").await;
+    assert!(refused.starts_with("HTTP/1.1 400 Bad Request | log filter refused:"), "{refused}");
+    assert_eq!(raw(proxy.admin, "GET", "/logging").await, "HTTP/1.1 200 OK | log filter: mesh_proxy=debug");
+    assert!(raw(proxy.admin, "POST", "/stats").await.starts_with("HTTP/1.1 405"));
+    drop(proxy);
+
+    // --check: the settings, exit 0; a configuration that does not compile, exit 1.
+    let check = |dir: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_mesh-proxy"))
+            .args(["--check", "--admin", "off", "--config"])
+            .arg(dir)
+            .output()
+            .unwrap()
+    };
+    let out = check(&dir);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("configuration check: ok")
+            && text.contains("destinations     1")
+            && text.contains("admin            off"),
+        "{text}"
+    );
+    write_atomically(
+        &dir,
+        "broken.yaml",
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: x}\nspec: {hosts: 5}\n",
+    );
+    let out = check(&dir);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("broken.yaml"), "{}", String::from_utf8_lossy(&out.stderr));
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_file(&log_path);
+}
