@@ -1289,3 +1289,46 @@ async fn the_log_filter_switches_at_run_time_and_check_prints_the_settings() {
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_file(&log_path);
 }
+
+/// Debugging a 503 from the access log and `/clusters` (issue 20's scenario): `payments` has
+/// one endpoint, and it is down. The first request fails to connect three times (Istio's
+/// default retries): 503, and its log line says `UF,URX` (connect failure, retries
+/// exhausted). Those three failures eject the endpoint; the next request finds no healthy
+/// one: 503 `UH`, and `/clusters` shows it ejected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_503_is_explained_by_the_access_log_and_the_clusters_page() {
+    let dead = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let dir = config_dir("debug-503");
+    let rule = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: payments}\nspec:\n  host: payments\n  trafficPolicy:\n    outlierDetection: {consecutiveGatewayErrors: 3, interval: 1s, baseEjectionTime: 30s, maxEjectionPercent: 100}\n";
+    write_atomically(&dir, "mesh.yaml", &format!("{}{rule}", service_entry("payments", dead)));
+    let log_path = dir.with_extension("access.log");
+    let proxy = Proxy::start_with(&dir, std::process::Stdio::inherit(), &["--access-log", log_path.to_str().unwrap()]);
+    let mut client = Client::connect(proxy.addr).await;
+    assert_eq!(client.get("payments", "/charge", &[]).await.0, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(client.get("payments", "/charge", &[]).await.0, StatusCode::SERVICE_UNAVAILABLE);
+
+    // The log lines (the writer gathers them every few milliseconds).
+    let mut lines = Vec::new();
+    for _ in 0..100 {
+        lines = std::fs::read_to_string(&log_path).unwrap_or_default().lines().map(str::to_owned).collect();
+        if lines.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let parsed: Vec<serde_json::Value> = lines.iter().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(parsed.len(), 2, "{lines:?}");
+    assert_eq!(parsed[0]["response_code"], 503);
+    assert_eq!(parsed[0]["response_flags"], "UF,URX", "{}", lines[0]);
+    assert_eq!(parsed[0]["path"], "/charge");
+    assert_eq!(parsed[1]["response_flags"], "UH", "{}", lines[1]);
+    // The clusters page says the endpoint is out.
+    assert!(ejection_state(proxy.admin, SocketAddr::from(([127, 0, 0, 1], dead))).await.0);
+    let clusters = admin(proxy.admin, "/clusters").await;
+    assert!(clusters.contains("\"health\": \"ejected\""), "{clusters}");
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_file(&log_path);
+}
