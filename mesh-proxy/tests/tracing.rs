@@ -138,3 +138,97 @@ async fn b3_only_propagation_without_a_collector() {
         .await;
     assert!(body.starts_with("b3=32 w3c=00-4bf92f"), "the caller's header passes untouched: {body}");
 }
+
+/// Issue 20's three-hop trace: frontend's sidecar → product's sidecar (inbound) → the product
+/// application, which calls reviews through its sidecar's outbound listener, forwarding the
+/// trace headers as Istio asks applications to → reviews' sidecar (inbound) → reviews. Six
+/// spans, one trace, each hop's parent the span before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trace_crosses_three_services_with_every_parent_linked() {
+    use std::sync::{Arc, OnceLock};
+    let (otlp, received) = otlp::grpc_receiver().await;
+    let reviews = backend("reviews").await;
+    // The product application: answers with what reviews answered, calling it through its
+    // sidecar's outbound listener (set once that sidecar has started).
+    let outbound: Arc<OnceLock<std::net::SocketAddr>> = Arc::default();
+    let product = {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let outbound = outbound.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let outbound = outbound.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let sidecar = *outbound.get().expect("the sidecar is up");
+                        let forward = ["traceparent", "tracestate", "x-request-id"]
+                            .map(|h| (h, req.headers().get(h).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned()));
+                        async move {
+                            let headers: Vec<(&str, &str)> =
+                                forward.iter().filter(|(_, v)| !v.is_empty()).map(|(h, v)| (*h, v.as_str())).collect();
+                            let (_, body) = Client::connect(sidecar).await.get("reviews", "/reviews/1", &headers).await;
+                            Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
+                                bytes::Bytes::from(format!("product <- {body}")),
+                            )))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        addr
+    };
+    let dir = config_dir("tracing-three-hops");
+    let start = |name: &str, text: String| {
+        let d = dir.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("mesh.yaml"), text).unwrap();
+        Proxy::start(&d)
+    };
+    let inbound = |app: std::net::SocketAddr| format!("  inbound: {{listen: \"127.0.0.1:0\", app: \"{app}\"}}\n");
+    let r = start("reviews", mesh_proxy("reviews", otlp, &inbound(reviews)));
+    let p = start(
+        "product",
+        format!(
+            "{}{}",
+            mesh_proxy("product", otlp, &inbound(product)),
+            service_entry("reviews", r.inbound.unwrap().port())
+        ),
+    );
+    outbound.set(p.addr).unwrap();
+    let f = start(
+        "frontend",
+        format!("{}{}", mesh_proxy("frontend", otlp, ""), service_entry("product", p.inbound.unwrap().port())),
+    );
+
+    let trace = "0af7651916cd43dd8448eb211c80319c";
+    let caller = "b7ad6b7169203331";
+    let traceparent = format!("00-{trace}-{caller}-01");
+    let (status, body) =
+        Client::connect(f.addr).await.get("product", "/products/1", &[("traceparent", traceparent.as_str())]).await;
+    assert_eq!((status, body.as_str()), (StatusCode::OK, "product <- reviews /reviews/1"));
+    for mut proxy in [f, p, r] {
+        let pid = proxy.child.id().to_string();
+        assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+        tokio::task::spawn_blocking(move || proxy.child.wait()).await.unwrap().unwrap();
+    }
+    let spans = received.spans();
+    assert_eq!(spans.len(), 6, "{spans:#?}");
+    assert!(spans.iter().all(|s| s.trace_id == trace));
+    let one = |service: &str, kind: i32, parent: &str| -> String {
+        let found: Vec<_> =
+            spans.iter().filter(|s| s.service == service && s.kind == kind && s.parent_span_id == parent).collect();
+        assert_eq!(found.len(), 1, "{service} kind {kind} under {parent}: {spans:#?}");
+        found[0].span_id.clone()
+    };
+    // frontend: server, then its try; product: inbound server, then (the application's call)
+    // outbound server and its try; reviews: inbound server.
+    let f_server = one("frontend.shop", 2, caller);
+    let f_client = one("frontend.shop", 3, &f_server);
+    let p_inbound = one("product.shop", 2, &f_client);
+    let p_outbound = one("product.shop", 2, &p_inbound);
+    let p_client = one("product.shop", 3, &p_outbound);
+    one("reviews.shop", 2, &p_client);
+}
