@@ -136,8 +136,8 @@ async fn routes_by_header_and_weight_and_reloads_without_failing_a_request() {
     assert!(admin(proxy.admin, "/routes").await.contains("\"canary\""));
     assert!(admin(proxy.admin, "/config_dump").await.contains("\"virtualServices\""));
 
-    // Move the weights to 0/100 while two clients send continuously, one on a keep-alive
-    // connection and one on a new connection per request.
+    // Move the weights to 50/50, then 0/100, while two clients send continuously, one on a
+    // keep-alive connection and one on a new connection per request.
     let stop = Arc::new(AtomicBool::new(false));
     let (sent, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let mut load = Vec::new();
@@ -158,8 +158,14 @@ async fn routes_by_header_and_weight_and_reloads_without_failing_a_request() {
         }));
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    write_atomically(&dir, "routes.yaml", &routes(0, 100));
+    // The canary's steps: 90/10, then 50/50 (1,000 draws: v2 expected 500, sd 15.8; 5 sd
+    // either side), then 0/100.
+    write_atomically(&dir, "routes.yaml", &routes(50, 50));
     wait_for_stat(proxy.admin, "config_reloads", 1).await;
+    let got = count_v2(&mut client, 1000, &[]).await;
+    assert!((421..=579).contains(&got), "50/50: v2 got {got} of 1000");
+    write_atomically(&dir, "routes.yaml", &routes(0, 100));
+    wait_for_stat(proxy.admin, "config_reloads", 2).await;
     assert_eq!(count_v2(&mut client, 200, &[]).await, 200, "after the reload everything goes to v2");
 
     // A broken file is refused; the routes that were loaded keep serving.
