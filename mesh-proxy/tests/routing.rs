@@ -1338,3 +1338,88 @@ async fn a_503_is_explained_by_the_access_log_and_the_clusters_page() {
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_file(&log_path);
 }
+
+/// Issue 20's flaky payment service: `payments` has a healthy endpoint and a broken one
+/// (every answer 503); the route injects 503 aborts into 10 % of requests and retries 5xx;
+/// outlier detection ejects after two consecutive 5xx. Clients see only the injected faults
+/// (not retried: they never reach an endpoint); the broken endpoint is tried twice, each
+/// retried elsewhere, then ejected and sent nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flaky_payment_service_with_faults_retries_and_ejection() {
+    let good = backend("payments").await;
+    let (broken, broken_seen) = {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(AtomicUsize::new(0));
+        let count = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let count = count.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |_req: Request<Incoming>| {
+                        count.fetch_add(1, Ordering::SeqCst);
+                        let mut res = Response::new(Full::new(Bytes::from("broken")));
+                        *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                        async move { Ok::<_, Infallible>(res) }
+                    });
+                    let _ =
+                        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
+                });
+            }
+        });
+        (addr, seen)
+    };
+    let dir = config_dir("flaky-payments");
+    let config = format!(
+        r#"apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: payments}}
+spec:
+  hosts: [payments]
+  ports: [{{number: 80, name: http}}]
+  endpoints:
+  - {{address: 127.0.0.1, ports: {{http: {good}}}}}
+  - {{address: 127.0.0.1, ports: {{http: {broken}}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: payments}}
+spec:
+  host: payments
+  trafficPolicy:
+    loadBalancer: {{simple: ROUND_ROBIN}}
+    outlierDetection: {{consecutive5xxErrors: 2, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 50}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: payments}}
+spec:
+  hosts: [payments]
+  http:
+  - fault: {{abort: {{httpStatus: 503, percentage: {{value: 10}}}}}}
+    retries: {{attempts: 3, retryOn: 5xx}}
+    route: [{{destination: {{host: payments}}}}]
+"#,
+        good = good.port(),
+        broken = broken.port()
+    );
+    write_atomically(&dir, "mesh.yaml", &config);
+    let proxy = Proxy::start(&dir);
+    let mut client = Client::connect(proxy.addr).await;
+    let (mut ok, mut injected) = (0, 0);
+    for _ in 0..1000 {
+        match client.get("payments", "/charge", &[]).await {
+            (StatusCode::OK, body) if body == "payments /charge" => ok += 1,
+            (StatusCode::SERVICE_UNAVAILABLE, body) if body == "fault filter abort" => injected += 1,
+            other => panic!("{other:?}"),
+        }
+    }
+    // 10 % of 1,000: expected 100, sd 9.5; 5 sd either side.
+    assert!((53..=147).contains(&injected), "{injected} injected");
+    assert_eq!(ok + injected, 1000);
+    assert_eq!(broken_seen.load(Ordering::SeqCst), 2, "tried twice, then ejected");
+    assert!(ejection_state(proxy.admin, broken).await.0);
+    assert_eq!(metric(proxy.admin, "mesh_outlier_ejections_total").await, 1.0);
+    assert_eq!(metric(proxy.admin, "mesh_retries_total").await, 2.0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
