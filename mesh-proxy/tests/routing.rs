@@ -1423,3 +1423,56 @@ spec:
     assert_eq!(metric(proxy.admin, "mesh_retries_total").await, 2.0);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Issue 20's A/B and blue-green scenarios: the user `jason` (by cookie, as Istio's docs
+/// match it: a regex on the `cookie` header) and testers (by header) get v2, everyone else
+/// v1; then a blue-green flip sends everyone to v2 at once, and back, each taking effect on
+/// the next request after the reload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ab_routing_by_cookie_and_header_and_a_blue_green_flip() {
+    let (v1, v2) = (backend("v1").await, backend("v2").await);
+    let dir = config_dir("ab-blue-green");
+    write_atomically(&dir, "services.yaml", &services(v1, v2));
+    let ab = r#"apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews}
+spec:
+  hosts: [reviews]
+  http:
+  - match:
+    - headers: {cookie: {regex: "^(.*?;\\s*)?(user=jason)(;.*)?$"}}
+    - headers: {x-tester: {exact: "yes"}}
+    route: [{destination: {host: reviews, subset: v2}}]
+  - route: [{destination: {host: reviews, subset: v1}}]
+"#;
+    let all_to = |subset: &str| {
+        format!(
+            "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: reviews}}\nspec:\n  hosts: [reviews]\n  http:\n  - route: [{{destination: {{host: reviews, subset: {subset}}}}}]\n"
+        )
+    };
+    write_atomically(&dir, "routes.yaml", ab);
+    let proxy = Proxy::start(&dir);
+    let mut client = Client::connect(proxy.addr).await;
+    let who = |body: String| body.split(' ').next().unwrap_or_default().to_owned();
+    for (headers, expected) in [
+        (vec![("cookie", "theme=dark; user=jason")], "v2"),
+        (vec![("cookie", "user=jason")], "v2"),
+        (vec![("cookie", "user=jasonx; theme=dark")], "v1"),
+        (vec![("cookie", "theme=dark; user=alice")], "v1"),
+        (vec![("x-tester", "yes")], "v2"),
+        (vec![], "v1"),
+    ] {
+        let (status, body) = client.get("reviews", "/reviews/1", &headers).await;
+        assert_eq!((status, who(body).as_str()), (StatusCode::OK, expected), "{headers:?}");
+    }
+    // Blue-green: everyone to green (v2), then back to blue (v1).
+    for (round, subset) in [(1, "v2"), (2, "v1")] {
+        write_atomically(&dir, "routes.yaml", &all_to(subset));
+        wait_for_stat(proxy.admin, "config_reloads", round).await;
+        for headers in [vec![], vec![("cookie", "user=jason")]] {
+            let (status, body) = client.get("reviews", "/reviews/1", &headers).await;
+            assert_eq!((status, who(body).as_str()), (StatusCode::OK, subset), "round {round}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
