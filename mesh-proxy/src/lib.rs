@@ -544,6 +544,10 @@ impl Server {
                 tracing::warn!("drain timeout reached; closing the remaining connections");
             }
         }
+        // The access log's queued lines reach the file before the process ends.
+        if let Some(log) = self.telemetry.as_ref().and_then(|t| t.access_log.clone()) {
+            let _ = tokio::task::spawn_blocking(move || log.flush()).await;
+        }
         // The spans still queued go to the collector (a blocking call: the export runs on
         // this runtime meanwhile).
         if let Some(tracer) = self.telemetry.as_ref().and_then(|t| t.tracer().cloned()) {

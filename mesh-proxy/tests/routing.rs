@@ -1335,6 +1335,15 @@ async fn a_503_is_explained_by_the_access_log_and_the_clusters_page() {
     assert!(ejection_state(proxy.admin, SocketAddr::from(([127, 0, 0, 1], dead))).await.0);
     let clusters = admin(proxy.admin, "/clusters").await;
     assert!(clusters.contains("\"health\": \"ejected\""), "{clusters}");
+    // A line still queued at SIGTERM is written before the process exits.
+    assert_eq!(client.get("payments", "/refund", &[]).await.0, StatusCode::SERVICE_UNAVAILABLE);
+    let mut proxy = proxy;
+    let pid = proxy.child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    drop(client);
+    assert!(tokio::task::spawn_blocking(move || proxy.child.wait()).await.unwrap().unwrap().success());
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(log.lines().nth(2).is_some_and(|l| l.contains("\"path\":\"/refund\"")), "{log}");
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_file(&log_path);
 }
