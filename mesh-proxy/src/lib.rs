@@ -545,15 +545,26 @@ impl Server {
             }
         }
         // The access log's queued lines reach the file before the process ends.
+        // Bounded: a writer stuck on a stalled output does not hold the exit.
         if let Some(log) = self.telemetry.as_ref().and_then(|t| t.access_log.clone()) {
-            let _ = tokio::task::spawn_blocking(move || log.flush()).await;
+            let flushed =
+                tokio::time::timeout(Duration::from_secs(2), tokio::task::spawn_blocking(move || log.flush()));
+            if flushed.await.is_err() {
+                tracing::warn!("access log lines not written at exit: its output is not taking them");
+            }
         }
         // The spans still queued go to the collector (a blocking call: the export runs on
         // this runtime meanwhile).
         if let Some(tracer) = self.telemetry.as_ref().and_then(|t| t.tracer().cloned()) {
-            let flushed = tokio::task::spawn_blocking(move || tracer.shutdown(Duration::from_secs(5))).await;
-            if let Ok(Err(e)) = flushed {
-                tracing::warn!(error = %e, "spans not exported at exit");
+            // Bounded here too: the SDK's shutdown waits for every queued export.
+            let flushed = tokio::time::timeout(
+                Duration::from_secs(5),
+                tokio::task::spawn_blocking(move || tracer.shutdown(Duration::from_secs(5))),
+            );
+            match flushed.await {
+                Ok(Ok(Err(e))) => tracing::warn!(error = %e, "spans not exported at exit"),
+                Err(_) => tracing::warn!("spans not exported at exit: the collector did not answer in 5 s"),
+                _ => {}
             }
         }
     }

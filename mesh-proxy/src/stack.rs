@@ -315,6 +315,32 @@ impl MakeDestination for MakeCluster {
     }
 }
 
+/// A try's client span: ended with the try's answer or failure, or, when the try is dropped
+/// unanswered (its timeout, or the client went away), as an error saying so.
+struct TrySpan(Option<mesh_telemetry::span::Span>);
+
+impl TrySpan {
+    /// The try failed: the span ends with `why`.
+    fn fail(&mut self, why: &dyn std::fmt::Display) {
+        if let Some(mut span) = self.0.take() {
+            span.set_error(why);
+        }
+    }
+
+    /// The try was answered `code`: the span, to end with the response body.
+    fn answered(&mut self, code: u16) -> Option<mesh_telemetry::span::Span> {
+        let mut span = self.0.take()?;
+        span.set_status_code(code);
+        Some(span)
+    }
+}
+
+impl Drop for TrySpan {
+    fn drop(&mut self) {
+        self.fail(&"no response: the try was cancelled or timed out");
+    }
+}
+
 /// Records a timeout for a try dropped unanswered at or after its deadline.
 struct Unanswered {
     monitor: Option<HostMonitor>,
@@ -488,16 +514,21 @@ impl Service<Request<RequestBody>> for ClusterService {
             return Box::pin(std::future::ready(Err(NoHealthyUpstream(self.key.to_string()).into())));
         };
         let upstream_host = mesh_core::UpstreamHost(picked.endpoint().address().clone());
-        // This try's client span, a child of the request's server span.
-        let mut span = self.routes.client_spans.get().and_then(|layer| {
+        // This try's client span, a child of the request's server span (none when the
+        // workload's Telemetry turned span reporting off).
+        let layer = self.routes.client_spans.get().filter(|_| !self.routes.snapshot().span_reporting_disabled);
+        let mut span = TrySpan(layer.and_then(|layer| {
             let mut span = layer.start(&mut req)?;
             span.set_attribute(mesh_telemetry::span::KeyValue::new("upstream.address", upstream_host.0.to_string()));
             span.set_attribute(mesh_telemetry::span::KeyValue::new("upstream_cluster", self.key.to_string()));
             Some(span)
-        });
+        }));
         let (pool, monitor) = match self.pool(picked.endpoint().address()) {
             Ok(found) => found,
-            Err(e) => return Box::pin(std::future::ready(Err(e))),
+            Err(e) => {
+                span.fail(&*e);
+                return Box::pin(std::future::ready(Err(e)));
+            }
         };
         let grpc = monitor.is_some() && is_grpc(req.headers());
         // A try dropped unanswered at its deadline timed out; one dropped before it was
@@ -513,17 +544,27 @@ impl Service<Request<RequestBody>> for ClusterService {
         };
         Box::pin(async move {
             // Connection-pool limits: wait as pending for a connection, or overflow at once.
-            let admission = match &breaker {
-                Some(breaker) if multiplexed => Some(breaker.admit_multiplexed().await?),
-                Some(breaker) => Some(breaker.admit().await?),
+            let admitted = match &breaker {
+                Some(breaker) if multiplexed => Some(breaker.admit_multiplexed().await),
+                Some(breaker) => Some(breaker.admit().await),
+                None => None,
+            };
+            let admission = match admitted {
+                Some(Ok(admission)) => Some(admission),
+                Some(Err(overflow)) => {
+                    span.fail(&overflow);
+                    return Err(overflow.into());
+                }
                 None => None,
             };
             let mut result = endpoint.send(req).await;
-            match (&mut result, span.as_mut()) {
-                (Ok(res), Some(s)) => s.set_status_code(res.status().as_u16()),
-                (Err(e), Some(s)) => s.set_error(e),
-                _ => {}
-            }
+            let span = match &result {
+                Ok(res) => span.answered(res.status().as_u16()),
+                Err(e) => {
+                    span.fail(&**e);
+                    None
+                }
+            };
             if let (Some(admission), Ok(res)) = (admission, &mut result) {
                 // The connection is busy until the response body has ended.
                 res.body_mut().on_end(Box::new(move |_, _| drop(admission)));

@@ -217,9 +217,8 @@ impl Telemetry {
                 }
             }
         }
-        let direction = usize::from(inbound);
-        self.in_flight[direction].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Started { peers, grpc, request_bytes, at: Instant::now(), entry, span, direction }
+        let in_flight = InFlightGuard::new(self.in_flight.clone(), usize::from(inbound));
+        Started { peers, grpc, request_bytes, at: Instant::now(), entry, span, _in_flight: in_flight }
     }
 
     /// Records the request once `res`'s body has ended.
@@ -238,7 +237,6 @@ impl Telemetry {
             if matches!(end, BodyEnd::Dropped) {
                 flags.insert(ResponseFlags::DOWNSTREAM_CONNECTION_TERMINATION);
             }
-            telemetry.in_flight[started.direction].fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             let grpc_status = grpc_status.filter(|_| started.grpc);
             let elapsed = started.at.elapsed();
             if let Some(mut span) = started.span {
@@ -274,8 +272,28 @@ pub(crate) struct Started {
     entry: Option<Box<mesh_telemetry::access_log::Entry>>,
     /// The server span, when sampled and exported (ended with the response body).
     span: Option<mesh_telemetry::span::Span>,
-    /// 0 outbound, 1 inbound.
+    /// Counted in flight until the record is made, or the request is abandoned (its client
+    /// cancelled it before a response): dropped either way.
+    _in_flight: InFlightGuard,
+}
+
+/// One request in `mesh_requests_in_flight` while held.
+struct InFlightGuard {
+    gauge: Arc<[std::sync::atomic::AtomicI64; 2]>,
     direction: usize,
+}
+
+impl InFlightGuard {
+    fn new(gauge: Arc<[std::sync::atomic::AtomicI64; 2]>, direction: usize) -> Self {
+        gauge[direction].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Self { gauge, direction }
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.gauge[self.direction].fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 fn trace_layer(

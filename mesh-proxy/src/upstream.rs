@@ -582,13 +582,14 @@ impl Upstream {
         let pool = self.clone();
         tokio::spawn(async move {
             let result = pool.connect_io(true).await;
-            drop(permit);
             if let Err(Ok(io)) = out.send(result) {
                 let mut spare = pool.spare_h2.lock().unwrap_or_else(|p| p.into_inner());
                 if spare.len() < MAX_H2_DIALS {
                     spare.push((std::time::Instant::now(), io));
                 }
             }
+            // Only now: a request waiting for the permit finds the spare first.
+            drop(permit);
         });
         answer.await.unwrap_or_else(|_| Err(ConnectError::new(io::Error::other("the upstream connect task ended"))))
     }
@@ -697,7 +698,11 @@ async fn reap_idle(pool: Weak<Upstream>, idle_timeout: Duration) {
         tokio::time::sleep(period).await;
         let Some(pool) = pool.upgrade() else { return };
         let epoch = pool.epoch.fetch_add(1, Ordering::Relaxed) + 1;
-        let mut idle = pool.idle.lock().unwrap_or_else(|p| p.into_inner());
-        idle.retain(|i| epoch - i.epoch < IDLE_EPOCHS && !i.tx.is_closed());
+        pool.idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|i| epoch - i.epoch < IDLE_EPOCHS && !i.tx.is_closed());
+        // Dialled connections no connect took are closed once too old to hand out.
+        pool.spare_h2.lock().unwrap_or_else(|p| p.into_inner()).retain(|(at, _)| at.elapsed() < SPARE_TTL);
     }
 }

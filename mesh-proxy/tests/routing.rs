@@ -1485,3 +1485,53 @@ spec:
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Requests their clients cancel before an answer leave `mesh_requests_in_flight` as they
+/// found it (the gauge counts them down when they are abandoned, not only when answered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_requests_leave_the_in_flight_gauge() {
+    let slow = {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let svc = service_fn(|_req: Request<Incoming>| async {
+                        tokio::time::sleep(Duration::from_secs(10)).await;
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from("late"))))
+                    });
+                    // HTTP/1.1 and h2c: the proxy speaks to it as the client spoke.
+                    let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        addr
+    };
+    let dir = config_dir("in-flight");
+    write_atomically(&dir, "mesh.yaml", &service_entry("slow", slow.port()));
+    let proxy = Proxy::start(&dir);
+    let stream = TcpStream::connect(proxy.addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(stream).await.unwrap();
+    tokio::spawn(conn);
+    let mut pending = Vec::new();
+    for _ in 0..5 {
+        let mut ready = client.clone().ready().await.unwrap();
+        pending.push(ready.send_request(Request::get("http://slow/").body(()).unwrap(), true).unwrap().0);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let page = admin(proxy.admin, "/metrics").await;
+    assert_eq!(metric(proxy.admin, "mesh_requests_in_flight").await, 5.0, "{page}");
+    drop(pending);
+    let mut now = f64::NAN;
+    for _ in 0..50 {
+        now = metric(proxy.admin, "mesh_requests_in_flight").await;
+        if now == 0.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(now, 0.0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
