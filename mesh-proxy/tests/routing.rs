@@ -1535,3 +1535,22 @@ async fn cancelled_requests_leave_the_in_flight_gauge() {
     assert_eq!(now, 0.0);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `mesh-proxy demo` runs its small mesh and reports what each feature did: every canary
+/// request answered (the broken endpoint's 503s retried, then ejected), the testers' route,
+/// injected faults and rate-limited requests.
+#[test]
+fn the_demo_runs_its_mesh_and_reports() {
+    let out = Command::new(env!("CARGO_BIN_EXE_mesh-proxy")).args(["demo", "--requests", "300"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    let section =
+        |n: &str| text.split(&format!("\n{n}. ")).nth(1).and_then(|s| s.split("\n\n").next()).unwrap_or("").to_owned();
+    let canary = section("1");
+    assert!(canary.contains("200 reviews-v1") && !canary.contains(" 503 ") && !canary.contains("(broken)"), "{canary}");
+    assert!(section("2").contains("20  100.0 %  200 reviews-v2"), "{text}");
+    assert!(section("3").contains("503 fault filter abort"), "{text}");
+    assert!(section("4").contains("429 local_rate_limited"), "{text}");
+    assert!(text.contains("mesh_outlier_ejections_total     1"), "{text}");
+    assert!(text.contains("mesh_retries_total               2"), "{text}");
+}
