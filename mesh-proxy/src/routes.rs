@@ -69,6 +69,12 @@ impl Routes {
         self.snapshot.load_full()
     }
 
+    /// The layer that gives each try a client span: none without a collector, or when the
+    /// current snapshot's Telemetry turned span reporting off (read without cloning it).
+    pub(crate) fn client_spans(&self) -> Option<&mesh_telemetry::span::ClientSpanLayer> {
+        self.client_spans.get().filter(|_| !self.snapshot.load().span_reporting_disabled)
+    }
+
     /// The cluster of `key` in the current snapshot, or else in the one before (for requests
     /// routed by the previous table while a reload swapped it).
     pub(crate) fn cluster(&self, key: &mesh_routing::DestinationKey) -> Option<Arc<crate::snapshot::Cluster>> {

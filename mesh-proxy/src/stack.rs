@@ -516,8 +516,7 @@ impl Service<Request<RequestBody>> for ClusterService {
         let upstream_host = mesh_core::UpstreamHost(picked.endpoint().address().clone());
         // This try's client span, a child of the request's server span (none when the
         // workload's Telemetry turned span reporting off).
-        let layer = self.routes.client_spans.get().filter(|_| !self.routes.snapshot().span_reporting_disabled);
-        let mut span = TrySpan(layer.and_then(|layer| {
+        let mut span = TrySpan(self.routes.client_spans().and_then(|layer| {
             let mut span = layer.start(&mut req)?;
             span.set_attribute(mesh_telemetry::span::KeyValue::new("upstream.address", upstream_host.0.to_string()));
             span.set_attribute(mesh_telemetry::span::KeyValue::new("upstream_cluster", self.key.to_string()));

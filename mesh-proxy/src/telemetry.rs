@@ -11,13 +11,12 @@
 //! which the value is `unknown`, so that a client cannot grow the series without bound.
 //! Per request only the status, gRPC status and flags are added.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use http::{Request, Response};
 use mesh_core::ResponseFlags;
 use mesh_telemetry::Registry;
-use mesh_telemetry::metrics::{IstioMetrics, PeerMetrics, Peers, Reporter};
+use mesh_telemetry::metrics::{IstioMetrics, PeerMetrics, Peers, Reporter, SeriesByKey};
 use tokio::time::Instant;
 
 use crate::body::{BodyEnd, ProxyBody, RequestBody};
@@ -39,36 +38,11 @@ pub(crate) struct Telemetry {
     span_tags: arc_swap::ArcSwap<Vec<crate::snapshot::SpanTag>>,
     /// The current snapshot's Telemetry turned access logging off.
     logging_off: std::sync::atomic::AtomicBool,
-    outbound: Labels,
-    inbound: Labels,
+    /// Series by destination authority (outbound) and by caller identity (inbound).
+    outbound: SeriesByKey,
+    inbound: SeriesByKey,
     /// Requests between their head and the end of their response: outbound, inbound.
     pub(crate) in_flight: Arc<[std::sync::atomic::AtomicI64; 2]>,
-}
-
-/// Fixed labels by key, bounded, with their series resolved.
-struct Labels {
-    metrics: IstioMetrics,
-    base: Arc<PeerMetrics>,
-    by_key: Mutex<HashMap<Box<str>, Arc<PeerMetrics>>>,
-}
-
-impl Labels {
-    fn new(metrics: &IstioMetrics, base: Peers) -> Self {
-        Self { metrics: metrics.clone(), base: metrics.for_peers(Arc::new(base)), by_key: Mutex::default() }
-    }
-
-    fn get(&self, key: &str, make: impl FnOnce(&Peers) -> Peers) -> Arc<PeerMetrics> {
-        let mut map = self.by_key.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(p) = map.get(key) {
-            return p.clone();
-        }
-        if map.len() >= MAX_SERIES_KEYS {
-            return self.base.clone();
-        }
-        let peers = self.metrics.for_peers(Arc::new(make(self.base.peers())));
-        map.insert(key.into(), peers.clone());
-        peers
-    }
 }
 
 /// The workload this proxy runs beside.
@@ -115,8 +89,8 @@ impl Telemetry {
             propagators: propagators.into(),
             span_tags: arc_swap::ArcSwap::from_pointee(Vec::new()),
             logging_off: std::sync::atomic::AtomicBool::new(false),
-            outbound: Labels::new(&metrics, out),
-            inbound: Labels::new(&metrics, inb),
+            outbound: SeriesByKey::new(&metrics, out, MAX_SERIES_KEYS),
+            inbound: SeriesByKey::new(&metrics, inb, MAX_SERIES_KEYS),
             in_flight: Arc::default(),
         })
     }
@@ -152,16 +126,8 @@ impl Telemetry {
         let grpc = crate::reply::is_grpc(req.headers());
         let peers = if inbound {
             match mesh_core::PeerIdentity::of(req.extensions()) {
-                Some(peer) => self.inbound.get(peer.as_str(), |base| {
-                    let mut p = base.clone();
-                    p.source_principal = peer.as_str().into();
-                    if let Some(ns) = peer.namespace() {
-                        p.source_workload_namespace = ns.into();
-                    }
-                    p.connection_security_policy = "mutual_tls".into();
-                    p
-                }),
-                None => self.inbound.base.clone(),
+                Some(peer) => self.inbound.for_caller(peer),
+                None => self.inbound.base().clone(),
             }
         } else {
             let host =
@@ -173,7 +139,7 @@ impl Telemetry {
                     p.destination_service_name = host.split('.').next().unwrap_or(host).into();
                     p
                 }),
-                None => self.outbound.base.clone(),
+                None => self.outbound.base().clone(),
             }
         };
         let request_bytes =

@@ -1356,28 +1356,9 @@ async fn a_503_is_explained_by_the_access_log_and_the_clusters_page() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flaky_payment_service_with_faults_retries_and_ejection() {
     let good = backend("payments").await;
-    let (broken, broken_seen) = {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let seen = Arc::new(AtomicUsize::new(0));
-        let count = seen.clone();
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let count = count.clone();
-                tokio::spawn(async move {
-                    let svc = service_fn(move |_req: Request<Incoming>| {
-                        count.fetch_add(1, Ordering::SeqCst);
-                        let mut res = Response::new(Full::new(Bytes::from("broken")));
-                        *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-                        async move { Ok::<_, Infallible>(res) }
-                    });
-                    let _ =
-                        hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), svc).await;
-                });
-            }
-        });
-        (addr, seen)
-    };
+    // Broken for good: every answer 503.
+    let (broken, failing, broken_seen) = switchable_backend().await;
+    failing.store(true, Ordering::SeqCst);
     let dir = config_dir("flaky-payments");
     let config = format!(
         r#"apiVersion: networking.istio.io/v1

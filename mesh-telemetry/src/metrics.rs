@@ -113,6 +113,18 @@ impl Peers {
         }
     }
 
+    /// These labels for a caller an mTLS acceptor identified: its `source_principal`, the
+    /// namespace its SPIFFE ID names, and `connection_security_policy="mutual_tls"`.
+    pub fn with_mtls_caller(&self, peer: &mesh_core::SpiffeId) -> Self {
+        let mut p = self.clone();
+        p.source_principal = peer.as_str().into();
+        if let Some(ns) = peer.namespace() {
+            p.source_workload_namespace = ns.into();
+        }
+        p.connection_security_policy = "mutual_tls".into();
+        p
+    }
+
     /// The labels a service reports about the requests it serves: reporter `destination`,
     /// this `workload` (also its app) in `namespace`, no transport security; the caller
     /// `unknown`.
@@ -421,55 +433,69 @@ impl<B> tower::Service<Request<B>> for MetricsService {
 
 // === the layer ===
 
+/// The most keys (peer identities, destinations) a [`SeriesByKey`] gives series of their own.
+pub const MAX_PEERS: usize = 1024;
+
+/// Series handles by a key (a caller's identity, a destination's authority), each with labels
+/// derived from a base set, bounded: past `max` keys the rest share the base labels, so that
+/// callers cannot grow the series without end.
+#[derive(Debug)]
+pub struct SeriesByKey {
+    metrics: IstioMetrics,
+    base: Arc<PeerMetrics>,
+    map: std::sync::Mutex<HashMap<Box<str>, Arc<PeerMetrics>>>,
+    max: usize,
+}
+
+impl SeriesByKey {
+    /// Keys over `base`, at most `max` of them.
+    pub fn new(metrics: &IstioMetrics, base: Peers, max: usize) -> Self {
+        let base = metrics.for_peers(Arc::new(base));
+        Self { metrics: metrics.clone(), base, map: std::sync::Mutex::default(), max }
+    }
+
+    /// The series of the base labels.
+    pub fn base(&self) -> &Arc<PeerMetrics> {
+        &self.base
+    }
+
+    /// The series of `key`, made from the base labels by `make` when first seen.
+    pub fn get(&self, key: &str, make: impl FnOnce(&Peers) -> Peers) -> Arc<PeerMetrics> {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = map.get(key) {
+            return s.clone();
+        }
+        if map.len() >= self.max {
+            return self.base.clone();
+        }
+        let series = self.metrics.for_peers(Arc::new(make(self.base.peers())));
+        map.insert(key.into(), series.clone());
+        series
+    }
+
+    /// The series of a caller an mTLS acceptor identified ([`Peers::with_mtls_caller`]).
+    pub fn for_caller(&self, peer: &mesh_core::SpiffeId) -> Arc<PeerMetrics> {
+        self.get(peer.as_str(), |base| base.with_mtls_caller(peer))
+    }
+}
+
 /// Records [`IstioMetrics`] for every request (see the module docs).
 #[derive(Clone, Debug)]
 pub struct MetricsLayer {
-    series: Arc<PeerMetrics>,
-    /// Reporter `destination`: the series of each calling identity.
-    by_peer: Option<Arc<ByPeer>>,
-}
-
-/// The series of each mTLS peer, bounded: past [`MAX_PEERS`] identities the rest share the
-/// base labels (`unknown`), so that callers cannot grow the series without end.
-#[derive(Debug)]
-struct ByPeer {
-    metrics: IstioMetrics,
-    map: std::sync::Mutex<HashMap<Arc<str>, Arc<PeerMetrics>>>,
-}
-
-/// The most peer identities given series of their own by one [`MetricsLayer`].
-pub const MAX_PEERS: usize = 1024;
-
-impl ByPeer {
-    fn get(&self, base: &Arc<PeerMetrics>, peer: &mesh_core::SpiffeId) -> Arc<PeerMetrics> {
-        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(s) = map.get(peer.as_str()) {
-            return s.clone();
-        }
-        if map.len() >= MAX_PEERS {
-            return base.clone();
-        }
-        let mut p = Peers::clone(base.peers());
-        p.source_principal = peer.as_str().into();
-        if let Some(ns) = peer.namespace() {
-            p.source_workload_namespace = ns.into();
-        }
-        p.connection_security_policy = "mutual_tls".into();
-        let series = self.metrics.for_peers(Arc::new(p));
-        map.insert(peer.as_str().into(), series.clone());
-        series
-    }
+    series: Arc<SeriesByKey>,
+    /// Reporter `destination`: each calling identity gets series of its own.
+    by_caller: bool,
 }
 
 impl MetricsLayer {
     /// Records into `metrics`, with `peers` as the fixed labels (their series resolved now).
     /// With reporter `destination`, a request whose caller an mTLS acceptor identified (the
     /// `PeerIdentity` extension) is reported with its `source_principal`, its namespace and
-    /// `connection_security_policy="mutual_tls"`, as Istio's server side does.
+    /// `connection_security_policy="mutual_tls"`, as Istio's server side does (at most
+    /// [`MAX_PEERS`] identities).
     pub fn new(metrics: IstioMetrics, peers: Peers) -> Self {
-        let by_peer = (peers.reporter == Reporter::Destination)
-            .then(|| Arc::new(ByPeer { metrics: metrics.clone(), map: std::sync::Mutex::default() }));
-        Self { series: metrics.for_peers(Arc::new(peers)), by_peer }
+        let by_caller = peers.reporter == Reporter::Destination;
+        Self { series: Arc::new(SeriesByKey::new(&metrics, peers, MAX_PEERS)), by_caller }
     }
 }
 
@@ -516,9 +542,9 @@ where
             .or_else(|| req.body().size_hint().exact())
             .unwrap_or(0);
         let pending = Pending {
-            series: match (&self.layer.by_peer, mesh_core::PeerIdentity::of(req.extensions())) {
-                (Some(by_peer), Some(peer)) => by_peer.get(&self.layer.series, peer),
-                _ => self.layer.series.clone(),
+            series: match mesh_core::PeerIdentity::of(req.extensions()).filter(|_| self.layer.by_caller) {
+                Some(peer) => self.layer.series.for_caller(peer),
+                None => self.layer.series.base().clone(),
             },
             grpc: is_grpc(req.headers()),
             start: Instant::now(),
