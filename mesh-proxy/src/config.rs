@@ -23,6 +23,9 @@ pub struct ProxyConfig {
     pub listen: SocketAddr,
     /// The inbound listener (peers to the local application), if any.
     pub inbound: Option<InboundConfig>,
+    /// Gateway listeners: a Gateway port number and the local address serving it (see
+    /// [`gateway`](crate::gateway)).
+    pub gateway_listeners: Vec<(u16, SocketAddr)>,
     /// Where the JSON access log goes (`-`: standard output); `None`: no access log.
     pub access_log: Option<std::path::PathBuf>,
     /// Where spans are exported (the `MeshProxy`'s `tracing`); `None`: trace context is
@@ -132,6 +135,7 @@ impl Default for ProxyConfig {
         Self {
             listen: DEFAULT_LISTEN.parse().expect("valid default"),
             inbound: None,
+            gateway_listeners: Vec::new(),
             identity: None,
             access_log: None,
             tracing: None,

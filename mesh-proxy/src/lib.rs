@@ -70,6 +70,7 @@ mod body;
 pub mod config;
 mod downstream;
 mod error;
+pub mod gateway;
 mod h2body;
 mod h2server;
 mod headers;
@@ -105,6 +106,8 @@ pub struct Server {
     telemetry: Option<Arc<telemetry::Telemetry>>,
     listener: TcpListener,
     inbound: Option<TcpListener>,
+    /// The gateway listeners, by Gateway port number.
+    gateways: Vec<(u16, TcpListener)>,
     admin: Option<TcpListener>,
     routes: Option<Arc<routes::Routes>>,
     tunnels: Arc<upstream::Tunnels>,
@@ -172,6 +175,20 @@ pub fn apply_mesh_proxy(config: &mut ProxyConfig, snapshot: &snapshot::Snapshot)
             };
         }
         config.inbound = Some(c);
+    }
+    if let Some(gateway) = &mp.spec.gateway {
+        config.gateway_listeners.clear();
+        for (i, l) in gateway.listeners.iter().enumerate() {
+            let port = u16::try_from(l.port)
+                .ok()
+                .filter(|p| *p > 0)
+                .ok_or_else(|| at(&format!("gateway.listeners[{i}].port"), format!("`{}` is not a port", l.port)))?;
+            if config.gateway_listeners.iter().any(|(p, _)| *p == port) {
+                return Err(at(&format!("gateway.listeners[{i}].port"), format!("port {port} is listed twice")));
+            }
+            let listen = addr(&format!("gateway.listeners[{i}].listen"), &l.listen)?;
+            config.gateway_listeners.push((port, listen));
+        }
     }
     if let Some(tracing) = &mp.spec.tracing {
         let workload = &mp.spec.workload;
@@ -257,6 +274,12 @@ impl Server {
             Some(addr) => Some(bind(addr, "admin listener").await?),
             None => None,
         };
+        let mut gateways = Vec::new();
+        if snapshot.is_some() {
+            for (port, addr) in &config.gateway_listeners {
+                gateways.push((*port, bind(*addr, "gateway listener").await?));
+            }
+        }
         let tunnels: Arc<upstream::Tunnels> = Arc::default();
         let access_log = match config.access_log.as_deref() {
             None => None,
@@ -329,7 +352,7 @@ impl Server {
             let t = t.clone();
             r.on_store(Box::new(move |s| t.configure(s)));
         }
-        Ok(Self { config, telemetry, listener, inbound, admin, routes, tunnels })
+        Ok(Self { config, telemetry, listener, inbound, gateways, admin, routes, tunnels })
     }
 
     /// The address the proxy listens on.
@@ -340,6 +363,11 @@ impl Server {
     /// The address the inbound listener listens on, if there is one.
     pub fn inbound_addr(&self) -> Option<SocketAddr> {
         self.inbound.as_ref().map(|l| l.local_addr().expect("bound listener has an address"))
+    }
+
+    /// The gateway listeners' addresses, by Gateway port number.
+    pub fn gateway_addrs(&self) -> Vec<(u16, SocketAddr)> {
+        self.gateways.iter().map(|(p, l)| (*p, l.local_addr().expect("bound listener has an address"))).collect()
     }
 
     /// The address the admin server listens on, if enabled.
@@ -519,9 +547,74 @@ impl Server {
                 });
             }
         };
+        // The gateway listeners: plaintext HTTP, or TLS by SNI (terminated or passed through).
+        let has_gateways = self.routes.is_some() && !self.gateways.is_empty();
+        let gateways = futures_util::future::join_all(self.gateways.into_iter().filter_map(|(port, listener)| {
+            let routes = self.routes.clone()?;
+            let forward =
+                with_telemetry(proxy::Forward::gateway(&self.config, routes.clone(), port, self.tunnels.clone()));
+            let (drain_tx, drain_rx, http1, tunnels) =
+                (&drain_tx, drain_rx.clone(), http1.clone(), self.tunnels.clone());
+            let (max_connections, max_premature_resets) =
+                (self.config.max_connections, self.config.max_premature_resets);
+            Some(async move {
+                loop {
+                    let (stream, peer) = match listener.accept().await {
+                        Ok(accepted) => accepted,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "gateway accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    };
+                    if max_connections.is_some_and(|max| drain_tx.receiver_count() > max) {
+                        REFUSED_CONNECTIONS.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    let _ = stream.set_nodelay(true);
+                    let Some(plan) = routes.snapshot().gateway.clone() else { continue };
+                    let Ok(local) = stream.local_addr() else { continue };
+                    let client = mesh_core::ClientConnection::new(peer, local);
+                    let conn = Conn {
+                        forward: forward.clone(),
+                        drain: drain_rx.clone(),
+                        limits,
+                        http1: http1.clone(),
+                        max_premature_resets,
+                    };
+                    let (routes, tunnels) = (routes.clone(), tunnels.clone());
+                    tokio::spawn(async move {
+                        let Some(served) = plan.ports.get(&port) else { return };
+                        if !served.is_tls() {
+                            let forward = conn.forward.for_client(client);
+                            return Conn { forward, ..conn }.serve(sniff::Downstream::Tcp(stream)).await;
+                        }
+                        match tokio::time::timeout(OPENING_LIMIT, gateway::open_tls(stream, served)).await {
+                            Ok(Ok(gateway::Opened::Terminated(tls, sni))) => {
+                                let client = match sni {
+                                    Some(sni) => client.with_sni(sni),
+                                    None => client,
+                                };
+                                let forward = conn.forward.for_client(client);
+                                Conn { forward, ..conn }.serve(sniff::Downstream::Tls(tls)).await;
+                            }
+                            Ok(Ok(gateway::Opened::Passthrough(prefix, stream, targets))) => {
+                                drop(conn);
+                                let _open = tunnels.open();
+                                gateway::pass_through(prefix, stream, targets, routes).await;
+                            }
+                            Ok(Err(why)) => tracing::debug!(%peer, port, %why, "gateway connection closed"),
+                            Err(_) => tracing::debug!(%peer, port, "gateway connection took too long to open"),
+                        }
+                    });
+                }
+            })
+        }));
         tokio::select! {
             () = accept => {}
             () = inbound => {}
+            // (Without gateway listeners `gateways` is ready at once: it must not end the loop.)
+            _ = gateways, if has_gateways => {}
             () = shutdown => {}
         }
 

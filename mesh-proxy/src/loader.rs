@@ -8,7 +8,8 @@
 //!
 //! | kind | group | what the proxy does with it |
 //! |---|---|---|
-//! | `VirtualService` | networking.istio.io | routes (`http`) |
+//! | `VirtualService` | networking.istio.io | routes (`http`; `tls` on gateways, by SNI) |
+//! | `Gateway` | networking.istio.io | ingress servers on the `MeshProxy`'s gateway listeners: hosts, HTTP, HTTPS with `tls.mode` SIMPLE / MUTUAL / PASSTHROUGH by SNI, `httpsRedirect` |
 //! | `DestinationRule` | networking.istio.io | subsets, load balancer, retry budget, outlier detection, connection pool, port-level settings |
 //! | `ServiceEntry` | networking.istio.io | services and their endpoints (static addresses with labels, or DNS names) |
 //! | `TrafficSplit` | split.smi-spec.io | a weighted split of a service among backends |
@@ -20,7 +21,7 @@
 //! | `AuthorizationPolicy` | security.istio.io | inbound authorization (ALLOW, DENY, AUDIT; CUSTOM refused) |
 //! | `RequestAuthentication` | security.istio.io | inbound JWT validation |
 //! | `Telemetry` | telemetry.istio.io | tracing sampling, custom tags, span reporting, access logging on or off (metric overrides and CEL filters: not enforced) |
-//! | `Gateway`, `Sidecar`, `ProxyConfig`, `WorkloadEntry` | | parsed, warned about as not enforced yet |
+//! | `Sidecar`, `ProxyConfig`, `WorkloadEntry` | | parsed, warned about as not enforced yet |
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -153,6 +154,8 @@ pub struct Resources {
     pub request_authentications: Vec<Resource<mesh_tls::jwt::RequestAuthenticationSpec>>,
     /// Telemetry resources (their tracing sampling and access-log switch).
     pub telemetries: Vec<Resource<TelemetrySpec>>,
+    /// Gateways (served by a proxy whose `MeshProxy` has gateway listeners).
+    pub gateways: Vec<Resource<crate::gateway::GatewaySpec>>,
 }
 
 /// `Telemetry.spec` (telemetry.istio.io): what the proxy acts on is the tracing sampling
@@ -406,6 +409,34 @@ pub struct MeshProxySpec {
     /// Where spans go (Istio's OpenTelemetry extension provider, for this proxy).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tracing: Option<ExportSpec>,
+    /// Gateway listeners: this proxy is then an ingress gateway too, serving the `Gateway`
+    /// resources whose `selector` its workload's labels satisfy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<GatewayProxySpec>,
+}
+
+/// `MeshProxy.spec.gateway`: where this proxy serves its Gateways' ports.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, rename_all = "camelCase")]
+pub struct GatewayProxySpec {
+    /// One listener per Gateway port served: Istio's `port.number` (the Service's port) and
+    /// the local address that stands for it (as a Service's `targetPort` does).
+    pub listeners: Vec<GatewayListenerSpec>,
+    /// Where `tls.credentialName` is looked up: `DIR/NAME/tls.crt`, `tls.key` and, for
+    /// MUTUAL, `ca.crt` (or `DIR/NAME-cacert/ca.crt`): the files of a mounted
+    /// `kubernetes.io/tls` Secret. Relative to the file that names it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credentials_dir: Option<String>,
+}
+
+/// One gateway listener.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, rename_all = "camelCase")]
+pub struct GatewayListenerSpec {
+    /// The Gateway port number served here.
+    pub port: u32,
+    /// The local address, like `0.0.0.0:8443`.
+    pub listen: String,
 }
 
 /// `MeshProxy.spec.tracing`: span export.
@@ -509,7 +540,6 @@ pub struct Workload {
 
 /// Kinds that are recognised and parsed but not enforced yet, with their API groups.
 const NOT_ENFORCED: &[(&str, &str)] = &[
-    ("Gateway", "networking.istio.io"),
     ("Sidecar", "networking.istio.io"),
     ("ProxyConfig", "networking.istio.io"),
     ("WorkloadEntry", "networking.istio.io"),
@@ -816,6 +846,14 @@ pub fn load_text(file: &Path, text: &str, loaded: &mut Loaded) {
                     ctx.loaded.resources.telemetries.push(r);
                 }
             }
+            ("Gateway", "networking.istio.io") => {
+                if let Some(r) = ctx.typed::<crate::gateway::GatewaySpec>(doc()) {
+                    for (field, severity, message) in crate::gateway::check(&r.spec) {
+                        ctx.at(severity, &field, &message);
+                    }
+                    ctx.loaded.resources.gateways.push(r);
+                }
+            }
             ("MeshProxy", "proxy.mesh.dev") => {
                 if let Some(r) = ctx.typed::<MeshProxySpec>(doc()) {
                     ctx.loaded.resources.mesh_proxy = Some(r);
@@ -835,6 +873,7 @@ pub fn load_text(file: &Path, text: &str, loaded: &mut Loaded) {
                         "EnvoyFilter",
                         "HTTPLocalRateLimitPolicy",
                         "MeshProxy",
+                        "Gateway",
                         "AuthorizationPolicy",
                         "PeerAuthentication",
                         "RequestAuthentication",
@@ -1101,7 +1140,6 @@ impl Ctx<'_> {
         };
         const LATER: &[(&str, &str)] = &[
             ("corsPolicy:", "CORS"),
-            ("tls:", "TLS routes"),
             ("localityLbSetting:", "locality load balancing"),
             ("warmup:", "slow start"),
             ("delegate:", "delegation"),
@@ -1118,10 +1156,6 @@ impl Ctx<'_> {
             }
             let t = l.trim_start().trim_start_matches("- ");
             for (key, what) in LATER {
-                // Only a VirtualService's `tls` (TLS routes) is not enforced.
-                if *key == "tls:" && !self.name.starts_with("VirtualService") {
-                    continue;
-                }
                 if t.starts_with(key) && !found.iter().any(|(k, _)| k == key) {
                     found.push((*key, n + 1));
                     let _ = what;
@@ -1179,7 +1213,40 @@ impl Ctx<'_> {
             });
         }
         if !r.spec.gateways.is_empty() && !r.spec.gateways.iter().any(|g| g == "mesh") {
-            self.warn_at("spec.gateways", "bound to gateways only (no `mesh`): a sidecar does not apply it");
+            self.warn_at(
+                "spec.gateways",
+                "bound to gateways only (no `mesh`): a sidecar does not apply it, a gateway proxy does",
+            );
+        }
+        for (i, route) in r.spec.tls.iter().enumerate() {
+            if route.matches.is_empty() {
+                self.error_at(&format!("spec.tls[{i}].match"), "a TLS route needs at least one match block");
+            }
+            for (j, m) in route.matches.iter().enumerate() {
+                if m.sni_hosts.is_empty() {
+                    self.error_at(&format!("spec.tls[{i}].match[{j}].sniHosts"), "a TLS match needs `sniHosts`");
+                }
+                if !m.destination_subnets.is_empty() {
+                    self.warn_at(
+                        &format!("spec.tls[{i}].match[{j}].destinationSubnets"),
+                        "parsed, but not enforced yet",
+                    );
+                }
+            }
+            if route.route.is_empty() {
+                self.error_at(&format!("spec.tls[{i}].route"), "a TLS route needs at least one destination");
+            }
+            for (j, d) in route.route.iter().enumerate() {
+                if d.destination.host.is_empty() {
+                    self.error_at(&format!("spec.tls[{i}].route[{j}].destination.host"), "a destination needs a host");
+                }
+                if d.weight.is_some_and(|w| !(0..=100).contains(&w)) {
+                    self.error_at(&format!("spec.tls[{i}].route[{j}].weight"), "must be between 0 and 100");
+                }
+            }
+        }
+        if !r.spec.tls.is_empty() && (r.spec.gateways.is_empty() || r.spec.gateways.iter().any(|g| g == "mesh")) {
+            self.warn_at("spec.tls", "TLS routes are served by gateway proxies; a sidecar passes TLS through as it is");
         }
         for (i, route) in r.spec.http.iter().enumerate() {
             for (j, m) in route.matches.iter().enumerate() {

@@ -138,6 +138,14 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         requests: usize,
     },
+    /// Asks a running proxy's admin server whether it is ready (`GET /ready`): exit status 0
+    /// when it answers 200 within 2 seconds, 1 otherwise. For container health checks in an
+    /// image that has no HTTP client of its own.
+    Ready {
+        /// The admin server's address.
+        #[arg(long, default_value = mesh_proxy::config::DEFAULT_ADMIN)]
+        admin: std::net::SocketAddr,
+    },
     /// Checks configuration files offline: every error with file:line:column and field path,
     /// every unsupported field or kind as a warning. Exit status 1 on errors.
     Validate {
@@ -208,6 +216,32 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// `GET /ready` on the admin server, over a plain socket (no runtime needed for one request).
+fn ready(admin: std::net::SocketAddr) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let limit = std::time::Duration::from_secs(2);
+    let mut stream = std::net::TcpStream::connect_timeout(&admin, limit).map_err(|e| e.to_string())?;
+    stream.set_read_timeout(Some(limit)).map_err(|e| e.to_string())?;
+    stream.set_write_timeout(Some(limit)).map_err(|e| e.to_string())?;
+    stream
+        .write_all(format!("GET /ready HTTP/1.1\r\nHost: {admin}\r\nConnection: close\r\n\r\n").as_bytes())
+        .map_err(|e| e.to_string())?;
+    let mut head = [0u8; 64];
+    let mut read = 0;
+    while read < 12 {
+        match stream.read(&mut head[read..]).map_err(|e| e.to_string())? {
+            0 => break,
+            n => read += n,
+        }
+    }
+    let line = String::from_utf8_lossy(&head[..read]);
+    match line.split(' ').nth(1) {
+        Some("200") => Ok(()),
+        Some(status) => Err(format!("not ready (status {status})")),
+        None => Err("no HTTP answer".into()),
+    }
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     if let Some(Command::Validate { paths }) = &args.command {
@@ -226,6 +260,15 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("mesh-proxy demo: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    if let Some(Command::Ready { admin }) = &args.command {
+        return match ready(*admin) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("mesh-proxy ready: {admin}: {e}");
                 ExitCode::FAILURE
             }
         };
@@ -346,6 +389,9 @@ fn main() -> ExitCode {
         if let (Some(addr), Some(inbound)) = (server.inbound_addr(), &c.inbound) {
             let identity = c.identity.as_ref().map_or("no identity: plaintext only".to_owned(), |i| format!("identity {}", i.current().id()));
             println!("mesh-proxy: inbound on {addr} to {} ({identity})", inbound.app);
+        }
+        for (port, addr) in server.gateway_addrs() {
+            println!("mesh-proxy: gateway port {port} on {addr}");
         }
         match server.admin_addr() {
             Some(admin) if routed => {

@@ -114,6 +114,19 @@ impl Forward {
         Self { stack, plain, request_timeout: config.request_timeout, client: None, peer: None, telemetry: None }
     }
 
+    /// A gateway listener's: routed by the route table of Gateway port `port`.
+    pub(crate) fn gateway(config: &ProxyConfig, routes: Arc<Routes>, port: u16, tunnels: Arc<Tunnels>) -> Self {
+        let settings = Arc::new(EndpointSettings {
+            protocol: config.upstream_protocol,
+            stream_idle: config.stream_idle_timeout,
+            tunnels,
+        });
+        let plain = Endpoint::new(Upstream::for_addr(config.upstream.clone(), config), settings.clone());
+        let table = routes.gateway_table(port);
+        let stack = crate::stack::Stack::routed_by(routes, settings, table);
+        Self { stack, plain, request_timeout: config.request_timeout, client: None, peer: None, telemetry: None }
+    }
+
     /// The same, with request ids, trace context and metrics.
     pub(crate) fn with_telemetry(mut self, telemetry: Arc<crate::telemetry::Telemetry>) -> Self {
         self.telemetry = Some(telemetry);

@@ -33,6 +33,8 @@ pub(crate) struct Routes {
     previous: ArcSwap<Option<Arc<Snapshot>>>,
     /// The snapshot's route table, as the routing layer reads it.
     table: SharedRouteTable,
+    /// Each gateway listener's route table, by Gateway port number.
+    gateway_tables: HashMap<u16, SharedRouteTable>,
     /// Called with each new snapshot (the dispatch cache retires destinations that left).
     hooks: Mutex<Vec<Hook>>,
     random: mesh_routing::random::Random,
@@ -47,9 +49,26 @@ pub(crate) struct Routes {
     pub(crate) client_spans: std::sync::OnceLock<mesh_telemetry::span::ClientSpanLayer>,
 }
 
+/// The route table `snapshot` has for gateway port `port`, or one without routes.
+fn gateway_table(snapshot: &Snapshot, port: u16) -> Arc<mesh_routing::RouteTable> {
+    snapshot.gateway.as_ref().and_then(|g| g.ports.get(&port)).map_or_else(empty_table, |p| p.table.clone())
+}
+
+fn empty_table() -> Arc<mesh_routing::RouteTable> {
+    Arc::new(
+        mesh_routing::RouteTable::new(&[], &mesh_routing::RouteContext::default()).expect("an empty table compiles"),
+    )
+}
+
 impl Routes {
     pub(crate) fn new(snapshot: Snapshot, config: &ProxyConfig) -> Self {
+        let gateway_tables = config
+            .gateway_listeners
+            .iter()
+            .map(|(port, _)| (*port, SharedRouteTable::from_shared(gateway_table(&snapshot, *port))))
+            .collect();
         Self {
+            gateway_tables,
             table: SharedRouteTable::from_shared(snapshot.table.clone()),
             hooks: Mutex::new(Vec::new()),
             random: mesh_routing::random::Random::from_entropy(),
@@ -121,6 +140,9 @@ impl Routes {
         let old = self.snapshot.swap(snapshot.clone());
         self.previous.store(Arc::new(Some(old)));
         self.table.store_shared(snapshot.table.clone());
+        for (port, table) in &self.gateway_tables {
+            table.store_shared(gateway_table(&snapshot, *port));
+        }
         for hook in self.hooks.lock().unwrap_or_else(|p| p.into_inner()).iter() {
             hook(&snapshot);
         }
@@ -146,6 +168,14 @@ impl Routes {
     /// The route table the routing layer reads, swapped on each reload.
     pub(crate) fn route_table(&self) -> SharedRouteTable {
         self.table.clone()
+    }
+
+    /// The route table of gateway port `port` (no routes if the proxy has no such listener).
+    pub(crate) fn gateway_table(&self, port: u16) -> SharedRouteTable {
+        match self.gateway_tables.get(&port) {
+            Some(table) => table.clone(),
+            None => SharedRouteTable::from_shared(empty_table()),
+        }
     }
 
     /// Calls `hook` with every snapshot stored from now on.

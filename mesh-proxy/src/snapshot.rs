@@ -21,7 +21,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_routing::balance::{Balancer, Endpoint, HashKey, LbPolicy};
-use mesh_routing::model::{DestinationRuleSpec, HttpRoute, LoadBalancerSettings, ServiceProfileSpec, TrafficPolicy};
+use mesh_routing::model::{
+    DestinationRuleSpec, HttpRoute, LoadBalancerSettings, ServiceProfileSpec, TrafficPolicy, VirtualServiceSpec,
+};
 use mesh_routing::{DestinationKey, RouteContext, RouteTable, SplitKey, VirtualHostConfig};
 
 use crate::loader::{Resource, Resources, ServiceEntrySpec};
@@ -34,6 +36,8 @@ pub const STICKY_ANNOTATION: &str = "mesh.dev/sticky-split";
 pub struct Snapshot {
     /// The route table.
     pub table: Arc<RouteTable>,
+    /// What the gateway listeners serve (with a `MeshProxy` that has some).
+    pub gateway: Option<Arc<crate::gateway::Plan>>,
     /// Clusters by destination.
     pub clusters: HashMap<DestinationKey, Arc<Cluster>>,
     /// What the snapshot was compiled from (for `/config_dump`).
@@ -183,6 +187,28 @@ pub fn compile(resources: Resources) -> Result<Snapshot, CompileError> {
         Ok(routes)
     };
 
+    // A VirtualService's routes, destinations as FQDNs.
+    let http_routes = |vs: &Resource<VirtualServiceSpec>| -> Vec<HttpRoute> {
+        let ns = vs.namespace(&default_ns);
+        vs.spec
+            .http
+            .iter()
+            .map(|r| {
+                let mut r = r.clone();
+                for d in &mut r.route {
+                    d.destination.host = fqdn(&d.destination.host, ns);
+                }
+                if let Some(m) = &mut r.mirror {
+                    m.host = fqdn(&m.host, ns);
+                }
+                for m in &mut r.mirrors {
+                    m.destination.host = fqdn(&m.destination.host, ns);
+                }
+                r
+            })
+            .collect()
+    };
+
     // Virtual hosts.
     let mut hosts = Vec::new();
     let mut covered = std::collections::BTreeSet::new();
@@ -200,23 +226,7 @@ pub fn compile(resources: Resources) -> Result<Snapshot, CompileError> {
         if spec.hosts.is_empty() {
             return Err(err("spec.hosts: a VirtualService needs at least one host".into()));
         }
-        let routes: Vec<HttpRoute> = spec
-            .http
-            .iter()
-            .map(|r| {
-                let mut r = r.clone();
-                for d in &mut r.route {
-                    d.destination.host = fqdn(&d.destination.host, ns);
-                }
-                if let Some(m) = &mut r.mirror {
-                    m.host = fqdn(&m.host, ns);
-                }
-                for m in &mut r.mirrors {
-                    m.destination.host = fqdn(&m.destination.host, ns);
-                }
-                r
-            })
-            .collect();
+        let routes = http_routes(vs);
         let mut domains = Vec::new();
         for host in &spec.hosts {
             let full = fqdn(host, ns);
@@ -288,9 +298,29 @@ pub fn compile(resources: Resources) -> Result<Snapshot, CompileError> {
     })?;
     notes.extend(table.notes().iter().cloned());
 
+    // The gateway listeners' servers and routes.
+    let labels = proxy.map(|p| p.workload.labels.clone()).unwrap_or_default();
+    let gateway = crate::gateway::compile(
+        &crate::gateway::Inputs {
+            resources: &resources,
+            default_ns: &default_ns,
+            labels: &labels,
+            http_routes: &http_routes,
+            fqdn: &fqdn,
+        },
+        &mut notes,
+    )?
+    .map(Arc::new);
+
     // Clusters.
     let mut clusters = HashMap::new();
-    for key in table.destinations() {
+    let mut destinations = table.destinations();
+    if let Some(plan) = &gateway {
+        destinations.extend(plan.destinations());
+        destinations.sort();
+        destinations.dedup();
+    }
+    for key in destinations {
         let rule = rules.get(&*key.host).copied();
         let subset = match (&key.subset, rule) {
             (None, _) => None,
@@ -416,6 +446,7 @@ pub fn compile(resources: Resources) -> Result<Snapshot, CompileError> {
     let t = telemetry(&resources, proxy, &default_ns)?;
     Ok(Snapshot {
         table: Arc::new(table),
+        gateway,
         clusters,
         resources,
         notes,

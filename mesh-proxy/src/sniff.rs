@@ -60,6 +60,8 @@ pub(crate) enum Downstream {
     Tcp(tokio::net::TcpStream),
     Plain(mesh_tls::Rewind<tokio::net::TcpStream>),
     Mtls(Box<mesh_tls::MtlsStream<tokio::net::TcpStream>>),
+    /// A gateway's terminated TLS (SIMPLE or MUTUAL).
+    Tls(Box<tokio_rustls::server::TlsStream<mesh_tls::Rewind<tokio::net::TcpStream>>>),
 }
 
 macro_rules! each {
@@ -68,6 +70,7 @@ macro_rules! each {
             Downstream::Tcp($s) => $e,
             Downstream::Plain($s) => $e,
             Downstream::Mtls($s) => $e,
+            Downstream::Tls($s) => $e,
         }
     };
 }
@@ -94,6 +97,7 @@ impl AsyncWrite for Downstream {
             Downstream::Tcp(s) => s.is_write_vectored(),
             Downstream::Plain(s) => s.is_write_vectored(),
             Downstream::Mtls(s) => s.is_write_vectored(),
+            Downstream::Tls(s) => s.is_write_vectored(),
         }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -131,6 +131,16 @@ impl Stack {
     /// The routed stack over `routes`; reloads swap the route table it reads and retire the
     /// destinations that left.
     pub(crate) fn routed(routes: Arc<Routes>, settings: Arc<EndpointSettings>) -> Self {
+        let table = routes.route_table();
+        Self::routed_by(routes, settings, table)
+    }
+
+    /// The same over another of the routes' tables (a gateway listener's).
+    pub(crate) fn routed_by(
+        routes: Arc<Routes>,
+        settings: Arc<EndpointSettings>,
+        table: mesh_routing::SharedRouteTable,
+    ) -> Self {
         let dispatch = Dispatch::new(MakeCluster { routes: routes.clone(), settings });
         let cache = dispatch.clone();
         // Each destination's service holds its cluster and pools as of the snapshot it was
@@ -139,7 +149,7 @@ impl Stack {
         // Faults come before the route timeout starts, as Envoy's fault filter runs before
         // its router.
         let faults = FaultLayer::from_routes().layer(RouteTimeoutService(dispatch));
-        let stack = RoutingLayer::shared(routes.route_table()).layer(faults);
+        let stack = RoutingLayer::shared(table).layer(faults);
         Stack::Routed(stack, routes)
     }
 

@@ -70,14 +70,55 @@ model! {
         pub gateways: Vec<String>,
         /// HTTP routes, in order: the first that matches wins.
         pub http: Vec<HttpRoute>,
-        /// TLS routes (not enforced).
-        #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
-        pub tls: Option<NotEnforced>,
+        /// TLS routes: connections a gateway passes through unterminated, chosen by SNI.
+        #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Vec::is_empty"))]
+        pub tls: Vec<TlsRoute>,
         /// TCP routes (not enforced).
         #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Option::is_none"))]
         pub tcp: Option<NotEnforced>,
         /// Visibility (accepted; one proxy sees every namespace it loads).
         pub export_to: Vec<String>,
+    }
+}
+
+model! {
+    /// One `TLSRoute`: match blocks (OR-ed) on the connection's SNI and port, and where the
+    /// connection's bytes go.
+    pub struct TlsRoute {
+        /// Match blocks, OR-ed; at least one is required.
+        #[cfg_attr(feature = "serde", serde(rename = "match"))]
+        pub matches: Vec<TlsMatchAttributes>,
+        /// Weighted destinations.
+        pub route: Vec<RouteDestination>,
+    }
+}
+
+model! {
+    /// One TLS match block: its conditions are AND-ed.
+    pub struct TlsMatchAttributes {
+        /// SNI names (`*.example.com` wildcards allowed); at least one is required.
+        pub sni_hosts: Vec<String>,
+        /// The gateway port the connection arrived on.
+        pub port: Option<u32>,
+        /// Gateways the block applies to (overrides the VirtualService's).
+        pub gateways: Vec<String>,
+        /// Client subnets (not enforced).
+        #[cfg_attr(feature = "serde", serde(skip_serializing_if = "Vec::is_empty"))]
+        pub destination_subnets: Vec<String>,
+        /// The calling workload's labels (sidecars only).
+        pub source_labels: BTreeMap<String, String>,
+        /// The calling workload's namespace.
+        pub source_namespace: Option<String>,
+    }
+}
+
+model! {
+    /// One weighted destination of a TLS or TCP route.
+    pub struct RouteDestination {
+        /// Where the connection goes.
+        pub destination: Destination,
+        /// Relative weight; with several destinations an omitted weight is 0 (dropped).
+        pub weight: Option<i64>,
     }
 }
 

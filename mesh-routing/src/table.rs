@@ -189,6 +189,18 @@ pub struct RouteContext {
     pub namespace: Option<String>,
     /// The workload's labels: blocks whose `sourceLabels` are not all among them are left out.
     pub labels: BTreeMap<String, String>,
+    /// The gateways the table serves, as `namespace/name`: empty for a sidecar (`mesh`).
+    /// Blocks whose `gateways` name none of them are left out; a gateway's name in a block
+    /// must be written `namespace/name` by then (a loader resolves short names in the
+    /// VirtualService's namespace).
+    pub gateways: Vec<String>,
+}
+
+impl RouteContext {
+    /// Whether the table serves `gateway` (`mesh`, or `namespace/name`).
+    fn serves(&self, gateway: &str) -> bool {
+        if self.gateways.is_empty() { gateway == "mesh" } else { self.gateways.iter().any(|g| g == gateway) }
+    }
 }
 
 /// How the weighted choice is made: independently per request (Envoy, Istio), or sticky by
@@ -783,7 +795,7 @@ fn applies(m: &HttpMatchRequest, context: &RouteContext) -> bool {
         (Some(p), Some(l)) if p != 0 => p == u32::from(l),
         _ => true,
     };
-    let gateways_ok = m.gateways.is_empty() || m.gateways.iter().any(|g| g == "mesh");
+    let gateways_ok = m.gateways.is_empty() || m.gateways.iter().any(|g| context.serves(g));
     let ns_ok = m.source_namespace.as_deref().is_none_or(|ns| context.namespace.as_deref() == Some(ns));
     let labels_ok = !m.gateways.is_empty()
         || m.source_labels.iter().all(|(k, v)| context.labels.get(k).is_some_and(|have| have == v));

@@ -42,6 +42,15 @@ pub struct Proxy {
     pub admin: SocketAddr,
     /// The inbound listener, when the configuration has one.
     pub inbound: Option<SocketAddr>,
+    /// The gateway listeners, by Gateway port number.
+    pub gateways: Vec<(u16, SocketAddr)>,
+}
+
+impl Proxy {
+    /// The address of the gateway listener for Gateway port `port`.
+    pub fn gateway(&self, port: u16) -> SocketAddr {
+        self.gateways.iter().find(|(p, _)| *p == port).map(|(_, a)| *a).expect("a gateway listener on that port")
+    }
 }
 
 impl Proxy {
@@ -70,17 +79,22 @@ impl Proxy {
             let rest = &line[line.find(marker)? + marker.len()..];
             rest.split_whitespace().next()?.parse().ok()
         };
-        let (mut addr, mut inbound) = (None, None);
+        let (mut addr, mut inbound, mut gateways) = (None, None, Vec::new());
         // The banner: the listener, the inbound listener (if any), then the admin server.
         let admin = loop {
             let line = lines.next().expect("a banner line").expect("readable stdout");
             addr = addr.or_else(|| after(&line, "listening on http://"));
             inbound = inbound.or_else(|| after(&line, "inbound on "));
+            if let Some(rest) = line.strip_prefix("mesh-proxy: gateway port ")
+                && let Some((port, at)) = rest.split_once(" on ")
+            {
+                gateways.push((port.parse().expect("a port"), at.parse().expect("an address")));
+            }
             if let Some(admin) = after(&line, "admin on http://") {
                 break admin;
             }
         };
-        Proxy { child, addr: addr.expect("the listener's address"), admin, inbound }
+        Proxy { child, addr: addr.expect("the listener's address"), admin, inbound, gateways }
     }
 }
 

@@ -1,0 +1,844 @@
+//! The ingress gateway: Istio `Gateway` resources served on listeners of their own.
+//!
+//! A proxy whose `MeshProxy` lists gateway listeners (`spec.gateway.listeners`: a Gateway
+//! port number and the local address that stands for it) serves, on each, the servers of the
+//! Gateways whose `selector` its workload's labels satisfy (an empty selector selects every
+//! gateway proxy), as Istio's ingress gateway does:
+//!
+//! * **HTTP** (`HTTP`, `HTTP2`, `GRPC`): requests are routed by the VirtualServices bound to
+//!   the Gateway (`gateways: [name]` or `[namespace/name]`; a short name is in the
+//!   VirtualService's namespace). A virtual host answers for the names in both the
+//!   VirtualService's `hosts` and the server's `hosts` (`*.example.com` and `*` on either
+//!   side); other names get 404 `NR`. `tls.httpsRedirect: true` answers every request for
+//!   the server's hosts with a 301 to `https://` (Envoy's `require_tls`).
+//! * **TLS** (`HTTPS`, `TLS`): the ClientHello's SNI picks the server (an exact host before a
+//!   wildcard, the longest wildcard first; no SNI only reaches a `*` server), then its
+//!   `tls.mode`:
+//!   * `SIMPLE`: TLS is terminated with the server's certificate and the HTTP inside is
+//!     routed as above (HTTP/1.1 or h2, by ALPN).
+//!   * `MUTUAL`: the same, and the client must present a certificate that the server's CA
+//!     bundle verifies and, when `subjectAltNames` is set, that names one of them (a DNS or
+//!     URI SAN).
+//!   * `PASSTHROUGH`: the connection is not terminated. The first VirtualService `tls` route
+//!     whose `sniHosts` match the SNI (and whose `port`, if set, is this one) picks a
+//!     destination by weight, and the connection's bytes, ClientHello included, are copied to
+//!     one of its endpoints (skipping ejected ones). No route: the connection is closed.
+//!
+//! Certificates come from `serverCertificate` / `privateKey` / `caCertificates` (PEM files,
+//! relative to the Gateway's file) or from `credentialName`, looked up as the files of a
+//! mounted `kubernetes.io/tls` Secret under `MeshProxy.spec.gateway.credentialsDir`
+//! (`NAME/tls.crt`, `NAME/tls.key`, `NAME/ca.crt`, or `NAME-cacert/ca.crt` for the CA as
+//! Istio also accepts). They are read when the configuration is (re)loaded: a file that does
+//! not load refuses the configuration, naming the Gateway, and the running one keeps serving.
+//!
+//! Decisions where Istio has more than this proxy needs on one host: the listener set is
+//! fixed at start (a Gateway port without a listener is reported, not opened); servers'
+//! `bind` and `defaultEndpoint`, `ISTIO_MUTUAL`, `AUTO_PASSTHROUGH` and `OPTIONAL_MUTUAL`
+//! are reported and not served; `cipherSuites`, `verifyCertificateSpki` / `Hash` and
+//! `caCrl` are reported as not enforced (rustls's defaults apply).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use mesh_routing::model::{HttpRedirect, HttpRoute, VirtualServiceSpec};
+use mesh_routing::{DestinationKey, RouteContext, RouteTable, VirtualHostConfig};
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+
+use crate::loader::{Resource, Resources, Severity};
+use crate::snapshot::CompileError;
+
+// === The resource ===
+
+/// `Gateway.spec` (networking.istio.io).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, rename_all = "camelCase")]
+pub struct GatewaySpec {
+    /// The gateway proxies it applies to, by their workload's labels.
+    pub selector: BTreeMap<String, String>,
+    /// What the gateway serves.
+    pub servers: Vec<ServerSpec>,
+}
+
+/// One `Server` of a Gateway.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, rename_all = "camelCase")]
+pub struct ServerSpec {
+    /// The port and its protocol.
+    pub port: PortSpec,
+    /// The hosts served: `name`, `*.suffix` or `*`, optionally `namespace/` first (only
+    /// VirtualServices of that namespace bind; `./` is the Gateway's own, `*/` any).
+    pub hosts: Vec<String>,
+    /// TLS settings.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ServerTlsSpec>,
+    /// A name for the server.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The address to bind (not served: the listener's address is the MeshProxy's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bind: Option<String>,
+    /// Where to forward traffic that no route takes (not served).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub default_endpoint: Option<String>,
+}
+
+/// A server's `port`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, rename_all = "camelCase")]
+pub struct PortSpec {
+    /// The port number (the gateway Service's port).
+    pub number: u32,
+    /// `HTTP`, `HTTPS`, `HTTP2`, `GRPC`, `TLS`, …
+    pub protocol: String,
+    /// The port's name.
+    pub name: String,
+    /// The container port (the MeshProxy's listener stands for it here).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub target_port: Option<u32>,
+}
+
+/// A server's `tls`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
+#[serde(default, rename_all = "camelCase")]
+pub struct ServerTlsSpec {
+    /// Answer plain HTTP with a 301 to HTTPS.
+    pub https_redirect: bool,
+    /// `SIMPLE` (the default), `MUTUAL`, `PASSTHROUGH`, …
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    /// The certificate chain (PEM file).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server_certificate: Option<String>,
+    /// Its private key (PEM file).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub private_key: Option<String>,
+    /// The CA bundle client certificates are verified with (MUTUAL).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_certificates: Option<String>,
+    /// A Secret's name (see the module's docs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credential_name: Option<String>,
+    /// Client certificate names accepted (MUTUAL).
+    pub subject_alt_names: Vec<String>,
+    /// `TLS_AUTO`, `TLSV1_2` or `TLSV1_3`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub min_protocol_version: Option<String>,
+    /// `TLS_AUTO`, `TLSV1_2` or `TLSV1_3`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_protocol_version: Option<String>,
+    /// Not enforced.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub cipher_suites: Vec<String>,
+    /// Not enforced.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub verify_certificate_spki: Vec<String>,
+    /// Not enforced.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub verify_certificate_hash: Vec<String>,
+    /// Not enforced.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_crl: Option<String>,
+}
+
+/// What a server's protocol makes of its connections.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Protocol {
+    Http,
+    Tls,
+}
+
+fn protocol(name: &str) -> Option<Protocol> {
+    match name.to_ascii_uppercase().as_str() {
+        "HTTP" | "HTTP2" | "GRPC" => Some(Protocol::Http),
+        "HTTPS" | "TLS" => Some(Protocol::Tls),
+        _ => None,
+    }
+}
+
+/// A server's TLS mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Simple,
+    Mutual,
+    Passthrough,
+}
+
+fn mode(tls: &ServerTlsSpec) -> Result<Mode, String> {
+    match tls.mode.as_deref().unwrap_or("SIMPLE") {
+        "SIMPLE" => Ok(Mode::Simple),
+        "MUTUAL" => Ok(Mode::Mutual),
+        "PASSTHROUGH" => Ok(Mode::Passthrough),
+        m @ ("ISTIO_MUTUAL" | "AUTO_PASSTHROUGH" | "OPTIONAL_MUTUAL") => {
+            Err(format!("`{m}` is not served by this proxy"))
+        }
+        m => Err(format!("`{m}` is not a TLS mode (SIMPLE, MUTUAL, PASSTHROUGH, …)")),
+    }
+}
+
+/// The loader's checks of a Gateway: (field, severity, message).
+pub(crate) fn check(spec: &GatewaySpec) -> Vec<(String, Severity, String)> {
+    let mut out = Vec::new();
+    let mut say = |field: String, severity, message: &str| out.push((field, severity, message.to_owned()));
+    if spec.servers.is_empty() {
+        say("spec.servers".into(), Severity::Error, "a Gateway needs at least one server");
+    }
+    for (i, s) in spec.servers.iter().enumerate() {
+        let at = |f: &str| format!("spec.servers[{i}].{f}");
+        if !(1..=65535).contains(&s.port.number) {
+            say(at("port.number"), Severity::Error, "must be a port number, 1 to 65535");
+        }
+        let proto = protocol(&s.port.protocol);
+        if proto.is_none() {
+            say(
+                at("port.protocol"),
+                Severity::Warning,
+                "not served: a gateway proxy serves HTTP, HTTP2, GRPC, HTTPS and TLS servers",
+            );
+        }
+        if s.hosts.is_empty() {
+            say(at("hosts"), Severity::Error, "a server needs at least one host");
+        }
+        if s.bind.is_some() {
+            say(at("bind"), Severity::Warning, "not served: the MeshProxy's gateway listener gives the address");
+        }
+        if s.default_endpoint.is_some() {
+            say(at("defaultEndpoint"), Severity::Warning, "parsed, but not enforced yet");
+        }
+        match (&s.tls, proto) {
+            (None, Some(Protocol::Tls)) => {
+                say(at("tls"), Severity::Error, "an HTTPS or TLS server needs `tls` settings, as Istio requires");
+            }
+            (Some(tls), Some(Protocol::Tls)) => match mode(tls) {
+                Err(e) => say(at("tls.mode"), Severity::Warning, &format!("{e}; the server is left out")),
+                Ok(Mode::Passthrough) => {}
+                Ok(m) => {
+                    if tls.credential_name.is_none() && (tls.server_certificate.is_none() || tls.private_key.is_none())
+                    {
+                        say(
+                            at("tls"),
+                            Severity::Error,
+                            "needs `credentialName`, or `serverCertificate` and `privateKey`",
+                        );
+                    }
+                    if m == Mode::Mutual && tls.credential_name.is_none() && tls.ca_certificates.is_none() {
+                        say(
+                            at("tls.caCertificates"),
+                            Severity::Error,
+                            "MUTUAL needs a CA bundle to verify clients with",
+                        );
+                    }
+                }
+            },
+            (Some(tls), Some(Protocol::Http)) if tls.mode.is_some() && !tls.https_redirect => {
+                say(at("tls.mode"), Severity::Warning, "ignored on a plaintext HTTP server");
+            }
+            _ => {}
+        }
+        if let Some(tls) = &s.tls {
+            for (value, field) in [
+                (&tls.min_protocol_version, "tls.minProtocolVersion"),
+                (&tls.max_protocol_version, "tls.maxProtocolVersion"),
+            ] {
+                match value.as_deref() {
+                    None | Some("TLS_AUTO" | "TLSV1_2" | "TLSV1_3") => {}
+                    Some("TLSV1_0" | "TLSV1_1") => {
+                        say(at(field), Severity::Warning, "TLS 1.0 and 1.1 are not offered; TLS 1.2 is the least")
+                    }
+                    Some(v) => say(at(field), Severity::Error, &format!("`{v}` is not TLS_AUTO, TLSV1_2 or TLSV1_3")),
+                }
+            }
+            for (set, field) in [
+                (!tls.cipher_suites.is_empty(), "tls.cipherSuites"),
+                (!tls.verify_certificate_spki.is_empty(), "tls.verifyCertificateSpki"),
+                (!tls.verify_certificate_hash.is_empty(), "tls.verifyCertificateHash"),
+                (tls.ca_crl.is_some(), "tls.caCrl"),
+            ] {
+                if set {
+                    say(at(field), Severity::Warning, "parsed, but not enforced yet (rustls's defaults apply)");
+                }
+            }
+        }
+    }
+    out
+}
+
+// === The compiled plan ===
+
+/// What the gateway listeners serve, compiled with each snapshot.
+#[derive(Debug, Default)]
+pub struct Plan {
+    /// By Gateway port number.
+    pub ports: BTreeMap<u16, PortPlan>,
+}
+
+/// One gateway port.
+#[derive(Debug)]
+pub struct PortPlan {
+    /// The Gateway port number.
+    pub number: u16,
+    tls: bool,
+    /// Its servers (the TLS ones are chosen by SNI).
+    servers: Vec<ServerPlan>,
+    /// Its HTTP routes.
+    pub table: Arc<RouteTable>,
+    /// Its TLS routes (PASSTHROUGH servers), in order.
+    passthrough: Vec<PassRoute>,
+}
+
+struct ServerPlan {
+    /// `namespace/name` of its Gateway.
+    gateway: String,
+    /// Its hosts (lowercase, no namespace part).
+    hosts: Vec<String>,
+    mode: Option<Mode>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    subject_alt_names: Vec<String>,
+}
+
+impl std::fmt::Debug for ServerPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerPlan")
+            .field("gateway", &self.gateway)
+            .field("hosts", &self.hosts)
+            .field("mode", &self.mode)
+            .finish()
+    }
+}
+
+#[derive(Debug)]
+struct PassRoute {
+    sni: Vec<String>,
+    /// Destinations with cumulative weights.
+    targets: Vec<(DestinationKey, u64)>,
+}
+
+/// Whether `pattern` (`name`, `*.suffix` or `*`) covers `name` (which may be a wildcard too).
+fn covers(pattern: &str, name: &str) -> bool {
+    if pattern == "*" {
+        return true;
+    }
+    match pattern.strip_prefix('*') {
+        Some(suffix) => name.len() > suffix.len() && name.ends_with(suffix),
+        None => pattern == name,
+    }
+}
+
+/// The names both patterns cover, as one pattern.
+fn intersect(a: &str, b: &str) -> Option<String> {
+    if covers(a, b) {
+        Some(b.to_owned())
+    } else if covers(b, a) {
+        Some(a.to_owned())
+    } else {
+        None
+    }
+}
+
+/// A server host's namespace part (`None`: any) and name.
+fn split_host<'a>(host: &'a str, gateway_ns: &'a str) -> (Option<&'a str>, String) {
+    match host.split_once('/') {
+        Some(("*", h)) => (None, h.to_ascii_lowercase()),
+        Some((".", h)) => (Some(gateway_ns), h.to_ascii_lowercase()),
+        Some((ns, h)) => (Some(ns), h.to_ascii_lowercase()),
+        None => (None, host.to_ascii_lowercase()),
+    }
+}
+
+/// A gateway name as a VirtualService in `ns` writes it, as `namespace/name`.
+pub(crate) fn qualify(gateway: &str, ns: &str) -> String {
+    if gateway == "mesh" || gateway.contains('/') { gateway.to_owned() } else { format!("{ns}/{gateway}") }
+}
+
+/// The inputs of [`compile`] the snapshot already has.
+pub(crate) struct Inputs<'a> {
+    pub(crate) resources: &'a Resources,
+    pub(crate) default_ns: &'a str,
+    pub(crate) labels: &'a BTreeMap<String, String>,
+    /// A VirtualService's HTTP routes as the sidecar's table has them (destinations as FQDNs).
+    pub(crate) http_routes: &'a dyn Fn(&Resource<VirtualServiceSpec>) -> Vec<HttpRoute>,
+    pub(crate) fqdn: &'a dyn Fn(&str, &str) -> String,
+}
+
+/// Compiles the plan of the proxy's gateway listeners, or `None` when it has none.
+pub(crate) fn compile(inputs: &Inputs<'_>, notes: &mut Vec<String>) -> Result<Option<Plan>, CompileError> {
+    let resources = inputs.resources;
+    let Some(proxy) = resources.mesh_proxy.as_ref() else { return Ok(None) };
+    let Some(spec) = proxy.spec.gateway.as_ref().filter(|g| !g.listeners.is_empty()) else {
+        if !resources.gateways.is_empty() {
+            notes.push("Gateways are loaded, but the MeshProxy has no gateway listeners: not served".into());
+        }
+        return Ok(None);
+    };
+    let proxy_dir = proxy.file.parent().map(Path::to_path_buf).unwrap_or_default();
+    let credentials = spec.credentials_dir.as_ref().map(|d| proxy_dir.join(d));
+
+    // The Gateways this proxy is.
+    let selected: Vec<(String, &Resource<GatewaySpec>)> = resources
+        .gateways
+        .iter()
+        .filter(|g| g.spec.selector.iter().all(|(k, v)| inputs.labels.get(k) == Some(v)))
+        .map(|g| (format!("{}/{}", g.namespace(inputs.default_ns), g.metadata.name), g))
+        .collect();
+
+    let mut plan = Plan::default();
+    for listener in &spec.listeners {
+        let number = u16::try_from(listener.port).unwrap_or(0);
+        let mut servers = Vec::new();
+        let mut kinds = Vec::new();
+        for (name, g) in &selected {
+            let err = |message: String| CompileError {
+                resource: format!("Gateway {name} ({}:{})", g.file.display(), g.line),
+                message,
+            };
+            let ns = g.namespace(inputs.default_ns);
+            for (i, s) in g.spec.servers.iter().enumerate() {
+                if s.port.number != listener.port {
+                    continue;
+                }
+                let Some(proto) = protocol(&s.port.protocol) else { continue };
+                let (mode, tls, sans) = match (proto, &s.tls) {
+                    (Protocol::Tls, Some(t)) => match mode(t) {
+                        Ok(Mode::Passthrough) => (Some(Mode::Passthrough), None, Vec::new()),
+                        Ok(m) => {
+                            let base = g.file.parent().map(Path::to_path_buf).unwrap_or_default();
+                            let config = server_config(t, m, &base, credentials.as_deref())
+                                .map_err(|e| err(format!("spec.servers[{i}].tls: {e}")))?;
+                            (Some(m), Some(config), t.subject_alt_names.clone())
+                        }
+                        Err(_) => continue,
+                    },
+                    (Protocol::Tls, None) => continue,
+                    (Protocol::Http, _) => (None, None, Vec::new()),
+                };
+                kinds.push(proto);
+                servers.push((
+                    ServerPlan {
+                        gateway: name.clone(),
+                        hosts: s.hosts.iter().map(|h| split_host(h, ns).1).collect(),
+                        mode,
+                        tls,
+                        subject_alt_names: sans,
+                    },
+                    s,
+                    ns,
+                ));
+            }
+        }
+        if servers.is_empty() {
+            notes.push(format!(
+                "gateway port {}: no selected Gateway has a server on it; connections are closed",
+                listener.port
+            ));
+        }
+        kinds.dedup();
+        if kinds.len() > 1 {
+            return Err(CompileError {
+                resource: format!("Gateway servers on port {}", listener.port),
+                message: "plaintext HTTP and TLS servers share the port; Istio refuses this too".into(),
+            });
+        }
+        let is_tls = kinds.first() == Some(&Protocol::Tls);
+
+        // HTTP routes: redirects first (they win a host), then bound VirtualServices.
+        let mut hosts = Vec::new();
+        for (server, s, _) in &servers {
+            if s.tls.as_ref().is_some_and(|t| t.https_redirect) && !is_tls {
+                let mut route = HttpRoute::named(format!("{} https-redirect", server.gateway));
+                let mut redirect = HttpRedirect::default();
+                redirect.scheme = Some("https".into());
+                route.redirect = Some(redirect);
+                hosts.push(VirtualHostConfig::new(
+                    format!("{} https-redirect", server.gateway),
+                    server.hosts.clone(),
+                    vec![route],
+                ));
+            }
+        }
+        let mut passthrough = Vec::new();
+        let gateways: Vec<String> = servers.iter().map(|(s, _, _)| s.gateway.clone()).collect();
+        for vs in &resources.virtual_services {
+            let vs_ns = vs.namespace(inputs.default_ns);
+            let bound: Vec<String> = vs.spec.gateways.iter().map(|g| qualify(g, vs_ns)).collect();
+            // Servers whose Gateway the VirtualService names, and whose hosts admit it.
+            let serving: Vec<&(ServerPlan, &ServerSpec, &str)> =
+                servers.iter().filter(|(s, _, _)| bound.contains(&s.gateway)).collect();
+            if serving.is_empty() {
+                continue;
+            }
+            let mut domains = Vec::new();
+            for (server, spec, gw_ns) in &serving {
+                if server.mode == Some(Mode::Passthrough)
+                    || spec.tls.as_ref().is_some_and(|t| t.https_redirect) && !is_tls
+                {
+                    continue;
+                }
+                for h in &spec.hosts {
+                    let (only_ns, host) = split_host(h, gw_ns);
+                    if only_ns.is_some_and(|n| n != vs_ns) {
+                        continue;
+                    }
+                    for vh in &vs.spec.hosts {
+                        if let Some(d) = intersect(&host, &vh.to_ascii_lowercase())
+                            && !domains.contains(&d)
+                        {
+                            domains.push(d);
+                        }
+                    }
+                }
+            }
+            if !domains.is_empty() && !vs.spec.http.is_empty() {
+                let mut routes = (inputs.http_routes)(vs);
+                for r in &mut routes {
+                    for m in &mut r.matches {
+                        for g in &mut m.gateways {
+                            *g = qualify(g, vs_ns);
+                        }
+                    }
+                }
+                hosts.push(VirtualHostConfig::new(format!("{vs_ns}/{}", vs.metadata.name), domains, routes));
+            }
+            // TLS routes, for the PASSTHROUGH servers.
+            let pass_hosts: Vec<&String> = serving
+                .iter()
+                .filter(|(s, _, _)| s.mode == Some(Mode::Passthrough))
+                .flat_map(|(s, _, _)| s.hosts.iter())
+                .collect();
+            if pass_hosts.is_empty() {
+                continue;
+            }
+            for route in &vs.spec.tls {
+                let mut sni = Vec::new();
+                for m in &route.matches {
+                    let port_ok = m.port.is_none_or(|p| p == 0 || p == listener.port);
+                    let gw_ok =
+                        m.gateways.is_empty() || m.gateways.iter().any(|g| gateways.contains(&qualify(g, vs_ns)));
+                    if !(port_ok && gw_ok) {
+                        continue;
+                    }
+                    for h in &m.sni_hosts {
+                        let h = h.to_ascii_lowercase();
+                        if pass_hosts.iter().any(|p| covers(p, &h) || covers(&h, p)) {
+                            sni.push(h);
+                        }
+                    }
+                }
+                if sni.is_empty() {
+                    continue;
+                }
+                let mut total = 0u64;
+                let single = route.route.len() == 1;
+                let mut targets = Vec::new();
+                for d in &route.route {
+                    let weight = match d.weight {
+                        Some(w) => u64::try_from(w).unwrap_or(0),
+                        None if single => 100,
+                        None => 0,
+                    };
+                    if weight == 0 {
+                        continue;
+                    }
+                    total += weight;
+                    let mut key = DestinationKey::new((inputs.fqdn)(&d.destination.host, vs_ns));
+                    if let Some(subset) = &d.destination.subset {
+                        key = key.with_subset(subset.as_str());
+                    }
+                    if let Some(port) = d.destination.port.as_ref().and_then(|p| u16::try_from(p.number).ok()) {
+                        key = key.with_port(port);
+                    }
+                    targets.push((key, total));
+                }
+                if !targets.is_empty() {
+                    passthrough.push(PassRoute { sni, targets });
+                }
+            }
+        }
+        let mut context = RouteContext::default();
+        context.listener_port = Some(number);
+        context.namespace = Some(inputs.default_ns.to_owned());
+        context.labels = inputs.labels.clone();
+        context.gateways = gateways.clone();
+        let table = RouteTable::new(&hosts, &context).map_err(|e| CompileError {
+            resource: format!("VirtualServices bound to gateway port {}", listener.port),
+            message: e.to_string(),
+        })?;
+        notes.extend(table.notes().iter().map(|n| format!("gateway port {}: {n}", listener.port)));
+        plan.ports.insert(
+            number,
+            PortPlan {
+                number,
+                tls: is_tls,
+                servers: servers.into_iter().map(|(s, _, _)| s).collect(),
+                table: Arc::new(table),
+                passthrough,
+            },
+        );
+    }
+    Ok(Some(plan))
+}
+
+impl PortPlan {
+    /// Whether its servers speak TLS (HTTPS, TLS) rather than plaintext HTTP.
+    pub(crate) fn is_tls(&self) -> bool {
+        self.tls
+    }
+}
+
+impl Plan {
+    /// Every destination its routes can send to.
+    pub(crate) fn destinations(&self) -> Vec<Arc<DestinationKey>> {
+        let mut all = Vec::new();
+        for port in self.ports.values() {
+            all.extend(port.table.destinations());
+            all.extend(port.passthrough.iter().flat_map(|r| r.targets.iter().map(|(k, _)| Arc::new(k.clone()))));
+        }
+        all.sort();
+        all.dedup();
+        all
+    }
+}
+
+/// A server's TLS configuration, from its files.
+fn server_config(
+    tls: &ServerTlsSpec,
+    mode: Mode,
+    base: &Path,
+    credentials: Option<&Path>,
+) -> Result<Arc<rustls::ServerConfig>, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    let (cert, key, ca): (PathBuf, PathBuf, Option<PathBuf>) = match &tls.credential_name {
+        Some(name) => {
+            let Some(dir) = credentials else {
+                return Err(format!(
+                    "credentialName `{name}`: the MeshProxy has no spec.gateway.credentialsDir to find it in"
+                ));
+            };
+            let secret = dir.join(name);
+            let ca = [secret.join("ca.crt"), dir.join(format!("{name}-cacert")).join("ca.crt")]
+                .into_iter()
+                .find(|p| p.exists());
+            (secret.join("tls.crt"), secret.join("tls.key"), ca)
+        }
+        None => (
+            base.join(tls.server_certificate.as_deref().unwrap_or_default()),
+            base.join(tls.private_key.as_deref().unwrap_or_default()),
+            tls.ca_certificates.as_ref().map(|c| base.join(c)),
+        ),
+    };
+    let read = |p: &Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&read(&cert)?)
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: {e}", cert.display()))?;
+    if chain.is_empty() {
+        return Err(format!("{}: no certificate in it", cert.display()));
+    }
+    let private = PrivateKeyDer::from_pem_slice(&read(&key)?).map_err(|e| format!("{}: {e}", key.display()))?;
+    let provider = mesh_tls::identity::provider();
+    let versions: Vec<&'static rustls::SupportedProtocolVersion> =
+        match (tls.min_protocol_version.as_deref(), tls.max_protocol_version.as_deref()) {
+            (Some("TLSV1_3"), _) => vec![&rustls::version::TLS13],
+            (_, Some("TLSV1_2")) => vec![&rustls::version::TLS12],
+            _ => vec![&rustls::version::TLS13, &rustls::version::TLS12],
+        };
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&versions)
+        .map_err(|e| e.to_string())?;
+    let builder = if mode == Mode::Mutual {
+        let Some(ca) = ca else {
+            return Err("MUTUAL: no CA bundle (caCertificates, or ca.crt of the credential)".into());
+        };
+        let mut roots = rustls::RootCertStore::empty();
+        for c in CertificateDer::pem_slice_iter(&read(&ca)?) {
+            let c = c.map_err(|e| format!("{}: {e}", ca.display()))?;
+            roots.add(c).map_err(|e| format!("{}: {e}", ca.display()))?;
+        }
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+            .build()
+            .map_err(|e| format!("{}: {e}", ca.display()))?;
+        builder.with_client_cert_verifier(verifier)
+    } else {
+        builder.with_no_client_auth()
+    };
+    let mut config = builder
+        .with_single_cert(chain, private)
+        .map_err(|e| format!("{} with {}: {e}", cert.display(), key.display()))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+// === Serving a TLS port ===
+
+/// How a TLS connection on a gateway port goes on.
+pub(crate) enum Opened {
+    /// Terminated (SIMPLE, MUTUAL): HTTP inside.
+    Terminated(Box<tokio_rustls::server::TlsStream<mesh_tls::Rewind<TcpStream>>>, Option<Arc<str>>),
+    /// To pass through: the bytes read so far, the connection, and where it goes.
+    Passthrough(Bytes, TcpStream, Vec<(DestinationKey, u64)>),
+}
+
+/// The most a ClientHello may take.
+const HELLO_LIMIT: usize = 16 * 1024;
+
+/// Reads the ClientHello, picks the server by its SNI and terminates TLS or finds the
+/// passthrough route. `Err` says why the connection is closed.
+pub(crate) async fn open_tls(mut stream: TcpStream, port: &PortPlan) -> Result<Opened, String> {
+    let mut buf = BytesMut::with_capacity(2048);
+    let mut acceptor = rustls::server::Acceptor::default();
+    let sni: Option<String> = loop {
+        let before = buf.len();
+        if buf.len() >= HELLO_LIMIT {
+            return Err("ClientHello too large".into());
+        }
+        if stream.read_buf(&mut buf).await.map_err(|e| e.to_string())? == 0 {
+            return Err("closed before its ClientHello ended".into());
+        }
+        acceptor.read_tls(&mut &buf[before..]).map_err(|e| e.to_string())?;
+        match acceptor.accept() {
+            Ok(None) => continue,
+            Ok(Some(accepted)) => break accepted.client_hello().server_name().map(str::to_ascii_lowercase),
+            Err((e, _)) => return Err(format!("not a TLS ClientHello: {e}")),
+        }
+    };
+    let server = pick_server(&port.servers, sni.as_deref())
+        .ok_or_else(|| format!("no server for SNI {}", sni.as_deref().unwrap_or("(none)")))?;
+    match (server.mode, &server.tls) {
+        (Some(Mode::Passthrough), _) => {
+            let sni = sni.ok_or("PASSTHROUGH needs an SNI")?;
+            let route = port
+                .passthrough
+                .iter()
+                .find(|r| r.sni.iter().any(|p| covers(p, &sni)))
+                .ok_or_else(|| format!("no TLS route for SNI {sni}"))?;
+            Ok(Opened::Passthrough(buf.freeze(), stream, route.targets.clone()))
+        }
+        (_, Some(config)) => {
+            let io = mesh_tls::Rewind::new(buf.freeze(), stream);
+            let tls = tokio_rustls::TlsAcceptor::from(config.clone()).accept(io).await.map_err(|e| e.to_string())?;
+            if !server.subject_alt_names.is_empty() {
+                let names = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(sans).unwrap_or_default();
+                if !names.iter().any(|n| server.subject_alt_names.contains(n)) {
+                    return Err(format!("client certificate names {names:?}: none in subjectAltNames"));
+                }
+            }
+            Ok(Opened::Terminated(Box::new(tls), sni.map(Arc::from)))
+        }
+        _ => Err("the server has no TLS settings".into()),
+    }
+}
+
+/// The server whose hosts cover `sni` most specifically: an exact name, then the longest
+/// wildcard. Without an SNI only a `*` server is reached.
+fn pick_server<'a>(servers: &'a [ServerPlan], sni: Option<&str>) -> Option<&'a ServerPlan> {
+    let score = |pattern: &str| match sni {
+        None => (pattern == "*").then_some(0),
+        Some(name) if pattern == name => Some(usize::MAX),
+        Some(name) => covers(pattern, name).then_some(pattern.len()),
+    };
+    servers
+        .iter()
+        .filter(|s| s.mode.is_some())
+        .filter_map(|s| s.hosts.iter().filter_map(|h| score(h)).max().map(|sc| (sc, s)))
+        .max_by_key(|(sc, _)| *sc)
+        .map(|(_, s)| s)
+}
+
+/// A certificate's DNS and URI subject alternative names.
+fn sans(cert: &rustls::pki_types::CertificateDer<'_>) -> Vec<String> {
+    use x509_parser::extensions::GeneralName;
+    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert) else { return Vec::new() };
+    let Ok(Some(ext)) = parsed.subject_alternative_name() else { return Vec::new() };
+    ext.value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            GeneralName::DNSName(d) => Some((*d).to_owned()),
+            GeneralName::URI(u) => Some((*u).to_owned()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Copies a passed-through connection to an endpoint of a destination picked by weight.
+pub(crate) async fn pass_through(
+    prefix: Bytes,
+    mut client: TcpStream,
+    targets: Vec<(DestinationKey, u64)>,
+    routes: Arc<crate::routes::Routes>,
+) {
+    use tokio::io::AsyncWriteExt;
+    let total = targets.last().map_or(0, |(_, t)| *t);
+    let draw = routes.random().below(total.max(1));
+    let Some((key, _)) = targets.iter().find(|(_, upto)| draw < *upto) else { return };
+    let Some(cluster) = routes.cluster(key) else {
+        tracing::debug!(destination = %key, "passthrough: no such cluster");
+        return;
+    };
+    let health: &dyn mesh_routing::balance::HealthView = match &cluster.outlier {
+        Some(detector) => detector,
+        None => &(),
+    };
+    let Some(picked) = cluster.balancer.pick(None, health) else {
+        tracing::debug!(destination = %key, "passthrough: no healthy endpoint");
+        return;
+    };
+    let address = picked.endpoint().address().clone();
+    let connect = tokio::time::timeout(std::time::Duration::from_secs(10), TcpStream::connect(&*address));
+    let mut upstream = match connect.await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!(endpoint = %address, error = %e, "passthrough: connect failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(endpoint = %address, "passthrough: connect timed out");
+            return;
+        }
+    };
+    let _ = upstream.set_nodelay(true);
+    if upstream.write_all(&prefix).await.is_err() {
+        return;
+    }
+    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_patterns_intersect_as_istio_binds_them() {
+        assert_eq!(intersect("*", "shop.example.com").as_deref(), Some("shop.example.com"));
+        assert_eq!(intersect("*.example.com", "shop.example.com").as_deref(), Some("shop.example.com"));
+        assert_eq!(intersect("shop.example.com", "*").as_deref(), Some("shop.example.com"));
+        assert_eq!(intersect("*.example.com", "*.a.example.com").as_deref(), Some("*.a.example.com"));
+        assert_eq!(intersect("*.example.com", "example.com"), None);
+        assert_eq!(intersect("a.example.com", "b.example.com"), None);
+        assert_eq!(split_host("./shop.example.com", "web"), (Some("web"), "shop.example.com".into()));
+        assert_eq!(split_host("*/Shop.example.com", "web"), (None, "shop.example.com".into()));
+        assert_eq!(qualify("shop-gw", "web"), "web/shop-gw");
+        assert_eq!(qualify("mesh", "web"), "mesh");
+    }
+
+    #[test]
+    fn the_most_specific_server_takes_an_sni() {
+        let server = |hosts: &[&str]| ServerPlan {
+            gateway: hosts.join(","),
+            hosts: hosts.iter().map(|h| h.to_string()).collect(),
+            mode: Some(Mode::Passthrough),
+            tls: None,
+            subject_alt_names: Vec::new(),
+        };
+        let servers = [server(&["*"]), server(&["*.example.com"]), server(&["shop.example.com"])];
+        let pick = |sni| pick_server(&servers, sni).map(|s| s.gateway.as_str());
+        assert_eq!(pick(Some("shop.example.com")), Some("shop.example.com"));
+        assert_eq!(pick(Some("api.example.com")), Some("*.example.com"));
+        assert_eq!(pick(Some("other.org")), Some("*"));
+        assert_eq!(pick(None), Some("*"));
+        assert_eq!(pick_server(&servers[1..], None).map(|s| s.gateway.as_str()), None);
+    }
+}
