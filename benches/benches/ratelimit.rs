@@ -2,7 +2,11 @@
 //! run: governor's own check (its default clock, and the tokio clock this crate reads so that
 //! paused-time tests drive the buckets), mesh's `RateLimiter::check` (global, and keyed with
 //! 10,000 live keys), and the whole `RateLimitLayer` around a bare service next to the bare
-//! service.
+//! service and to tower's `RateLimit` (which it is not: tower's holds one window per service
+//! value and makes callers wait, where mesh's answers 429 and shares its buckets between
+//! clones). Then the concurrency limits: mesh's `CircuitBreakerLayer` (Istio's connection
+//! pool `maxRequests`, refusing with 503 `UO` when full) next to tower's `ConcurrencyLimit`
+//! (which queues instead), both far from their limit.
 //!
 //! Run with `cargo bench -p mesh-benches --bench ratelimit`.
 
@@ -28,6 +32,12 @@ fn quota() -> governor::Quota {
 }
 
 fn ok(_req: Request<()>) -> std::future::Ready<Result<Response<Full<Bytes>>, Infallible>> {
+    std::future::ready(Ok(Response::new(Full::new(Bytes::from_static(b"ok")))))
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+fn ok_or_error(_req: Request<()>) -> std::future::Ready<Result<Response<Full<Bytes>>, BoxError>> {
     std::future::ready(Ok(Response::new(Full::new(Bytes::from_static(b"ok")))))
 }
 
@@ -69,6 +79,46 @@ fn admitted(c: &mut Criterion) {
     let layered = RateLimitLayer::new(RateLimiter::total(bucket())).layer(tower::service_fn(ok));
     g.bench_function("RateLimitLayer (total bucket) around the bare service", |b| {
         b.iter(|| rt.block_on(black_box(layered.clone()).oneshot(Request::new(()))).map(|r| black_box(r.status())))
+    });
+    // tower's RateLimit is not `Clone`: one value, driven through `ready` + `call`; mesh's
+    // layer the same way, for the pair.
+    let mut mesh_one = RateLimitLayer::new(RateLimiter::total(bucket())).layer(tower::service_fn(ok));
+    g.bench_function("mesh RateLimitLayer, one value (ready + call)", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let svc = mesh_one.ready().await.expect("ready");
+                tower::Service::call(svc, Request::new(())).await.map(|r| black_box(r.status()))
+            })
+        })
+    });
+    let mut tower_limited =
+        tower::limit::RateLimitLayer::new(1_000_000_000, Duration::from_secs(1)).layer(tower::service_fn(ok));
+    g.bench_function("tower RateLimit around the bare service", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let svc = tower_limited.ready().await.expect("ready");
+                tower::Service::call(svc, Request::new(())).await.map(|r| black_box(r.status()))
+            })
+        })
+    });
+    g.finish();
+
+    // The breaker refuses with an error its service's error type is made from.
+    let mut g = c.benchmark_group("concurrency limit: one request");
+    let bare = tower::service_fn(ok_or_error);
+    g.bench_function("bare service", |b| {
+        b.iter(|| rt.block_on(black_box(bare).oneshot(Request::new(()))).map(|r| black_box(r.status())))
+    });
+    let breaker = mesh_resilience::pool::CircuitBreakerLayer::new(mesh_resilience::pool::CircuitBreaker::new(
+        mesh_resilience::pool::PoolLimits::default().max_requests(1024).max_pending(1024),
+    ))
+    .layer(tower::service_fn(ok_or_error));
+    g.bench_function("mesh CircuitBreakerLayer (maxRequests 1024) around the bare service", |b| {
+        b.iter(|| rt.block_on(black_box(breaker.clone()).oneshot(Request::new(()))).map(|r| black_box(r.status())))
+    });
+    let concurrency = tower::limit::ConcurrencyLimitLayer::new(1024).layer(tower::service_fn(ok_or_error));
+    g.bench_function("tower ConcurrencyLimit (1024) around the bare service", |b| {
+        b.iter(|| rt.block_on(black_box(concurrency.clone()).oneshot(Request::new(()))).map(|r| black_box(r.status())))
     });
     g.finish();
 }

@@ -306,6 +306,18 @@ async fn a_gateway_serves_http_redirects_terminates_tls_by_sni_and_passes_tls_th
     let (code, body) = curl(https, "https://shop.example.com:PORT/reviews/2", &["--cacert", ca, "--http1.1"]);
     assert_eq!((code, body.as_str()), (0, "reviews /reviews/2 HTTP/1.1"));
 
+    // `mesh-proxy ready` (the image's health check) asks the admin server.
+    let ready = |admin: SocketAddr| {
+        Command::new(env!("CARGO_BIN_EXE_mesh-proxy"))
+            .args(["ready", "--admin"])
+            .arg(admin.to_string())
+            .status()
+            .unwrap()
+    };
+    assert!(ready(proxy.admin).success());
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    assert!(!ready(closed).success(), "nothing listens there");
+
     // `validate` names the file and the field of a Gateway mistake.
     let bad = dir.join("bad.yaml");
     std::fs::write(
