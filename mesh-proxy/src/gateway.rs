@@ -15,24 +15,40 @@
 //!   wildcard, the longest wildcard first; no SNI only reaches a `*` server), then its
 //!   `tls.mode`:
 //!   * `SIMPLE`: TLS is terminated with the server's certificate and the HTTP inside is
-//!     routed as above (HTTP/1.1 or h2, by ALPN).
+//!     routed as above (HTTP/1.1 or h2, by ALPN). Its requests must be for the server's own
+//!     hosts: another `Host` / `:authority` on that connection gets 421 Misdirected Request,
+//!     so a connection made to one server cannot reach the routes of another (a MUTUAL one's).
 //!   * `MUTUAL`: the same, and the client must present a certificate that the server's CA
 //!     bundle verifies and, when `subjectAltNames` is set, that names one of them (a DNS or
-//!     URI SAN).
-//!   * `PASSTHROUGH`: the connection is not terminated. The first VirtualService `tls` route
-//!     whose `sniHosts` match the SNI (and whose `port`, if set, is this one) picks a
-//!     destination by weight, and the connection's bytes, ClientHello included, are copied to
-//!     one of its endpoints (skipping ejected ones). No route: the connection is closed.
+//!     URI SAN); both are checked in the handshake, so a refused client gets a TLS alert.
+//!   * `PASSTHROUGH`: the connection is not terminated. The chosen server's own TLS routes
+//!     (those of VirtualServices bound to its Gateway, their `sniHosts` narrowed to its hosts
+//!     and its hosts' namespace restrictions), first match first, pick a destination by
+//!     weight, and the connection's bytes, ClientHello included, are copied to one of its
+//!     endpoints (skipping ejected ones) until either side closes or nothing moves for the
+//!     stream idle timeout. No route: the connection is closed. A passed-through connection
+//!     counts against the connection cap and the drain waits for it.
+//!
+//! The gateway is the mesh's edge: `x-forwarded-client-cert` from a client is dropped,
+//! `x-forwarded-proto` is set to the client's scheme and the client's address is appended to
+//! `x-forwarded-for` (Envoy's `use_remote_address`, as Istio configures its gateways).
 //!
 //! Certificates come from `serverCertificate` / `privateKey` / `caCertificates` (PEM files,
 //! relative to the Gateway's file) or from `credentialName`, looked up as the files of a
 //! mounted `kubernetes.io/tls` Secret under `MeshProxy.spec.gateway.credentialsDir`
 //! (`NAME/tls.crt`, `NAME/tls.key`, `NAME/ca.crt`, or `NAME-cacert/ca.crt` for the CA as
-//! Istio also accepts). They are read when the configuration is (re)loaded: a file that does
-//! not load refuses the configuration, naming the Gateway, and the running one keeps serving.
+//! Istio also accepts). They are read when the configuration is (re)loaded, and a change to
+//! one of them (a renewed Secret) reloads it too; a file that does not load refuses the
+//! configuration, naming the Gateway, and the running one keeps serving.
 //!
 //! Decisions where Istio has more than this proxy needs on one host: the listener set is
-//! fixed at start (a Gateway port without a listener is reported, not opened); servers'
+//! fixed at start (a Gateway port without a listener is reported, not opened); one route
+//! table serves all the plaintext or terminated servers of a port, so a VirtualService bound
+//! to one Gateway also answers, through another Gateway's server on the same port, for a host
+//! both servers list (the 421 check keeps TLS connections to their server's hosts);
+//! VirtualServices bound to a gateway for the same host are not merged (the first routes it,
+//! and a note says so); one server whose certificate does not load refuses the whole reload
+//! (Istio drops that server only); servers'
 //! `bind` and `defaultEndpoint`, `ISTIO_MUTUAL`, `AUTO_PASSTHROUGH` and `OPTIONAL_MUTUAL`
 //! are reported and not served; `cipherSuites`, `verifyCertificateSpki` / `Hash` and
 //! `caCrl` are reported as not enforced (rustls's defaults apply).
@@ -216,6 +232,13 @@ pub(crate) fn check(spec: &GatewaySpec) -> Vec<(String, Severity, String)> {
                 Err(e) => say(at("tls.mode"), Severity::Warning, &format!("{e}; the server is left out")),
                 Ok(Mode::Passthrough) => {}
                 Ok(m) => {
+                    if s.port.protocol.eq_ignore_ascii_case("TLS") {
+                        say(
+                            at("port.protocol"),
+                            Severity::Warning,
+                            "TLS terminated here is served as HTTP (VirtualService `tcp` routes are not supported)",
+                        );
+                    }
                     if tls.credential_name.is_none() && (tls.server_certificate.is_none() || tls.private_key.is_none())
                     {
                         say(
@@ -285,18 +308,20 @@ pub struct PortPlan {
     servers: Vec<ServerPlan>,
     /// Its HTTP routes.
     pub table: Arc<RouteTable>,
-    /// Its TLS routes (PASSTHROUGH servers), in order.
-    passthrough: Vec<PassRoute>,
 }
 
 struct ServerPlan {
     /// `namespace/name` of its Gateway.
     gateway: String,
-    /// Its hosts (lowercase, no namespace part).
-    hosts: Vec<String>,
+    /// Its hosts (lowercase, no namespace part): a terminated connection's requests must be
+    /// for one of them.
+    hosts: Arc<[String]>,
     mode: Option<Mode>,
     tls: Option<Arc<rustls::ServerConfig>>,
-    subject_alt_names: Vec<String>,
+    /// Its TLS routes (PASSTHROUGH), in order, their SNI names narrowed to its hosts.
+    passthrough: Vec<PassRoute>,
+    /// The certificate files it was built from (watched for renewal).
+    files: Vec<PathBuf>,
 }
 
 impl std::fmt::Debug for ServerPlan {
@@ -400,14 +425,14 @@ pub(crate) fn compile(inputs: &Inputs<'_>, notes: &mut Vec<String>) -> Result<Op
                     continue;
                 }
                 let Some(proto) = protocol(&s.port.protocol) else { continue };
-                let (mode, tls, sans) = match (proto, &s.tls) {
+                let (mode, tls, files) = match (proto, &s.tls) {
                     (Protocol::Tls, Some(t)) => match mode(t) {
                         Ok(Mode::Passthrough) => (Some(Mode::Passthrough), None, Vec::new()),
                         Ok(m) => {
                             let base = g.file.parent().map(Path::to_path_buf).unwrap_or_default();
-                            let config = server_config(t, m, &base, credentials.as_deref())
+                            let (config, files) = server_config(t, m, &base, credentials.as_deref())
                                 .map_err(|e| err(format!("spec.servers[{i}].tls: {e}")))?;
-                            (Some(m), Some(config), t.subject_alt_names.clone())
+                            (Some(m), Some(config), files)
                         }
                         Err(_) => continue,
                     },
@@ -421,7 +446,8 @@ pub(crate) fn compile(inputs: &Inputs<'_>, notes: &mut Vec<String>) -> Result<Op
                         hosts: s.hosts.iter().map(|h| split_host(h, ns).1).collect(),
                         mode,
                         tls,
-                        subject_alt_names: sans,
+                        passthrough: Vec::new(),
+                        files,
                     },
                     s,
                     ns,
@@ -430,7 +456,7 @@ pub(crate) fn compile(inputs: &Inputs<'_>, notes: &mut Vec<String>) -> Result<Op
         }
         if servers.is_empty() {
             notes.push(format!(
-                "gateway port {}: no selected Gateway has a server on it; connections are closed",
+                "gateway port {}: no selected Gateway has a server on it; every request there gets 404",
                 listener.port
             ));
         }
@@ -453,24 +479,21 @@ pub(crate) fn compile(inputs: &Inputs<'_>, notes: &mut Vec<String>) -> Result<Op
                 route.redirect = Some(redirect);
                 hosts.push(VirtualHostConfig::new(
                     format!("{} https-redirect", server.gateway),
-                    server.hosts.clone(),
+                    server.hosts.to_vec(),
                     vec![route],
                 ));
             }
         }
-        let mut passthrough = Vec::new();
         let gateways: Vec<String> = servers.iter().map(|(s, _, _)| s.gateway.clone()).collect();
         for vs in &resources.virtual_services {
             let vs_ns = vs.namespace(inputs.default_ns);
             let bound: Vec<String> = vs.spec.gateways.iter().map(|g| qualify(g, vs_ns)).collect();
             // Servers whose Gateway the VirtualService names, and whose hosts admit it.
-            let serving: Vec<&(ServerPlan, &ServerSpec, &str)> =
-                servers.iter().filter(|(s, _, _)| bound.contains(&s.gateway)).collect();
-            if serving.is_empty() {
+            if !servers.iter().any(|(s, _, _)| bound.contains(&s.gateway)) {
                 continue;
             }
             let mut domains = Vec::new();
-            for (server, spec, gw_ns) in &serving {
+            for (server, spec, gw_ns) in servers.iter().filter(|(s, _, _)| bound.contains(&s.gateway)) {
                 if server.mode == Some(Mode::Passthrough)
                     || spec.tls.as_ref().is_some_and(|t| t.https_redirect) && !is_tls
                 {
@@ -499,60 +522,56 @@ pub(crate) fn compile(inputs: &Inputs<'_>, notes: &mut Vec<String>) -> Result<Op
                         }
                     }
                 }
-                hosts.push(VirtualHostConfig::new(format!("{vs_ns}/{}", vs.metadata.name), domains, routes));
-            }
-            // TLS routes, for the PASSTHROUGH servers.
-            let pass_hosts: Vec<&String> = serving
-                .iter()
-                .filter(|(s, _, _)| s.mode == Some(Mode::Passthrough))
-                .flat_map(|(s, _, _)| s.hosts.iter())
-                .collect();
-            if pass_hosts.is_empty() {
-                continue;
-            }
-            for route in &vs.spec.tls {
-                let mut sni = Vec::new();
-                for m in &route.matches {
-                    let port_ok = m.port.is_none_or(|p| p == 0 || p == listener.port);
-                    let gw_ok =
-                        m.gateways.is_empty() || m.gateways.iter().any(|g| gateways.contains(&qualify(g, vs_ns)));
-                    if !(port_ok && gw_ok) {
-                        continue;
-                    }
-                    for h in &m.sni_hosts {
-                        let h = h.to_ascii_lowercase();
-                        if pass_hosts.iter().any(|p| covers(p, &h) || covers(&h, p)) {
-                            sni.push(h);
-                        }
+                let name = format!("{vs_ns}/{}", vs.metadata.name);
+                for d in &domains {
+                    if let Some(earlier) = hosts.iter().find(|h| h.domains.contains(d)) {
+                        notes.push(format!(
+                            "gateway port {}: {d} is routed by {} already; {name}'s routes for it are not used (Istio would merge them)",
+                            listener.port, earlier.name
+                        ));
                     }
                 }
-                if sni.is_empty() {
+                hosts.push(VirtualHostConfig::new(name, domains, routes));
+            }
+            // TLS routes: each PASSTHROUGH server of a bound Gateway takes the routes whose
+            // `sniHosts` its hosts admit (namespace restrictions included), narrowed to them.
+            for route in &vs.spec.tls {
+                let targets = pass_targets(route, vs_ns, inputs.fqdn);
+                if targets.is_empty() {
                     continue;
                 }
-                let mut total = 0u64;
-                let single = route.route.len() == 1;
-                let mut targets = Vec::new();
-                for d in &route.route {
-                    let weight = match d.weight {
-                        Some(w) => u64::try_from(w).unwrap_or(0),
-                        None if single => 100,
-                        None => 0,
-                    };
-                    if weight == 0 {
+                for (server, spec, gw_ns) in servers.iter_mut() {
+                    if server.mode != Some(Mode::Passthrough) || !bound.contains(&server.gateway) {
                         continue;
                     }
-                    total += weight;
-                    let mut key = DestinationKey::new((inputs.fqdn)(&d.destination.host, vs_ns));
-                    if let Some(subset) = &d.destination.subset {
-                        key = key.with_subset(subset.as_str());
+                    let admitted: Vec<String> = spec
+                        .hosts
+                        .iter()
+                        .map(|h| split_host(h, gw_ns))
+                        .filter(|(only_ns, _)| only_ns.is_none_or(|n| n == vs_ns))
+                        .map(|(_, h)| h)
+                        .collect();
+                    let mut sni = Vec::new();
+                    for m in &route.matches {
+                        let port_ok = m.port.is_none_or(|p| p == 0 || p == listener.port);
+                        let gw_ok =
+                            m.gateways.is_empty() || m.gateways.iter().any(|g| qualify(g, vs_ns) == server.gateway);
+                        if !(port_ok && gw_ok) {
+                            continue;
+                        }
+                        for h in &m.sni_hosts {
+                            for host in &admitted {
+                                if let Some(both) = intersect(host, &h.to_ascii_lowercase())
+                                    && !sni.contains(&both)
+                                {
+                                    sni.push(both);
+                                }
+                            }
+                        }
                     }
-                    if let Some(port) = d.destination.port.as_ref().and_then(|p| u16::try_from(p.number).ok()) {
-                        key = key.with_port(port);
+                    if !sni.is_empty() {
+                        server.passthrough.push(PassRoute { sni, targets: targets.clone() });
                     }
-                    targets.push((key, total));
-                }
-                if !targets.is_empty() {
-                    passthrough.push(PassRoute { sni, targets });
                 }
             }
         }
@@ -573,11 +592,53 @@ pub(crate) fn compile(inputs: &Inputs<'_>, notes: &mut Vec<String>) -> Result<Op
                 tls: is_tls,
                 servers: servers.into_iter().map(|(s, _, _)| s).collect(),
                 table: Arc::new(table),
-                passthrough,
             },
         );
     }
+    // Gateway ports this proxy has no listener for.
+    for (name, g) in &selected {
+        for s in &g.spec.servers {
+            if !spec.listeners.iter().any(|l| l.port == s.port.number) {
+                notes.push(format!(
+                    "Gateway {name}: port {} has no listener in the MeshProxy (spec.gateway.listeners); not served",
+                    s.port.number
+                ));
+            }
+        }
+    }
     Ok(Some(plan))
+}
+
+/// A TLS route's destinations with cumulative weights (an omitted weight is 100 alone, 0
+/// among several).
+fn pass_targets(
+    route: &mesh_routing::model::TlsRoute,
+    ns: &str,
+    fqdn: &dyn Fn(&str, &str) -> String,
+) -> Vec<(DestinationKey, u64)> {
+    let single = route.route.len() == 1;
+    let mut total = 0u64;
+    let mut targets = Vec::new();
+    for d in &route.route {
+        let weight = match d.weight {
+            Some(w) => u64::try_from(w).unwrap_or(0),
+            None if single => 100,
+            None => 0,
+        };
+        if weight == 0 {
+            continue;
+        }
+        total += weight;
+        let mut key = DestinationKey::new(fqdn(&d.destination.host, ns));
+        if let Some(subset) = &d.destination.subset {
+            key = key.with_subset(subset.as_str());
+        }
+        if let Some(port) = d.destination.port.as_ref().and_then(|p| u16::try_from(p.number).ok()) {
+            key = key.with_port(port);
+        }
+        targets.push((key, total));
+    }
+    targets
 }
 
 impl PortPlan {
@@ -588,12 +649,19 @@ impl PortPlan {
 }
 
 impl Plan {
+    /// The certificate files its servers were built from: a change to one reloads.
+    pub(crate) fn files(&self) -> Vec<PathBuf> {
+        self.ports.values().flat_map(|p| p.servers.iter().flat_map(|s| s.files.iter().cloned())).collect()
+    }
+
     /// Every destination its routes can send to.
     pub(crate) fn destinations(&self) -> Vec<Arc<DestinationKey>> {
         let mut all = Vec::new();
         for port in self.ports.values() {
             all.extend(port.table.destinations());
-            all.extend(port.passthrough.iter().flat_map(|r| r.targets.iter().map(|(k, _)| Arc::new(k.clone()))));
+            for server in &port.servers {
+                all.extend(server.passthrough.iter().flat_map(|r| r.targets.iter().map(|(k, _)| Arc::new(k.clone()))));
+            }
         }
         all.sort();
         all.dedup();
@@ -607,7 +675,7 @@ fn server_config(
     mode: Mode,
     base: &Path,
     credentials: Option<&Path>,
-) -> Result<Arc<rustls::ServerConfig>, String> {
+) -> Result<(Arc<rustls::ServerConfig>, Vec<PathBuf>), String> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
@@ -648,6 +716,7 @@ fn server_config(
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&versions)
         .map_err(|e| e.to_string())?;
+    let mut files = vec![cert.clone(), key.clone()];
     let builder = if mode == Mode::Mutual {
         let Some(ca) = ca else {
             return Err("MUTUAL: no CA bundle (caCertificates, or ca.crt of the credential)".into());
@@ -657,10 +726,15 @@ fn server_config(
             let c = c.map_err(|e| format!("{}: {e}", ca.display()))?;
             roots.add(c).map_err(|e| format!("{}: {e}", ca.display()))?;
         }
-        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+        files.push(ca.clone());
+        let chain = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
             .build()
             .map_err(|e| format!("{}: {e}", ca.display()))?;
-        builder.with_client_cert_verifier(verifier)
+        if tls.subject_alt_names.is_empty() {
+            builder.with_client_cert_verifier(chain)
+        } else {
+            builder.with_client_cert_verifier(Arc::new(SanVerifier { chain, names: tls.subject_alt_names.clone() }))
+        }
     } else {
         builder.with_no_client_auth()
     };
@@ -668,7 +742,7 @@ fn server_config(
         .with_single_cert(chain, private)
         .map_err(|e| format!("{} with {}: {e}", cert.display(), key.display()))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+    Ok((Arc::new(config), files))
 }
 
 // === Serving a TLS port ===
@@ -676,7 +750,7 @@ fn server_config(
 /// How a TLS connection on a gateway port goes on.
 pub(crate) enum Opened {
     /// Terminated (SIMPLE, MUTUAL): HTTP inside.
-    Terminated(Box<tokio_rustls::server::TlsStream<mesh_tls::Rewind<TcpStream>>>, Option<Arc<str>>),
+    Terminated(Box<tokio_rustls::server::TlsStream<mesh_tls::Rewind<TcpStream>>>, Option<Arc<str>>, ServerHosts),
     /// To pass through: the bytes read so far, the connection, and where it goes.
     Passthrough(Bytes, TcpStream, Vec<(DestinationKey, u64)>),
 }
@@ -697,7 +771,11 @@ pub(crate) async fn open_tls(mut stream: TcpStream, port: &PortPlan) -> Result<O
         if stream.read_buf(&mut buf).await.map_err(|e| e.to_string())? == 0 {
             return Err("closed before its ClientHello ended".into());
         }
-        acceptor.read_tls(&mut &buf[before..]).map_err(|e| e.to_string())?;
+        // rustls takes at most a few KiB per call: feed it all that was read.
+        let mut fresh = &buf[before..];
+        while !fresh.is_empty() {
+            acceptor.read_tls(&mut fresh).map_err(|e| e.to_string())?;
+        }
         match acceptor.accept() {
             Ok(None) => continue,
             Ok(Some(accepted)) => break accepted.client_hello().server_name().map(str::to_ascii_lowercase),
@@ -709,7 +787,7 @@ pub(crate) async fn open_tls(mut stream: TcpStream, port: &PortPlan) -> Result<O
     match (server.mode, &server.tls) {
         (Some(Mode::Passthrough), _) => {
             let sni = sni.ok_or("PASSTHROUGH needs an SNI")?;
-            let route = port
+            let route = server
                 .passthrough
                 .iter()
                 .find(|r| r.sni.iter().any(|p| covers(p, &sni)))
@@ -719,15 +797,28 @@ pub(crate) async fn open_tls(mut stream: TcpStream, port: &PortPlan) -> Result<O
         (_, Some(config)) => {
             let io = mesh_tls::Rewind::new(buf.freeze(), stream);
             let tls = tokio_rustls::TlsAcceptor::from(config.clone()).accept(io).await.map_err(|e| e.to_string())?;
-            if !server.subject_alt_names.is_empty() {
-                let names = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(sans).unwrap_or_default();
-                if !names.iter().any(|n| server.subject_alt_names.contains(n)) {
-                    return Err(format!("client certificate names {names:?}: none in subjectAltNames"));
-                }
-            }
-            Ok(Opened::Terminated(Box::new(tls), sni.map(Arc::from)))
+            Ok(Opened::Terminated(Box::new(tls), sni.map(Arc::from), ServerHosts(server.hosts.clone())))
         }
         _ => Err("the server has no TLS settings".into()),
+    }
+}
+
+/// The hosts of the server a terminated connection reached: its requests must name one of
+/// them. Another name (reachable through the same certificate by connection reuse, or named
+/// on purpose to reach another server's routes, a MUTUAL one's say) is answered 421
+/// Misdirected Request, as Envoy answers a request its filter chain does not serve.
+#[derive(Clone, Debug)]
+pub(crate) struct ServerHosts(Arc<[String]>);
+
+impl ServerHosts {
+    /// Whether `authority` (a `host[:port]`) is one of the hosts.
+    pub(crate) fn admit(&self, authority: &str) -> bool {
+        let host = match authority.rsplit_once(':') {
+            Some((h, port)) if !h.is_empty() && !h.ends_with(']') && port.bytes().all(|b| b.is_ascii_digit()) => h,
+            _ => authority,
+        };
+        let host = host.to_ascii_lowercase();
+        self.0.iter().any(|pattern| covers(pattern, &host))
     }
 }
 
@@ -745,6 +836,57 @@ fn pick_server<'a>(servers: &'a [ServerPlan], sni: Option<&str>) -> Option<&'a S
         .filter_map(|s| s.hosts.iter().filter_map(|h| score(h)).max().map(|sc| (sc, s)))
         .max_by_key(|(sc, _)| *sc)
         .map(|(_, s)| s)
+}
+
+/// MUTUAL with `subjectAltNames`: the client's chain verified by webpki, then its leaf must
+/// name one of them (a DNS or URI SAN), within the handshake (a refused client gets a TLS
+/// alert, not a closed connection after it).
+#[derive(Debug)]
+struct SanVerifier {
+    chain: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    names: Vec<String>,
+}
+
+impl rustls::server::danger::ClientCertVerifier for SanVerifier {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        self.chain.root_hint_subjects()
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        let verified = self.chain.verify_client_cert(end_entity, intermediates, now)?;
+        if sans(end_entity).iter().any(|n| self.names.contains(n)) {
+            Ok(verified)
+        } else {
+            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::NotValidForName))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.chain.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.chain.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.chain.supported_verify_schemes()
+    }
 }
 
 /// A certificate's DNS and URI subject alternative names.
@@ -766,9 +908,10 @@ fn sans(cert: &rustls::pki_types::CertificateDer<'_>) -> Vec<String> {
 /// Copies a passed-through connection to an endpoint of a destination picked by weight.
 pub(crate) async fn pass_through(
     prefix: Bytes,
-    mut client: TcpStream,
+    client: TcpStream,
     targets: Vec<(DestinationKey, u64)>,
     routes: Arc<crate::routes::Routes>,
+    idle_limit: Option<std::time::Duration>,
 ) {
     use tokio::io::AsyncWriteExt;
     let total = targets.last().map_or(0, |(_, t)| *t);
@@ -803,7 +946,14 @@ pub(crate) async fn pass_through(
     if upstream.write_all(&prefix).await.is_err() {
         return;
     }
-    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+    // Closed when either side closes, or when no byte has moved for the stream idle timeout.
+    let moved = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut client = crate::tunnel::Counted::new(client, moved.clone());
+    let mut upstream = crate::tunnel::Counted::new(upstream, moved.clone());
+    tokio::select! {
+        _ = tokio::io::copy_bidirectional(&mut client, &mut upstream) => {}
+        () = crate::tunnel::idle(&moved, idle_limit) => tracing::debug!("passthrough idle for the stream idle timeout: closed"),
+    }
 }
 
 #[cfg(test)]
@@ -831,7 +981,8 @@ mod tests {
             hosts: hosts.iter().map(|h| h.to_string()).collect(),
             mode: Some(Mode::Passthrough),
             tls: None,
-            subject_alt_names: Vec::new(),
+            passthrough: Vec::new(),
+            files: Vec::new(),
         };
         let servers = [server(&["*"]), server(&["*.example.com"]), server(&["shop.example.com"])];
         let pick = |sni| pick_server(&servers, sni).map(|s| s.gateway.as_str());
@@ -840,5 +991,12 @@ mod tests {
         assert_eq!(pick(Some("other.org")), Some("*"));
         assert_eq!(pick(None), Some("*"));
         assert_eq!(pick_server(&servers[1..], None).map(|s| s.gateway.as_str()), None);
+        let hosts = ServerHosts(Arc::from(vec!["shop.example.com".to_owned(), "*.api.example.com".to_owned()]));
+        assert!(
+            hosts.admit("shop.example.com")
+                && hosts.admit("Shop.Example.com:8443")
+                && hosts.admit("v1.api.example.com")
+        );
+        assert!(!hosts.admit("partner.example.com") && !hosts.admit("api.example.com") && !hosts.admit("[::1]:443"));
     }
 }

@@ -590,18 +590,20 @@ impl Server {
                             return Conn { forward, ..conn }.serve(sniff::Downstream::Tcp(stream)).await;
                         }
                         match tokio::time::timeout(OPENING_LIMIT, gateway::open_tls(stream, served)).await {
-                            Ok(Ok(gateway::Opened::Terminated(tls, sni))) => {
+                            Ok(Ok(gateway::Opened::Terminated(tls, sni, hosts))) => {
                                 let client = match sni {
                                     Some(sni) => client.with_sni(sni),
                                     None => client,
                                 };
-                                let forward = conn.forward.for_client(client);
+                                let forward = conn.forward.for_client(client).for_tls_server(hosts);
                                 Conn { forward, ..conn }.serve(sniff::Downstream::Tls(tls)).await;
                             }
                             Ok(Ok(gateway::Opened::Passthrough(prefix, stream, targets))) => {
-                                drop(conn);
-                                let _open = tunnels.open();
-                                gateway::pass_through(prefix, stream, targets, routes).await;
+                                // Held while the bytes flow: the connection counts against
+                                // the cap, and the drain waits for it.
+                                let idle = conn.forward.tunnel_idle_limit();
+                                let _open = (tunnels.open(), conn);
+                                gateway::pass_through(prefix, stream, targets, routes, idle).await;
                             }
                             Ok(Err(why)) => tracing::debug!(%peer, port, %why, "gateway connection closed"),
                             Err(_) => tracing::debug!(%peer, port, "gateway connection took too long to open"),

@@ -97,7 +97,66 @@ pub(crate) struct Forward {
     peer: Option<mesh_core::PeerIdentity>,
     /// Request ids, trace context and metrics (with a configuration).
     telemetry: Option<Arc<crate::telemetry::Telemetry>>,
+    /// A gateway listener's connection: the edge of the mesh.
+    edge: Option<Edge>,
 }
+
+/// What a gateway listener does to the requests of a client of the mesh: the
+/// `x-forwarded-*` headers are the proxy's to set (Envoy's `use_remote_address` and
+/// `SANITIZE_SET` for the client certificate header, as Istio configures its gateways), and a
+/// terminated TLS connection serves its server's hosts only.
+#[derive(Clone)]
+pub(crate) struct Edge {
+    /// Whether the client connected over TLS.
+    pub(crate) https: bool,
+    /// The hosts of the server the TLS connection reached.
+    pub(crate) hosts: Option<crate::gateway::ServerHosts>,
+}
+
+impl Edge {
+    /// The request as the mesh gets it, or the answer to a request for a host its server
+    /// does not serve.
+    #[expect(clippy::result_large_err, reason = "either is moved on at once; a refusal is rare")]
+    fn admit(
+        &self,
+        mut req: Request<RequestBody>,
+        client: Option<&ClientConnection>,
+    ) -> Result<Request<RequestBody>, Response<ProxyBody>> {
+        if let Some(hosts) = &self.hosts {
+            let authority = req
+                .uri()
+                .authority()
+                .map(http::uri::Authority::as_str)
+                .or_else(|| req.headers().get(HOST).and_then(|h| h.to_str().ok()));
+            if !authority.is_some_and(|a| hosts.admit(a)) {
+                return Err(text_reply(
+                    StatusCode::MISDIRECTED_REQUEST,
+                    Bytes::from_static(b"misdirected request: this connection's server does not serve that host"),
+                    Some(ResponseFlags::NO_ROUTE_FOUND),
+                ));
+            }
+        }
+        let headers = req.headers_mut();
+        headers.remove(XFCC);
+        let proto = if self.https { "https" } else { "http" };
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+        if let Some(client) = client {
+            let ip = client.peer.ip().to_string();
+            let value = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+                Some(before) if !before.trim().is_empty() => format!("{before}, {ip}"),
+                _ => ip,
+            };
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                headers.insert(X_FORWARDED_FOR, v);
+            }
+        }
+        Ok(req)
+    }
+}
+
+const XFCC: http::HeaderName = http::HeaderName::from_static("x-forwarded-client-cert");
+const X_FORWARDED_PROTO: http::HeaderName = http::HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_FOR: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
 
 impl Forward {
     pub(crate) fn new(config: &ProxyConfig, routes: Option<Arc<Routes>>, tunnels: Arc<Tunnels>) -> Self {
@@ -111,7 +170,15 @@ impl Forward {
             Some(routes) => crate::stack::Stack::routed(routes.clone(), settings),
             None => crate::stack::Stack::Plain(plain.clone()),
         };
-        Self { stack, plain, request_timeout: config.request_timeout, client: None, peer: None, telemetry: None }
+        Self {
+            stack,
+            plain,
+            request_timeout: config.request_timeout,
+            client: None,
+            peer: None,
+            telemetry: None,
+            edge: None,
+        }
     }
 
     /// A gateway listener's: routed by the route table of Gateway port `port`.
@@ -124,7 +191,20 @@ impl Forward {
         let plain = Endpoint::new(Upstream::for_addr(config.upstream.clone(), config), settings.clone());
         let table = routes.gateway_table(port);
         let stack = crate::stack::Stack::routed_by(routes, settings, table);
-        Self { stack, plain, request_timeout: config.request_timeout, client: None, peer: None, telemetry: None }
+        Self {
+            stack,
+            plain,
+            request_timeout: config.request_timeout,
+            client: None,
+            peer: None,
+            telemetry: None,
+            edge: Some(Edge { https: false, hosts: None }),
+        }
+    }
+
+    /// The same, for a connection whose TLS was terminated for a server with these hosts.
+    pub(crate) fn for_tls_server(&self, hosts: crate::gateway::ServerHosts) -> Self {
+        Self { edge: Some(Edge { https: true, hosts: Some(hosts) }), ..self.clone() }
     }
 
     /// The same, with request ids, trace context and metrics.
@@ -153,7 +233,15 @@ impl Forward {
             app_host: mesh_core::UpstreamHost(inbound.app.as_str().into()),
             identity: config.identity.clone(),
         });
-        Self { stack, plain: app, request_timeout: config.request_timeout, client: None, peer: None, telemetry: None }
+        Self {
+            stack,
+            plain: app,
+            request_timeout: config.request_timeout,
+            client: None,
+            peer: None,
+            telemetry: None,
+            edge: None,
+        }
     }
 
     /// The same, for requests of a peer with this verified identity.
@@ -188,6 +276,12 @@ impl Forward {
         // on this host (the local application is trusted) cannot pass them on.
         if self.client.as_ref().is_some_and(|c| !c.peer.ip().is_loopback()) {
             crate::headers::strip_envoy_internal(req.headers_mut());
+        }
+        if let Some(edge) = &self.edge {
+            req = match edge.admit(req, self.client.as_ref()) {
+                Ok(req) => req,
+                Err(refusal) => return Ok(refusal),
+            };
         }
         // Only layers read it (the plain stack has none): spare the plain path the map.
         if let (Some(client), crate::stack::Stack::Routed(..) | crate::stack::Stack::Inbound(..)) =

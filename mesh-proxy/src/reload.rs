@@ -34,12 +34,25 @@ fn fingerprint(paths: &[PathBuf]) -> Fingerprint {
         .collect()
 }
 
+/// The configuration files' fingerprint, and that of the files the snapshot read beside them
+/// (a gateway's certificates: a renewed one reloads).
+fn fingerprint_with(paths: &[PathBuf], routes: &Routes) -> Fingerprint {
+    let mut all = fingerprint(paths);
+    if let Some(gateway) = &routes.snapshot().gateway {
+        all.extend(fingerprint(&gateway.files()));
+    }
+    all
+}
+
 pub(crate) async fn watch(paths: Vec<PathBuf>, every: Duration, routes: Weak<Routes>) {
-    let mut seen = fingerprint(&paths);
+    let mut seen = match routes.upgrade() {
+        Some(routes) => fingerprint_with(&paths, &routes),
+        None => return,
+    };
     loop {
         tokio::time::sleep(every).await;
         let Some(routes) = routes.upgrade() else { return };
-        let now = fingerprint(&paths);
+        let now = fingerprint_with(&paths, &routes);
         if now == seen {
             continue;
         }

@@ -48,7 +48,7 @@ leaf stranger "DNS:stranger.example.com" clientAuth
 }
 
 /// A backend that terminates TLS itself (the passthrough target) and answers with what it saw.
-async fn tls_backend(certs: &Path) -> SocketAddr {
+async fn tls_backend(certs: &Path, name: &'static str) -> SocketAddr {
     use rustls::pki_types::pem::PemObject;
     let chain = rustls::pki_types::CertificateDer::pem_file_iter(certs.join("db.pem"))
         .unwrap()
@@ -73,7 +73,7 @@ async fn tls_backend(certs: &Path) -> SocketAddr {
                 let Ok(tls) = acceptor.accept(stream).await else { return };
                 let sni = tls.get_ref().1.server_name().unwrap_or("-").to_owned();
                 let svc = service_fn(move |req: Request<Incoming>| {
-                    let body = format!("db {} sni={sni}", req.uri().path());
+                    let body = format!("{name} {} sni={sni}", req.uri().path());
                     async move { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body)))) }
                 });
                 let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), svc).await;
@@ -83,7 +83,7 @@ async fn tls_backend(certs: &Path) -> SocketAddr {
     addr
 }
 
-fn config(app: SocketAddr, reviews: SocketAddr, db: SocketAddr, shop_credential: &str) -> String {
+fn config(app: SocketAddr, reviews: SocketAddr, db: (SocketAddr, SocketAddr), shop_credential: &str) -> String {
     format!(
         r#"apiVersion: proxy.mesh.dev/v1alpha1
 kind: MeshProxy
@@ -131,6 +131,16 @@ spec:
 ---
 apiVersion: networking.istio.io/v1
 kind: Gateway
+metadata: {{name: internal-gateway, namespace: default}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+  - port: {{number: 443, name: tls-db2, protocol: TLS}}
+    tls: {{mode: PASSTHROUGH}}
+    hosts: ["db2.example.com"]
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
 metadata: {{name: egress, namespace: default}}
 spec:
   selector: {{istio: egressgateway}}
@@ -168,6 +178,26 @@ spec:
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
+metadata: {{name: catch-all-tls, namespace: default}}
+spec:
+  hosts: ["*.example.com"]
+  gateways: [ecommerce-gateway]
+  tls:
+  - match: [{{sniHosts: ["*.example.com"]}}]
+    route: [{{destination: {{host: db}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: db2, namespace: default}}
+spec:
+  hosts: ["db2.example.com"]
+  gateways: [internal-gateway]
+  tls:
+  - match: [{{sniHosts: ["db2.example.com"]}}]
+    route: [{{destination: {{host: db2}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
 metadata: {{name: db, namespace: default}}
 spec:
   hosts: ["db.example.com"]
@@ -176,10 +206,11 @@ spec:
   - match: [{{port: 443, sniHosts: ["db.example.com"]}}]
     route: [{{destination: {{host: db}}}}]
 ---
-{productpage}{reviews}{db}"#,
+{productpage}{reviews}{db}{db2}"#,
         productpage = service_entry_in("productpage", app.port()),
         reviews = service_entry_in("reviews", reviews.port()),
-        db = service_entry_in("db", db.port()),
+        db = service_entry_in("db", db.0.port()),
+        db2 = service_entry_in("db2", db.1.port()),
     )
 }
 
@@ -222,11 +253,19 @@ async fn a_gateway_serves_http_redirects_terminates_tls_by_sni_and_passes_tls_th
     let productpage = app(|req| {
         // The host: `host` over HTTP/1.1, `:authority` over h2.
         let host = req.uri().host().map_or_else(|| header(req, "host"), str::to_owned);
-        format!("productpage {} {} host={host} {:?}", req.method(), req.uri().path(), req.version())
+        format!(
+            "productpage {} {} host={host} {:?} proto={} xff={} xfcc={}",
+            req.method(),
+            req.uri().path(),
+            req.version(),
+            header(req, "x-forwarded-proto"),
+            header(req, "x-forwarded-for"),
+            header(req, "x-forwarded-client-cert")
+        )
     })
     .await;
     let reviews = app(|req| format!("reviews {} {:?}", req.uri().path(), req.version())).await;
-    let db = tls_backend(&certs_dir).await;
+    let db = (tls_backend(&certs_dir, "db").await, tls_backend(&certs_dir, "db2").await);
     let config_dir = dir.join("config");
     write_atomically(&config_dir, "ingress.yaml", &config(productpage, reviews, db, "shop-cert"));
     let proxy = Proxy::start(&config_dir);
@@ -235,9 +274,26 @@ async fn a_gateway_serves_http_redirects_terminates_tls_by_sni_and_passes_tls_th
     let ca = ca.to_str().unwrap();
 
     // Port 80: plaintext for api.example.com, a redirect for shop.example.com.
-    let (code, body) = curl(http, "http://api.example.com:PORT/hello", &[]);
+    // The x-forwarded headers are the gateway's to set: the client's certificate header is
+    // dropped, the scheme said, the client's address appended.
+    let (code, body) = curl(
+        http,
+        "http://api.example.com:PORT/hello",
+        &[
+            "-H",
+            "x-forwarded-client-cert: URI=spiffe://cluster.local/ns/default/sa/admin",
+            "-H",
+            "x-forwarded-for: 203.0.113.7",
+        ],
+    );
     assert_eq!(code, 0, "{body}");
-    assert!(body.starts_with("productpage GET /hello host=api.example.com"), "{body}");
+    assert_eq!(
+        body,
+        format!(
+            "productpage GET /hello host=api.example.com:{} HTTP/1.1 proto=http xff=203.0.113.7, 127.0.0.1 xfcc=",
+            http.port()
+        )
+    );
     let (_, out) = curl(
         http,
         "http://shop.example.com:PORT/cart?item=1",
@@ -257,7 +313,7 @@ async fn a_gateway_serves_http_redirects_terminates_tls_by_sni_and_passes_tls_th
     assert_eq!((code, body.as_str()), (0, "reviews /reviews/1 HTTP/1.1"));
     let (code, body) = curl(https, "https://shop.example.com:PORT/", &["--cacert", ca, "--http2"]);
     assert_eq!(code, 0, "{body}");
-    assert!(body.starts_with("productpage GET / host=shop.example.com"), "{body}");
+    assert!(body.starts_with("productpage GET / host=shop.example.com HTTP/2.0 proto=https"), "{body}");
     let (_, version) = curl(
         https,
         "https://shop.example.com:PORT/",
@@ -266,7 +322,7 @@ async fn a_gateway_serves_http_redirects_terminates_tls_by_sni_and_passes_tls_th
     assert_eq!(version, "2", "curl and the gateway agreed on h2");
 
     // MUTUAL: no client certificate, or one whose name is not in subjectAltNames: refused.
-    let partner = |cert: Option<&str>| {
+    let partner = |cert: Option<&str>, extra_args: &[&str]| {
         let (c, k) = cert.map_or((String::new(), String::new()), |n| {
             (
                 certs_dir.join(format!("{n}.pem")).display().to_string(),
@@ -277,19 +333,38 @@ async fn a_gateway_serves_http_redirects_terminates_tls_by_sni_and_passes_tls_th
         if cert.is_some() {
             extra.extend(["--cert", c.as_str(), "--key", k.as_str()]);
         }
+        extra.extend(extra_args);
         curl(https, "https://partner.example.com:PORT/orders", &extra)
     };
-    let (code, body) = partner(Some("partner"));
+    let (code, body) = partner(Some("partner"), &[]);
     assert_eq!(code, 0, "{body}");
     assert!(body.starts_with("productpage GET /orders host=partner.example.com"), "{body}");
-    let (code, _) = partner(None);
-    assert_ne!(code, 0, "no client certificate: refused");
-    let (code, _) = partner(Some("stranger"));
-    assert_ne!(code, 0, "a client certificate not in subjectAltNames: refused");
+    // Refused in the handshake: no HTTP answer at all (curl's status 000), and curl fails
+    // (35, 55 or 56, as the server's alert reaches it while it reads or writes).
+    let no_answer = ["-o", "/dev/null", "-w", "%{http_code}"];
+    let (code, out) = partner(None, &no_answer);
+    assert!(code != 0 && out.starts_with("000"), "no client certificate: refused ({code}: {out})");
+    let (code, out) = partner(Some("stranger"), &no_answer);
+    assert!(
+        code != 0 && out.starts_with("000"),
+        "a client certificate not in subjectAltNames: refused ({code}: {out})"
+    );
+    // A connection to the SIMPLE server cannot ask for the MUTUAL server's host: 421.
+    let (_, out) = curl(
+        https,
+        "https://shop.example.com:PORT/orders",
+        &["--cacert", ca, "-H", "host: partner.example.com", "-o", "/dev/null", "-w", "%{http_code}"],
+    );
+    assert_eq!(out, "421", "a request for another server's host on this connection");
 
     // PASSTHROUGH: the backend terminates TLS (its own certificate, the client's SNI).
     let (code, body) = curl(https, "https://db.example.com:PORT/query", &["--cacert", ca]);
     assert_eq!((code, body.as_str()), (0, "db /query sni=db.example.com"));
+    // The server the SNI picked takes its own Gateway's TLS routes only: the catch-all route
+    // bound to the other Gateway does not take db2 (the backend's certificate names db, so
+    // curl is told not to check it).
+    let (code, body) = curl(https, "https://db2.example.com:PORT/query", &["-k"]);
+    assert_eq!((code, body.as_str()), (0, "db2 /query sni=db2.example.com"));
 
     // An SNI no server lists: the connection is closed.
     let (code, _) = curl(https, "https://unknown.example.com:PORT/", &["--cacert", ca, "-k"]);
