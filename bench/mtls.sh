@@ -22,83 +22,11 @@ rm -rf "$certs"
 $bin certs ca --trust-domain cluster.local --out "$certs/ca" >/dev/null
 $bin certs issue --ca "$certs/ca" --id default/client --out "$certs/client" >/dev/null
 $bin certs issue --ca "$certs/ca" --id default/backend --out "$certs/backend" >/dev/null
-# The pair, started by one script (the harness gives the ports): MODE is mtls or plain.
-cat > "$here/target/bench/pair-start.sh" <<SH
-#!/usr/bin/env bash
-# usage: pair-start.sh MODE PORT UPSTREAM_PORT RUNDIR
-mode=\$1; port=\$2; upstream=\$3; run=\$4
-mkdir -p "\$run/a" "\$run/b"
-inbound=\$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-if [ "\$mode" = mtls ]; then tls=ISTIO_MUTUAL; peer=STRICT; else tls=DISABLE; peer=DISABLE; fi
-cat > "\$run/b/mesh.yaml" <<YAML
-apiVersion: proxy.mesh.dev/v1alpha1
-kind: MeshProxy
-metadata: {name: backend}
-spec:
-  listen: 127.0.0.1:0
-  admin: "off"
-  inbound: {listen: 127.0.0.1:\$inbound, app: 127.0.0.1:\$upstream, appProtocol: downstream}
-  identity: {secretDir: $certs/backend}
-  workload: {name: backend, namespace: default, labels: {app: backend}}
----
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {name: default, namespace: default}
-spec: {mtls: {mode: \$peer}}
-YAML
-if [ "\$mode" = mtls ]; then cat >> "\$run/b/mesh.yaml" <<YAML
----
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: backend, namespace: default}
-spec:
-  rules: [{from: [{source: {principals: [cluster.local/ns/default/sa/client]}}]}]
-YAML
-fi
-cat > "\$run/a/mesh.yaml" <<YAML
-apiVersion: proxy.mesh.dev/v1alpha1
-kind: MeshProxy
-metadata: {name: client}
-spec:
-  identity: {secretDir: $certs/client}
-  workload: {name: client, namespace: default}
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: backend, namespace: default}
-spec:
-  hosts: [backend]
-  ports: [{number: 80, name: http}]
-  endpoints: [{address: 127.0.0.1, ports: {http: \$inbound}, serviceAccount: backend}]
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: backend, namespace: default}
-spec:
-  host: backend
-  trafficPolicy:
-    connectionPool: {http: {h2UpgradePolicy: UPGRADE}}
-    tls: {mode: \$tls}
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: backend, namespace: default}
-spec:
-  hosts: ["*"]
-  http: [{route: [{destination: {host: backend}}]}]
-YAML
-$bin --admin off --config "\$run/b/mesh.yaml" >"\$run/b.log" 2>&1 &
-b=\$!
-trap 'kill \$b 2>/dev/null' EXIT TERM INT
-for _ in \$(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/\$inbound) 2>/dev/null && break; sleep 0.05; done
-$bin --listen 127.0.0.1:\$port --admin off --config "\$run/a/mesh.yaml" &
-wait -n
-SH
-chmod +x "$here/target/bench/pair-start.sh"
+# The pair: bench/pair-start.sh (the harness gives the ports).
 for pass in $(seq 1 "$passes"); do
   for cfg in "one-hop|$bin --listen 127.0.0.1:{port} --upstream {upstream} --admin off" \
-             "pair-plain|$here/target/bench/pair-start.sh plain {port} {upstream_port} {rundir}" \
-             "pair-mtls|$here/target/bench/pair-start.sh mtls {port} {upstream_port} {rundir}"; do
+             "pair-plain|env MESH_BIN=$bin MESH_CERTS=$certs $here/bench/pair-start.sh plain {port} {upstream_port} {rundir}" \
+             "pair-mtls|env MESH_BIN=$bin MESH_CERTS=$certs $here/bench/pair-start.sh mtls {port} {upstream_port} {rundir}"; do
     IFS='|' read -r name start <<<"$cfg"
     echo "=== pass $pass: $name"
     python3 "$harness/bench.py" --name "$name" --start "$start" --h1 --h2 --conc 16 --h2conc 4x16 \

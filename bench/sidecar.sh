@@ -87,73 +87,6 @@ YAML
 exec $bin --listen 127.0.0.1:\$1 --admin off --config "\$3/config"
 SH
 
-# --- mesh-mtls: two sidecars ---
-cat > "$work/mesh-pair.sh" <<SH
-#!/usr/bin/env bash
-# usage: mesh-pair.sh PORT UPSTREAM_PORT RUNDIR
-port=\$1; upstream=\$2; run=\$3
-mkdir -p "\$run/a" "\$run/b"
-inbound=\$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-cat > "\$run/b/mesh.yaml" <<YAML
-apiVersion: proxy.mesh.dev/v1alpha1
-kind: MeshProxy
-metadata: {name: backend}
-spec:
-  listen: 127.0.0.1:0
-  admin: "off"
-  inbound: {listen: 127.0.0.1:\$inbound, app: 127.0.0.1:\$upstream, appProtocol: downstream}
-  identity: {secretDir: $certs/backend}
-  workload: {name: backend, namespace: default, labels: {app: backend}}
----
-apiVersion: security.istio.io/v1
-kind: PeerAuthentication
-metadata: {name: default, namespace: default}
-spec: {mtls: {mode: STRICT}}
----
-apiVersion: security.istio.io/v1
-kind: AuthorizationPolicy
-metadata: {name: backend, namespace: default}
-spec:
-  rules: [{from: [{source: {principals: [cluster.local/ns/default/sa/client]}}]}]
-YAML
-cat > "\$run/a/mesh.yaml" <<YAML
-apiVersion: proxy.mesh.dev/v1alpha1
-kind: MeshProxy
-metadata: {name: client}
-spec:
-  identity: {secretDir: $certs/client}
-  workload: {name: client, namespace: default}
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: backend, namespace: default}
-spec:
-  hosts: [backend]
-  ports: [{number: 80, name: http}]
-  endpoints: [{address: 127.0.0.1, ports: {http: \$inbound}, serviceAccount: backend}]
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: backend, namespace: default}
-spec:
-  host: backend
-  trafficPolicy: {tls: {mode: ISTIO_MUTUAL}}
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: backend, namespace: default}
-spec:
-  hosts: ["*"]
-  http: [{route: [{destination: {host: backend}}]}]
-YAML
-$bin --admin off --config "\$run/b/mesh.yaml" >"\$run/b.log" 2>&1 &
-b=\$!
-trap 'kill \$b 2>/dev/null' EXIT TERM INT
-for _ in \$(seq 200); do (exec 3<>/dev/tcp/127.0.0.1/\$inbound) 2>/dev/null && break; sleep 0.05; done
-$bin --listen 127.0.0.1:\$port --admin off --config "\$run/a/mesh.yaml" &
-wait -n
-SH
-
 # --- envoy-mtls ---
 cat > "$work/envoy-pair.sh" <<SH
 #!/usr/bin/env bash
@@ -367,7 +300,7 @@ chmod +x "$work"/*.sh
 
 configs_all=("one-hop|$bin --listen 127.0.0.1:{port} --upstream {upstream} --admin off|"
          "full-outbound|$work/full-start.sh {port} {upstream_port} {rundir}|"
-         "mesh-mtls|$work/mesh-pair.sh {port} {upstream_port} {rundir}|"
+         "mesh-mtls|env MESH_BIN=$bin MESH_CERTS=$certs $here/bench/pair-start.sh mtls {port} {upstream_port} {rundir}|"
          "envoy-mtls|$work/envoy-pair.sh {port} {upstream_port} {rundir}|"
          "nginx-mtls|$work/nginx-pair.sh {port} {h2port} {upstream_port} {rundir}|--h2port 47082"
          "haproxy-mtls|$work/haproxy-pair.sh {port} {upstream_port} {rundir}|")
