@@ -295,7 +295,9 @@ impl Forward {
         // Only a configured proxy keeps telemetry: the plain path stays as it was.
         let started = self.telemetry.as_ref().map(|telemetry| {
             telemetry.trace(&mut req);
-            telemetry.start(&req, matches!(self.stack, crate::stack::Stack::Inbound(..)))
+            let mut started = telemetry.start(&req, matches!(self.stack, crate::stack::Stack::Inbound(..)));
+            started.track_upstream(&mut req);
+            started
         });
         // Each arm builds its own exchange future: one made before the `match` and moved
         // into an arm would take room in this future's state twice.

@@ -161,6 +161,9 @@ impl Stack {
         match self {
             Stack::Plain(endpoint) => Either::Left(endpoint.clone().send(req)),
             Stack::Inbound(inbound) => {
+                if let Some(tried) = req.extensions().get::<crate::telemetry::TriedUpstream>() {
+                    tried.set(&inbound.app_host.0);
+                }
                 let admitted = inbound.admit(req);
                 let (app, host) = (inbound.app.clone(), inbound.app_host.clone());
                 let answer: BoxFuture = Box::pin(async move {
@@ -524,6 +527,9 @@ impl Service<Request<RequestBody>> for ClusterService {
             return Box::pin(std::future::ready(Err(NoHealthyUpstream(self.key.to_string()).into())));
         };
         let upstream_host = mesh_core::UpstreamHost(picked.endpoint().address().clone());
+        if let Some(tried) = req.extensions().get::<crate::telemetry::TriedUpstream>() {
+            tried.set(&upstream_host.0);
+        }
         // This try's client span, a child of the request's server span (none when the
         // workload's Telemetry turned span reporting off).
         let mut span = TrySpan(self.routes.client_spans().and_then(|layer| {

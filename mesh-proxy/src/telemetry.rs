@@ -184,7 +184,7 @@ impl Telemetry {
             }
         }
         let in_flight = InFlightGuard::new(self.in_flight.clone(), usize::from(inbound));
-        Started { peers, grpc, request_bytes, at: Instant::now(), entry, span, _in_flight: in_flight }
+        Started { peers, grpc, request_bytes, at: Instant::now(), entry, span, tried: None, _in_flight: in_flight }
     }
 
     /// Records the request once `res`'s body has ended.
@@ -192,7 +192,12 @@ impl Telemetry {
         let code = res.status().as_u16();
         let grpc_head = res.headers().get("grpc-status").and_then(|v| v.to_str().ok()?.parse().ok());
         let flags = ResponseFlags::of(res.extensions());
-        let upstream_host = res.extensions().get::<mesh_core::UpstreamHost>().map(|h| h.0.clone());
+        // The host that answered, or else the last one tried (a request that got no answer).
+        let upstream_host = res
+            .extensions()
+            .get::<mesh_core::UpstreamHost>()
+            .map(|h| h.0.clone())
+            .or_else(|| started.tried.as_ref().and_then(TriedUpstream::get));
         let telemetry = self.clone();
         res.body_mut().on_end(Box::new(move |end, sent| {
             let grpc_status = match end {
@@ -238,9 +243,39 @@ pub(crate) struct Started {
     entry: Option<Box<mesh_telemetry::access_log::Entry>>,
     /// The server span, when sampled and exported (ended with the response body).
     span: Option<mesh_telemetry::span::Span>,
+    /// The endpoints the stack tries record themselves here (logged requests only).
+    tried: Option<TriedUpstream>,
     /// Counted in flight until the record is made, or the request is abandoned (its client
     /// cancelled it before a response): dropped either way.
     _in_flight: InFlightGuard,
+}
+
+impl Started {
+    /// For a logged request, a record of the endpoint each try picks, put in `req`'s
+    /// extensions: a request no endpoint answered (refused, reset, timed out) is logged with
+    /// the last endpoint tried, as Envoy logs `upstream_host`.
+    pub(crate) fn track_upstream(&mut self, req: &mut Request<RequestBody>) {
+        if self.entry.is_some() {
+            let tried = TriedUpstream::default();
+            req.extensions_mut().insert(tried.clone());
+            self.tried = Some(tried);
+        }
+    }
+}
+
+/// The last endpoint a request was sent to (see [`Started::track_upstream`]).
+#[derive(Clone, Default)]
+pub(crate) struct TriedUpstream(Arc<std::sync::Mutex<Option<Arc<str>>>>);
+
+impl TriedUpstream {
+    /// Records `host` as tried.
+    pub(crate) fn set(&self, host: &Arc<str>) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(host.clone());
+    }
+
+    fn get(&self) -> Option<Arc<str>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
 }
 
 /// One request in `mesh_requests_in_flight` while held.

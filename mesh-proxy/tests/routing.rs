@@ -1329,6 +1329,8 @@ async fn a_503_is_explained_by_the_access_log_and_the_clusters_page() {
     assert_eq!(parsed.len(), 2, "{lines:?}");
     assert_eq!(parsed[0]["response_code"], 503);
     assert_eq!(parsed[0]["response_flags"], "UF,URX", "{}", lines[0]);
+    // The endpoint that refused the connection, though it never answered.
+    assert_eq!(parsed[0]["upstream_host"], format!("127.0.0.1:{dead}"), "{}", lines[0]);
     assert_eq!(parsed[0]["path"], "/charge");
     assert_eq!(parsed[1]["response_flags"], "UH", "{}", lines[1]);
     // The clusters page says the endpoint is out.
