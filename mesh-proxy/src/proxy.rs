@@ -183,23 +183,10 @@ impl Forward {
 
     /// A gateway listener's: routed by the route table of Gateway port `port`.
     pub(crate) fn gateway(config: &ProxyConfig, routes: Arc<Routes>, port: u16, tunnels: Arc<Tunnels>) -> Self {
-        let settings = Arc::new(EndpointSettings {
-            protocol: config.upstream_protocol,
-            stream_idle: config.stream_idle_timeout,
-            tunnels,
-        });
-        let plain = Endpoint::new(Upstream::for_addr(config.upstream.clone(), config), settings.clone());
+        let unrouted = Self::new(config, None, tunnels);
         let table = routes.gateway_table(port);
-        let stack = crate::stack::Stack::routed_by(routes, settings, table);
-        Self {
-            stack,
-            plain,
-            request_timeout: config.request_timeout,
-            client: None,
-            peer: None,
-            telemetry: None,
-            edge: Some(Edge { https: false, hosts: None }),
-        }
+        let stack = crate::stack::Stack::routed_by(routes, unrouted.plain.settings.clone(), table);
+        Self { stack, edge: Some(Edge { https: false, hosts: None }), ..unrouted }
     }
 
     /// The same, for a connection whose TLS was terminated for a server with these hosts.
