@@ -301,8 +301,6 @@ pub struct Plan {
 /// One gateway port.
 #[derive(Debug)]
 pub struct PortPlan {
-    /// The Gateway port number.
-    pub number: u16,
     tls: bool,
     /// Its servers (the TLS ones are chosen by SNI).
     servers: Vec<ServerPlan>,
@@ -588,7 +586,6 @@ pub(crate) fn compile(inputs: &Inputs<'_>, notes: &mut Vec<String>) -> Result<Op
         plan.ports.insert(
             number,
             PortPlan {
-                number,
                 tls: is_tls,
                 servers: servers.into_iter().map(|(s, _, _)| s).collect(),
                 table: Arc::new(table),

@@ -116,6 +116,10 @@ pub(crate) fn to_h2<B>(req: &mut Request<B>, fallback: &http::uri::Authority) ->
     Ok(())
 }
 
+/// The header that tells the application who called (Envoy's name and format); only the
+/// proxy sets it.
+pub(crate) const XFCC: http::HeaderName = http::HeaderName::from_static("x-forwarded-client-cert");
+
 /// Removes every `x-envoy-*` header (Envoy's internal headers, which only the proxy sets).
 ///
 /// `x-forwarded-for` is left as the client sent it and not appended to, as Envoy does with

@@ -425,24 +425,7 @@ impl Server {
 
         let accept = async {
             loop {
-                let (stream, peer) = match self.listener.accept().await {
-                    Ok(accepted) => accepted,
-                    Err(e) => {
-                        // Out of descriptors and the like: back off instead of spinning.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                // Every open connection holds a drain receiver: their count is the connection
-                // count (plus this task's own).
-                if self.config.max_connections.is_some_and(|max| drain_tx.receiver_count() > max) {
-                    REFUSED_CONNECTIONS.fetch_add(1, Ordering::Relaxed);
-                    tracing::debug!(%peer, "connection refused: too many open");
-                    drop(stream);
-                    continue;
-                }
-                let _ = stream.set_nodelay(true);
+                let (stream, peer) = admit(&self.listener, &drain_tx, self.config.max_connections, "outbound").await;
                 let forward = match stream.local_addr() {
                     Ok(local) => forward.for_client(mesh_core::ClientConnection::new(peer, local)),
                     Err(_) => forward.clone(),
@@ -470,20 +453,7 @@ impl Server {
             // most TLS 1.2.
             let tls = self.config.identity.as_ref().map(|i| i.server_config(mesh_tls::TlsVersions::Tls12And13));
             loop {
-                let (stream, peer) = match listener.accept().await {
-                    Ok(accepted) => accepted,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "inbound accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                if self.config.max_connections.is_some_and(|max| drain_tx.receiver_count() > max) {
-                    REFUSED_CONNECTIONS.fetch_add(1, Ordering::Relaxed);
-                    drop(stream);
-                    continue;
-                }
-                let _ = stream.set_nodelay(true);
+                let (stream, peer) = admit(listener, &drain_tx, self.config.max_connections, "inbound").await;
                 let mode = routes.snapshot().security.mode;
                 let acceptor = match &tls {
                     Some(config) => mesh_tls::MeshAcceptor::with_config(mode, config.clone()),
@@ -559,19 +529,7 @@ impl Server {
                 (self.config.max_connections, self.config.max_premature_resets);
             Some(async move {
                 loop {
-                    let (stream, peer) = match listener.accept().await {
-                        Ok(accepted) => accepted,
-                        Err(e) => {
-                            tracing::warn!(error = %e, "gateway accept failed");
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    };
-                    if max_connections.is_some_and(|max| drain_tx.receiver_count() > max) {
-                        REFUSED_CONNECTIONS.fetch_add(1, Ordering::Relaxed);
-                        continue;
-                    }
-                    let _ = stream.set_nodelay(true);
+                    let (stream, peer) = admit(&listener, drain_tx, max_connections, "gateway").await;
                     let Some(plan) = routes.snapshot().gateway.clone() else { continue };
                     let Ok(local) = stream.local_addr() else { continue };
                     let client = mesh_core::ClientConnection::new(peer, local);
@@ -676,6 +634,36 @@ const ACCESS_LOG_QUEUE: usize = 8192;
 /// handshakes that failed (bad or missing client certificates), for `/stats`.
 pub(crate) static INBOUND_PLAINTEXT_REFUSED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 pub(crate) static INBOUND_HANDSHAKE_FAILURES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The next connection a listener accepts that the connection cap admits, with `TCP_NODELAY`
+/// set. Accept errors (out of descriptors and the like) back off instead of spinning; a
+/// connection beyond `max` open ones is closed at once and counted.
+async fn admit(
+    listener: &TcpListener,
+    drain: &watch::Sender<bool>,
+    max: Option<usize>,
+    which: &'static str,
+) -> (TcpStream, SocketAddr) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!(error = %e, listener = which, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        // Every open connection holds a drain receiver: their count is the connection count
+        // (plus the accepting tasks' own).
+        if max.is_some_and(|max| drain.receiver_count() > max) {
+            REFUSED_CONNECTIONS.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%peer, listener = which, "connection refused: too many open");
+            continue;
+        }
+        let _ = stream.set_nodelay(true);
+        return (stream, peer);
+    }
+}
 
 struct Conn {
     forward: proxy::Forward,

@@ -154,7 +154,6 @@ impl Edge {
     }
 }
 
-const XFCC: http::HeaderName = http::HeaderName::from_static("x-forwarded-client-cert");
 const X_FORWARDED_PROTO: http::HeaderName = http::HeaderName::from_static("x-forwarded-proto");
 const X_FORWARDED_FOR: http::HeaderName = http::HeaderName::from_static("x-forwarded-for");
 

@@ -89,9 +89,6 @@ pub(crate) struct Inbound {
     pub(crate) identity: Option<mesh_tls::Identity>,
 }
 
-/// The header that tells the application who called (Envoy's name and format).
-const XFCC: http::HeaderName = http::HeaderName::from_static("x-forwarded-client-cert");
-
 impl Inbound {
     /// The request as the application gets it, or the refusal.
     #[expect(clippy::result_large_err, reason = "either is moved on at once; a refusal is rare")]
@@ -99,11 +96,11 @@ impl Inbound {
         let snapshot = self.routes.snapshot();
         let security = &snapshot.security;
         // Only the sidecar says who the peer is.
-        req.headers_mut().remove(&XFCC);
+        req.headers_mut().remove(&crate::headers::XFCC);
         if let (Some(peer), Some(identity)) = (mesh_core::PeerIdentity::of(req.extensions()), &self.identity) {
             let value = format!("By={};URI={peer}", identity.current().id());
             if let Ok(v) = http::HeaderValue::from_str(&value) {
-                req.headers_mut().insert(XFCC, v);
+                req.headers_mut().insert(crate::headers::XFCC, v);
             }
         }
         if let Some(jwt) = &security.jwt {
