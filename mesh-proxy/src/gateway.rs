@@ -585,11 +585,7 @@ pub(crate) fn compile(inputs: &Inputs<'_>, notes: &mut Vec<String>) -> Result<Op
         notes.extend(table.notes().iter().map(|n| format!("gateway port {}: {n}", listener.port)));
         plan.ports.insert(
             number,
-            PortPlan {
-                tls: is_tls,
-                servers: servers.into_iter().map(|(s, _, _)| s).collect(),
-                table: Arc::new(table),
-            },
+            PortPlan { tls: is_tls, servers: servers.into_iter().map(|(s, _, _)| s).collect(), table: Arc::new(table) },
         );
     }
     // Gateway ports this proxy has no listener for.
