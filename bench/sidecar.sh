@@ -44,49 +44,6 @@ for id in client backend; do
   cat "$certs/$id/tls.crt" "$certs/$id/tls.key" > "$certs/$id/both.pem"
 done
 
-# --- full-outbound: the seeds, a MeshProxy with an identity, and the benchmark's route ---
-cat > "$work/full-start.sh" <<SH
-#!/usr/bin/env bash
-# usage: full-start.sh PORT UPSTREAM_PORT RUNDIR
-rm -rf "\$3/config"; mkdir -p "\$3/config"
-# Every seed file that validates (000, 002 and 003; 001 has a VirtualService without hosts,
-# 004 and its variants are the documents' mistakes).
-for f in $seeds/*.yaml; do $bin validate "\$f" >/dev/null 2>&1 && cp "\$f" "\$3/config/"; done
-cat > "\$3/config/zz-bench.yaml" <<YAML
-apiVersion: proxy.mesh.dev/v1alpha1
-kind: MeshProxy
-metadata: {name: frontend}
-spec:
-  identity: {secretDir: $certs/client}
-  workload: {name: frontend, namespace: default, labels: {app: frontend, version: v1}}
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: bench-backend, namespace: default}
-spec:
-  hosts: [bench-backend]
-  ports: [{number: 80, name: http}]
-  endpoints: [{address: 127.0.0.1, ports: {http: \$2}}]
----
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {name: bench-backend, namespace: default}
-spec:
-  host: bench-backend
-  trafficPolicy:
-    connectionPool: {tcp: {maxConnections: 1000}, http: {http1MaxPendingRequests: 1000}}
-    outlierDetection: {consecutive5xxErrors: 5, interval: 10s, baseEjectionTime: 30s}
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: bench, namespace: default}
-spec:
-  hosts: ["*"]
-  http: [{route: [{destination: {host: bench-backend}}], timeout: 10s}]
-YAML
-exec $bin --listen 127.0.0.1:\$1 --admin off --config "\$3/config"
-SH
-
 # --- envoy-mtls ---
 cat > "$work/envoy-pair.sh" <<SH
 #!/usr/bin/env bash
@@ -299,7 +256,7 @@ SH
 chmod +x "$work"/*.sh
 
 configs_all=("one-hop|$bin --listen 127.0.0.1:{port} --upstream {upstream} --admin off|"
-         "full-outbound|$work/full-start.sh {port} {upstream_port} {rundir}|"
+         "full-outbound|env MESH_BIN=$bin MESH_CERTS=$certs SEEDS=$seeds $here/bench/full-start.sh {port} {upstream_port} {rundir}|"
          "mesh-mtls|env MESH_BIN=$bin MESH_CERTS=$certs $here/bench/pair-start.sh mtls {port} {upstream_port} {rundir}|"
          "envoy-mtls|$work/envoy-pair.sh {port} {upstream_port} {rundir}|"
          "nginx-mtls|$work/nginx-pair.sh {port} {h2port} {upstream_port} {rundir}|--h2port 47082"
