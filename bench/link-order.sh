@@ -9,11 +9,33 @@
 #     detection, metrics), HTTP/1.1 and h2c clients;
 #   - two sidecars with mTLS and h2 between them (bench/pair-start.sh);
 # and orders: the functions that ran only at start-up, those that ran at start-up and on
-# requests, those of the first request, then those of the rest; each group hottest first. Symbols that a later build no longer has are skipped by the
-# linker, so a stale file only costs locality; rerun this after large changes.
+# requests, those of the first request, then those of the rest; each group hottest first.
+# Symbols that a later build no longer has are skipped by the linker, so a stale file only
+# costs locality. Symbol names carry hashes of the crate graph and the compiler version: rerun
+# this after a toolchain or dependency update. `--check` (in CI) says when that is due.
 #   bench/link-order.sh [REQUESTS]          (default 300 per client and protocol)
+#   bench/link-order.sh --check BINARY      fails when under 80 % of the listed functions are
+#                                           in BINARY, or BINARY's code does not start with them
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
+if [ "${1:-}" = --check ]; then
+  nm -n "$2" | python3 -c '
+import sys
+listed = [l for l in open(sys.argv[1]).read().split() if l]
+text = [l.split()[2] for l in sys.stdin if len(l.split()) == 3 and l.split()[1] in "tTwW"]
+have = set(text)
+share = sum(name in have for name in listed) / len(listed)
+index = {name: i for i, name in reversed(list(enumerate(text)))}
+head = [index[name] for name in listed if name in index][:50]
+starts = bool(head) and head == sorted(head) and head[-1] < 100
+verb = "starts" if starts else "does not start"
+print(f"link order: {share:.0%} of {len(listed)} listed functions are in the binary; "
+      f"its code {verb} with them")
+if share < 0.8 or not starts:
+    sys.exit("link order: stale; run bench/link-order.sh")
+' "$here/mesh-proxy/link-order.txt"
+  exit
+fi
 harness=${HARNESS:-$here/../shared/bench}
 seeds=${SEEDS:-$here/../shared/fixtures/seeds}
 requests=${1:-300}
