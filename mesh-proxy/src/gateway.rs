@@ -9,7 +9,10 @@
 //!   the Gateway (`gateways: [name]` or `[namespace/name]`; a short name is in the
 //!   VirtualService's namespace). A virtual host answers for the names in both the
 //!   VirtualService's `hosts` and the server's `hosts` (`*.example.com` and `*` on either
-//!   side); other names get 404 `NR`. `tls.httpsRedirect: true` answers every request for
+//!   side); other names get 404 `NR`. Several VirtualServices bound to the port's Gateways
+//!   for one host are merged, as Istio merges them for gateways: the routes of each follow
+//!   those of the ones loaded before it (files in name order, documents in file order; Istio
+//!   orders by creation time), so an earlier catch-all route hides later ones. `tls.httpsRedirect: true` answers every request for
 //!   the server's hosts with a 301 to `https://` (Envoy's `require_tls`).
 //! * **TLS** (`HTTPS`, `TLS`): the ClientHello's SNI picks the server (an exact host before a
 //!   wildcard, the longest wildcard first; no SNI only reaches a `*` server), then its
@@ -45,10 +48,10 @@
 //! fixed at start (a Gateway port without a listener is reported, not opened); one route
 //! table serves all the plaintext or terminated servers of a port, so a VirtualService bound
 //! to one Gateway also answers, through another Gateway's server on the same port, for a host
-//! both servers list (the 421 check keeps TLS connections to their server's hosts);
-//! VirtualServices bound to a gateway for the same host are not merged (the first routes it,
-//! and a note says so); one server whose certificate does not load refuses the whole reload
-//! (Istio drops that server only); servers'
+//! both servers list (the 421 check keeps TLS connections to their server's hosts), which
+//! for plaintext servers is what Istio does too (one route configuration per port); one
+//! server whose certificate does not load refuses the whole reload and the running
+//! configuration keeps serving (Istio drops that server only); servers'
 //! `bind` and `defaultEndpoint`, `ISTIO_MUTUAL`, `AUTO_PASSTHROUGH` and `OPTIONAL_MUTUAL`
 //! are reported and not served; `cipherSuites`, `verifyCertificateSpki` / `Hash` and
 //! `caCrl` are reported as not enforced (rustls's defaults apply).
@@ -468,18 +471,17 @@ pub(crate) fn compile(inputs: &Inputs<'_>, notes: &mut Vec<String>) -> Result<Op
         let is_tls = kinds.first() == Some(&Protocol::Tls);
 
         // HTTP routes: redirects first (they win a host), then bound VirtualServices.
-        let mut hosts = Vec::new();
+        let mut hosts: Vec<VirtualHostConfig> = Vec::new();
+        let mut redirects = Vec::new();
         for (server, s, _) in &servers {
             if s.tls.as_ref().is_some_and(|t| t.https_redirect) && !is_tls {
                 let mut route = HttpRoute::named(format!("{} https-redirect", server.gateway));
                 let mut redirect = HttpRedirect::default();
                 redirect.scheme = Some("https".into());
                 route.redirect = Some(redirect);
-                hosts.push(VirtualHostConfig::new(
-                    format!("{} https-redirect", server.gateway),
-                    server.hosts.to_vec(),
-                    vec![route],
-                ));
+                let name = format!("{} https-redirect", server.gateway);
+                redirects.push(name.clone());
+                hosts.push(VirtualHostConfig::new(name, server.hosts.to_vec(), vec![route]));
             }
         }
         let gateways: Vec<String> = servers.iter().map(|(s, _, _)| s.gateway.clone()).collect();
@@ -521,15 +523,33 @@ pub(crate) fn compile(inputs: &Inputs<'_>, notes: &mut Vec<String>) -> Result<Op
                     }
                 }
                 let name = format!("{vs_ns}/{}", vs.metadata.name);
-                for d in &domains {
-                    if let Some(earlier) = hosts.iter().find(|h| h.domains.contains(d)) {
-                        notes.push(format!(
-                            "gateway port {}: {d} is routed by {} already; {name}'s routes for it are not used (Istio would merge them)",
-                            listener.port, earlier.name
-                        ));
+                let mut fresh = Vec::new();
+                for d in domains {
+                    match hosts.iter().position(|h| h.domains.contains(&d)) {
+                        None => fresh.push(d),
+                        Some(i) if redirects.contains(&hosts[i].name) => notes.push(format!(
+                            "gateway port {}: {d} is redirected to https; {name}'s routes for it are not used",
+                            listener.port
+                        )),
+                        // Istio merges the VirtualServices bound to a gateway for one host:
+                        // the later one's routes follow the earlier one's.
+                        Some(i) => {
+                            let merged = format!("{}+{name}", hosts[i].name);
+                            if hosts[i].domains.len() == 1 {
+                                hosts[i].name = merged;
+                                hosts[i].routes.extend(routes.iter().cloned());
+                            } else {
+                                hosts[i].domains.retain(|h| h != &d);
+                                let mut both = hosts[i].routes.clone();
+                                both.extend(routes.iter().cloned());
+                                hosts.push(VirtualHostConfig::new(merged, vec![d], both));
+                            }
+                        }
                     }
                 }
-                hosts.push(VirtualHostConfig::new(name, domains, routes));
+                if !fresh.is_empty() {
+                    hosts.push(VirtualHostConfig::new(name, fresh, routes));
+                }
             }
             // TLS routes: each PASSTHROUGH server of a bound Gateway takes the routes whose
             // `sniHosts` its hosts admit (namespace restrictions included), narrowed to them.

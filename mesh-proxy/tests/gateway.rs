@@ -112,7 +112,7 @@ spec:
     hosts: ["shop.example.com"]
     tls: {{httpsRedirect: true}}
   - port: {{number: 80, name: http-api, protocol: HTTP}}
-    hosts: ["api.example.com"]
+    hosts: ["api.example.com", "cart.example.com"]
   - port: {{number: 443, name: https, protocol: HTTPS}}
     tls:
       mode: SIMPLE
@@ -157,6 +157,25 @@ spec:
   http:
   - match: [{{uri: {{prefix: /reviews}}}}]
     route: [{{destination: {{host: reviews}}}}]
+  - route: [{{destination: {{host: productpage}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: cart-reviews, namespace: default}}
+spec:
+  hosts: ["cart.example.com"]
+  gateways: [ecommerce-gateway]
+  http:
+  - match: [{{uri: {{prefix: /reviews}}}}]
+    route: [{{destination: {{host: reviews}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: cart-rest, namespace: default}}
+spec:
+  hosts: ["cart.example.com"]
+  gateways: [ecommerce-gateway]
+  http:
   - route: [{{destination: {{host: productpage}}}}]
 ---
 apiVersion: networking.istio.io/v1
@@ -301,6 +320,12 @@ async fn a_gateway_serves_http_redirects_terminates_tls_by_sni_and_passes_tls_th
     );
     assert!(out.starts_with("301 https://shop.example.com"), "{out}");
     assert!(out.ends_with("/cart?item=1"), "{out}");
+    // Two VirtualServices bound to the gateway for one host are merged, in load order.
+    for (path, upstream) in [("/reviews/9", "reviews"), ("/checkout", "productpage")] {
+        let (code, body) = curl(http, &format!("http://cart.example.com:PORT{path}"), &[]);
+        assert_eq!(code, 0, "{body}");
+        assert!(body.starts_with(&format!("{upstream} ")) && body.contains(path), "{path}: {body}");
+    }
     // Hosts no server of this proxy's Gateways lists, and the mesh-only VirtualService's
     // host: not routed here.
     for host in ["other.example.com", "productpage"] {
