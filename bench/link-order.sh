@@ -11,17 +11,28 @@
 # and orders: the functions that ran only at start-up, those that ran at start-up and on
 # requests, those of the first request, then those of the rest; each group hottest first.
 # Symbols that a later build no longer has are skipped by the linker, so a stale file only
-# costs locality. Symbol names carry hashes of the crate graph and the compiler version: rerun
-# this after a toolchain or dependency update. `--check` (in CI) says when that is due.
+# costs locality. Symbol names carry hashes of the crate graph and the compiler version, so
+# the file's first line records both (LLD skips `#` lines): rerun this after a toolchain or
+# dependency update. `--check` (in CI) says when that is due.
 #   bench/link-order.sh [REQUESTS]          (default 300 per client and protocol)
-#   bench/link-order.sh --check BINARY      fails when under 80 % of the listed functions are
-#                                           in BINARY, or BINARY's code does not start with them
+#   bench/link-order.sh --check BINARY      with the recorded compiler and Cargo.lock: fails when
+#                                           under 80 % of the listed functions are in BINARY or
+#                                           BINARY's code does not start with them; with
+#                                           another, says the file is due for a rerun
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
+stamp() { echo "# $(rustc -vV | grep '^release:'); Cargo.lock $(sha256sum "$here/Cargo.lock" | cut -c1-16)"; }
 if [ "${1:-}" = --check ]; then
+  recorded=$(head -1 "$here/mesh-proxy/link-order.txt")
+  if [ "$recorded" != "$(stamp)" ]; then
+    echo "link order: written for '${recorded#\# }', this build has '$(stamp | cut -c3-)': rerun bench/link-order.sh"
+    exit 0
+  fi
   nm -n "$2" | python3 -c '
 import sys
-listed = [l for l in open(sys.argv[1]).read().split() if l]
+listed = [l for l in open(sys.argv[1]).read().splitlines() if l and not l.startswith("#")]
+if not listed:
+    sys.exit("link order: the file lists no functions")
 text = [l.split()[2] for l in sys.stdin if len(l.split()) == 3 and l.split()[1] in "tTwW"]
 have = set(text)
 share = sum(name in have for name in listed) / len(listed)
@@ -66,14 +77,14 @@ backend_port=$(free_port)
 "$harness/backend/target/release/backend" "127.0.0.1:$backend_port" >/dev/null 2>&1 &
 backend=$!
 pids=()
-trap 'kill $backend "${pids[@]}" 2>/dev/null || true' EXIT
+trap 'kill $backend "${pids[@]}" 2>/dev/null; pkill -TERM -f "$bin --" || true' EXIT
 
 wait_port() { for _ in $(seq 600); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never listened" >&2; return 1; }
-# Dumps every callgrind process's counters so far (the start-up phase) and zeroes them.
+# Requests of each kind through a proxy: HTTP/1.1, h2c, and POSTs with a body.
 drive() { # port
-  curl -sf -o /dev/null "http://127.0.0.1:$1/[1-$requests]"
+  curl -sf --fail-early -o /dev/null "http://127.0.0.1:$1/[1-$requests]"
   # h2c: curl 7.88 sends nothing for a second request on a prior-knowledge connection
-  h2load -n "$requests" -c 2 -m 8 "http://127.0.0.1:$1/" | grep -q "succeeded, 0 failed" \
+  h2load -n "$requests" -c 2 -m 8 "http://127.0.0.1:$1/" | grep "succeeded, 0 failed" >/dev/null \
     || { echo "h2c requests failed on $1" >&2; return 1; }
   curl -sf -o /dev/null -H 'x-request-id: order' -X POST -d 'x=1' "http://127.0.0.1:$1/post/[1-20]" || true
 }
@@ -90,6 +101,7 @@ pids+=($!)
 wait_port "$full_port"
 wait_port "$pair_port"
 sleep 2
+# `callgrind_control -d` dumps every callgrind process's counters so far and zeroes them.
 callgrind_control -d >/dev/null   # …out.1: start-up
 curl -sf -o /dev/null "http://127.0.0.1:$full_port/"
 curl -sf -o /dev/null "http://127.0.0.1:$pair_port/"
@@ -99,10 +111,13 @@ drive "$pair_port"
 # SIGTERM: the proxies drain and exit, and callgrind writes the request phase.
 pkill -TERM -f "$bin --" || true
 for _ in $(seq 300); do pgrep -f "$bin --" >/dev/null || break; sleep 0.1; done
+if pgrep -f "$bin --" >/dev/null; then echo "the proxies did not exit" >&2; exit 1; fi
+# Three processes, three dumps each.
+[ "$(ls "$work/cg" | wc -l)" -eq 9 ] || { ls "$work/cg" >&2; echo "missing callgrind dumps" >&2; exit 1; }
 
-python3 - "$work/cg" "$bin" "$here/mesh-proxy/link-order.txt" "$full_pid" <<'PY'
+python3 - "$work/cg" "$bin" "$here/mesh-proxy/link-order.txt" "$full_pid" "$(stamp)" <<'PY'
 import collections, glob, os, sys
-cgdir, binary, out, full_pid = sys.argv[1:]
+cgdir, binary, out, full_pid, stamp = sys.argv[1:]
 def costs(path):
     """Self cost (instructions) per function of the binary in one callgrind dump."""
     cost = collections.Counter()
@@ -112,7 +127,10 @@ def costs(path):
         if line.startswith("ob="):
             ob = line[3:].strip()
         elif line.startswith("fn="):
-            fn = line[3:].strip()
+            # callgrind names recursion levels `name'2`; `(below main)` is not a symbol
+            fn = line[3:].strip().split("'")[0]
+            if " " in fn or "(" in fn:
+                fn = None
         elif line.startswith("calls="):
             skip = True  # the next cost line is the call's inclusive cost
         elif line[:1].isdigit() or line[:1] in "+-*":
@@ -141,6 +159,6 @@ blocks = [(startup, S - F - R), (startup, S & (F | R)), (first_full, FF - S), (f
 names = [f for counts, members in blocks for f, _ in counts.most_common()
          if f in members and not f.startswith("0x")]
 with open(out, "w") as o:
-    o.write("\n".join(names) + "\n")
+    o.write(stamp + "\n" + "\n".join(names) + "\n")
 print(f"{out}: {len(names)} functions ({len(S)} at start-up, {len(F)} in the first request, {len(R)} after)")
 PY

@@ -12,7 +12,8 @@
 //!   side); other names get 404 `NR`. Several VirtualServices bound to the port's Gateways
 //!   for one host are merged, as Istio merges them for gateways: the routes of each follow
 //!   those of the ones loaded before it (files in name order, documents in file order; Istio
-//!   orders by creation time), so an earlier catch-all route hides later ones. `tls.httpsRedirect: true` answers every request for
+//!   orders by creation time), and catch-all routes go last (Istio's `SortVHostRoutes`), so
+//!   one VirtualService's catch-all does not hide another's specific routes. `tls.httpsRedirect: true` answers every request for
 //!   the server's hosts with a 301 to `https://` (Envoy's `require_tls`).
 //! * **TLS** (`HTTPS`, `TLS`): the ClientHello's SNI picks the server (an exact host before a
 //!   wildcard, the longest wildcard first; no SNI only reaches a `*` server), then its
@@ -374,6 +375,29 @@ fn split_host<'a>(host: &'a str, gateway_ns: &'a str) -> (Option<&'a str>, Strin
     }
 }
 
+/// Istio's routes for a gateway host that several VirtualServices route: each one's routes up
+/// to its first catch-all (the rest are unreachable), in load order, then the catch-alls
+/// moved behind all other routes (Istio's `SortVHostRoutes`), so a later VirtualService's
+/// specific routes are not hidden by an earlier one's catch-all.
+fn merge_routes(earlier: &[HttpRoute], later: &[HttpRoute]) -> Vec<HttpRoute> {
+    let reachable = |routes: &[HttpRoute]| routes.iter().position(catch_all).map_or(routes.len(), |i| i + 1);
+    let (mut specific, catch_alls): (Vec<HttpRoute>, Vec<HttpRoute>) =
+        earlier[..reachable(earlier)].iter().chain(&later[..reachable(later)]).cloned().partition(|r| !catch_all(r));
+    specific.extend(catch_alls);
+    specific
+}
+
+/// Whether a route takes every request, as Envoy's route table sees it: no match blocks, or a
+/// block with no condition but a `prefix: /` (or `.*`) path and no listener port. A route with
+/// both kinds of blocks counts as a catch-all as a whole (Istio moves only its catch-all block).
+fn catch_all(route: &HttpRoute) -> bool {
+    route.condition.is_none()
+        && (route.matches.is_empty()
+            || route.matches.iter().any(|m| {
+                m.port.is_none_or(|p| p == 0) && mesh_core::matching::HttpMatch::new(m).is_ok_and(|h| h.is_catch_all())
+            }))
+}
+
 /// A gateway name as a VirtualService in `ns` writes it, as `namespace/name`.
 pub(crate) fn qualify(gateway: &str, ns: &str) -> String {
     if gateway == "mesh" || gateway.contains('/') { gateway.to_owned() } else { format!("{ns}/{gateway}") }
@@ -524,6 +548,8 @@ pub(crate) fn compile(inputs: &Inputs<'_>, notes: &mut Vec<String>) -> Result<Op
                 }
                 let name = format!("{vs_ns}/{}", vs.metadata.name);
                 let mut fresh = Vec::new();
+                // The earlier virtual hosts this one's domains are merged into, with the domains.
+                let mut hits: Vec<(usize, Vec<String>)> = Vec::new();
                 for d in domains {
                     match hosts.iter().position(|h| h.domains.contains(&d)) {
                         None => fresh.push(d),
@@ -531,20 +557,21 @@ pub(crate) fn compile(inputs: &Inputs<'_>, notes: &mut Vec<String>) -> Result<Op
                             "gateway port {}: {d} is redirected to https; {name}'s routes for it are not used",
                             listener.port
                         )),
-                        // Istio merges the VirtualServices bound to a gateway for one host:
-                        // the later one's routes follow the earlier one's.
-                        Some(i) => {
-                            let merged = format!("{}+{name}", hosts[i].name);
-                            if hosts[i].domains.len() == 1 {
-                                hosts[i].name = merged;
-                                hosts[i].routes.extend(routes.iter().cloned());
-                            } else {
-                                hosts[i].domains.retain(|h| h != &d);
-                                let mut both = hosts[i].routes.clone();
-                                both.extend(routes.iter().cloned());
-                                hosts.push(VirtualHostConfig::new(merged, vec![d], both));
-                            }
-                        }
+                        Some(i) => match hits.iter_mut().find(|(j, _)| *j == i) {
+                            Some((_, ds)) => ds.push(d),
+                            None => hits.push((i, vec![d])),
+                        },
+                    }
+                }
+                for (i, ds) in hits {
+                    let merged = format!("{}+{name}", hosts[i].name);
+                    let both = merge_routes(&hosts[i].routes, &routes);
+                    if ds.len() == hosts[i].domains.len() {
+                        hosts[i].name = merged;
+                        hosts[i].routes = both;
+                    } else {
+                        hosts[i].domains.retain(|h| !ds.contains(h));
+                        hosts.push(VirtualHostConfig::new(merged, ds, both));
                     }
                 }
                 if !fresh.is_empty() {

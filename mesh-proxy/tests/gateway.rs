@@ -161,22 +161,22 @@ spec:
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
-metadata: {{name: cart-reviews, namespace: default}}
-spec:
-  hosts: ["cart.example.com"]
-  gateways: [ecommerce-gateway]
-  http:
-  - match: [{{uri: {{prefix: /reviews}}}}]
-    route: [{{destination: {{host: reviews}}}}]
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
 metadata: {{name: cart-rest, namespace: default}}
 spec:
   hosts: ["cart.example.com"]
   gateways: [ecommerce-gateway]
   http:
   - route: [{{destination: {{host: productpage}}}}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: cart-reviews, namespace: default}}
+spec:
+  hosts: ["cart.example.com", "api.example.com"]
+  gateways: [ecommerce-gateway]
+  http:
+  - match: [{{uri: {{prefix: /reviews}}}}, {{uri: {{prefix: /admin}}}}]
+    route: [{{destination: {{host: reviews}}}}]
 ---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
@@ -320,11 +320,18 @@ async fn a_gateway_serves_http_redirects_terminates_tls_by_sni_and_passes_tls_th
     );
     assert!(out.starts_with("301 https://shop.example.com"), "{out}");
     assert!(out.ends_with("/cart?item=1"), "{out}");
-    // Two VirtualServices bound to the gateway for one host are merged, in load order.
-    for (path, upstream) in [("/reviews/9", "reviews"), ("/checkout", "productpage")] {
-        let (code, body) = curl(http, &format!("http://cart.example.com:PORT{path}"), &[]);
+    // VirtualServices bound to the gateway for one host are merged, in load order with the
+    // catch-alls last: an earlier one's catch-all does not hide a later one's routes, also for
+    // a host that the earlier VirtualService routes together with others (api.example.com).
+    for (host, path, upstream) in [
+        ("cart.example.com", "/reviews/9", "reviews"),
+        ("cart.example.com", "/checkout", "productpage"),
+        ("api.example.com", "/admin/users", "reviews"),
+        ("api.example.com", "/orders", "productpage"),
+    ] {
+        let (code, body) = curl(http, &format!("http://{host}:PORT{path}"), &[]);
         assert_eq!(code, 0, "{body}");
-        assert!(body.starts_with(&format!("{upstream} ")) && body.contains(path), "{path}: {body}");
+        assert!(body.starts_with(&format!("{upstream} ")) && body.contains(path), "{host}{path}: {body}");
     }
     // Hosts no server of this proxy's Gateways lists, and the mesh-only VirtualService's
     // host: not routed here.
